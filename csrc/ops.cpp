@@ -1,0 +1,67 @@
+// Operator schemas of distilkernels: every op is declared here, once. Backend files only bind
+// implementations (TORCH_LIBRARY_IMPL(distilkernels, CPU, m) in the CPU sources); Python registers a fake
+// kernel per op (distilkernels/_fake.py) so torch.compile and opcheck can trace them.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <mutex>
+#include <set>
+#include <thread>
+
+#include "vec.h"
+
+TORCH_LIBRARY(distilkernels, m) {
+  // Residual add + LayerNorm in one pass over each row; statistics in fp32.
+  //   x, residual: (..., dim); weight, bias: (dim,)
+  //   out: like x; mean, rstd: x.shape[:-1], fp32 (kept for a backward pass)
+  m.def("add_layer_norm(Tensor x, Tensor? residual, Tensor weight, Tensor bias, float eps)"
+        " -> (Tensor out, Tensor mean, Tensor rstd)");
+  // In place: x = activation(x + bias), activation in {"gelu" (exact erf), "relu"}.
+  //   x: (..., hidden_dim) contiguous; bias: (hidden_dim,)
+  m.def("bias_act_(Tensor(a!) x, Tensor bias, str activation) -> ()");
+  // Bidirectional softmax attention.
+  //   q, k, v: (batch, seqlen, n_heads, head_dim), any strides with a unit last stride
+  //   key_padding_mask: (batch, seqlen) bool, True = attend
+  //   out: (batch, seqlen, n_heads, head_dim) contiguous; lse: (batch, n_heads, seqlen) fp32, -inf for rows
+  //   with no key to attend (their out is 0)
+  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, float softmax_scale)"
+        " -> (Tensor out, Tensor lse)");
+  // Attention over packed sequences.
+  //   q, k, v: (total_tokens, n_heads, head_dim); cu_seqlens: (batch + 1,) int32, leading 0
+  //   out: (total_tokens, n_heads, head_dim) contiguous; lse: (n_heads, total_tokens) fp32
+  m.def("varlen_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen, float softmax_scale)"
+        " -> (Tensor out, Tensor lse)");
+}
+
+namespace {
+
+// How many distinct OS threads at::parallel_for really uses for a large loop: 1 means the build
+// lost OpenMP (at::parallel_for then runs serially without a word).
+int64_t parallel_threads_used() {
+  std::mutex mu;
+  std::set<std::thread::id> ids;
+  at::parallel_for(0, 1 << 16, 1, [&](int64_t begin, int64_t end) {
+    volatile double sink = 0;
+    for (int64_t i = begin; i < end; ++i) sink = sink + static_cast<double>(i) * 1e-9;
+    std::lock_guard<std::mutex> lock(mu);
+    ids.insert(std::this_thread::get_id());
+  });
+  return static_cast<int64_t>(ids.size());
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "distilkernels C++ CPU extension (ops are under torch.ops.distilkernels)";
+  m.def("parallel_threads_used", &parallel_threads_used,
+        "Distinct threads that at::parallel_for used for a large loop");
+  m.def("vector_isa", &distilkernels::vec::isa_name, "Instruction set the CPU kernels dispatch to");
+  m.def("openmp_enabled", []() {
+#ifdef _OPENMP
+    return true;
+#else
+    return false;
+#endif
+  });
+}

@@ -1,0 +1,16 @@
+"""distilkernels: fused kernels for DistilBERT and BERT-family encoders.
+
+    import distilkernels
+    handle = distilkernels.patch(model)   # fused C++ (CPU) / Triton (GPU) path, same results
+    handle.restore()                      # original modules back
+
+Functional ops: `distilkernels.ops` (add_layer_norm, bias_act_, attention, varlen_attention).
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from . import ops  # noqa: E402
+from ._ext import load_extension  # noqa: E402
+
+load_extension()

@@ -1,0 +1,28 @@
+"""Fake (meta) kernels for the C++ ops, so torch.compile and torch.library.opcheck can trace them."""
+from __future__ import annotations
+
+import torch
+
+
+@torch.library.register_fake("distilkernels::add_layer_norm")
+def _add_layer_norm_fake(x, residual, weight, bias, eps):
+    stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
+
+
+@torch.library.register_fake("distilkernels::bias_act_")
+def _bias_act_fake(x, bias, activation):
+    return None
+
+
+@torch.library.register_fake("distilkernels::attention")
+def _attention_fake(q, k, v, key_padding_mask, softmax_scale):
+    batch, seqlen, n_heads, head_dim = q.shape
+    out = q.new_empty((batch, seqlen, n_heads, head_dim))
+    return out, q.new_empty((batch, n_heads, seqlen), dtype=torch.float32)
+
+
+@torch.library.register_fake("distilkernels::varlen_attention")
+def _varlen_attention_fake(q, k, v, cu_seqlens, max_seqlen, softmax_scale):
+    total, n_heads, head_dim = q.shape
+    return q.new_empty((total, n_heads, head_dim)), q.new_empty((n_heads, total), dtype=torch.float32)

@@ -1,0 +1,51 @@
+"""Plain PyTorch implementations of every op: the `torch` backend, and the reference the kernels are
+tested against. They favour clarity over speed (fp32 math, explicit masks)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def add_layer_norm(x, residual, weight, bias, eps):
+    """(x + residual) -> LayerNorm over the last dim, statistics in fp32. Returns (out, mean, rstd)."""
+    h = x.float() if residual is None else x.float() + residual.float()
+    mean = h.mean(dim=-1)
+    var = h.var(dim=-1, unbiased=False)
+    rstd = torch.rsqrt(var + eps)
+    out = (h - mean.unsqueeze(-1)) * rstd.unsqueeze(-1) * weight.float() + bias.float()
+    return out.to(x.dtype), mean, rstd
+
+
+def bias_act_(x, bias, activation):
+    """In place: x = activation(x + bias)."""
+    y = x.float() + bias.float()
+    y = F.gelu(y) if activation == "gelu" else torch.relu(y)
+    x.copy_(y)
+
+
+def attention(q, k, v, key_padding_mask, softmax_scale):
+    """q, k, v: (batch, seqlen, n_heads, head_dim); key_padding_mask: (batch, seqlen) bool or None.
+    Returns out (batch, seqlen, n_heads, head_dim) and lse (batch, n_heads, seqlen), fp32 math."""
+    qf, kf, vf = (t.float().transpose(1, 2) for t in (q, k, v))  # (batch, n_heads, seqlen, head_dim)
+    scores = torch.matmul(qf, kf.transpose(-1, -2)) * softmax_scale
+    if key_padding_mask is not None:
+        scores = scores.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # -inf where no key is attended
+    probs = torch.exp(scores - lse.unsqueeze(-1).clamp_min(torch.finfo(torch.float32).min))
+    probs = torch.nan_to_num(probs, nan=0.0)
+    out = torch.matmul(probs, vf).transpose(1, 2).contiguous()
+    return out.to(q.dtype), lse
+
+
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale):
+    """q, k, v: (total_tokens, n_heads, head_dim); cu_seqlens: (batch + 1,) int32.
+    Returns out (total_tokens, n_heads, head_dim) and lse (n_heads, total_tokens)."""
+    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end > start:
+            o, l = attention(q[None, start:end], k[None, start:end], v[None, start:end], None, softmax_scale)
+            out[start:end] = o[0]
+            lse[:, start:end] = l[0]
+    return out, lse
