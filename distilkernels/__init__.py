@@ -14,3 +14,10 @@ from . import ops  # noqa: E402
 from ._ext import load_extension  # noqa: E402
 
 load_extension()
+
+from .patching import PatchHandle, patch  # noqa: E402
+from . import hf as _hf  # noqa: E402
+
+_hf.register()
+
+__all__ = ["ops", "patch", "PatchHandle", "__version__"]
