@@ -88,9 +88,7 @@ def validate_inputs(base_model, args, kwargs) -> None:
     if mask.dim() != 2 or tuple(mask.shape) != (batch, seqlen):
         raise ValueError(f"attention_mask must be (batch, seqlen) = {(batch, seqlen)} like input_ids, "
                          f"got {tuple(mask.shape)}")
-    if mask.dtype.is_complex or not (mask.dtype == torch.bool or mask.dtype.is_floating_point
-                                     or not mask.dtype.is_signed or mask.dtype in (torch.int8, torch.int16,
-                                                                                   torch.int32, torch.int64)):
+    if mask.dtype.is_complex:
         raise TypeError(f"attention_mask must be bool or a 0/1 integer or float tensor, got {mask.dtype}")
     if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token), "

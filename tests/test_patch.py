@@ -1,0 +1,250 @@
+"""distilkernels.patch() on real HF DistilBERT models: parity with stock HF, restore, fallbacks, bad input."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+
+import distilkernels
+from distilkernels import ops
+from distilkernels.modules import FusedDistilBertBlock, FusedDistilBertTransformer
+
+from conftest import HEADS, base_config, holey_mask, make_model, model_inputs, tiny_config
+
+# fp32 kernels vs HF fp32: different summation orders only, so 1e-4 max-abs on real tokens (the standard).
+ATOL = 1e-4
+
+TOKEN_LEVEL = (transformers.DistilBertModel, transformers.DistilBertForMaskedLM,
+               transformers.DistilBertForTokenClassification, transformers.DistilBertForQuestionAnswering)
+
+
+def _outputs(out) -> dict[str, torch.Tensor]:
+    keys = ("loss", "logits", "start_logits", "end_logits", "last_hidden_state")
+    return {k: out[k] for k in keys if k in out and out[k] is not None}
+
+
+def assert_parity(cls, ref, got, mask, unpad):
+    """Token-level outputs are compared on real tokens; pooled outputs and losses everywhere."""
+    ref, got = _outputs(ref), _outputs(got)
+    assert ref.keys() == got.keys()
+    valid = mask.bool()
+    for key, r in ref.items():
+        g = got[key]
+        assert g.shape == r.shape, key
+        if key == "loss" and cls is transformers.DistilBertForQuestionAnswering and unpad:
+            continue  # HF's QA loss normalizes over padded positions too; see test_qa_loss_unpadded
+        if cls in TOKEN_LEVEL and key != "loss":
+            r, g = r[valid], g[valid]
+        assert torch.isfinite(g).all(), key
+        err = (g - r).abs().max().item()
+        assert err <= ATOL, f"{cls.__name__}.{key}: max-abs {err:.3g} > {ATOL}"
+
+
+def run_pair(cls, config, batch, seqlen, mask, unpad, spy=None):
+    model = make_model(cls, config)
+    inputs = model_inputs(cls, config, batch, seqlen, mask)
+    with torch.inference_mode():
+        ref = model(**inputs)
+        handle = distilkernels.patch(model, unpad=unpad)
+        n = len(spy) if spy is not None else 0
+        got = model(**inputs)
+        handle.restore()
+        again = model(**inputs)
+    for key, value in _outputs(ref).items():  # restore puts back exactly what was there
+        assert torch.equal(_outputs(again)[key], value), key
+    return ref, got
+
+
+@pytest.mark.parametrize("unpad", [False, True])
+@pytest.mark.parametrize("cls", HEADS, ids=lambda c: c.__name__)
+def test_tiny_holey_masks(cls, unpad, op_spy):
+    config = tiny_config()
+    mask = holey_mask(13, 7, seed=1)
+    mask[:, 0] = 1  # a [CLS] token: pooled heads read position 0
+    ref, got = run_pair(cls, config, 13, 7, mask, unpad)
+    assert_parity(cls, ref, got, mask, unpad)
+    attention_calls = sum(v for (op, _), v in op_spy.items() if op in ("attention", "varlen_attention"))
+    layer_norm_calls = sum(v for (op, _), v in op_spy.items() if op == "add_layer_norm")
+    assert attention_calls == config.n_layers, op_spy  # the fused path really ran, once per layer
+    assert layer_norm_calls == 2 * config.n_layers, op_spy
+    varlen = sum(v for (op, _), v in op_spy.items() if op == "varlen_attention")
+    assert varlen == (config.n_layers if unpad else 0)
+
+
+@pytest.mark.parametrize("kind", ["right", "left", "holey"])
+@pytest.mark.parametrize("cls", HEADS, ids=lambda c: c.__name__)
+def test_padded_layout_matches_everywhere(cls, kind):
+    """unpad=False keeps HF's padded layout: every head matches, left padding included."""
+    config = tiny_config()
+    mask = holey_mask(6, 11, seed=2, kind=kind)
+    ref, got = run_pair(cls, config, 6, 11, mask, unpad=False)
+    assert_parity(cls, ref, got, mask, unpad=False)
+
+
+@pytest.mark.parametrize("kind", ["right", "left", "holey"])
+@pytest.mark.parametrize("cls", TOKEN_LEVEL, ids=lambda c: c.__name__)
+def test_unpadded_left_and_right_padding(cls, kind):
+    config = tiny_config()
+    mask = holey_mask(6, 11, seed=3, kind=kind)
+    ref, got = run_pair(cls, config, 6, 11, mask, unpad=True)
+    assert_parity(cls, ref, got, mask, unpad=True)
+    if cls is transformers.DistilBertModel:  # documented: padded positions hold zeros
+        assert (got.last_hidden_state[~mask.bool()] == 0).all()
+
+
+@pytest.mark.parametrize("cls", HEADS, ids=lambda c: c.__name__)
+def test_distilbert_base_2x128(cls):
+    config = base_config()
+    mask = holey_mask(2, 128, seed=4, kind="right")
+    ref, got = run_pair(cls, config, 2, 128, mask, unpad=True)
+    assert_parity(cls, ref, got, mask, unpad=True)
+
+
+@pytest.mark.parametrize("unpad", [False, True])
+@pytest.mark.parametrize("cls", HEADS, ids=lambda c: c.__name__)
+def test_seq1_and_relu(cls, unpad):
+    config = tiny_config(activation="relu")
+    mask = torch.ones(3, 1, dtype=torch.long)
+    ref, got = run_pair(cls, config, 3, 1, mask, unpad)
+    assert_parity(cls, ref, got, mask, unpad)
+
+
+def test_qa_loss_unpadded():
+    """QA loss with unpadding matches HF when nothing is padded (HF's loss also spans padded positions)."""
+    cls, config = transformers.DistilBertForQuestionAnswering, tiny_config()
+    mask = torch.ones(5, 9, dtype=torch.long)
+    ref, got = run_pair(cls, config, 5, 9, mask, unpad=True)
+    assert abs(ref.loss.item() - got.loss.item()) <= ATOL
+
+
+def test_no_padding_skips_unpad(op_spy):
+    config = tiny_config()
+    mask = torch.ones(4, 9, dtype=torch.long)
+    ref, got = run_pair(transformers.DistilBertModel, config, 4, 9, mask, unpad=True)
+    assert_parity(transformers.DistilBertModel, ref, got, mask, unpad=True)
+    assert not any(op == "varlen_attention" for op, _ in op_spy), op_spy
+
+
+def test_fully_padded_row_no_nan():
+    config = tiny_config()
+    mask = holey_mask(4, 9, seed=5)
+    mask[2] = 0
+    model = make_model(transformers.DistilBertModel, config)
+    inputs = model_inputs(transformers.DistilBertModel, config, 4, 9, mask, with_labels=False)
+    with torch.inference_mode():
+        ref = model(**inputs).last_hidden_state
+        for unpad in (False, True):
+            with distilkernels.patch(model, unpad=unpad):
+                got = model(**inputs).last_hidden_state
+            assert torch.isfinite(got).all()
+            keep = mask.bool()
+            assert (got - ref)[keep].abs().max() <= ATOL  # other rows unaffected
+
+
+def test_handle_restore_and_structure():
+    model = make_model(transformers.DistilBertForSequenceClassification, tiny_config())
+    keys = list(model.state_dict().keys())
+    originals = {name: m for name, m in model.named_modules()}
+    previous = model.config._attn_implementation
+    handle = distilkernels.patch(model)
+    assert distilkernels.patch(model) is handle  # patching twice is harmless
+    assert list(model.state_dict().keys()) == keys
+    blocks = [m for m in model.modules() if isinstance(m, FusedDistilBertBlock)]
+    assert len(blocks) == model.config.n_layers
+    assert all(isinstance(b, transformers.models.distilbert.modeling_distilbert.TransformerBlock) for b in blocks)
+    assert isinstance(model.distilbert.transformer, FusedDistilBertTransformer)
+    assert model.config._attn_implementation == "distilkernels"
+    handle.restore()
+    handle.restore()  # idempotent
+    assert all(m is originals[name] for name, m in model.named_modules())
+    assert model.config._attn_implementation == previous
+    assert distilkernels.patch(model) is not handle  # a restored model can be patched again
+
+
+def test_output_hidden_states_and_return_dict_false():
+    config = tiny_config()
+    mask = holey_mask(3, 8, seed=6)
+    model = make_model(transformers.DistilBertModel, config)
+    inputs = model_inputs(transformers.DistilBertModel, config, 3, 8, mask, with_labels=False)
+    with torch.inference_mode():
+        ref = model(**inputs, output_hidden_states=True)
+        with distilkernels.patch(model):
+            got = model(**inputs, output_hidden_states=True)
+            tup = model(**inputs, return_dict=False)
+    assert len(got.hidden_states) == len(ref.hidden_states) == config.n_layers + 1
+    valid = mask.bool()
+    for r, g in zip(ref.hidden_states, got.hidden_states):
+        assert g.shape == r.shape
+        assert (g - r)[valid].abs().max() <= ATOL
+    assert isinstance(tup, tuple) and (tup[0] - ref.last_hidden_state)[valid].abs().max() <= ATOL
+
+
+def test_training_uses_stock_path_and_gradients_match(op_spy):
+    config = tiny_config()
+    mask = holey_mask(4, 8, seed=7)
+    cls = transformers.DistilBertForSequenceClassification
+    stock, patched = make_model(cls, config), make_model(cls, config)
+    inputs = model_inputs(cls, config, 4, 8, mask)
+    for model in (stock, patched):
+        model.train()
+    distilkernels.patch(patched)
+    losses = []
+    for model in (stock, patched):
+        torch.manual_seed(11)  # same dropout draws
+        loss = model(**inputs).loss
+        loss.backward()
+        losses.append(loss)
+    assert torch.allclose(losses[0], losses[1], atol=1e-6)
+    for (name, p), (_, q) in zip(stock.named_parameters(), patched.named_parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-5), name
+    assert not any(op in ("attention", "varlen_attention", "add_layer_norm") for op, _ in op_spy), op_spy
+
+
+def test_weights_changed_after_patch_are_seen():
+    config = tiny_config()
+    mask = holey_mask(3, 8, seed=8)
+    model = make_model(transformers.DistilBertModel, config)
+    other = make_model(transformers.DistilBertModel, config, seed=1)
+    inputs = model_inputs(transformers.DistilBertModel, config, 3, 8, mask, with_labels=False)
+    with torch.inference_mode():
+        distilkernels.patch(model)
+        model(**inputs)  # builds the fused q|k|v weights
+        model.load_state_dict(other.state_dict())
+        got = model(**inputs).last_hidden_state
+        ref = other(**inputs).last_hidden_state
+    assert (got - ref)[mask.bool()].abs().max() <= ATOL
+
+
+def test_not_distilbert_is_type_error():
+    bert = transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                                          intermediate_size=37, vocab_size=99))
+    with pytest.raises(TypeError, match="DistilBertModel"):
+        distilkernels.patch(bert)
+    with pytest.raises(TypeError, match="supports"):
+        distilkernels.patch(torch.nn.Linear(3, 3))
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    (lambda m: m[:, :-1], ValueError, r"attention_mask must be \(batch, seqlen\)"),
+    (lambda m: m[None], ValueError, r"attention_mask must be \(batch, seqlen\)"),
+    (lambda m: m.float() * 2.0, ValueError, "only 0"),
+    (lambda m: torch.where(m.bool(), 0.0, float("-inf")), ValueError, "only 0"),
+    (lambda m: m.to(torch.complex64), TypeError, "attention_mask must be bool"),
+])
+def test_bad_mask(bad, error, match):
+    config = tiny_config()
+    model = make_model(transformers.DistilBertModel, config)
+    inputs = model_inputs(transformers.DistilBertModel, config, 2, 6, holey_mask(2, 6), with_labels=False)
+    inputs["attention_mask"] = bad(inputs["attention_mask"])
+    with distilkernels.patch(model), torch.inference_mode(), pytest.raises(error, match=match):
+        model(**inputs)
+
+
+def test_too_long_sequence():
+    config = tiny_config()
+    model = make_model(transformers.DistilBertForSequenceClassification, config)
+    ids = torch.randint(1, 99, (1, config.max_position_embeddings + 1))
+    with distilkernels.patch(model), torch.inference_mode(), pytest.raises(ValueError, match="max_position_embeddings"):
+        model(input_ids=ids)
