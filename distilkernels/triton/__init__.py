@@ -1,7 +1,13 @@
 """Triton kernels of distilkernels (GPU; on CPU tensors under TRITON_INTERPRET=1).
 
 Importing this package registers its implementations in the dispatch table of `distilkernels.ops`
-under the backend name "triton".
+under the backend name "triton". Each op is a `torch.library.triton_op` (torch.ops.distilkernels_triton.*),
+so torch.compile traces through to the Triton kernels on a GPU.
+
+    layer_norm.py  add_layer_norm      residual add + LayerNorm, one row per program
+    bias_act.py    bias_act_           in-place bias + exact GELU / ReLU
+    attention.py   attention           FlashAttention-style forward, padded batch + key_padding_mask
+                   varlen_attention    the same tile loop over packed sequences (cu_seqlens)
 """
 from __future__ import annotations
 
@@ -15,3 +21,14 @@ except ImportError as exc:  # optional dependency
 def availability_error() -> str | None:
     """Why Triton kernels cannot run here (None when they can)."""
     return _TRITON_ERROR
+
+
+if _TRITON_ERROR is None:
+    from .. import ops as _ops
+    from .attention import attention, varlen_attention
+    from .bias_act import bias_act_
+    from .layer_norm import add_layer_norm
+
+    for _name, _fn in (("add_layer_norm", add_layer_norm), ("bias_act_", bias_act_),
+                       ("attention", attention), ("varlen_attention", varlen_attention)):
+        _ops.register_impl(_name, "triton", _fn)
