@@ -87,7 +87,8 @@ def mask_function(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask
     if attention_mask is None:
         return None
     attention_mask = attention_mask[:, -kv_length:].bool()
-    if attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
+    # (a compiled graph keeps the mask: the kernels take an all-True mask, and no data-dependent branch)
+    if attention_mask.shape[1] == kv_length and not torch.compiler.is_compiling() and bool(attention_mask.all()):
         return None
     return attention_mask
 

@@ -121,7 +121,8 @@ class FusedDistilBertTransformer(hf_distilbert.Transformer):
 
     With `unpad` (the default) and a padded batch, every GEMM, LayerNorm, activation and the (varlen)
     attention run on the real tokens only; padded positions of the output hold zeros. Where HF needs
-    the padded layout per layer (output_hidden_states), the layers run padded instead.
+    the padded layout per layer (output_hidden_states), and inside torch.compile graphs (the token count
+    depends on the data), the layers run padded instead.
     """
 
     unpad = True
@@ -134,6 +135,7 @@ class FusedDistilBertTransformer(hf_distilbert.Transformer):
         batch, seqlen, _ = hidden_states.shape
         mask = key_padding_mask_of(attention_mask, batch, seqlen)
         if (not self.unpad or mask is None or mask is NotImplemented or capturing("hidden_states")
+                or torch.compiler.is_compiling()
                 or not all(isinstance(layer, FusedDistilBertBlock) and layer._act is not None
                            for layer in self.layer)
                 or needs_stock_forward(self, hidden_states)):

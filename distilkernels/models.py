@@ -1,0 +1,59 @@
+"""Optimized model classes: HF's DistilBERT classes with the fused modules built in.
+
+    from distilkernels.models import DistilBertForSequenceClassification
+    model = DistilBertForSequenceClassification.from_pretrained(local_dir)   # a stock HF checkpoint
+
+Each class subclasses its HF namesake (isinstance holds), loads stock checkpoints and saves checkpoints that
+stock HF loads back unchanged: parameter names are HF's own. q/k/v stay separate parameters; the fused
+(3*dim, dim) projection is built from them on first use and rebuilt whenever they change.
+The attention implementation defaults to "distilkernels"; pass attn_implementation= to pick another.
+"""
+from __future__ import annotations
+
+import transformers
+
+from . import hf
+from .patching import BASE_MODELS, replace_modules, validate_inputs
+
+
+class _Optimized:
+    """Mixin: swap in the fused modules right after HF builds the model."""
+
+    def __init__(self, config, *args, **kwargs):
+        hf.register()
+        super().__init__(config, *args, **kwargs)
+        replace_modules(self)
+        for module in self.modules():
+            if isinstance(module, BASE_MODELS):
+                module.register_forward_pre_hook(validate_inputs, with_kwargs=True)
+
+    def _check_and_adjust_attn_implementation(self, attn_implementation, *args, **kwargs):
+        if attn_implementation is None:
+            hf.register()
+            attn_implementation = hf.NAME
+        return super()._check_and_adjust_attn_implementation(attn_implementation, *args, **kwargs)
+
+
+def _optimized(hf_class: type) -> type:
+    cls = type(hf_class.__name__, (_Optimized, hf_class), {
+        "__module__": __name__,
+        "__doc__": f"{hf_class.__name__} running on distilkernels' fused kernels (a subclass of the HF class).",
+    })
+    return cls
+
+
+DistilBertModel = _optimized(transformers.DistilBertModel)
+DistilBertForMaskedLM = _optimized(transformers.DistilBertForMaskedLM)
+DistilBertForSequenceClassification = _optimized(transformers.DistilBertForSequenceClassification)
+DistilBertForQuestionAnswering = _optimized(transformers.DistilBertForQuestionAnswering)
+DistilBertForTokenClassification = _optimized(transformers.DistilBertForTokenClassification)
+DistilBertForMultipleChoice = _optimized(transformers.DistilBertForMultipleChoice)
+
+__all__ = [
+    "DistilBertModel",
+    "DistilBertForMaskedLM",
+    "DistilBertForSequenceClassification",
+    "DistilBertForQuestionAnswering",
+    "DistilBertForTokenClassification",
+    "DistilBertForMultipleChoice",
+]
