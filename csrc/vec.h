@@ -1,6 +1,13 @@
 // Run-time choice of the instruction set for the CPU kernels' inner loops.
+//
+// The one mechanism: csrc/cpu_kernels.cpp compiles csrc/cpu_kernels_impl.h three times, inside
+// `#pragma GCC target` regions for AVX-512, AVX2+FMA and baseline x86-64, each into its own namespace, and
+// fills one `Kernels` table per instruction set. `kernels()` hands out the table for `isa()`, chosen once
+// from the CPU's flags. DISTILKERNELS_ISA=avx2|scalar (read once) caps the choice, to test the slower paths.
 #pragma once
 
+#include <cstdlib>
+#include <cstring>
 #include <string>
 
 namespace distilkernels {
@@ -9,13 +16,21 @@ namespace vec {
 enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 
 inline Isa detect_isa() {
+  Isa best = Isa::kScalar;
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
-    return Isa::kAvx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+    best = Isa::kAvx512;
+  else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    best = Isa::kAvx2;
 #endif
-  return Isa::kScalar;
+  const char* cap = std::getenv("DISTILKERNELS_ISA");
+  if (cap != nullptr) {
+    if (std::strcmp(cap, "scalar") == 0) return Isa::kScalar;
+    if (std::strcmp(cap, "avx2") == 0 && best == Isa::kAvx512) return Isa::kAvx2;
+  }
+  return best;
 }
 
 inline Isa isa() {

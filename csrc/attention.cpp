@@ -1,0 +1,295 @@
+// attention and varlen_attention on CPU: one blocked (flash-style) kernel core serves both.
+//
+// The work is cut into segments (a batch row, or one packed sequence), each with its own queries and the
+// list of keys its queries attend to. A key padding mask becomes that list once per call (masked keys are
+// dropped, not masked in the inner loop), so padding costs nothing. Tasks are (segment, head, query block);
+// each thread gets a contiguous run of tasks of equal estimated cost and keeps the current head's keys
+// packed in fp32 (K transposed for the score GEMM; V packed unless it can be read in place), so a head's
+// keys are packed once per thread. Per query block: scores = Q K^T in key blocks, online softmax in log2
+// units (softmax_scale * log2(e) folded into Q), acc += P V, then out = acc / row_sum.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "checks.h"
+#include "cpu_kernels.h"
+
+namespace distilkernels {
+namespace {
+
+constexpr int64_t kQueryBlock = 64;
+constexpr int64_t kKeyBlock = 256;  // a multiple of every vector width
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.69314718055994531f;
+
+// Element strides, the same for every segment. lse rows (queries) have unit stride.
+struct Layout {
+  int64_t q_row, q_head, k_row, k_head, v_row, v_head, out_row, out_head, lse_head;
+};
+
+struct Segment {
+  int64_t q_off, k_off, v_off, out_off, lse_off;  // element offsets of the segment's first row
+  int64_t n_q;
+  const int64_t* keys;  // rows of the attended keys within the segment; null: rows key_start + [0, n_keys)
+  int64_t key_start;
+  int64_t n_keys;
+};
+
+struct Problem {
+  Layout layout;
+  std::vector<Segment> segments;
+  int64_t n_heads, head_dim;
+  float softmax_scale;
+};
+
+// Per-thread scratch: the packed keys of the current (segment, head) and one query block's state.
+struct Scratch {
+  int64_t width, head_dim, dpad, ldkt;
+  std::vector<float> kt;       // (head_dim, ldkt): K^T, zero past the last key
+  std::vector<float> vp;       // (max_keys, dpad): V, zero past head_dim
+  std::vector<float> qp;       // (kQueryBlock, head_dim): Q * softmax_scale * log2(e)
+  std::vector<float> scores;   // (kQueryBlock, kKeyBlock)
+  std::vector<float> acc;      // (kQueryBlock, dpad)
+  std::vector<float> row_max, row_sum;  // (kQueryBlock,)
+  int64_t seg = -1, head = -1;
+  const float* v = nullptr;    // V rows for the P @ V GEMM: vp, or the input itself
+  int64_t ldv = 0;
+
+  Scratch(int64_t width, int64_t head_dim, int64_t max_keys)
+      : width(width), head_dim(head_dim), dpad(round_up(head_dim, width)), ldkt(round_up(std::max<int64_t>(max_keys, 1), width)),
+        kt(head_dim * ldkt), vp(std::max<int64_t>(max_keys, 1) * dpad, 0.0f), qp(kQueryBlock * head_dim),
+        scores(kQueryBlock * kKeyBlock), acc(kQueryBlock * dpad), row_max(kQueryBlock), row_sum(kQueryBlock) {}
+};
+
+template <typename T>
+void pack_keys(const Problem& p, const T* k, const T* v, int64_t s, int64_t h, Scratch& sc) {
+  const Segment& seg = p.segments[s];
+  const Layout& L = p.layout;
+  const int64_t d_n = p.head_dim, n = seg.n_keys;
+  const T* kbase = k + seg.k_off + h * L.k_head;
+  const T* vbase = v + seg.v_off + h * L.v_head;
+  auto row_of = [&](int64_t j) { return seg.keys ? seg.keys[j] : seg.key_start + j; };
+  // Transpose K in tiles of 8 keys so the strided writes land in a few cache lines at a time.
+  for (int64_t j0 = 0; j0 < n; j0 += 8) {
+    const int64_t j1 = std::min(j0 + 8, n);
+    for (int64_t d = 0; d < d_n; ++d)
+      for (int64_t j = j0; j < j1; ++j) sc.kt[d * sc.ldkt + j] = static_cast<float>(kbase[row_of(j) * L.k_row + d]);
+  }
+  for (int64_t d = 0; d < d_n; ++d)
+    std::fill(sc.kt.begin() + d * sc.ldkt + n, sc.kt.begin() + (d + 1) * sc.ldkt, 0.0f);
+  if (std::is_same_v<T, float> && seg.keys == nullptr && d_n == sc.dpad) {
+    sc.v = reinterpret_cast<const float*>(vbase) + seg.key_start * L.v_row;
+    sc.ldv = L.v_row;
+  } else {
+    for (int64_t j = 0; j < n; ++j) {
+      const T* src = vbase + row_of(j) * L.v_row;
+      float* dst = sc.vp.data() + j * sc.dpad;
+      for (int64_t d = 0; d < d_n; ++d) dst[d] = static_cast<float>(src[d]);
+    }
+    sc.v = sc.vp.data();
+    sc.ldv = sc.dpad;
+  }
+  sc.seg = s;
+  sc.head = h;
+}
+
+// One query block [q0, q0 + rows) of one (segment, head).
+template <typename T>
+void attend_block(const Problem& p, const T* q, T* out, float* lse, int64_t s, int64_t h, int64_t q0, Scratch& sc) {
+  const auto& kern = cpu::kernels();
+  const Segment& seg = p.segments[s];
+  const Layout& L = p.layout;
+  const int64_t d_n = p.head_dim, rows = std::min(kQueryBlock, seg.n_q - q0);
+  T* out_rows = out + seg.out_off + h * L.out_head + q0 * L.out_row;
+  float* lse_rows = lse + seg.lse_off + h * L.lse_head + q0;
+  if (seg.n_keys == 0) {  // nothing to attend: zeros, lse -inf
+    for (int64_t i = 0; i < rows; ++i) {
+      std::fill(out_rows + i * L.out_row, out_rows + i * L.out_row + d_n, static_cast<T>(0.0f));
+      lse_rows[i] = -std::numeric_limits<float>::infinity();
+    }
+    return;
+  }
+  const float q_scale = p.softmax_scale * kLog2e;
+  const T* q_rows = q + seg.q_off + h * L.q_head + q0 * L.q_row;
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t d = 0; d < d_n; ++d) sc.qp[i * d_n + d] = static_cast<float>(q_rows[i * L.q_row + d]) * q_scale;
+  std::fill(sc.row_max.begin(), sc.row_max.end(), -std::numeric_limits<float>::infinity());
+  std::fill(sc.row_sum.begin(), sc.row_sum.end(), 0.0f);
+  std::fill(sc.acc.begin(), sc.acc.begin() + rows * sc.dpad, 0.0f);
+
+  for (int64_t kb = 0; kb < seg.n_keys; kb += kKeyBlock) {
+    const int64_t nk = std::min(kKeyBlock, seg.n_keys - kb);
+    kern.gemm(rows, round_up(nk, sc.width), d_n, sc.qp.data(), d_n, sc.kt.data() + kb, sc.ldkt, sc.scores.data(),
+              kKeyBlock, /*accumulate=*/false);
+    kern.softmax_update(sc.scores.data(), kKeyBlock, rows, nk, sc.row_max.data(), sc.row_sum.data(), sc.acc.data(),
+                        sc.dpad, sc.dpad);
+    kern.gemm(rows, sc.dpad, nk, sc.scores.data(), kKeyBlock, sc.v + kb * sc.ldv, sc.ldv, sc.acc.data(), sc.dpad,
+              /*accumulate=*/true);
+  }
+
+  for (int64_t i = 0; i < rows; ++i) {
+    const float inv = 1.0f / sc.row_sum[i];
+    const float* a = sc.acc.data() + i * sc.dpad;
+    T* o = out_rows + i * L.out_row;
+    if constexpr (std::is_same_v<T, float>) {
+      kern.scale(a, inv, d_n, o);
+    } else {
+      for (int64_t d = 0; d < d_n; ++d) o[d] = static_cast<T>(a[d] * inv);
+    }
+    lse_rows[i] = (sc.row_max[i] + std::log2(sc.row_sum[i])) * kLn2;
+  }
+}
+
+struct Task {
+  int64_t seg, head, q0;
+};
+
+// The kernel core: every (segment, head, query block), split over threads by estimated cost.
+template <typename T>
+void attention_core(const Problem& p, const T* q, const T* k, const T* v, T* out, float* lse) {
+  std::vector<Task> tasks;
+  std::vector<double> cost_end;  // running total of the cost of tasks [0, i]
+  double total = 0;
+  int64_t max_keys = 0;
+  for (int64_t s = 0; s < static_cast<int64_t>(p.segments.size()); ++s) {
+    const Segment& seg = p.segments[s];
+    max_keys = std::max(max_keys, seg.n_keys);
+    for (int64_t h = 0; h < p.n_heads; ++h)
+      for (int64_t q0 = 0; q0 < seg.n_q; q0 += kQueryBlock) {
+        tasks.push_back({s, h, q0});
+        total += static_cast<double>(std::min(kQueryBlock, seg.n_q - q0)) * (seg.n_keys + 8);
+        cost_end.push_back(total);
+      }
+  }
+  const int64_t n_tasks = static_cast<int64_t>(tasks.size());
+  if (n_tasks == 0) return;
+  const int64_t n_parts = std::min<int64_t>(at::get_num_threads(), n_tasks);
+  std::vector<int64_t> part_begin(n_parts + 1, n_tasks);
+  for (int64_t t = 0; t < n_parts; ++t)
+    part_begin[t] = std::lower_bound(cost_end.begin(), cost_end.end(), total * t / n_parts) - cost_end.begin();
+  part_begin[0] = 0;
+
+  const int64_t width = cpu::kernels().width;
+  at::parallel_for(0, n_parts, 1, [&](int64_t begin, int64_t end) {
+    Scratch sc(width, p.head_dim, max_keys);
+    for (int64_t i = part_begin[begin]; i < part_begin[end]; ++i) {
+      const Task& t = tasks[i];
+      if ((t.seg != sc.seg || t.head != sc.head) && p.segments[t.seg].n_keys > 0) pack_keys(p, k, v, t.seg, t.head, sc);
+      attend_block(p, q, out, lse, t.seg, t.head, t.q0, sc);
+    }
+  });
+}
+
+void run_core(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+              at::Tensor& lse) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention", [&] {
+    attention_core<scalar_t>(p, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
+                             v.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+                             lse.mutable_data_ptr<float>());
+  });
+}
+
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t ndim, const char* layout) {
+  for (const auto& [t, name] : {std::pair{&q, "q"}, std::pair{&k, "k"}, std::pair{&v, "v"}}) {
+    check_cpu(*t, name);
+    check_float(*t, name);
+    TORCH_CHECK(t->dim() == ndim, name, " must be ", layout, " (", ndim, " dims), got shape ", t->sizes());
+    TORCH_CHECK(t->stride(-1) == 1 || t->size(-1) == 1, name,
+                " must have a unit stride in its last (head_dim) dimension, got strides ", t->strides());
+  }
+  TORCH_CHECK(q.sizes() == k.sizes() && q.sizes() == v.sizes(), "q, k, v must have one shape ", layout, ", got ",
+              q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  check_same_dtype(k, "k", q, "q");
+  check_same_dtype(v, "v", q, "q");
+  const int64_t head_dim = q.size(-1);
+  TORCH_CHECK(head_dim >= 1 && head_dim <= 256, "head_dim (last dim of q) must be in 1..256, got ", head_dim);
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                 const std::optional<at::Tensor>& key_padding_mask,
+                                                 double softmax_scale) {
+  check_qkv(q, k, v, 4, "(batch, seqlen, n_heads, head_dim)");
+  const int64_t batch = q.size(0), seqlen = q.size(1), n_heads = q.size(2), head_dim = q.size(3);
+  at::Tensor mask;
+  if (key_padding_mask.has_value()) {
+    mask = *key_padding_mask;
+    check_cpu(mask, "key_padding_mask");
+    TORCH_CHECK(mask.scalar_type() == at::kBool, "key_padding_mask must be bool (True = attend), got ",
+                mask.scalar_type());
+    TORCH_CHECK(mask.dim() == 2 && mask.size(0) == batch && mask.size(1) == seqlen,
+                "key_padding_mask must be (batch, seqlen) = (", batch, ", ", seqlen, "), got ", mask.sizes());
+    mask = mask.contiguous();
+  }
+  at::Tensor out = at::empty({batch, seqlen, n_heads, head_dim}, q.options());
+  at::Tensor lse = at::empty({batch, n_heads, seqlen}, q.options().dtype(at::kFloat));
+
+  Problem p{{q.stride(1), q.stride(2), k.stride(1), k.stride(2), v.stride(1), v.stride(2), n_heads * head_dim,
+             head_dim, seqlen},
+            {}, n_heads, head_dim, static_cast<float>(softmax_scale)};
+  // Attended key rows of each batch row, compacted; a contiguous run needs no list at all.
+  std::vector<int64_t> keys(mask.defined() ? batch * seqlen : 0);
+  for (int64_t b = 0; b < batch; ++b) {
+    Segment seg{b * q.stride(0), b * k.stride(0), b * v.stride(0), b * seqlen * n_heads * head_dim,
+                b * n_heads * seqlen, seqlen, nullptr, 0, seqlen};
+    if (mask.defined()) {
+      const bool* m = mask.const_data_ptr<bool>() + b * seqlen;
+      int64_t* list = keys.data() + b * seqlen;
+      int64_t n = 0;
+      for (int64_t j = 0; j < seqlen; ++j)
+        if (m[j]) list[n++] = j;
+      seg.n_keys = n;
+      if (n > 0 && list[n - 1] - list[0] + 1 == n)
+        seg.key_start = list[0];
+      else
+        seg.keys = list;
+    }
+    p.segments.push_back(seg);
+  }
+  run_core(p, q, k, v, out, lse);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> varlen_attention_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                        const at::Tensor& v, const at::Tensor& cu_seqlens,
+                                                        int64_t max_seqlen, double softmax_scale) {
+  check_qkv(q, k, v, 3, "(total_tokens, n_heads, head_dim)");
+  check_cpu(cu_seqlens, "cu_seqlens");
+  TORCH_CHECK(cu_seqlens.scalar_type() == at::kInt && cu_seqlens.dim() == 1 && cu_seqlens.size(0) >= 2,
+              "cu_seqlens must be a 1-D int32 tensor (batch + 1,) with at least 2 entries, got ",
+              cu_seqlens.scalar_type(), " of shape ", cu_seqlens.sizes());
+  TORCH_CHECK(max_seqlen >= 0, "max_seqlen must be >= 0, got ", max_seqlen);
+  const int64_t total = q.size(0), n_heads = q.size(1), head_dim = q.size(2);
+  const at::Tensor cu = cu_seqlens.contiguous();
+  const int32_t* bounds = cu.const_data_ptr<int32_t>();
+  const int64_t n_seq = cu.size(0) - 1;
+  TORCH_CHECK(bounds[0] == 0, "cu_seqlens[0] must be 0, got ", bounds[0]);
+  for (int64_t i = 0; i < n_seq; ++i)
+    TORCH_CHECK(bounds[i + 1] >= bounds[i], "cu_seqlens must be non-decreasing, but cu_seqlens[", i + 1, "] = ",
+                bounds[i + 1], " < cu_seqlens[", i, "] = ", bounds[i]);
+  TORCH_CHECK(bounds[n_seq] == total, "cu_seqlens[-1] must equal total_tokens = ", total, ", got ", bounds[n_seq]);
+
+  at::Tensor out = at::empty({total, n_heads, head_dim}, q.options());
+  at::Tensor lse = at::empty({n_heads, total}, q.options().dtype(at::kFloat));
+  Problem p{{q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), n_heads * head_dim,
+             head_dim, total},
+            {}, n_heads, head_dim, static_cast<float>(softmax_scale)};
+  for (int64_t i = 0; i < n_seq; ++i) {
+    const int64_t start = bounds[i], len = bounds[i + 1] - bounds[i];
+    p.segments.push_back(Segment{start * q.stride(0), start * k.stride(0), start * v.stride(0),
+                                 start * n_heads * head_dim, start, len, nullptr, 0, len});
+  }
+  run_core(p, q, k, v, out, lse);
+  return {out, lse};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(distilkernels, CPU, m) {
+  m.impl("attention", &attention_cpu);
+  m.impl("varlen_attention", &varlen_attention_cpu);
+}
+
+}  // namespace distilkernels

@@ -1,0 +1,33 @@
+// Argument checks shared by the CPU ops: each failure names the argument and what was expected.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace distilkernels {
+
+inline void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got one on ", t.device());
+}
+
+inline void check_float(const at::Tensor& t, const char* name) {
+  const auto dt = t.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, name,
+              " must be float32, bfloat16 or float16, got ", dt);
+}
+
+inline void check_same_dtype(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, " has dtype ", t.scalar_type(), " but ", ref_name,
+              " has ", ref.scalar_type(), ": dtypes must match");
+}
+
+// A (size,) parameter vector such as a LayerNorm weight.
+inline void check_vector(const at::Tensor& t, const char* name, int64_t size) {
+  check_cpu(t, name);
+  check_float(t, name);
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == size, name, " must be a 1-D tensor of size ", size, ", got shape ",
+              t.sizes());
+}
+
+inline int64_t round_up(int64_t x, int64_t multiple) { return (x + multiple - 1) / multiple * multiple; }
+
+}  // namespace distilkernels

@@ -1,0 +1,38 @@
+// The fp32 inner loops of the CPU ops, one table per instruction set (see vec.h for how one is chosen).
+// Every pointer is to fp32 data; ops convert bf16/fp16 rows to fp32 scratch around these calls.
+#pragma once
+
+#include <cstdint>
+
+namespace distilkernels {
+namespace cpu {
+
+enum class Activation : int { kGelu = 0, kRelu = 1 };
+
+struct Kernels {
+  // Vector width in floats: gemm's n must be a multiple of it.
+  int64_t width;
+  // h = x + residual (residual may be null; h may alias x or out); out = (h - mean) * rstd * weight + bias.
+  //   x, residual, h, out: (dim,); weight, bias: (dim,)
+  void (*add_layer_norm_row)(const float* x, const float* residual, const float* weight, const float* bias,
+                             float eps, int64_t dim, float* h, float* out, float* mean, float* rstd);
+  // In place: x = act(x + bias).  x, bias: (n,)
+  void (*bias_act_row)(float* x, const float* bias, int64_t n, Activation act);
+  // c = a @ b (+ c when accumulate).  a: (m, k) row stride lda; b: (k, n) row stride ldb; c: (m, n) row
+  // stride ldc; n a multiple of `width`.
+  void (*gemm)(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
+               float* c, int64_t ldc, bool accumulate);
+  // One online-softmax step over a block of scores in log2 units, per row i < m:
+  //   row_max[i] and row_sum[i] (running max and sum of exp2) are updated, s[i, :n] becomes exp2(s - max),
+  //   and acc[i, :acc_n] is rescaled by exp2(old max - new max).
+  //   s: (m, n) stride lds; acc: (m, acc_n) stride ldacc, acc_n a multiple of `width`.
+  void (*softmax_update)(float* s, int64_t lds, int64_t m, int64_t n, float* row_max, float* row_sum,
+                         float* acc, int64_t ldacc, int64_t acc_n);
+  // y = x * scale.  x, y: (n,), may alias.
+  void (*scale)(const float* x, float scale, int64_t n, float* y);
+};
+
+const Kernels& kernels();
+
+}  // namespace cpu
+}  // namespace distilkernels

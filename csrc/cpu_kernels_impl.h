@@ -1,0 +1,348 @@
+// The fp32 inner loops, written once against a small vector vocabulary and compiled once per instruction
+// set. No include guard on purpose: cpu_kernels.cpp includes this file three times, each time inside a
+// `#pragma GCC target` region with DK_ISA_NS (namespace name) and DK_ISA_LEVEL (0 scalar, 1 AVX2+FMA,
+// 2 AVX-512) defined. Vector types are GCC vector extensions (+, -, *, / work on them directly).
+
+namespace distilkernels {
+namespace cpu {
+namespace DK_ISA_NS {
+
+#define DK_INLINE inline __attribute__((always_inline))
+
+// ---- scalar vocabulary (every instruction set uses it for loop tails) -----------------------------------
+
+DK_INLINE float splat(float x, float) { return x; }
+#if DK_ISA_LEVEL == 0
+DK_INLINE float vfma(float a, float b, float c) { return a * b + c; }  // fmaf would be a libm call here
+#else
+DK_INLINE float vfma(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
+#endif
+DK_INLINE float vmax(float a, float b) { return a > b ? a : b; }
+DK_INLINE float vmin(float a, float b) { return a < b ? a : b; }
+DK_INLINE float vround(float x) { return __builtin_rintf(x); }
+DK_INLINE float vabs(float x) { return __builtin_fabsf(x); }
+DK_INLINE float vcopysign(float mag, float sign) { return __builtin_copysignf(mag, sign); }
+DK_INLINE float vselect_lt(float a, float b, float x, float y) { return a < b ? x : y; }
+// 2^n for an integral n in [-127, 127] (n = -127 gives 0).
+DK_INLINE float vpow2i(float n) {
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float out;
+  __builtin_memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+DK_INLINE float hsum(float x) { return x; }
+DK_INLINE float hmax(float x) { return x; }
+
+// ---- vector vocabulary ----------------------------------------------------------------------------------
+
+#if DK_ISA_LEVEL == 2
+using V = __m512;
+constexpr int64_t kW = 16;
+DK_INLINE V vload(const float* p) { return _mm512_loadu_ps(p); }
+DK_INLINE void vstore(float* p, V v) { _mm512_storeu_ps(p, v); }
+DK_INLINE V splat(float x, V) { return _mm512_set1_ps(x); }
+DK_INLINE V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+DK_INLINE V vmax(V a, V b) { return _mm512_max_ps(a, b); }
+DK_INLINE V vmin(V a, V b) { return _mm512_min_ps(a, b); }
+DK_INLINE V vround(V x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+DK_INLINE V vabs(V x) { return _mm512_abs_ps(x); }
+DK_INLINE V vcopysign(V mag, V sign) {
+  const __m512i sign_bit = _mm512_set1_epi32(INT32_MIN);
+  return _mm512_castsi512_ps(_mm512_or_si512(_mm512_andnot_si512(sign_bit, _mm512_castps_si512(mag)),
+                                             _mm512_and_si512(sign_bit, _mm512_castps_si512(sign))));
+}
+DK_INLINE V vselect_lt(V a, V b, V x, V y) { return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, b, _CMP_LT_OQ), y, x); }
+DK_INLINE V vpow2i(V n) {
+  const __m512i biased = _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(biased, 23));
+}
+DK_INLINE float hsum(V v) { return _mm512_reduce_add_ps(v); }
+DK_INLINE float hmax(V v) { return _mm512_reduce_max_ps(v); }
+constexpr int kGemmRows = 8;  // 8 x 2 accumulators of 32 registers
+
+#elif DK_ISA_LEVEL == 1
+using V = __m256;
+constexpr int64_t kW = 8;
+DK_INLINE V vload(const float* p) { return _mm256_loadu_ps(p); }
+DK_INLINE void vstore(float* p, V v) { _mm256_storeu_ps(p, v); }
+DK_INLINE V splat(float x, V) { return _mm256_set1_ps(x); }
+DK_INLINE V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+DK_INLINE V vmax(V a, V b) { return _mm256_max_ps(a, b); }
+DK_INLINE V vmin(V a, V b) { return _mm256_min_ps(a, b); }
+DK_INLINE V vround(V x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+DK_INLINE V vabs(V x) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x); }
+DK_INLINE V vcopysign(V mag, V sign) {
+  const V sign_bit = _mm256_set1_ps(-0.0f);
+  return _mm256_or_ps(_mm256_andnot_ps(sign_bit, mag), _mm256_and_ps(sign_bit, sign));
+}
+DK_INLINE V vselect_lt(V a, V b, V x, V y) { return _mm256_blendv_ps(y, x, _mm256_cmp_ps(a, b, _CMP_LT_OQ)); }
+DK_INLINE V vpow2i(V n) {
+  const __m256i biased = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(biased, 23));
+}
+DK_INLINE float hsum(V v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+}
+DK_INLINE float hmax(V v) {
+  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
+}
+constexpr int kGemmRows = 6;  // 6 x 2 accumulators + 2 loads + 1 broadcast of 16 registers
+
+#else
+using V = float;
+constexpr int64_t kW = 1;
+DK_INLINE V vload(const float* p) { return *p; }
+DK_INLINE void vstore(float* p, V v) { *p = v; }
+constexpr int kGemmRows = 4;
+#endif
+
+// ---- math -----------------------------------------------------------------------------------------------
+
+// 2^x for x <= 127, 0 below -127: 2^round(x) times a degree-7 Taylor polynomial of 2^f, |f| <= 0.5
+// (truncation error < 1e-8 relative, below fp32 rounding).
+template <class T>
+DK_INLINE T exp2_approx(T x) {
+  const T z = splat(0.0f, x);
+  x = vmin(vmax(x, splat(-127.0f, z)), splat(127.0f, z));
+  const T n = vround(x);
+  const T f = x - n;
+  T p = splat(1.5252733804059841e-05f, z);  // ln2^7 / 7!
+  p = vfma(p, f, splat(1.5403530393381609e-04f, z));
+  p = vfma(p, f, splat(1.3333558146428443e-03f, z));
+  p = vfma(p, f, splat(9.6181291076284772e-03f, z));
+  p = vfma(p, f, splat(5.5504108664821580e-02f, z));
+  p = vfma(p, f, splat(2.4022650695910071e-01f, z));
+  p = vfma(p, f, splat(6.9314718055994531e-01f, z));
+  p = vfma(p, f, splat(1.0f, z));
+  return p * vpow2i(n);
+}
+
+// erf(x), max abs error ~1.2e-7 in fp32. |x| < 0.75: x * P(x^2), a least-squares fit of erf(x)/x.
+// Otherwise 1 - exp(-x^2) * Q(t - 1/2), t = 1 / (1 + |x|/2), Q a weighted least-squares fit of
+// erfc(x) * exp(x^2) on [0, 4.5]; beyond 4.5 erf rounds to +-1 in fp32.
+template <class T>
+DK_INLINE T erf_approx(T x) {
+  const T z = splat(0.0f, x);
+  const T one = splat(1.0f, z);
+  const T ax = vmin(vabs(x), splat(4.5f, z));
+  const T x2 = ax * ax;
+  T s = splat(-0.0006827912875451148f, z);
+  s = vfma(s, x2, splat(0.0051246159709990025f, z));
+  s = vfma(s, x2, splat(-0.026839295402169228f, z));
+  s = vfma(s, x2, splat(0.1128346249461174f, z));
+  s = vfma(s, x2, splat(-0.376126229763031f, z));
+  s = vfma(s, x2, splat(1.1283791065216064f, z));
+  const T small = s * ax;
+  const T t = one / vfma(splat(0.5f, z), ax, one) - splat(0.5f, z);
+  T q = splat(0.10158848762512207f, z);
+  q = vfma(q, t, splat(-0.313117116689682f, z));
+  q = vfma(q, t, splat(0.08804816007614136f, z));
+  q = vfma(q, t, splat(0.6267610788345337f, z));
+  q = vfma(q, t, splat(0.9671090841293335f, z));
+  q = vfma(q, t, splat(0.8543526530265808f, z));
+  q = vfma(q, t, splat(0.2553957998752594f, z));
+  const T large = one - exp2_approx(x2 * splat(-1.4426950408889634f, z)) * q;
+  return vcopysign(vselect_lt(ax, splat(0.75f, z), small, large), x);
+}
+
+template <class T>
+DK_INLINE T gelu(T y) {
+  const T half_y = y * splat(0.5f, y);
+  return vfma(half_y, erf_approx(y * splat(0.70710678118654752f, y)), half_y);
+}
+
+template <class T>
+DK_INLINE T relu(T y) {
+  return vmax(splat(0.0f, y), y);  // max(0, NaN) is NaN: the NaN operand is the second one
+}
+
+// ---- layer norm -----------------------------------------------------------------------------------------
+
+void add_layer_norm_row(const float* x, const float* residual, const float* weight, const float* bias, float eps,
+                        int64_t dim, float* h, float* out, float* mean_out, float* rstd_out) {
+  const V z = splat(0.0f, V());
+  const int64_t vec_end = dim - dim % kW;
+  // Pass 1: h = x + residual, and its sum (two accumulators for instruction-level parallelism).
+  V acc0 = z, acc1 = z;
+  int64_t i = 0;
+  if (residual != nullptr) {
+    for (; i < vec_end; i += kW) {
+      const V v = vload(x + i) + vload(residual + i);
+      vstore(h + i, v);
+      acc0 = acc0 + v;
+    }
+    for (; i < dim; ++i) h[i] = x[i] + residual[i];
+  } else {
+    if (h != x) __builtin_memcpy(h, x, dim * sizeof(float));
+    for (; i + 2 * kW <= vec_end; i += 2 * kW) {
+      acc0 = acc0 + vload(h + i);
+      acc1 = acc1 + vload(h + i + kW);
+    }
+    for (; i < vec_end; i += kW) acc0 = acc0 + vload(h + i);
+  }
+  float sum = hsum(acc0 + acc1);
+  for (int64_t j = vec_end; j < dim; ++j) sum += h[j];
+  float mean = sum / static_cast<float>(dim);
+  // Pass 2: centered sums (two-pass: no cancellation on rows with a large mean). The sum of the deviations
+  // corrects the rounding error of the first mean (the corrected two-pass algorithm).
+  const V first_mean = splat(mean, z);
+  V dev0 = z, dev1 = z;
+  acc0 = z;
+  acc1 = z;
+  for (i = 0; i + 2 * kW <= vec_end; i += 2 * kW) {
+    const V d0 = vload(h + i) - first_mean, d1 = vload(h + i + kW) - first_mean;
+    dev0 = dev0 + d0;
+    dev1 = dev1 + d1;
+    acc0 = vfma(d0, d0, acc0);
+    acc1 = vfma(d1, d1, acc1);
+  }
+  for (; i < vec_end; i += kW) {
+    const V d = vload(h + i) - first_mean;
+    dev0 = dev0 + d;
+    acc0 = vfma(d, d, acc0);
+  }
+  float dev = hsum(dev0 + dev1), sq = hsum(acc0 + acc1);
+  for (int64_t j = vec_end; j < dim; ++j) {
+    dev += h[j] - mean;
+    sq += (h[j] - mean) * (h[j] - mean);
+  }
+  const float n = static_cast<float>(dim);
+  const float var = vmax(0.0f, (sq - dev * dev / n) / n);
+  mean += dev / n;
+  const float rstd = 1.0f / __builtin_sqrtf(var + eps);
+  const V vmean = splat(mean, z);
+  // Pass 3: normalize and apply the affine weight.
+  const V vrstd = splat(rstd, z);
+  for (i = 0; i < vec_end; i += kW)
+    vstore(out + i, vfma((vload(h + i) - vmean) * vrstd, vload(weight + i), vload(bias + i)));
+  for (; i < dim; ++i) out[i] = vfma((h[i] - mean) * rstd, weight[i], bias[i]);
+  *mean_out = mean;
+  *rstd_out = rstd;
+}
+
+// ---- bias + activation ----------------------------------------------------------------------------------
+
+template <class Act>
+DK_INLINE void bias_act_loop(float* x, const float* bias, int64_t n, Act act) {
+  const int64_t vec_end = n - n % kW;
+  int64_t i = 0;
+  for (; i < vec_end; i += kW) vstore(x + i, act(vload(x + i) + vload(bias + i)));
+  for (; i < n; ++i) x[i] = act(x[i] + bias[i]);
+}
+
+void bias_act_row(float* x, const float* bias, int64_t n, Activation act) {
+  if (act == Activation::kGelu)
+    bias_act_loop(x, bias, n, [](auto y) { return gelu(y); });
+  else
+    bias_act_loop(x, bias, n, [](auto y) { return relu(y); });
+}
+
+// ---- attention pieces -----------------------------------------------------------------------------------
+
+// Register-blocked c[kRows, kCols * kW] (+)= a[kRows, k] @ b[k, kCols * kW].
+template <int kRows, int kCols>
+DK_INLINE void gemm_tile(int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
+                         bool accumulate) {
+  V acc[kRows][kCols];
+  for (int r = 0; r < kRows; ++r)
+    for (int j = 0; j < kCols; ++j) acc[r][j] = accumulate ? vload(c + r * ldc + j * kW) : splat(0.0f, V());
+  for (int64_t p = 0; p < k; ++p) {
+    V bv[kCols];
+    for (int j = 0; j < kCols; ++j) bv[j] = vload(b + p * ldb + j * kW);
+    for (int r = 0; r < kRows; ++r) {
+      const V av = splat(a[r * lda + p], V());
+      for (int j = 0; j < kCols; ++j) acc[r][j] = vfma(av, bv[j], acc[r][j]);
+    }
+  }
+  for (int r = 0; r < kRows; ++r)
+    for (int j = 0; j < kCols; ++j) vstore(c + r * ldc + j * kW, acc[r][j]);
+}
+
+template <int kCols>
+DK_INLINE void gemm_tile_rows(int rows, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+                              int64_t ldc, bool accumulate) {
+  switch (rows) {
+    case 1: return gemm_tile<1, kCols>(k, a, lda, b, ldb, c, ldc, accumulate);
+    case 2: return gemm_tile<2, kCols>(k, a, lda, b, ldb, c, ldc, accumulate);
+    case 3: return gemm_tile<3, kCols>(k, a, lda, b, ldb, c, ldc, accumulate);
+    case 4: return gemm_tile<4, kCols>(k, a, lda, b, ldb, c, ldc, accumulate);
+#if DK_ISA_LEVEL >= 1
+    case 5: return gemm_tile<5, kCols>(k, a, lda, b, ldb, c, ldc, accumulate);
+    case 6: return gemm_tile<6, kCols>(k, a, lda, b, ldb, c, ldc, accumulate);
+#endif
+#if DK_ISA_LEVEL >= 2
+    case 7: return gemm_tile<7, kCols>(k, a, lda, b, ldb, c, ldc, accumulate);
+    case 8: return gemm_tile<8, kCols>(k, a, lda, b, ldb, c, ldc, accumulate);
+#endif
+    default: __builtin_unreachable();
+  }
+}
+
+void gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+          int64_t ldc, bool accumulate) {
+  // Column panels of b (k x 2 vectors) stay in L1 while every row tile of a streams past them.
+  int64_t j = 0;
+  for (; j + 2 * kW <= n; j += 2 * kW)
+    for (int64_t i = 0; i < m; i += kGemmRows)
+      gemm_tile_rows<2>(static_cast<int>(m - i < kGemmRows ? m - i : kGemmRows), k, a + i * lda, lda, b + j, ldb,
+                        c + i * ldc + j, ldc, accumulate);
+  for (; j < n; j += kW)
+    for (int64_t i = 0; i < m; i += kGemmRows)
+      gemm_tile_rows<1>(static_cast<int>(m - i < kGemmRows ? m - i : kGemmRows), k, a + i * lda, lda, b + j, ldb,
+                        c + i * ldc + j, ldc, accumulate);
+}
+
+void softmax_update(float* s, int64_t lds, int64_t m, int64_t n, float* row_max, float* row_sum, float* acc,
+                    int64_t ldacc, int64_t acc_n) {
+  const V z = splat(0.0f, V());
+  const int64_t vec_end = n - n % kW;
+  for (int64_t i = 0; i < m; ++i) {
+    float* row = s + i * lds;
+    V vmx = splat(-__builtin_inff(), z);
+    int64_t j = 0;
+    for (; j < vec_end; j += kW) vmx = vmax(vmx, vload(row + j));
+    float mx = hmax(vmx);
+    for (; j < n; ++j) mx = vmax(mx, row[j]);
+    const float new_max = vmax(row_max[i], mx);
+    const V vnew = splat(new_max, z);
+    V vsum = z;
+    for (j = 0; j < vec_end; j += kW) {
+      const V p = exp2_approx(vload(row + j) - vnew);
+      vstore(row + j, p);
+      vsum = vsum + p;
+    }
+    float sum = hsum(vsum);
+    for (; j < n; ++j) {
+      row[j] = exp2_approx(row[j] - new_max);
+      sum += row[j];
+    }
+    const float alpha = exp2_approx(row_max[i] - new_max);  // 0 on the first block (old max -inf)
+    row_sum[i] = row_sum[i] * alpha + sum;
+    row_max[i] = new_max;
+    if (alpha != 1.0f) {
+      const V valpha = splat(alpha, z);
+      float* acc_row = acc + i * ldacc;
+      for (int64_t d = 0; d < acc_n; d += kW) vstore(acc_row + d, vload(acc_row + d) * valpha);
+    }
+  }
+}
+
+void scale(const float* x, float factor, int64_t n, float* y) {
+  const V vf = splat(factor, V());
+  const int64_t vec_end = n - n % kW;
+  int64_t i = 0;
+  for (; i < vec_end; i += kW) vstore(y + i, vload(x + i) * vf);
+  for (; i < n; ++i) y[i] = x[i] * factor;
+}
+
+const Kernels table = {kW, add_layer_norm_row, bias_act_row, gemm, softmax_update, scale};
+
+#undef DK_INLINE
+
+}  // namespace DK_ISA_NS
+}  // namespace cpu
+}  // namespace distilkernels
