@@ -25,10 +25,8 @@ def availability_error() -> str | None:
 
 if _TRITON_ERROR is None:
     from .. import ops as _ops
-    from .attention import attention, varlen_attention
-    from .bias_act import bias_act_
-    from .layer_norm import add_layer_norm
+    from . import attention, bias_act, layer_norm
 
-    for _name, _fn in (("add_layer_norm", add_layer_norm), ("bias_act_", bias_act_),
-                       ("attention", attention), ("varlen_attention", varlen_attention)):
-        _ops.register_impl(_name, "triton", _fn)
+    for _name, _module in (("add_layer_norm", layer_norm), ("bias_act_", bias_act),
+                           ("attention", attention), ("varlen_attention", attention)):
+        _ops.register_impl(_name, "triton", getattr(_module, _name))
