@@ -144,7 +144,8 @@ def _attention_fwd(
         lse_ptr + (off_b * n_heads + off_h) * seqlen,
         stride_qs, stride_ks, stride_vs, stride_ms, stride_os,
         seqlen, head_dim, start_m, qk_scale,
-        HAS_MASK=HAS_MASK, DOT_PRECISION=DOT_PRECISION, DOT_IN_FP32=DOT_IN_FP32, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+        HAS_MASK=HAS_MASK, DOT_PRECISION=DOT_PRECISION, DOT_IN_FP32=DOT_IN_FP32,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
     )
 
 
@@ -182,7 +183,8 @@ def _varlen_attention_fwd(
             lse_ptr + off_h * total_tokens + seq_start,
             stride_qt, stride_kt, stride_vt, 0, stride_ot,
             seqlen, head_dim, start_m, qk_scale,
-            HAS_MASK=False, DOT_PRECISION=DOT_PRECISION, DOT_IN_FP32=DOT_IN_FP32, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+            HAS_MASK=False, DOT_PRECISION=DOT_PRECISION, DOT_IN_FP32=DOT_IN_FP32,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
         )
 
 
