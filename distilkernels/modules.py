@@ -1,10 +1,11 @@
-"""Fused replacements for Hugging Face encoder modules.
+"""Fused replacements for Hugging Face encoder modules (post-LayerNorm blocks: DistilBERT, BERT).
 
 Each replacement subclasses the module it replaces (isinstance, state_dict keys, repr and HF's output
-capture hooks keep working) and shares its parameters and children; only the forward differs:
+capture hooks keep working) and shares its parameters and children; only the forward differs. One block
+mechanism serves every family; a `BlockLayout` says where each piece lives in that family's block:
 
     x (tokens, dim) -> one GEMM for q|k|v (dim -> 3*dim) -> fused attention on strided q/k/v views
-      -> out_lin GEMM -> add_layer_norm(. , x) -> lin1 GEMM without bias -> bias_act_ in place
+      -> out GEMM -> add_layer_norm(. , x) -> lin1 GEMM without bias -> bias_act_ in place
       -> lin2 GEMM -> add_layer_norm(. , h)
 
 The fused path is inference-only for now: whenever gradients are needed (grad mode with trainable
@@ -13,10 +14,11 @@ the stock HF forward runs instead, so training stays correct.
 """
 from __future__ import annotations
 
+import operator
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
-from transformers.modeling_outputs import BaseModelOutput
-from transformers.models.distilbert import modeling_distilbert as hf_distilbert
 
 from . import ops
 from .hf import capturing, key_padding_mask_of
@@ -25,7 +27,35 @@ from .padding import pad, unpad, unpad_info
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def activation_name(module: torch.nn.Module) -> str | None:
+@dataclass(frozen=True)
+class BlockLayout:
+    """Dotted paths, inside one HF block, of the pieces the fused forward uses."""
+
+    attention: str  # the self-attention module: n_heads, attention_head_size, scaling
+    n_heads: str  # attribute of `attention` holding the number of heads
+    q: str
+    k: str
+    v: str
+    out: str
+    ln1: str
+    lin1: str
+    act: str
+    lin2: str
+    ln2: str
+
+
+DISTILBERT_BLOCK = BlockLayout(
+    attention="attention", n_heads="n_heads", q="attention.q_lin", k="attention.k_lin", v="attention.v_lin",
+    out="attention.out_lin", ln1="sa_layer_norm", lin1="ffn.lin1", act="ffn.activation", lin2="ffn.lin2",
+    ln2="output_layer_norm")
+
+BERT_BLOCK = BlockLayout(
+    attention="attention.self", n_heads="num_attention_heads", q="attention.self.query", k="attention.self.key",
+    v="attention.self.value", out="attention.output.dense", ln1="attention.output.LayerNorm",
+    lin1="intermediate.dense", act="intermediate.intermediate_act_fn", lin2="output.dense", ln2="output.LayerNorm")
+
+
+def activation_name(module) -> str | None:
     """The bias_act_ name of an HF activation module, or None if we have no fused kernel for it."""
     from transformers.activations import GELUActivation
 
@@ -72,22 +102,42 @@ class FusedQKV:
         return self.weight, self.bias
 
 
-class FusedDistilBertBlock(hf_distilbert.TransformerBlock):
-    """DistilBERT TransformerBlock with the fused inference path."""
+class _Parts:
+    """The block's pieces resolved from its layout (a plain object: not registered as submodules)."""
+
+    def __init__(self, block: torch.nn.Module, layout: BlockLayout):
+        get = lambda path: operator.attrgetter(path)(block)  # noqa: E731
+        self.attention = get(layout.attention)
+        self.n_heads = getattr(self.attention, layout.n_heads)
+        self.head_dim = self.attention.attention_head_size
+        self.scaling = self.attention.scaling
+        self.out, self.ln1, self.lin1, self.lin2, self.ln2 = (
+            get(p) for p in (layout.out, layout.ln1, layout.lin1, layout.lin2, layout.ln2))
+        self.qkv = FusedQKV(get(layout.q), get(layout.k), get(layout.v))
+        self.act = activation_name(get(layout.act))
+
+
+class FusedBlock:
+    """Mixin for a post-LayerNorm encoder block: `LAYOUT` names the pieces; the HF class supplies the
+    stock forward (used as the fallback)."""
+
+    LAYOUT: BlockLayout
 
     @classmethod
-    def from_module(cls, block: hf_distilbert.TransformerBlock) -> "FusedDistilBertBlock":
+    def from_module(cls, block):
         fused = clone_as(block, cls)
-        attn = block.attention
-        fused._qkv = FusedQKV(attn.q_lin, attn.k_lin, attn.v_lin)
-        fused._act = activation_name(block.ffn.activation)
+        fused._parts = _Parts(block, cls.LAYOUT)
         return fused
 
-    def forward(self, hidden_states, attention_mask=None, **kwargs):
+    def fusable(self) -> bool:
+        return self._parts.act is not None and not getattr(self, "is_decoder", False)
+
+    def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
         batch, seqlen, dim = hidden_states.shape
         mask = key_padding_mask_of(attention_mask, batch, seqlen)
-        if mask is NotImplemented or self._act is None or needs_stock_forward(self, hidden_states):
-            return super().forward(hidden_states, attention_mask, **kwargs)
+        cross = any(a is not None for a in args) or kwargs.get("encoder_hidden_states") is not None
+        if mask is NotImplemented or cross or not self.fusable() or needs_stock_forward(self, hidden_states):
+            return super().forward(hidden_states, attention_mask, *args, **kwargs)
         out = self.forward_tokens(hidden_states.reshape(batch * seqlen, dim), batch=batch, seqlen=seqlen,
                                   key_padding_mask=mask)
         return out.view(batch, seqlen, dim)
@@ -96,28 +146,26 @@ class FusedDistilBertBlock(hf_distilbert.TransformerBlock):
                        max_seqlen=None):
         """x: (tokens, dim). Padded layout: tokens = batch * seqlen with an optional key_padding_mask
         (batch, seqlen). Packed layout: cu_seqlens (batch + 1,) int32 and max_seqlen. Returns (tokens, dim)."""
-        attn, ffn = self.attention, self.ffn
-        n_heads, head_dim = attn.n_heads, attn.attention_head_size
-        weight, bias = self._qkv.get()
+        p = self._parts
+        weight, bias = p.qkv.get()
         qkv = torch.addmm(bias, x, weight.t())  # (tokens, 3*dim): one GEMM
         if cu_seqlens is None:
-            q, k, v = qkv.view(batch, seqlen, 3, n_heads, head_dim).unbind(2)
-            ctx = ops.attention(q, k, v, key_padding_mask=key_padding_mask, softmax_scale=attn.scaling)
+            q, k, v = qkv.view(batch, seqlen, 3, p.n_heads, p.head_dim).unbind(2)
+            ctx = ops.attention(q, k, v, key_padding_mask=key_padding_mask, softmax_scale=p.scaling)
         else:
-            q, k, v = qkv.view(-1, 3, n_heads, head_dim).unbind(1)
-            ctx = ops.varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale=attn.scaling)
-        out = F.linear(ctx.view(x.shape), attn.out_lin.weight, attn.out_lin.bias)
-        ln = self.sa_layer_norm
-        h = ops.add_layer_norm(out, x, ln.weight, ln.bias, ln.eps)
-        f = torch.mm(h, ffn.lin1.weight.t())  # bias folded into the activation kernel below
-        ops.bias_act_(f, ffn.lin1.bias, self._act)
-        f = F.linear(f, ffn.lin2.weight, ffn.lin2.bias)
-        ln = self.output_layer_norm
-        return ops.add_layer_norm(f, h, ln.weight, ln.bias, ln.eps)
+            q, k, v = qkv.view(-1, 3, p.n_heads, p.head_dim).unbind(1)
+            ctx = ops.varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale=p.scaling)
+        out = F.linear(ctx.view(x.shape), p.out.weight, p.out.bias)
+        h = ops.add_layer_norm(out, x, p.ln1.weight, p.ln1.bias, p.ln1.eps)
+        f = torch.mm(h, p.lin1.weight.t())  # bias folded into the activation kernel below
+        ops.bias_act_(f, p.lin1.bias, p.act)
+        f = F.linear(f, p.lin2.weight, p.lin2.bias)
+        return ops.add_layer_norm(f, h, p.ln2.weight, p.ln2.bias, p.ln2.eps)
 
 
-class FusedDistilBertTransformer(hf_distilbert.Transformer):
-    """DistilBERT's layer stack; removes padding once on entry and restores it once on exit.
+class FusedEncoder:
+    """Mixin for an encoder's layer stack (`self.layer`); removes padding once on entry and restores it
+    once on exit. `OUTPUT` is the HF output class the stock forward returns.
 
     With `unpad` (the default) and a padded batch, every GEMM, LayerNorm, activation and the (varlen)
     attention run on the real tokens only; padded positions of the output hold zeros. Where HF needs
@@ -125,32 +173,34 @@ class FusedDistilBertTransformer(hf_distilbert.Transformer):
     depends on the data), the layers run padded instead.
     """
 
+    OUTPUT: type
     unpad = True
 
     @classmethod
-    def from_module(cls, transformer: hf_distilbert.Transformer) -> "FusedDistilBertTransformer":
-        return clone_as(transformer, cls)
+    def from_module(cls, encoder):
+        return clone_as(encoder, cls)
 
-    def forward(self, hidden_states, attention_mask=None, **kwargs):
+    def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
         batch, seqlen, _ = hidden_states.shape
         mask = key_padding_mask_of(attention_mask, batch, seqlen)
-        if (not self.unpad or mask is None or mask is NotImplemented or capturing("hidden_states")
+        cross = any(a is not None for a in args) or kwargs.get("encoder_hidden_states") is not None
+        if (not self.unpad or mask is None or mask is NotImplemented or cross or capturing("hidden_states")
                 or torch.compiler.is_compiling()
-                or not all(isinstance(layer, FusedDistilBertBlock) and layer._act is not None
-                           for layer in self.layer)
+                or not all(isinstance(layer, FusedBlock) and layer.fusable() for layer in self.layer)
                 or needs_stock_forward(self, hidden_states)):
-            return super().forward(hidden_states, attention_mask, **kwargs)
+            return super().forward(hidden_states, attention_mask, *args, **kwargs)
         info = unpad_info(mask)
         x = unpad(hidden_states, info)
         for layer in self.layer:
             x = layer.forward_tokens(x, cu_seqlens=info.cu_seqlens, max_seqlen=info.max_seqlen)
-        return BaseModelOutput(last_hidden_state=pad(x, info))
+        return self.OUTPUT(last_hidden_state=pad(x, info))
 
 
 def clone_as(module: torch.nn.Module, cls: type) -> torch.nn.Module:
     """A new `cls` instance (a subclass of type(module)) sharing module's parameters, buffers, children and
     hooks; the original is left untouched so it can be put back exactly."""
-    assert isinstance(module, cls.__mro__[1]), (type(module), cls)
+    if not issubclass(cls, type(module)):
+        raise TypeError(f"{cls.__name__} does not replace {type(module).__name__}")
     new = cls.__new__(cls)
     state = dict(module.__dict__)
     for name, value in state.items():  # own copies of the registries, same entries
@@ -158,3 +208,10 @@ def clone_as(module: torch.nn.Module, cls: type) -> torch.nn.Module:
             state[name] = type(value)(value)
     new.__dict__.update(state)
     return new
+
+
+def fused_class(family: str, original: type, mixin: type, **attrs) -> type:
+    """`class Fused<Original>(mixin, original)` with class attributes `attrs` (LAYOUT, OUTPUT)."""
+    name = f"Fused{original.__name__}"
+    return type(name, (mixin, original), {"__module__": __name__, "__qualname__": name, **attrs,
+                                          "__doc__": f"{original.__name__} ({family}) on distilkernels' fused path."})

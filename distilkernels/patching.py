@@ -9,10 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPastAndCrossAttentions
+from transformers.models.bert import modeling_bert as hf_bert
 from transformers.models.distilbert import modeling_distilbert as hf_distilbert
 
 from . import hf
-from .modules import FusedDistilBertBlock, FusedDistilBertTransformer
+from .modules import BERT_BLOCK, DISTILBERT_BLOCK, FusedBlock, FusedEncoder, fused_class
 
 
 @dataclass(frozen=True)
@@ -22,15 +24,24 @@ class Row:
     replacement: type  # subclass of `original` with a `from_module(original_instance)` constructor
 
 
+def _row(family: str, original: type, mixin: type, **attrs) -> Row:
+    return Row(family, original, fused_class(family, original, mixin, **attrs))
+
+
 REPLACEMENTS: tuple[Row, ...] = (
-    Row("distilbert", hf_distilbert.TransformerBlock, FusedDistilBertBlock),
-    Row("distilbert", hf_distilbert.Transformer, FusedDistilBertTransformer),
+    _row("distilbert", hf_distilbert.TransformerBlock, FusedBlock, LAYOUT=DISTILBERT_BLOCK),
+    _row("distilbert", hf_distilbert.Transformer, FusedEncoder, OUTPUT=BaseModelOutput),
+    _row("bert", hf_bert.BertLayer, FusedBlock, LAYOUT=BERT_BLOCK),
+    _row("bert", hf_bert.BertEncoder, FusedEncoder, OUTPUT=BaseModelOutputWithPastAndCrossAttentions),
 )
 
 # Models patch() accepts: the PreTrainedModel base class of each family.
-SUPPORTED_MODELS: dict[str, type] = {"distilbert": hf_distilbert.DistilBertPreTrainedModel}
+SUPPORTED_MODELS: dict[str, type] = {
+    "distilbert": hf_distilbert.DistilBertPreTrainedModel,
+    "bert": hf_bert.BertPreTrainedModel,
+}
 # The encoders inside them, whose inputs patch() validates.
-BASE_MODELS: tuple[type, ...] = (hf_distilbert.DistilBertModel,)
+BASE_MODELS: tuple[type, ...] = (hf_distilbert.DistilBertModel, hf_bert.BertModel)
 
 
 def _rows_by_class() -> dict[type, Row]:
@@ -43,9 +54,9 @@ def supported_names() -> str:
 
 def check_supported(model) -> None:
     if not isinstance(model, tuple(SUPPORTED_MODELS.values())):
-        raise TypeError(f"distilkernels.patch() supports {supported_names()}: DistilBertModel, "
-                        f"DistilBertForMaskedLM, DistilBertForSequenceClassification, DistilBertForQuestionAnswering, "
-                        f"DistilBertForTokenClassification, DistilBertForMultipleChoice; got {type(model).__name__}")
+        raise TypeError(f"distilkernels.patch() supports {supported_names()}: DistilBertModel, BertModel and their "
+                        f"ForMaskedLM, ForSequenceClassification, ForQuestionAnswering, ForTokenClassification and "
+                        f"ForMultipleChoice heads; got {type(model).__name__}")
 
 
 def replace_modules(model: torch.nn.Module, *, unpad: bool = True) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
@@ -59,7 +70,7 @@ def replace_modules(model: torch.nn.Module, *, unpad: bool = True) -> list[tuple
             if row is None:
                 continue
             new = row.replacement.from_module(child)
-            if isinstance(new, FusedDistilBertTransformer):
+            if isinstance(new, FusedEncoder):
                 new.unpad = unpad
             parent._modules[name] = new
             swaps.append((parent, name, child))
@@ -78,7 +89,7 @@ def validate_inputs(base_model, args, kwargs) -> None:
     limit = base_model.config.max_position_embeddings
     if seqlen > limit and kwargs.get("position_ids") is None:
         raise ValueError(f"input_ids has seqlen {seqlen} > config.max_position_embeddings={limit}: "
-                         f"DistilBERT has no position embedding beyond {limit}; truncate the input")
+                         f"the model has no position embedding beyond {limit}; truncate the input")
     if mask is None:
         return
     if not isinstance(mask, torch.Tensor):

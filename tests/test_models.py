@@ -9,7 +9,7 @@ import transformers
 
 import distilkernels
 from distilkernels import models
-from distilkernels.modules import FusedDistilBertTransformer
+from distilkernels.modules import FusedEncoder
 
 from conftest import HEADS, holey_mask, make_model, model_inputs, tiny_config
 from test_patch import assert_parity
@@ -34,7 +34,7 @@ def test_optimized_class_parity_and_round_trip(hf_cls, ours, checkpoint, tmp_pat
     model = ours.from_pretrained(path).eval()
     assert isinstance(model, hf_cls)
     assert model.config._attn_implementation == "distilkernels"
-    assert any(isinstance(m, FusedDistilBertTransformer) for m in model.modules())
+    assert any(isinstance(m, FusedEncoder) for m in model.modules())
     mask = holey_mask(7, 10, seed=3)
     mask[:, 0] = 1
     inputs = model_inputs(hf_cls, config, 7, 10, mask)

@@ -9,7 +9,7 @@ import transformers
 
 import distilkernels
 from distilkernels import ops
-from distilkernels.modules import FusedDistilBertBlock, FusedDistilBertTransformer
+from distilkernels.modules import FusedBlock, FusedEncoder
 
 from conftest import HEADS, base_config, holey_mask, make_model, model_inputs, tiny_config
 
@@ -151,10 +151,10 @@ def test_handle_restore_and_structure():
     handle = distilkernels.patch(model)
     assert distilkernels.patch(model) is handle  # patching twice is harmless
     assert list(model.state_dict().keys()) == keys
-    blocks = [m for m in model.modules() if isinstance(m, FusedDistilBertBlock)]
+    blocks = [m for m in model.modules() if isinstance(m, FusedBlock)]
     assert len(blocks) == model.config.n_layers
     assert all(isinstance(b, transformers.models.distilbert.modeling_distilbert.TransformerBlock) for b in blocks)
-    assert isinstance(model.distilbert.transformer, FusedDistilBertTransformer)
+    assert isinstance(model.distilbert.transformer, FusedEncoder)
     assert model.config._attn_implementation == "distilkernels"
     handle.restore()
     handle.restore()  # idempotent
@@ -217,12 +217,11 @@ def test_weights_changed_after_patch_are_seen():
     assert (got - ref)[mask.bool()].abs().max() <= ATOL
 
 
-def test_not_distilbert_is_type_error():
-    bert = transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                                          intermediate_size=37, vocab_size=99))
-    with pytest.raises(TypeError, match="DistilBertModel"):
-        distilkernels.patch(bert)
-    with pytest.raises(TypeError, match="supports"):
+def test_unsupported_model_is_type_error():
+    gpt2 = transformers.GPT2Model(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=99))
+    with pytest.raises(TypeError, match="DistilBertModel, BertModel"):
+        distilkernels.patch(gpt2)
+    with pytest.raises(TypeError, match="got Linear"):
         distilkernels.patch(torch.nn.Linear(3, 3))
 
 
