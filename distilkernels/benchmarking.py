@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 from typing import Callable
@@ -150,10 +151,23 @@ def _build_optimized(model, example):
     cls = getattr(dk_models, type(model).__name__, None)
     if cls is None:
         raise ProviderUnavailable(f"distilkernels.models has no {type(model).__name__}")
-    with tempfile.TemporaryDirectory(prefix="distilkernels-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="distilkernels-bench-") as tmp, _no_hf_progress_bars():
         model.save_pretrained(tmp)
         optimized = cls.from_pretrained(tmp, dtype=torch.float32).to(_device_of(model)).eval()
     return Built(_eager_runner(optimized), f"distilkernels.models.{cls.__name__}.from_pretrained(same weights)")
+
+
+@contextlib.contextmanager
+def _no_hf_progress_bars():
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:
@@ -297,7 +311,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 def build_providers(model, example, names, log=print) -> dict[str, dict]:
-    """name -> {"run", "note", "status", "atol"}; status "ok", "unavailable: why" or "error: why"."""
+    """name -> {"run", "note", "status", "atol"}; status "ok", "unavailable" or "error" (the note says why)."""
     built = {}
     for name in names:
         provider = PROVIDERS[name]
@@ -314,16 +328,30 @@ def build_providers(model, example, names, log=print) -> dict[str, dict]:
     return built
 
 
-def bench_shape(built: dict[str, dict], shape: Shape, vocab_size: int, device, rounds: int,
-                warmup: int, reference_run: RunFn, log=lambda msg: None, min_rounds: int = 3,
-                budget_s: float = float("inf")) -> list[dict]:
-    """Check every available provider at this shape, then time the correct ones interleaved: up to `rounds`
-    rounds, stopping after `min_rounds` once `budget_s` seconds of timing have passed."""
-    inputs = shape.inputs(vocab_size, device)
-    reference = reference_run(*inputs)
-    rows, timed = [], []
+def time_interleaved(runs: dict[str, Callable[[], object]], device, rounds: int, warmup: int = 1,
+                     min_rounds: int = 3, budget_s: float = float("inf")) -> dict[str, list[float]]:
+    """Seconds per call for each of `runs`, round-robin: up to `rounds` rounds, none started after `budget_s`
+    seconds once `min_rounds` are done. The order rotates each round so no provider always follows another."""
+    names, device = list(runs), torch.device(device)
+    if not names:
+        return {}
+    for _ in range(warmup):
+        for name in names:
+            runs[name]()
+    samples = {name: [] for name in names}
+    start = time.perf_counter()
+    for r in range(rounds):
+        if r >= min_rounds and time.perf_counter() - start > budget_s:
+            break
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            samples[name].append(time_call(runs[name], device))
+    return samples
+
+
+def _check_all(built: dict[str, dict], shape: Shape, inputs, reference: torch.Tensor, log) -> list[dict]:
+    rows = []
     for name, entry in built.items():
-        log(f"    checking {name} (first call: compiles, if it compiles)")
+        log(f"    checking {name} against HF eager (a compiling provider compiles now)")
         row = {"shape": shape.name, "batch": shape.batch, "seqlen": shape.seqlen, "tokens": shape.tokens,
                "provider": name, "status": entry["status"], "note": entry["note"], "atol": entry["atol"]}
         if entry["status"] == "ok":
@@ -331,24 +359,21 @@ def bench_shape(built: dict[str, dict], shape: Shape, vocab_size: int, device, r
                 row["status"], row["max_abs_err"] = check_provider(entry["run"], inputs, reference, entry["atol"])
             except Exception as exc:
                 row.update(status="error", note=_one_line(exc))
-        if row["status"] == "ok":
-            timed.append((name, row))
         rows.append(row)
-    log(f"    timing {len(timed)} providers: {warmup} warm-up + up to {rounds} interleaved rounds")
-    samples = {name: [] for name, _ in timed}
-    for _ in range(warmup):
-        for name, _row in timed:
-            built[name]["run"](*inputs)
-    start = time.perf_counter()
-    for r in range(rounds):
-        if r >= min_rounds and time.perf_counter() - start > budget_s:
-            break
-        order = timed[r % len(timed):] + timed[:r % len(timed)] if timed else []  # rotate: no fixed neighbour
-        for name, _row in order:
-            samples[name].append(time_call(lambda: built[name]["run"](*inputs), torch.device(device)))
-    for name, row in timed:
-        row.update(summarize(samples[name]))
-        row["tokens_per_s"] = shape.tokens / (row["median_ms"] / 1e3)
+    return rows
+
+
+def bench_shape(built: dict[str, dict], shape: Shape, vocab_size: int, device, rounds: int, warmup: int,
+                reference_run: RunFn, log=lambda msg: None, budget_s: float = float("inf")) -> list[dict]:
+    """One row per provider at this shape: checked against HF eager, then the correct ones timed interleaved."""
+    inputs = shape.inputs(vocab_size, device)
+    rows = _check_all(built, shape, inputs, reference_run(*inputs), log)
+    ok = {row["provider"]: row for row in rows if row["status"] == "ok"}
+    log(f"    timing {len(ok)} providers: {warmup} warm-up + up to {rounds} interleaved rounds")
+    runs = {name: (lambda run=built[name]["run"]: run(*inputs)) for name in ok}
+    for name, seconds in time_interleaved(runs, device, rounds, warmup, budget_s=budget_s).items():
+        ok[name].update(summarize(seconds))
+        ok[name]["tokens_per_s"] = shape.tokens / (ok[name]["median_ms"] / 1e3)
     return rows
 
 
@@ -627,7 +652,7 @@ def _by_shape(results: dict) -> tuple[list[str], list[str], dict[tuple[str, str]
 
 def _speedup(cells, shape: str, provider: str) -> float | None:
     base, row = cells.get((shape, BASELINE)), cells.get((shape, provider))
-    if not (base and row and base.get("median_ms") and row.get("median_ms")):
+    if not (base and row and row["status"] == "ok" and base.get("median_ms") and row.get("median_ms")):
         return None
     return base["median_ms"] / row["median_ms"]
 
@@ -682,11 +707,16 @@ def plot_speedup(results: dict, path) -> None:
     fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(shapes) + 2), 4.5))
     for i, p in enumerate(providers):
         xs = [s_i + (i - (len(providers) - 1) / 2) * width for s_i in range(len(shapes))]
-        ax.bar(xs, [_speedup(cells, s, p) or 0.0 for s in shapes], width, label=p)
+        speedups = [_speedup(cells, s, p) for s in shapes]
+        ax.bar(xs, [v or 0.0 for v in speedups], width, label=p)
+        for x, v, s in zip(xs, speedups, shapes):
+            if v is None:  # say why there is no bar: WRONG, unavailable, error, or not run
+                status = cells[(s, p)]["status"] if (s, p) in cells else "not run"
+                ax.text(x, 0.02, status, rotation=90, ha="center", va="bottom", fontsize=6)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(shapes)), shapes)
     ax.set_ylabel(f"speedup over {BASELINE} (higher is better)")
-    ax.set_title(_caption(results), fontsize=8)
+    ax.set_title(textwrap.fill(_caption(results), 110), fontsize=8)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

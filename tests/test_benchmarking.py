@@ -31,9 +31,12 @@ def _rows(model, names, shape, rounds=2):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.name)
-@pytest.mark.parametrize("name", ["hf_eager", "hf_sdpa", pytest.param("onnxruntime", marks=requires_ort)])
+@pytest.mark.parametrize("name", ["hf_eager", "hf_sdpa", pytest.param("onnxruntime", marks=requires_ort),
+                                  "distilkernels_patched", "distilkernels_optimized"])
 def test_provider_matches_hf_eager(tiny_model, name, shape):
     (row,) = _rows(tiny_model, [name], shape)
+    if row["status"] == "unavailable":
+        pytest.skip(row["note"])
     assert row["status"] == "ok", row
     assert row["max_abs_err"] <= bm.FP32_ATOL
     assert row["median_ms"] > 0 and row["n_samples"] == 2
@@ -112,3 +115,21 @@ def test_report_writer(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text()) == _synthetic_results()
     png = (tmp_path / "speedup.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
+
+
+def test_main_bench_end_to_end(tiny_model, tmp_path):
+    model_dir, out = tmp_path / "model", tmp_path / "out"
+    tiny_model.save_pretrained(model_dir)
+    threads = torch.get_num_threads()
+    try:
+        code = bm.main_bench(["--quick", "--threads", "1", "--model", str(model_dir), "--out", str(out),
+                              "--providers", "hf_eager,hf_sdpa", "--rounds", "3", "--device", "cpu"])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["env"]["threads"] == 1 and results["env"]["versions"]["torch"] == torch.__version__
+    assert [(r["shape"], r["provider"]) for r in results["results"]] == [
+        (s.name, p) for s in bm.GRIDS["quick"] for p in ("hf_eager", "hf_sdpa")]
+    assert all(r["status"] == "ok" and r["n_samples"] == 3 for r in results["results"])
+    assert "| mixed16x128 |" in (out / "report.md").read_text()
