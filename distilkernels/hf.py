@@ -62,10 +62,12 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     batch, _, seqlen, head_dim = query.shape
     scaling = head_dim**-0.5 if scaling is None else scaling
     mask = key_padding_mask_of(attention_mask, batch, seqlen)
-    if mask is NotImplemented:  # a prepared 4-D boolean or additive mask: let torch handle it
+    causal = bool(getattr(module, "is_causal", False))
+    if mask is NotImplemented or causal:  # a prepared 4-D mask, or a decoder: torch handles it
         out = torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, dropout_p=dropout if module.training else 0.0,
-            scale=scaling)
+            query, key, value, attn_mask=None if mask is None else attention_mask,
+            dropout_p=dropout if module.training else 0.0, scale=scaling,
+            is_causal=causal and attention_mask is None and query.shape[2] > 1)
         return out.transpose(1, 2).contiguous(), None
     needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
     if needs_grad or dropout > 0.0 or capturing("attentions"):

@@ -1,4 +1,4 @@
-"""Optimized model classes: HF's DistilBERT classes with the fused modules built in.
+"""Optimized model classes: HF's DistilBERT and BERT classes with the fused modules built in.
 
     from distilkernels.models import DistilBertForSequenceClassification
     model = DistilBertForSequenceClassification.from_pretrained(local_dir)   # a stock HF checkpoint
@@ -49,6 +49,13 @@ DistilBertForQuestionAnswering = _optimized(transformers.DistilBertForQuestionAn
 DistilBertForTokenClassification = _optimized(transformers.DistilBertForTokenClassification)
 DistilBertForMultipleChoice = _optimized(transformers.DistilBertForMultipleChoice)
 
+BertModel = _optimized(transformers.BertModel)
+BertForMaskedLM = _optimized(transformers.BertForMaskedLM)
+BertForSequenceClassification = _optimized(transformers.BertForSequenceClassification)
+BertForQuestionAnswering = _optimized(transformers.BertForQuestionAnswering)
+BertForTokenClassification = _optimized(transformers.BertForTokenClassification)
+BertForMultipleChoice = _optimized(transformers.BertForMultipleChoice)
+
 __all__ = [
     "DistilBertModel",
     "DistilBertForMaskedLM",
@@ -56,4 +63,10 @@ __all__ = [
     "DistilBertForQuestionAnswering",
     "DistilBertForTokenClassification",
     "DistilBertForMultipleChoice",
+    "BertModel",
+    "BertForMaskedLM",
+    "BertForSequenceClassification",
+    "BertForQuestionAnswering",
+    "BertForTokenClassification",
+    "BertForMultipleChoice",
 ]
