@@ -102,6 +102,28 @@ class FusedQKV:
         return self.weight, self.bias
 
 
+class DenseGemms:
+    """The block's four GEMMs on its own (fp32/fp16/bf16) weights. Another implementation (int8, say)
+    provides the same four methods and replaces `parts.gemms`."""
+
+    def __init__(self, parts: "_Parts"):
+        self.parts = parts
+        self.fused_qkv = FusedQKV(parts.q, parts.k, parts.v)
+
+    def qkv(self, x):  # (tokens, dim) -> (tokens, 3*dim), bias included: one GEMM for q|k|v
+        weight, bias = self.fused_qkv.get()
+        return torch.addmm(bias, x, weight.t())
+
+    def out(self, x):  # (tokens, dim) -> (tokens, dim), bias included
+        return F.linear(x, self.parts.out.weight, self.parts.out.bias)
+
+    def lin1(self, x):  # (tokens, dim) -> (tokens, hidden_dim), WITHOUT bias (bias_act_ adds it)
+        return torch.mm(x, self.parts.lin1.weight.t())
+
+    def lin2(self, x):  # (tokens, hidden_dim) -> (tokens, dim), bias included
+        return F.linear(x, self.parts.lin2.weight, self.parts.lin2.bias)
+
+
 class _Parts:
     """The block's pieces resolved from its layout (a plain object: not registered as submodules)."""
 
@@ -111,10 +133,11 @@ class _Parts:
         self.n_heads = getattr(self.attention, layout.n_heads)
         self.head_dim = self.attention.attention_head_size
         self.scaling = self.attention.scaling
-        self.out, self.ln1, self.lin1, self.lin2, self.ln2 = (
-            get(p) for p in (layout.out, layout.ln1, layout.lin1, layout.lin2, layout.ln2))
-        self.qkv = FusedQKV(get(layout.q), get(layout.k), get(layout.v))
+        self.q, self.k, self.v, self.out, self.ln1, self.lin1, self.lin2, self.ln2 = (
+            get(p) for p in (layout.q, layout.k, layout.v, layout.out, layout.ln1, layout.lin1, layout.lin2,
+                             layout.ln2))
         self.act = activation_name(get(layout.act))
+        self.gemms = DenseGemms(self)
 
 
 class FusedBlock:
@@ -147,20 +170,17 @@ class FusedBlock:
         """x: (tokens, dim). Padded layout: tokens = batch * seqlen with an optional key_padding_mask
         (batch, seqlen). Packed layout: cu_seqlens (batch + 1,) int32 and max_seqlen. Returns (tokens, dim)."""
         p = self._parts
-        weight, bias = p.qkv.get()
-        qkv = torch.addmm(bias, x, weight.t())  # (tokens, 3*dim): one GEMM
+        qkv = p.gemms.qkv(x)  # (tokens, 3*dim)
         if cu_seqlens is None:
             q, k, v = qkv.view(batch, seqlen, 3, p.n_heads, p.head_dim).unbind(2)
             ctx = ops.attention(q, k, v, key_padding_mask=key_padding_mask, softmax_scale=p.scaling)
         else:
             q, k, v = qkv.view(-1, 3, p.n_heads, p.head_dim).unbind(1)
             ctx = ops.varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale=p.scaling)
-        out = F.linear(ctx.view(x.shape), p.out.weight, p.out.bias)
-        h = ops.add_layer_norm(out, x, p.ln1.weight, p.ln1.bias, p.ln1.eps)
-        f = torch.mm(h, p.lin1.weight.t())  # bias folded into the activation kernel below
+        h = ops.add_layer_norm(p.gemms.out(ctx.view(x.shape)), x, p.ln1.weight, p.ln1.bias, p.ln1.eps)
+        f = p.gemms.lin1(h)
         ops.bias_act_(f, p.lin1.bias, p.act)
-        f = F.linear(f, p.lin2.weight, p.lin2.bias)
-        return ops.add_layer_norm(f, h, p.ln2.weight, p.ln2.bias, p.ln2.eps)
+        return ops.add_layer_norm(p.gemms.lin2(f), h, p.ln2.weight, p.ln2.bias, p.ln2.eps)
 
 
 class FusedEncoder:
