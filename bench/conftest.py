@@ -50,7 +50,7 @@ class E2E:
         self.vocab_size = model.config.vocab_size
         self._built: dict[str, dict] = {}
         self._shapes: dict[str, tuple] = {}
-        self.reference_run = bm._eager_runner(bm._hf_copy(model, "eager"))
+        self.reference_run = bm.hf_reference(model)
 
     def provider(self, name: str, example) -> dict:
         if name not in self._built:
@@ -64,7 +64,7 @@ class E2E:
 
     def inputs(self, shape: bm.Shape):
         if shape.name not in self._shapes:
-            inputs = shape.inputs(self.vocab_size, bm._device_of(self.model))
+            inputs = shape.inputs(self.vocab_size, bm.model_device(self.model))
             self._shapes[shape.name] = (inputs, self.reference_run(*inputs))
         return self._shapes[shape.name]
 

@@ -17,7 +17,7 @@ def test_e2e(benchmark, e2e, shape, provider, rounds):
                                 atol=entry["atol"], threads=torch.get_num_threads())
     if status == "WRONG":
         pytest.fail(f"{provider} is WRONG at {shape.name}: max-abs error {err:.2e} > {entry['atol']:.0e} vs HF eager")
-    device = bm._device_of(e2e.model)
+    device = bm.model_device(e2e.model)
     benchmark.pedantic(bm.time_call, args=(lambda: entry["run"](*inputs), device), rounds=rounds,
                        warmup_rounds=1, iterations=1)
     benchmark.extra_info["tokens_per_s"] = shape.tokens / benchmark.stats.stats.median

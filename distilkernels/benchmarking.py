@@ -80,6 +80,7 @@ class Shape:
 
 
 def mixed_shape(batch: int = 16, min_len: int = 8, max_len: int = 128, seed: int = 0) -> Shape:
+    """`batch` sequences with lengths uniform in min_len..max_len (fixed seed), right-padded to max_len."""
     gen = torch.Generator().manual_seed(seed)
     lengths = torch.randint(min_len, max_len + 1, (batch,), generator=gen).tolist()
     return Shape(f"mixed{batch}x{max_len}", batch, max_len, tuple(lengths))
@@ -104,7 +105,7 @@ def _first_output(out) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) or hasattr(out, "to_tuple") else out
 
 
-def _eager_runner(model: torch.nn.Module) -> RunFn:
+def _module_runner(model: torch.nn.Module) -> RunFn:
     @torch.no_grad()
     def run(input_ids, attention_mask):
         return _first_output(model(input_ids=input_ids, attention_mask=attention_mask))
@@ -118,9 +119,14 @@ def _hf_copy(model: torch.nn.Module, attn_implementation: str) -> torch.nn.Modul
     return model
 
 
+def hf_reference(model: torch.nn.Module) -> RunFn:
+    """HF fp32 eager attention on a copy of `model`: what every provider is checked against."""
+    return _module_runner(_hf_copy(model, "eager"))
+
+
 def _build_hf(attn_implementation: str):
     def build(model, example):
-        return Built(_eager_runner(_hf_copy(model, attn_implementation)),
+        return Built(_module_runner(_hf_copy(model, attn_implementation)),
                      f"transformers {_version('transformers')}, attn_implementation={attn_implementation!r}")
 
     return build
@@ -128,7 +134,7 @@ def _build_hf(attn_implementation: str):
 
 def _build_compile(model, example):
     compiled = torch.compile(_hf_copy(model, "sdpa"), dynamic=False)
-    return Built(_eager_runner(compiled), "torch.compile(HF sdpa model), inductor default mode, dynamic=False; "
+    return Built(_module_runner(compiled), "torch.compile(HF sdpa model), inductor default mode, dynamic=False; "
                                           "the warm-up compiles once per shape")
 
 
@@ -140,7 +146,7 @@ def _build_patched(model, example):
         raise ProviderUnavailable("distilkernels.patch is not available in this checkout")
     model = copy.deepcopy(model).eval()
     patch(model)
-    return Built(_eager_runner(model), "deep copy of the HF model, distilkernels.patch(model) in place")
+    return Built(_module_runner(model), "deep copy of the HF model, distilkernels.patch(model) in place")
 
 
 def _build_optimized(model, example):
@@ -153,8 +159,8 @@ def _build_optimized(model, example):
         raise ProviderUnavailable(f"distilkernels.models has no {type(model).__name__}")
     with tempfile.TemporaryDirectory(prefix="distilkernels-bench-") as tmp, _no_hf_progress_bars():
         model.save_pretrained(tmp)
-        optimized = cls.from_pretrained(tmp, dtype=torch.float32).to(_device_of(model)).eval()
-    return Built(_eager_runner(optimized), f"distilkernels.models.{cls.__name__}.from_pretrained(same weights)")
+        optimized = cls.from_pretrained(tmp, dtype=torch.float32).to(model_device(model)).eval()
+    return Built(_module_runner(optimized), f"distilkernels.models.{cls.__name__}.from_pretrained(same weights)")
 
 
 @contextlib.contextmanager
@@ -170,7 +176,7 @@ def _no_hf_progress_bars():
             hf_logging.enable_progress_bar()
 
 
-def _device_of(model: torch.nn.Module) -> torch.device:
+def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
@@ -231,7 +237,7 @@ def _build_onnxruntime(model, example):
         import onnxruntime as ort
     except ImportError as exc:
         raise ProviderUnavailable("onnxruntime is not installed (pip install onnxruntime)") from exc
-    device = _device_of(model)
+    device = model_device(model)
     if device.type != "cpu":
         raise ProviderUnavailable("the onnxruntime provider runs the CPUExecutionProvider on CPU models only")
     path, counts = _optimized_onnx(model, example)
@@ -295,7 +301,7 @@ def time_call(fn: Callable[[], object], device: torch.device) -> float:
 def summarize(samples: list[float]) -> dict:
     q1, median, q3 = statistics.quantiles(samples, n=4, method="inclusive") if len(samples) > 1 else samples * 3
     return {"median_ms": median * 1e3, "iqr_ms": (q3 - q1) * 1e3, "q1_ms": q1 * 1e3, "q3_ms": q3 * 1e3,
-            "n_samples": len(samples)}
+            "min_ms": min(samples) * 1e3, "n_samples": len(samples)}
 
 
 def check_provider(run: RunFn, inputs, reference: torch.Tensor, atol: float) -> tuple[str, float]:
@@ -614,7 +620,7 @@ def run_bench(grid, threads: int | None = None, out_dir: str | os.PathLike | Non
     log(f"building {len(names)} providers for {type(model).__name__} on {device} "
         f"({torch.get_num_threads()} threads)")
     built = build_providers(model, example, names, log)
-    reference_run = _eager_runner(_hf_copy(model, "eager"))
+    reference_run = hf_reference(model)
     rows = []
     for i, shape in enumerate(grid):
         log(_bar(i, len(grid), f"{shape.name}: checking and timing ({rounds} rounds)"))

@@ -26,7 +26,7 @@ def tiny_model():
 def _rows(model, names, shape, rounds=2):
     example = shape.inputs(model.config.vocab_size)
     built = bm.build_providers(model, example, names, log=lambda msg: None)
-    reference = bm._eager_runner(bm._hf_copy(model, "eager"))
+    reference = bm.hf_reference(model)
     return bm.bench_shape(built, shape, model.config.vocab_size, "cpu", rounds, 1, reference)
 
 
@@ -53,7 +53,7 @@ def test_onnxruntime_graph_is_fused(tiny_model):
 
 def test_wrong_provider_is_reported_and_not_timed(tiny_model):
     shape = SHAPES[2]
-    run = bm._eager_runner(tiny_model)
+    run = bm.hf_reference(tiny_model)
     built = {"off_by_1e-2": {"run": lambda ids, mask: run(ids, mask) + 1e-2, "note": "adds 1e-2",
                              "status": "ok", "atol": bm.FP32_ATOL}}
     (row,) = bm.bench_shape(built, shape, 99, "cpu", 2, 1, run)
