@@ -20,4 +20,5 @@ def test_e2e(benchmark, e2e, shape, provider, rounds):
     device = bm.model_device(e2e.model)
     benchmark.pedantic(bm.time_call, args=(lambda: entry["run"](*inputs), device), rounds=rounds,
                        warmup_rounds=1, iterations=1)
-    benchmark.extra_info["tokens_per_s"] = shape.tokens / benchmark.stats.stats.median
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        benchmark.extra_info["tokens_per_s"] = shape.tokens / benchmark.stats.stats.median

@@ -25,6 +25,8 @@ def test_op(benchmark, case_name, provider, rounds):
     fn, args, device = case.providers[provider], case.fresh_args(), torch.device(DEVICE)
     benchmark.pedantic(bm.time_call, args=(lambda: fn(*args), device), rounds=4 * rounds,
                        warmup_rounds=2, iterations=1)
+    if benchmark.stats is None:  # --benchmark-disable: checked and run once, nothing timed
+        return
     seconds = benchmark.stats.stats.median
     benchmark.extra_info["GB/s"] = case.bytes / seconds / 1e9
     if case.flops:
