@@ -731,7 +731,8 @@ def plot_speedup(results: dict, path) -> None:
 
 def main_bench(argv=None) -> int:
     """`python -m distilkernels bench [--quick] [--threads N] [--out DIR] [--model DIR]`."""
-    parser = argparse.ArgumentParser(prog="python -m distilkernels bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m distilkernels bench", description="Time DistilBERT end to end: HF eager/sdpa, torch.compile, ONNX Runtime and distilkernels, "
+                                                 "side by side, each checked against HF fp32 eager first.")
     parser.add_argument("--quick", action="store_true", help="shapes 1x128, 8x128, mixed16x128 only")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (and ORT's intra-op)")
     parser.add_argument("--out", default="bench/out", help="directory for results.json, report.md, speedup.png")
