@@ -93,7 +93,8 @@ class FusedQKV:
         params = [p for lin in self.linears for p in (lin.weight, lin.bias)]
         if torch.compiler.is_compiling():  # traced once per graph; no data pointers on fake tensors
             return torch.cat(params[0::2]), torch.cat(params[1::2])
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        # (inference tensors have no version counter; they cannot change outside inference mode either)
+        key = tuple((p.data_ptr(), 0 if p.is_inference() else p._version, p.dtype, p.device) for p in params)
         if key != self.key:
             with torch.no_grad():
                 self.weight = torch.cat(params[0::2])

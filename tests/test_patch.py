@@ -247,3 +247,16 @@ def test_too_long_sequence():
     ids = torch.randint(1, 99, (1, config.max_position_embeddings + 1))
     with distilkernels.patch(model), torch.inference_mode(), pytest.raises(ValueError, match="max_position_embeddings"):
         model(input_ids=ids)
+
+
+def test_model_built_in_inference_mode():
+    """Parameters created under inference_mode have no version counter; the fused weights still work."""
+    config = tiny_config()
+    mask = holey_mask(3, 8, seed=9)
+    with torch.inference_mode():
+        model = make_model(transformers.DistilBertModel, config)
+        inputs = model_inputs(transformers.DistilBertModel, config, 3, 8, mask, with_labels=False)
+        ref = model(**inputs).last_hidden_state
+        with distilkernels.patch(model):
+            got = model(**inputs).last_hidden_state
+    assert (got - ref)[mask.bool()].abs().max() <= ATOL
