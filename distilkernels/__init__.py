@@ -3,6 +3,7 @@
     import distilkernels
     handle = distilkernels.patch(model)   # fused C++ (CPU) / Triton (GPU) path, same results
     handle.restore()                      # original modules back
+    distilkernels.quantize(model)         # CPU int8 GEMMs (dynamic quantization) in the fused blocks
 
 Functional ops: `distilkernels.ops` (add_layer_norm, bias_act_, attention, varlen_attention).
 """
@@ -16,8 +17,9 @@ from ._ext import load_extension  # noqa: E402
 load_extension()
 
 from .patching import PatchHandle, patch  # noqa: E402
+from .quant import quantize  # noqa: E402
 from . import hf as _hf  # noqa: E402
 
 _hf.register()
 
-__all__ = ["ops", "patch", "PatchHandle", "__version__"]
+__all__ = ["ops", "patch", "PatchHandle", "quantize", "__version__"]

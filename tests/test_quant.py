@@ -1,0 +1,279 @@
+"""Reduced precision on the CPU: int8 (distilkernels.quantize) and bf16 (a bf16 model, patched), measured
+against fp32 HF; real pretrained weights (all-MiniLM-L6-v2) included."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import transformers
+
+import distilkernels
+from distilkernels import models, quant
+from distilkernels.modules import DenseGemms, FusedBlock
+
+from conftest import base_config, holey_mask, make_model, model_inputs, tiny_config
+from test_bert import MINILM_DIR, mean_pool, minilm_sentences, requires_minilm, tiny_bert
+
+pytestmark = pytest.mark.requires_ext
+
+# Tiny random configs make quantization noise large and erratic, so there the bound is relative:
+# our error vs fp32 HF <= 2x the error of PyTorch's own implementation of the same precision (the
+# flash-attention convention), plus a small floor for outputs where PyTorch happens to be nearly exact.
+RELATIVE = 2.0
+FLOOR = {"int8": 2e-2, "bf16": 2e-2}
+# distilbert-base shapes are where a cosine means something: the issue's bar, met by torch's own int8/bf16.
+MIN_COSINE = 0.999
+
+
+def torch_int8(model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notices
+        return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def min_token_cosine(out, ref, mask):
+    valid = mask.bool()
+    return torch.nn.functional.cosine_similarity(out[valid].float(), ref[valid].float(), dim=-1).min().item()
+
+
+def max_error(out, ref, mask):
+    valid = mask.bool()
+    return (out[valid].float() - ref[valid].float()).abs().max().item()
+
+
+def hidden(model, inputs):
+    with torch.inference_mode():
+        return model(**inputs).last_hidden_state
+
+
+@pytest.fixture
+def int8_calls(monkeypatch):
+    """Counts the int8 GEMM calls (4 per fused block)."""
+    calls = []
+    original = quant.Int8Gemms._linear
+
+    def counting(self, *args, **kwargs):
+        calls.append(self.activations)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(quant.Int8Gemms, "_linear", counting)
+    return calls
+
+
+# ---------------------------------------------------------------------------------------------------------
+# int8
+
+
+@pytest.mark.parametrize("activations", quant.ACTIVATION_MODES)
+@pytest.mark.parametrize("unpad", [True, False])
+def test_int8_tiny_holey_masks(activations, unpad, op_spy, int8_calls):
+    config = tiny_config()
+    model = make_model(transformers.DistilBertModel, config)
+    mask = holey_mask(13, 7, seed=1)
+    inputs = model_inputs(transformers.DistilBertModel, config, 13, 7, mask, with_labels=False)
+    ref = hidden(model, inputs)
+    peer = max_error(hidden(torch_int8(model), inputs), ref, mask)
+    distilkernels.patch(model, unpad=unpad)
+    quant.quantize(model, activations=activations)
+    got = hidden(model, inputs)
+    err = max_error(got, ref, mask)
+    assert err <= max(RELATIVE * peer, FLOOR["int8"]), f"int8 {err:.3g} vs torch quantize_dynamic {peer:.3g}"
+    assert err > 0  # really quantized
+    assert int8_calls == [activations] * 4 * config.n_layers
+    varlen = sum(v for (op, _), v in op_spy.items() if op == "varlen_attention")
+    assert varlen == (config.n_layers if unpad else 0)
+
+
+def test_int8_bert_heads():
+    config = tiny_bert()
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification._from_config(copy.deepcopy(config)).eval()
+    g = torch.Generator().manual_seed(0)
+    inputs = {"input_ids": torch.randint(1, config.vocab_size, (4, 9), generator=g),
+              "attention_mask": holey_mask(4, 9, seed=2)}
+    with torch.inference_mode():
+        ref = model(**inputs).logits
+        peer = (torch_int8(model)(**inputs).logits - ref).abs().max().item()
+        got = distilkernels.quantize(model)(**inputs).logits
+    assert all(isinstance(m._parts.gemms, quant.Int8Gemms) for m in model.modules() if isinstance(m, FusedBlock))
+    err = (got - ref).abs().max().item()
+    assert 0 < err <= max(RELATIVE * peer, FLOOR["int8"]), (err, peer)
+
+
+@pytest.mark.parametrize("activations", quant.ACTIVATION_MODES)
+def test_int8_base_config_cosine(activations):
+    """distilbert-base shapes (random init): min token cosine vs fp32 HF >= 0.999, like torch's own int8."""
+    config = base_config()
+    model = make_model(transformers.DistilBertModel, config, attn_implementation="sdpa")
+    mask = holey_mask(3, 40, seed=3, kind="right")
+    inputs = model_inputs(transformers.DistilBertModel, config, 3, 40, mask, with_labels=False)
+    ref = hidden(model, inputs)
+    peer = min_token_cosine(hidden(torch_int8(model), inputs), ref, mask)
+    got = hidden(quant.quantize(model, "int8", activations=activations), inputs)
+    cos = min_token_cosine(got, ref, mask)
+    assert cos >= MIN_COSINE, f"min token cosine {cos:.5f} (torch quantize_dynamic: {peer:.5f})"
+    assert 1 - cos <= RELATIVE * (1 - peer), (cos, peer)
+
+
+def test_int8_twice_restore_state_dict():
+    config = tiny_config()
+    model = make_model(transformers.DistilBertForSequenceClassification, config)
+    inputs = model_inputs(transformers.DistilBertForSequenceClassification, config, 3, 5, holey_mask(3, 5),
+                          with_labels=False)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.inference_mode():
+        ref = model(**inputs).logits
+        assert distilkernels.quantize(model) is model
+        gemms = [m._parts.gemms for m in model.modules() if isinstance(m, FusedBlock)]
+        first = model(**inputs).logits
+        distilkernels.quantize(model, torch.qint8)  # harmless: same GEMM objects, same result
+        assert [m._parts.gemms for m in model.modules() if isinstance(m, FusedBlock)] == gemms
+        assert torch.equal(model(**inputs).logits, first)
+        assert not torch.equal(first, ref)
+        after = model.state_dict()
+        assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
+        model._distilkernels_patch.restore()
+        assert torch.equal(model(**inputs).logits, ref)  # restore puts the fp32 model back exactly
+
+
+def test_int8_follows_new_weights():
+    """Loading other weights after quantize() repacks the int8 copies."""
+    config = tiny_config()
+    model = quant.quantize(make_model(transformers.DistilBertModel, config, seed=0))
+    other = make_model(transformers.DistilBertModel, config, seed=1)
+    mask = holey_mask(4, 6)
+    inputs = model_inputs(transformers.DistilBertModel, config, 4, 6, mask, with_labels=False)
+    hidden(model, inputs)
+    model.load_state_dict(other.state_dict())
+    expected = hidden(quant.quantize(copy.deepcopy(other)), inputs)
+    assert torch.equal(hidden(model, inputs), expected)
+
+
+def test_int8_optimized_class(tmp_path):
+    config = tiny_config()
+    make_model(transformers.DistilBertModel, config).save_pretrained(tmp_path)
+    model = distilkernels.quantize(models.DistilBertModel.from_pretrained(tmp_path).eval())
+    blocks = [m for m in model.modules() if isinstance(m, FusedBlock)]
+    assert len(blocks) == config.n_layers and all(isinstance(b._parts.gemms, quant.Int8Gemms) for b in blocks)
+    assert getattr(model, "_distilkernels_patch", None) is None  # already fused: not patched again
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.quint8, "int4", "fp8", None])
+def test_quantize_bad_dtype(dtype):
+    model = make_model(transformers.DistilBertModel, tiny_config())
+    with pytest.raises(ValueError, match="supports dtype=torch.qint8"):
+        distilkernels.quantize(model, dtype)
+    assert not any(isinstance(m, FusedBlock) for m in model.modules())  # nothing changed
+
+
+def test_quantize_rejects_bad_models():
+    model = make_model(transformers.DistilBertModel, tiny_config())
+    with pytest.raises(ValueError, match="activations must be one of"):
+        distilkernels.quantize(model, activations="per_channel")
+    with pytest.raises(TypeError, match="needs an fp32 model on the CPU"):
+        distilkernels.quantize(copy.deepcopy(model).to(torch.bfloat16))
+    with pytest.raises(TypeError, match="supports"):
+        distilkernels.quantize(torch.nn.Linear(4, 4))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bf16: convert the model, then patch (or load an optimized class with dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("unpad", [True, False])
+def test_bf16_tiny_holey_masks(unpad, op_spy):
+    config = tiny_config()
+    model = make_model(transformers.DistilBertModel, config)
+    mask = holey_mask(13, 7, seed=1)
+    inputs = model_inputs(transformers.DistilBertModel, config, 13, 7, mask, with_labels=False)
+    ref = hidden(model, inputs)
+    model.to(torch.bfloat16)
+    plain = hidden(model, inputs)
+    distilkernels.patch(model, unpad=unpad)
+    got = hidden(model, inputs)
+    assert got.dtype == torch.bfloat16
+    peer, err = max_error(plain, ref, mask), max_error(got, ref, mask)
+    assert err <= max(RELATIVE * peer, FLOOR["bf16"]), f"bf16 {err:.3g} vs plain torch bf16 {peer:.3g}"
+    assert sum(v for (op, _), v in op_spy.items() if op == "add_layer_norm") == 2 * config.n_layers
+    varlen = sum(v for (op, _), v in op_spy.items() if op == "varlen_attention")
+    assert varlen == (config.n_layers if unpad else 0)
+
+
+def test_bf16_base_config_cosine():
+    config = base_config()
+    model = make_model(transformers.DistilBertModel, config, attn_implementation="sdpa")
+    mask = holey_mask(3, 40, seed=3, kind="right")
+    inputs = model_inputs(transformers.DistilBertModel, config, 3, 40, mask, with_labels=False)
+    ref = hidden(model, inputs)
+    model.to(torch.bfloat16)
+    peer = min_token_cosine(hidden(model, inputs), ref, mask)
+    distilkernels.patch(model)
+    cos = min_token_cosine(hidden(model, inputs), ref, mask)
+    assert cos >= MIN_COSINE, f"min token cosine {cos:.5f} (plain torch bf16: {peer:.5f})"
+
+
+def test_bf16_optimized_class(tmp_path, op_spy):
+    config = tiny_config()
+    make_model(transformers.DistilBertModel, config).save_pretrained(tmp_path)
+    model = models.DistilBertModel.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert all(isinstance(m._parts.gemms, DenseGemms) for m in model.modules() if isinstance(m, FusedBlock))
+    mask = holey_mask(4, 6)
+    out = hidden(model, model_inputs(transformers.DistilBertModel, config, 4, 6, mask, with_labels=False))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert sum(v for (op, _), v in op_spy.items() if op == "varlen_attention") == config.n_layers
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Real pretrained weights: sentence-embedding cosine vs fp32 on a few hundred sentences
+
+
+def _minilm_embeddings(model, tokenizer, sentences):
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(sentences), 32):  # batches of 32 mixed lengths: real padding
+            batch = tokenizer(sentences[start:start + 32], padding=True, truncation=True, max_length=256,
+                              return_tensors="pt")
+            out.append(mean_pool(model(**batch).last_hidden_state.float(), batch["attention_mask"]))
+    return torch.cat(out)
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    """(stock fp32 model, tokenizer, sentences, fp32 embeddings, torch quantize_dynamic embeddings)."""
+    sentences = minilm_sentences()
+    assert len(sentences) >= 200
+    tokenizer = transformers.AutoTokenizer.from_pretrained(MINILM_DIR)
+    stock = transformers.BertModel.from_pretrained(MINILM_DIR, attn_implementation="sdpa").eval()
+    ref = _minilm_embeddings(stock, tokenizer, sentences)
+    return stock, tokenizer, sentences, ref, _minilm_embeddings(torch_int8(stock), tokenizer, sentences)
+
+
+@requires_minilm
+def test_minilm_bf16(minilm):
+    stock, tokenizer, sentences, ref, _ = minilm
+    model = copy.deepcopy(stock).to(torch.bfloat16)
+    distilkernels.patch(model)
+    cos = torch.nn.functional.cosine_similarity(_minilm_embeddings(model, tokenizer, sentences), ref, dim=-1)
+    assert cos.min() >= MIN_COSINE, f"bf16: min embedding cosine {cos.min():.5f}"
+
+
+# Dynamic int8 is lossy on all-MiniLM-L6-v2: torch's own quantize_dynamic reaches a min embedding cosine of
+# only ~0.83 (mean ~0.94) here, so 0.999 is out of reach of dynamic int8; per-token activations reach
+# ~0.966 (mean ~0.995), one scale per GEMM ~0.90 (mean ~0.977). The bounds hold those with a margin and
+# require beating torch's int8.
+MINILM_INT8 = {"per_token": (0.95, 0.99), "per_tensor": (0.85, 0.97)}  # (min, mean) embedding cosine
+
+
+@requires_minilm
+@pytest.mark.parametrize("activations", quant.ACTIVATION_MODES)
+def test_minilm_int8(minilm, activations):
+    stock, tokenizer, sentences, ref, peer_emb = minilm
+    model = distilkernels.quantize(copy.deepcopy(stock), activations=activations)
+    cos = torch.nn.functional.cosine_similarity(_minilm_embeddings(model, tokenizer, sentences), ref, dim=-1)
+    peer = torch.nn.functional.cosine_similarity(peer_emb, ref, dim=-1)
+    low, mean = MINILM_INT8[activations]
+    assert cos.min() >= low and cos.mean() >= mean, f"min {cos.min():.5f}, mean {cos.mean():.5f}"
+    assert cos.min() > peer.min() and cos.mean() > peer.mean(), (cos.min(), peer.min(), cos.mean(), peer.mean())
