@@ -4,9 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
-import time
 
 
 def cpu_model_and_flags() -> tuple[str, list[str]]:
@@ -69,64 +67,42 @@ def cmd_info(args) -> int:
     return 0
 
 
-def _median_ms(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def cmd_demo(args) -> int:
-    import copy
-
+    """Patched vs stock on a padded batch, through the benchmark providers (checked, then timed interleaved)."""
     import torch
-    import transformers
 
-    import distilkernels
+    from distilkernels import benchmarking as bm, ops
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    if args.model:
-        model = transformers.AutoModel.from_pretrained(args.model).eval()
-        source = args.model
-    else:
-        model = transformers.DistilBertModel(transformers.DistilBertConfig()).eval()
-        source = "distilbert-base config, random init"
-    stock = model
-    patched = copy.deepcopy(model)
-    distilkernels.patch(patched)
-    batch, seqlen = args.batch, args.seqlen
-    g = torch.Generator().manual_seed(0)
-    lengths = torch.randint(max(1, seqlen // 8), seqlen + 1, (batch,), generator=g)
-    lengths[0] = seqlen
-    mask = (torch.arange(seqlen)[None, :] < lengths[:, None]).long()
-    ids = torch.randint(1000, model.config.vocab_size, (batch, seqlen), generator=g) * mask
+    model = bm.load_model(args.model) if args.model else bm.default_model()
+    source = args.model or "distilbert-base config, random init"
+    shape = bm.mixed_shape(batch=args.batch, min_len=max(1, args.seqlen // 8), max_len=args.seqlen)
+    inputs = shape.inputs(model.config.vocab_size)
     print(f"model    {type(model).__name__} ({source}), {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
-          f"parameters, fp32, attn_implementation={stock.config._attn_implementation}")
-    print(f"batch    {batch} x {seqlen}, {int(mask.sum())} real tokens ({100 * mask.float().mean():.0f}%), "
-          f"lengths {lengths.tolist()}")
-    print(f"threads  {torch.get_num_threads()}; backend {distilkernels.ops.backend_for(torch.device('cpu'))}")
+          f"parameters, fp32")
+    print(f"batch    {shape.batch} x {shape.seqlen}, {shape.tokens} real tokens "
+          f"({100 * shape.tokens / (shape.batch * shape.seqlen):.0f}%), lengths {list(shape.lengths)}")
+    print(f"threads  {torch.get_num_threads()}; distilkernels backend {ops.backend_for(torch.device('cpu'))}")
+    names = ["hf_sdpa", "distilkernels_patched"]
     with torch.inference_mode():
-        ref = stock(input_ids=ids, attention_mask=mask).last_hidden_state
-        out = patched(input_ids=ids, attention_mask=mask).last_hidden_state
-        valid = mask.bool()
-        diff = (out - ref)[valid].abs().max().item()
-        runs = {"hf": lambda: stock(input_ids=ids, attention_mask=mask),
-                "distilkernels": lambda: patched(input_ids=ids, attention_mask=mask)}
-        for fn in runs.values():
-            fn()
-        times = {name: [] for name in runs}
-        for _ in range(args.repeats):  # interleaved, so both see the same machine state
-            for name, fn in runs.items():
-                times[name].append(_median_ms(fn, 1))
-    hf_ms, dk_ms = (statistics.median(times[n]) for n in runs)
-    print(f"parity   max |patched - HF| on real tokens: {diff:.2e}  ({'OK' if diff <= 1e-4 else 'FAIL'}, limit 1e-4)")
-    print(f"HF       {hf_ms:8.1f} ms/batch")
-    print(f"patched  {dk_ms:8.1f} ms/batch   speedup {hf_ms / dk_ms:.2f}x  (median of {args.repeats})")
-    return 0 if diff <= 1e-4 else 1
+        built = bm.build_providers(model, inputs, names, log=lambda msg: None)
+        rows = {row["provider"]: row for row in
+                bm.bench_shape(built, shape, model.config.vocab_size, "cpu", rounds=args.repeats, warmup=1,
+                               reference_run=bm.hf_reference(model))}
+    ok = True
+    for name in names:
+        row = rows[name]
+        if row["status"] != "ok":
+            print(f"{name:22s} {row['status']}: {row.get('note')}  max err {row.get('max_abs_err', float('nan')):.2e}")
+            ok = False
+            continue
+        print(f"{name:22s} {row['median_ms']:8.1f} ms/batch   max |out - HF eager| on real tokens "
+              f"{row['max_abs_err']:.1e} (limit {row['atol']:.0e})")
+    if ok:
+        speedup = rows["hf_sdpa"]["median_ms"] / rows["distilkernels_patched"]["median_ms"]
+        print(f"speedup  {speedup:.2f}x over HF sdpa (median of {args.repeats} interleaved rounds)")
+    return 0 if ok else 1
 
 
 def main(argv=None) -> int:
