@@ -92,7 +92,8 @@ def _full(batch: int, seqlen: int) -> Shape:
 
 GRIDS = {
     "quick": (_full(1, 128), _full(8, 128), mixed_shape()),
-    "full": (_full(1, 128), _full(8, 128), _full(8, 512), _full(32, 128), mixed_shape()),
+    "full": (_full(1, 128), _full(8, 128), _full(8, 512), _full(32, 128), mixed_shape(),
+             mixed_shape(batch=8, min_len=64, max_len=512)),
 }
 
 
@@ -729,11 +730,26 @@ def plot_speedup(results: dict, path) -> None:
     plt.close(fig)
 
 
+def parse_shape(text: str) -> Shape:
+    """"BxS" (full-length sequences) or "mixedBxS[@MIN]" (lengths uniform in MIN..S, MIN defaulting to 8,
+    fixed seed, right-padded)."""
+    mixed = text.startswith("mixed")
+    try:
+        dims, _, low = text.removeprefix("mixed").partition("@")
+        batch, seqlen = (int(n) for n in dims.split("x"))
+        min_len = int(low) if low else min(8, seqlen)
+    except ValueError:
+        raise ValueError(f"a shape is BxS or mixedBxS[@MIN] (e.g. 8x128, mixed16x128, mixed8x512@64), "
+                         f"got {text!r}") from None
+    return mixed_shape(batch=batch, min_len=min_len, max_len=seqlen) if mixed else _full(batch, seqlen)
+
+
 def main_bench(argv=None) -> int:
     """`python -m distilkernels bench [--quick] [--threads N] [--out DIR] [--model DIR]`."""
     parser = argparse.ArgumentParser(prog="python -m distilkernels bench", description="Time DistilBERT end to end: HF eager/sdpa, torch.compile, ONNX Runtime and distilkernels, "
                                                  "side by side, each checked against HF fp32 eager first.")
     parser.add_argument("--quick", action="store_true", help="shapes 1x128, 8x128, mixed16x128 only")
+    parser.add_argument("--shapes", default=None, help="comma-separated shapes BxS or mixedBxS, e.g. 32x128,mixed32x128")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (and ORT's intra-op)")
     parser.add_argument("--out", default="bench/out", help="directory for results.json, report.md, speedup.png")
     parser.add_argument("--model", default=None, help="local HF checkpoint dir (default: random distilbert-base)")
@@ -749,7 +765,12 @@ def main_bench(argv=None) -> int:
         parser.error(f"unknown providers {unknown}; choose from {list(PROVIDERS)}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.model, device) if args.model else None
-    results = run_bench(GRIDS["quick" if args.quick else "full"], threads=args.threads, out_dir=args.out,
+    try:
+        grid = tuple(parse_shape(t) for t in args.shapes.split(",")) if args.shapes else \
+            GRIDS["quick" if args.quick else "full"]
+    except ValueError as exc:
+        parser.error(str(exc))
+    results = run_bench(grid, threads=args.threads, out_dir=args.out,
                         model=model, providers=providers, rounds=args.rounds, budget_s=args.budget,
                         device=device)
     print(markdown_report(results))

@@ -133,3 +133,19 @@ def test_main_bench_end_to_end(tiny_model, tmp_path):
         (s.name, p) for s in bm.GRIDS["quick"] for p in ("hf_eager", "hf_sdpa")]
     assert all(r["status"] == "ok" and r["n_samples"] == 3 for r in results["results"])
     assert "| mixed16x128 |" in (out / "report.md").read_text()
+
+
+def test_parse_shape():
+    from distilkernels.benchmarking import parse_shape
+
+    assert parse_shape("8x128") == bm_full(8, 128)
+    mixed = parse_shape("mixed8x512@64")
+    assert mixed.batch == 8 and mixed.seqlen == 512 and min(mixed.lengths) >= 64 and max(mixed.lengths) <= 512
+    with pytest.raises(ValueError, match="BxS"):
+        parse_shape("eight")
+
+
+def bm_full(batch, seqlen):
+    from distilkernels.benchmarking import Shape
+
+    return Shape(f"{batch}x{seqlen}", batch, seqlen)
