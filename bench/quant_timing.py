@@ -19,7 +19,6 @@ import warnings
 from pathlib import Path
 
 import torch
-import transformers
 
 import distilkernels
 from distilkernels import benchmarking as bm
