@@ -24,7 +24,7 @@ import warnings
 
 import torch
 
-from .modules import FusedBlock
+from .modules import DerivedWeights, FusedBlock
 
 ACTIVATION_MODES = ("per_token", "per_tensor")
 _INT8_NAMES = ("int8", "qint8")
@@ -35,11 +35,6 @@ def _check_dtype(dtype) -> None:
         return
     raise ValueError(f"distilkernels.quantize supports dtype=torch.qint8 (or \"int8\") only, got {dtype!r}; "
                      "for bf16, convert the model (model.to(torch.bfloat16)) and patch it")
-
-
-def _params_key(params) -> tuple:
-    # Inference tensors (parameters created under torch.inference_mode) have no version counter.
-    return tuple((p.data_ptr(), None if p.is_inference() else p._version, p.dtype) for p in params)
 
 
 def prepack(weight: torch.Tensor, bias: torch.Tensor | None):
@@ -54,26 +49,9 @@ def prepack(weight: torch.Tensor, bias: torch.Tensor | None):
     return torch.ops.quantized.linear_prepack(qweight, None if bias is None else bias.detach().float())
 
 
-class _Packed:
-    """One int8 linear: weight = cat(source weights), bias = cat(source biases) (or none), repacked whenever
-    a source parameter changes (tracked by data pointer and version counter, as FusedQKV does)."""
-
-    def __init__(self, linears, with_bias: bool):
-        self.linears = linears
-        self.with_bias = with_bias
-        self.key = None
-        self.packed = self.bias = None
-
-    def get(self):
-        params = [lin.weight for lin in self.linears] + [lin.bias for lin in self.linears]
-        key = _params_key(params)
-        if key != self.key:
-            with torch.no_grad():
-                weight = torch.cat([lin.weight for lin in self.linears])
-                self.bias = torch.cat([lin.bias for lin in self.linears])
-            self.packed = prepack(weight, self.bias if self.with_bias else None)
-            self.key = key
-        return self.packed
+def _packed(linears, with_bias: bool) -> DerivedWeights:
+    """int8 packing of cat(weights) (with cat(biases) when with_bias), and the fp32 cat(biases)."""
+    return DerivedWeights(linears, lambda weight, bias: (prepack(weight, bias if with_bias else None), bias))
 
 
 class Int8Gemms:
@@ -86,19 +64,20 @@ class Int8Gemms:
         self.parts = parts
         self.activations = activations
         per_tensor = activations == "per_tensor"  # per-token: bias added after the row rescale
-        self._qkv = _Packed((parts.q, parts.k, parts.v), with_bias=per_tensor)
-        self._out = _Packed((parts.out,), with_bias=per_tensor)
-        self._lin1 = _Packed((parts.lin1,), with_bias=False)  # bias_act_ adds lin1's bias
-        self._lin2 = _Packed((parts.lin2,), with_bias=per_tensor)
+        self._qkv = _packed((parts.q, parts.k, parts.v), with_bias=per_tensor)
+        self._out = _packed((parts.out,), with_bias=per_tensor)
+        self._lin1 = _packed((parts.lin1,), with_bias=False)  # bias_act_ adds lin1's bias
+        self._lin2 = _packed((parts.lin2,), with_bias=per_tensor)
 
-    def _linear(self, x, packed: _Packed, with_bias: bool = True):
+    def _linear(self, x, packed: DerivedWeights, with_bias: bool = True):
+        weight, bias = packed.get()
         if self.activations == "per_tensor":
-            return torch.ops.quantized.linear_dynamic(x, packed.get(), True)
+            return torch.ops.quantized.linear_dynamic(x, weight, True)
         row_scale = x.abs().amax(dim=-1, keepdim=True).clamp_min_(1e-12)  # (tokens, 1)
-        y = torch.ops.quantized.linear_dynamic(x / row_scale, packed.get(), True)
+        y = torch.ops.quantized.linear_dynamic(x / row_scale, weight, True)
         if not with_bias:
             return y.mul_(row_scale)
-        return torch.addcmul(packed.bias, y, row_scale)
+        return torch.addcmul(bias, y, row_scale)
 
     def qkv(self, x):  # (tokens, dim) -> (tokens, 3*dim), bias included
         return self._linear(x, self._qkv)
