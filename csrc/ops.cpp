@@ -17,6 +17,9 @@ TORCH_LIBRARY(distilkernels, m) {
   //   out: like x; mean, rstd: x.shape[:-1], fp32 (kept for a backward pass)
   m.def("add_layer_norm(Tensor x, Tensor? residual, Tensor weight, Tensor bias, float eps)"
         " -> (Tensor out, Tensor mean, Tensor rstd)");
+  // out = x @ weight^T + bias, the GEMM split across threads by output columns.
+  //   x: (tokens, in_features); weight: (out_features, in_features); bias: (out_features,) or None
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   // In place: x = activation(x + bias), activation in {"gelu" (exact erf), "relu"}.
   //   x: (..., hidden_dim) contiguous; bias: (hidden_dim,)
   m.def("bias_act_(Tensor(a!) x, Tensor bias, str activation) -> ()");

@@ -18,7 +18,6 @@ import operator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from . import ops
 from .hf import capturing, key_padding_mask_of
@@ -79,28 +78,29 @@ def needs_stock_forward(module: torch.nn.Module, sample: torch.Tensor) -> bool:
     return _dropout_active(module) or capturing("attentions")
 
 
-class FusedQKV:
-    """The q/k/v projections concatenated into one (3*dim, dim) weight, rebuilt whenever a source parameter
-    is replaced or modified in place (tracked by data pointer and version counter), so load_state_dict,
-    optimizer steps and .to() are all seen."""
+class DerivedWeights:
+    """A value derived from the concatenated weights and biases of some linears (one q|k|v projection, an int8
+    packing), rebuilt whenever a source parameter is replaced or modified in place (tracked by data pointer
+    and version counter), so load_state_dict, optimizer steps and .to() are all seen."""
 
-    def __init__(self, q_lin, k_lin, v_lin):
-        self.linears = (q_lin, k_lin, v_lin)
-        self.key = None
-        self.weight = self.bias = None
+    def __init__(self, linears, derive=lambda weight, bias: (weight, bias)):
+        self.linears = tuple(linears)
+        self.derive = derive
+        self.key = self.value = None
 
     def get(self):
-        params = [p for lin in self.linears for p in (lin.weight, lin.bias)]
+        weights = [lin.weight for lin in self.linears]
+        biases = [lin.bias for lin in self.linears]
         if torch.compiler.is_compiling():  # traced once per graph; no data pointers on fake tensors
-            return torch.cat(params[0::2]), torch.cat(params[1::2])
+            return self.derive(torch.cat(weights), torch.cat(biases))
         # (inference tensors have no version counter; they cannot change outside inference mode either)
-        key = tuple((p.data_ptr(), 0 if p.is_inference() else p._version, p.dtype, p.device) for p in params)
+        key = tuple((p.data_ptr(), 0 if p.is_inference() else p._version, p.dtype, p.device)
+                    for p in weights + biases)
         if key != self.key:
             with torch.no_grad():
-                self.weight = torch.cat(params[0::2])
-                self.bias = torch.cat(params[1::2])
+                self.value = self.derive(torch.cat(weights), torch.cat(biases))
             self.key = key
-        return self.weight, self.bias
+        return self.value
 
 
 class DenseGemms:
@@ -109,20 +109,20 @@ class DenseGemms:
 
     def __init__(self, parts: "_Parts"):
         self.parts = parts
-        self.fused_qkv = FusedQKV(parts.q, parts.k, parts.v)
+        self.fused_qkv = DerivedWeights((parts.q, parts.k, parts.v))
 
     def qkv(self, x):  # (tokens, dim) -> (tokens, 3*dim), bias included: one GEMM for q|k|v
         weight, bias = self.fused_qkv.get()
-        return torch.addmm(bias, x, weight.t())
+        return ops.linear(x, weight, bias)
 
     def out(self, x):  # (tokens, dim) -> (tokens, dim), bias included
-        return F.linear(x, self.parts.out.weight, self.parts.out.bias)
+        return ops.linear(x, self.parts.out.weight, self.parts.out.bias)
 
     def lin1(self, x):  # (tokens, dim) -> (tokens, hidden_dim), WITHOUT bias (bias_act_ adds it)
-        return torch.mm(x, self.parts.lin1.weight.t())
+        return ops.linear(x, self.parts.lin1.weight)
 
     def lin2(self, x):  # (tokens, hidden_dim) -> (tokens, dim), bias included
-        return F.linear(x, self.parts.lin2.weight, self.parts.lin2.bias)
+        return ops.linear(x, self.parts.lin2.weight, self.parts.lin2.bias)
 
 
 class _Parts:

@@ -32,7 +32,7 @@ def register_impl(op: str, backend: str, fn: Callable) -> None:
     _TABLE[(op, backend)] = fn
 
 
-for _op in ("add_layer_norm", "bias_act_", "attention", "varlen_attention"):
+for _op in ("linear", "add_layer_norm", "bias_act_", "attention", "varlen_attention"):
     register_impl(_op, "torch", getattr(reference, _op))
     register_impl(_op, "cpp", lambda *args, _op=_op: getattr(torch.ops.distilkernels, _op)(*args))
 
@@ -146,6 +146,23 @@ def _scale(softmax_scale, head_dim: int) -> float:
 
 # ----------------------------------------------------------------------------------------------------------
 # Public ops
+
+
+def linear(x, weight, bias=None):
+    """out = x @ weight.T + bias. x: (tokens, in_features); weight: (out_features, in_features);
+    bias: (out_features,) or None. On CPU the GEMM is split across threads by output columns for small
+    token counts (MKL's own threading otherwise); elsewhere it is torch's linear."""
+    _check_float("x", x)
+    _check_float("weight", weight)
+    if x.dim() != 2:
+        raise ValueError(f"x must be (tokens, in_features), got shape {tuple(x.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"weight must be (out_features, in_features={x.shape[1]}), got {tuple(weight.shape)}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],)):
+        raise ValueError(f"bias must be None or (out_features,) = ({weight.shape[0]},), got "
+                         f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+    _check_same("x", x, weight=weight, bias=bias)
+    return _impl("linear", x.device)(x, weight, bias)
 
 
 def add_layer_norm(x, residual, weight, bias, eps: float = 1e-12, return_stats: bool = False):

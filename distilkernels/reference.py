@@ -6,6 +6,11 @@ import torch
 import torch.nn.functional as F
 
 
+def linear(x, weight, bias):
+    """x @ weight.T + bias."""
+    return F.linear(x, weight, bias)
+
+
 def add_layer_norm(x, residual, weight, bias, eps):
     """(x + residual) -> LayerNorm over the last dim, statistics in fp32. Returns (out, mean, rstd)."""
     h = x.float() if residual is None else x.float() + residual.float()

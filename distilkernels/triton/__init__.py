@@ -24,8 +24,12 @@ def availability_error() -> str | None:
 
 
 if _TRITON_ERROR is None:
-    from .. import ops as _ops
+    from .. import ops as _ops, reference as _reference
     from . import attention, bias_act, layer_norm
+
+    # GEMMs stay with torch (cuBLAS); a Triton GEMM with the bias+activation epilogue fused in would have to
+    # measure faster than cuBLAS plus the epilogue first.
+    _ops.register_impl("linear", "triton", _reference.linear)
 
     for _name, _module in (("add_layer_norm", layer_norm), ("bias_act_", bias_act),
                            ("attention", attention), ("varlen_attention", attention)):

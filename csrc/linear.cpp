@@ -1,0 +1,71 @@
+// linear on CPU: out = x @ weight^T (+ bias), the output columns split across the threads.
+//
+// MKL's own threading splits a (tokens x out_features) GEMM poorly when tokens is small (128 for one
+// sequence): on 2 cores it reaches ~1.6-1.9x of one core (135-157 GFLOP/s measured at 128 x 768 x 3072).
+// Here each thread computes a contiguous block of output columns with a single-threaded GEMM (MKL runs
+// sequentially inside a parallel region): 156-167 GFLOP/s at the same shapes, distilbert-base at 1x128 ~10%
+// faster end to end. From kSplitMaxTokens tokens on MKL's own threading is as good or better, so it is used.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <torch/library.h>
+
+#include "checks.h"
+
+namespace distilkernels {
+namespace {
+
+// Columns per block: a multiple of the widest vector (16 floats), so blocks start on cache lines.
+constexpr int64_t kColumnAlign = 64;
+constexpr int64_t kSplitMaxTokens = 256;
+
+at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  check_cpu(x, "x");
+  check_cpu(weight, "weight");
+  check_float(x, "x");
+  check_same_dtype(weight, "weight", x, "x");
+  TORCH_CHECK(x.dim() == 2, "x must be (tokens, in_features), got shape ", x.sizes());
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1), "weight must be (out_features, in_features=",
+              x.size(1), "), got shape ", weight.sizes());
+  const int64_t tokens = x.size(0), out_features = weight.size(0);
+  if (bias.has_value()) {
+    check_vector(*bias, "bias", out_features);
+    check_same_dtype(*bias, "bias", x, "x");
+  }
+  auto out = at::empty({tokens, out_features}, x.options());
+  if (tokens == 0 || out_features == 0) return out;
+  if (x.size(1) == 0) return bias.has_value() ? out.copy_(bias->expand_as(out)) : out.zero_();
+  // The GEMMs write into views of `out` from the worker threads: give them this thread's dispatch state
+  // (inference mode included), below the autograd/inplace-or-view layer as a kernel runs.
+  at::AutoDispatchBelowADInplaceOrView guard;
+  const at::ThreadLocalState state;
+  const auto xc = x.contiguous();
+  const auto wc = weight.contiguous();
+  const int64_t threads = at::get_num_threads();
+  if (threads == 1 || tokens > kSplitMaxTokens) {
+    return bias.has_value() ? at::addmm_out(out, *bias, xc, wc.t()) : at::mm_out(out, xc, wc.t());
+  }
+  const int64_t block = round_up((out_features + threads - 1) / threads, kColumnAlign);
+  const int64_t n_blocks = (out_features + block - 1) / block;
+  at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
+    at::ThreadLocalStateGuard state_guard(state);
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t n0 = b * block, n = std::min(block, out_features - n0);
+      auto o = out.narrow(1, n0, n);  // (tokens, n), row stride out_features
+      const auto w = wc.narrow(0, n0, n);
+      if (bias.has_value()) {
+        at::addmm_out(o, bias->narrow(0, n0, n), xc, w.t());
+      } else {
+        at::mm_out(o, xc, w.t());
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(distilkernels, CPU, m) { m.impl("linear", &linear_cpu); }
+
+}  // namespace distilkernels
