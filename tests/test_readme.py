@@ -1,0 +1,21 @@
+"""The README's benchmark table is what the committed results JSON says (no hand-edited numbers)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from distilkernels.benchmarking import markdown_report
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_readme_table_reproduced_from_results_json():
+    results = json.loads((ROOT / "bench/results/cpu-2026-11-21/results.json").read_text())
+    table = [line for line in markdown_report(results).splitlines() if line.startswith("| ") and "x" in line]
+    readme = (ROOT / "README.md").read_text()
+    rows = [line for line in table if line.split("|")[1].strip() in
+            ("1x128", "8x128", "8x512", "32x128", "mixed16x128", "mixed8x512")]
+    assert len(rows) == 6
+    for row in rows:
+        assert row in readme, row
+    assert (ROOT / "bench/results/cpu-2026-11-21/speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
