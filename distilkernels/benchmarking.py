@@ -620,6 +620,7 @@ def run_bench(grid, threads: int | None = None, out_dir: str | os.PathLike | Non
     example = grid[0].inputs(model.config.vocab_size, device)
     log(f"building {len(names)} providers for {type(model).__name__} on {device} "
         f"({torch.get_num_threads()} threads)")
+    summary = _model_summary(model)
     built = build_providers(model, example, names, log)
     reference_run = hf_reference(model)
     rows = []
@@ -628,7 +629,7 @@ def run_bench(grid, threads: int | None = None, out_dir: str | os.PathLike | Non
         rows += bench_shape(built, shape, model.config.vocab_size, device, rounds, warmup, reference_run, log,
                             budget_s=budget_s)
     log(_bar(len(grid), len(grid), "done"))
-    results = {"env": environment(device), "model": _model_summary(model), "rounds": rounds, "warmup": warmup,
+    results = {"env": environment(device), "model": summary, "rounds": rounds, "warmup": warmup,
                "results": rows}
     if out_dir is not None:
         write_outputs(results, out_dir)
@@ -637,9 +638,15 @@ def run_bench(grid, threads: int | None = None, out_dir: str | os.PathLike | Non
 
 
 def _model_summary(model) -> dict:
+    """Sizes in DistilBERT's vocabulary, read from DistilBERT or BERT config names."""
     cfg = model.config
-    return {"class": type(model).__name__, "dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
-            "hidden_dim": cfg.hidden_dim, "vocab_size": cfg.vocab_size,
+
+    def first(*names):
+        return next((getattr(cfg, n) for n in names if hasattr(cfg, n)), None)
+
+    return {"class": type(model).__name__, "dim": first("dim", "hidden_size"),
+            "n_layers": first("n_layers", "num_hidden_layers"), "n_heads": first("n_heads", "num_attention_heads"),
+            "hidden_dim": first("hidden_dim", "intermediate_size"), "vocab_size": cfg.vocab_size,
             "params": sum(p.numel() for p in model.parameters())}
 
 

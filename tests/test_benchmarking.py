@@ -149,3 +149,14 @@ def bm_full(batch, seqlen):
     from distilkernels.benchmarking import Shape
 
     return Shape(f"{batch}x{seqlen}", batch, seqlen)
+
+
+def test_model_summary_reads_bert_configs():
+    import transformers
+
+    from distilkernels.benchmarking import _model_summary
+
+    bert = transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                          intermediate_size=37, vocab_size=99))
+    summary = _model_summary(bert)
+    assert (summary["dim"], summary["n_layers"], summary["n_heads"], summary["hidden_dim"]) == (32, 2, 4, 37)
