@@ -186,6 +186,18 @@ _ORT_CACHE: dict[int, tuple[str, dict[str, int], tempfile.TemporaryDirectory]] =
 ORT_FUSED_OPS = ("Attention", "SkipLayerNormalization", "BiasGelu")
 
 
+class _KeywordCall(torch.nn.Module):
+    """model(input_ids=..., attention_mask=...)[0] with a plain two-argument forward: the tracer binds positional
+    arguments, which HF's decorated forwards (BERT's use_cache default) do not take."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return _first_output(self.model(input_ids=input_ids, attention_mask=attention_mask))
+
+
 def export_onnx(model: torch.nn.Module, example, path: str) -> None:
     """TorchScript-based exporter (dynamo=False): it needs no onnxscript, and ORT's BERT fusions match its graph.
     The traced graph has dynamic batch and seqlen axes; attention is exported from HF eager attention."""
@@ -196,7 +208,7 @@ def export_onnx(model: torch.nn.Module, example, path: str) -> None:
     axes = {0: "batch", 1: "seqlen"}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
-        torch.onnx.export(eager, (input_ids, attention_mask), path, dynamo=False, opset_version=17,
+        torch.onnx.export(_KeywordCall(eager), (input_ids, attention_mask), path, dynamo=False, opset_version=17,
                           input_names=["input_ids", "attention_mask"], output_names=["output"],
                           dynamic_axes={"input_ids": axes, "attention_mask": axes, "output": axes})
 
@@ -209,9 +221,9 @@ def _optimized_onnx(model: torch.nn.Module, example) -> tuple[str, dict[str, int
         tmp = tempfile.TemporaryDirectory(prefix="distilkernels-onnx-")
         raw, fused = os.path.join(tmp.name, "model.onnx"), os.path.join(tmp.name, "model.opt.onnx")
         export_onnx(model, example, raw)
-        cfg = model.config
+        sizes = _model_summary(model)
         with _quiet_ort_logs():
-            optimized = optimize_model(raw, model_type="bert", num_heads=cfg.n_heads, hidden_size=cfg.dim)
+            optimized = optimize_model(raw, model_type="bert", num_heads=sizes["n_heads"], hidden_size=sizes["dim"])
         counts = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
         optimized.save_model_to_file(fused)
         _ORT_CACHE[key] = (fused, counts, tmp)
