@@ -4,18 +4,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from distilkernels.benchmarking import markdown_report
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_readme_table_reproduced_from_results_json():
-    results = json.loads((ROOT / "bench/results/cpu-2026-11-21/results.json").read_text())
-    table = [line for line in markdown_report(results).splitlines() if line.startswith("| ") and "x" in line]
+@pytest.mark.parametrize("run, shapes", [
+    ("cpu-2026-11-21", ("1x128", "8x128", "8x512", "32x128", "mixed16x128", "mixed8x512")),
+    ("cpu-minilm-2026-11-21", ("32x128", "mixed32x128")),
+])
+def test_readme_table_reproduced_from_results_json(run, shapes):
+    results = json.loads((ROOT / "bench/results" / run / "results.json").read_text())
+    table = [line for line in markdown_report(results).splitlines() if line.startswith("| ")]
     readme = (ROOT / "README.md").read_text()
-    rows = [line for line in table if line.split("|")[1].strip() in
-            ("1x128", "8x128", "8x512", "32x128", "mixed16x128", "mixed8x512")]
-    assert len(rows) == 6
+    rows = [line for line in table if line.split("|")[1].strip() in shapes]
+    assert len(rows) == len(shapes)
     for row in rows:
         assert row in readme, row
-    assert (ROOT / "bench/results/cpu-2026-11-21/speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (ROOT / "bench/results" / run / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
