@@ -7,31 +7,15 @@ import platform
 import sys
 
 
-def cpu_model_and_flags() -> tuple[str, list[str]]:
-    model, flags = platform.processor() or platform.machine(), []
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and model in ("", platform.machine()):
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = line.split(":", 1)[1].split()
-                    break
-    except OSError:
-        pass
-    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "avx_vnni",
-              "amx_bf16", "amx_int8", "amx_tile")
-    return model, [f for f in wanted if f in flags]
-
-
 def cmd_info(args) -> int:
     import torch
     import transformers
 
     import distilkernels
     from distilkernels import _ext, ops
+    from distilkernels.benchmarking import cpu_model, isa_flags
 
-    model, flags = cpu_model_and_flags()
+    model, flags = cpu_model(), isa_flags()
     print(f"distilkernels {distilkernels.__version__}")
     print(f"python        {platform.python_version()}  ({platform.platform()})")
     print(f"torch         {torch.__version__}   threads: {torch.get_num_threads()}")
@@ -42,7 +26,7 @@ def cmd_info(args) -> int:
     except ImportError:
         print("triton        not installed")
     print(f"cpu           {model}  ({os.cpu_count()} logical cores)")
-    print(f"cpu features  {' '.join(flags) or 'none of avx2/avx512/amx'}")
+    print(f"cpu features  {' '.join(flags) or 'none of avx/avx512/amx/neon'}")
     print("backends:")
     C = _ext.load_extension()
     if C is None:

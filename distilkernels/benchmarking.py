@@ -534,7 +534,7 @@ def _version(package: str) -> str | None:
         return None
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -542,9 +542,9 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _isa_flags() -> list[str]:
-    interesting = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni",
-                   "amx_tile", "amx_bf16", "neon", "asimd", "sve")
+def isa_flags() -> list[str]:
+    interesting = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+                   "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "neon", "asimd", "sve")
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
@@ -568,9 +568,9 @@ def _git_commit() -> str | None:
 def environment(device="cpu") -> dict:
     device = torch.device(device)
     env = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
         "device_type": device.type,
-        "cpu": _cpu_model(), "cores": os.cpu_count(), "isa": _isa_flags(),
+        "cpu": cpu_model(), "cores": os.cpu_count(), "isa": isa_flags(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
         "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,  # > cores: timings are noisy
