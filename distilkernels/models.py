@@ -13,7 +13,7 @@ from __future__ import annotations
 import transformers
 
 from . import hf
-from .patching import BASE_MODELS, replace_modules, validate_inputs
+from .patching import install_input_checks, replace_modules
 
 
 class _Optimized:
@@ -23,9 +23,7 @@ class _Optimized:
         hf.register()
         super().__init__(config, *args, **kwargs)
         replace_modules(self)
-        for module in self.modules():
-            if isinstance(module, BASE_MODELS):
-                module.register_forward_pre_hook(validate_inputs, with_kwargs=True)
+        install_input_checks(self)
 
     def _check_and_adjust_attn_implementation(self, attn_implementation, *args, **kwargs):
         if attn_implementation is None:

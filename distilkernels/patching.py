@@ -107,8 +107,10 @@ def validate_inputs(base_model, args, kwargs) -> None:
                          f"got values such as {mask[(mask != 0) & (mask != 1)][:3].tolist()}")
 
 
-def _base_models(model: torch.nn.Module) -> list[torch.nn.Module]:
-    return [m for m in model.modules() if isinstance(m, tuple(BASE_MODELS))]
+def install_input_checks(model: torch.nn.Module) -> list:
+    """validate_inputs as a forward pre-hook on every base model inside `model`; returns the hook handles."""
+    return [m.register_forward_pre_hook(validate_inputs, with_kwargs=True)
+            for m in model.modules() if isinstance(m, BASE_MODELS)]
 
 
 @dataclass
@@ -133,10 +135,6 @@ class PatchHandle:
         self.restored = True
         if getattr(self.model, "_distilkernels_patch", None) is self:
             del self.model._distilkernels_patch
-
-    @property
-    def replaced(self) -> list[str]:
-        return [f"{type(original).__name__}" for _, _, original in self.swaps]
 
     def __enter__(self):
         return self
@@ -169,7 +167,7 @@ def patch(model: torch.nn.Module, *, unpad: bool = True) -> PatchHandle:
     hf.register()
     handle = PatchHandle(model, previous_attn_implementation=model.config._attn_implementation)
     handle.swaps = replace_modules(model, unpad=unpad)
-    handle.hooks = [base.register_forward_pre_hook(validate_inputs, with_kwargs=True) for base in _base_models(model)]
+    handle.hooks = install_input_checks(model)
     _set_attn_implementation(model, hf.NAME)
     model._distilkernels_patch = handle
     return handle
