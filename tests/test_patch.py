@@ -143,6 +143,24 @@ def test_fully_padded_row_no_nan():
             assert (got - ref)[keep].abs().max() <= ATOL  # other rows unaffected
 
 
+
+@pytest.mark.parametrize("batch,seqlen,kind", [
+    (1, 1, "right"), (1, 512, "right"), (2, 512, "holey"), (7, 300, "left"), (64, 9, "holey"), (64, 128, "right"),
+])
+@pytest.mark.parametrize("cls", [transformers.DistilBertModel, transformers.DistilBertForSequenceClassification],
+                         ids=lambda c: c.__name__)
+def test_unpadded_batch_and_length_sweep(cls, batch, seqlen, kind, op_spy):
+    """Padding removal from batch 1 to 64 and length 1 to 512: real tokens match, padding holds zeros."""
+    config = tiny_config(n_layers=2, max_position_embeddings=512)
+    mask = holey_mask(batch, seqlen, seed=batch * 1000 + seqlen, kind=kind)
+    mask[:, 0] = 1  # the pooled head reads position 0
+    ref, got = run_pair(cls, config, batch, seqlen, mask, unpad=True)
+    assert_parity(cls, ref, got, mask, unpad=True)
+    padded = bool((mask == 0).any())
+    assert sum(v for (op, _), v in op_spy.items() if op == "varlen_attention") == (2 if padded else 0), op_spy
+    if cls is transformers.DistilBertModel:
+        assert (got.last_hidden_state[~mask.bool()] == 0).all()
+
 def test_handle_restore_and_structure():
     model = make_model(transformers.DistilBertForSequenceClassification, tiny_config())
     keys = list(model.state_dict().keys())
