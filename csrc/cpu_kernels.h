@@ -30,6 +30,10 @@ struct Kernels {
                          float* acc, int64_t ldacc, int64_t acc_n);
   // y = x * scale.  x, y: (n,), may alias.
   void (*scale)(const float* x, float scale, int64_t n, float* y);
+  // max |x[i]| over (n,) (0 for n = 0).
+  float (*absmax)(const float* x, int64_t n);
+  // In place: y = y * scale + bias.  y, bias: (n,)
+  void (*scale_add)(float* y, float scale, const float* bias, int64_t n);
 };
 
 const Kernels& kernels();

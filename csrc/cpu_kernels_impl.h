@@ -325,7 +325,30 @@ void scale(const float* x, float factor, int64_t n, float* y) {
   for (; i < n; ++i) y[i] = x[i] * factor;
 }
 
-const Kernels table = {kW, add_layer_norm_row, bias_act_row, gemm, softmax_update, scale};
+float absmax(const float* x, int64_t n) {
+  const V z = splat(0.0f, V());
+  const int64_t vec_end = n - n % kW;
+  V m0 = z, m1 = z;
+  int64_t i = 0;
+  for (; i + 2 * kW <= vec_end; i += 2 * kW) {
+    m0 = vmax(m0, vabs(vload(x + i)));
+    m1 = vmax(m1, vabs(vload(x + i + kW)));
+  }
+  for (; i < vec_end; i += kW) m0 = vmax(m0, vabs(vload(x + i)));
+  float m = hmax(vmax(m0, m1));
+  for (; i < n; ++i) m = vmax(m, vabs(x[i]));
+  return m;
+}
+
+void scale_add(float* y, float factor, const float* bias, int64_t n) {
+  const V vf = splat(factor, V());
+  const int64_t vec_end = n - n % kW;
+  int64_t i = 0;
+  for (; i < vec_end; i += kW) vstore(y + i, vfma(vload(y + i), vf, vload(bias + i)));
+  for (; i < n; ++i) y[i] = vfma(y[i], factor, bias[i]);
+}
+
+const Kernels table = {kW, add_layer_norm_row, bias_act_row, gemm, softmax_update, scale, absmax, scale_add};
 
 #undef DK_INLINE
 

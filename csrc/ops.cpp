@@ -35,6 +35,11 @@ TORCH_LIBRARY(distilkernels, m) {
   //   out: (total_tokens, n_heads, head_dim) contiguous; lse: (n_heads, total_tokens) fp32
   m.def("varlen_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen, float softmax_scale)"
         " -> (Tensor out, Tensor lse)");
+  // Per-token scaling around a per-tensor int8 GEMM (fp32).
+  //   normalize_rows: x (rows, cols) -> out = x / scale[:, None], scale (rows,) = max(max|x[r]|, 1e-12)
+  //   scale_rows_: in place, y (rows, cols) contiguous = y * scale[:, None] + bias; bias (cols,) or None
+  m.def("normalize_rows(Tensor x) -> (Tensor out, Tensor scale)");
+  m.def("scale_rows_(Tensor(a!) y, Tensor scale, Tensor? bias) -> ()");
 }
 
 namespace {

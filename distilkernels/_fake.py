@@ -31,3 +31,13 @@ def _attention_fake(q, k, v, key_padding_mask, softmax_scale):
 def _varlen_attention_fake(q, k, v, cu_seqlens, max_seqlen, softmax_scale):
     total, n_heads, head_dim = q.shape
     return q.new_empty((total, n_heads, head_dim)), q.new_empty((n_heads, total), dtype=torch.float32)
+
+
+@torch.library.register_fake("distilkernels::normalize_rows")
+def _normalize_rows_fake(x):
+    return x.new_empty(x.shape), x.new_empty(x.shape[:1])
+
+
+@torch.library.register_fake("distilkernels::scale_rows_")
+def _scale_rows_fake(y, scale, bias):
+    return None

@@ -32,7 +32,8 @@ def register_impl(op: str, backend: str, fn: Callable) -> None:
     _TABLE[(op, backend)] = fn
 
 
-for _op in ("linear", "add_layer_norm", "bias_act_", "attention", "varlen_attention"):
+OPS = ("linear", "add_layer_norm", "bias_act_", "attention", "varlen_attention", "normalize_rows", "scale_rows_")
+for _op in OPS:
     register_impl(_op, "torch", getattr(reference, _op))
     register_impl(_op, "cpp", lambda *args, _op=_op: getattr(torch.ops.distilkernels, _op)(*args))
 
@@ -248,3 +249,36 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale=None, r
     out, lse = _impl("varlen_attention", q.device)(q, k, v, cu_seqlens, int(max_seqlen),
                                                    _scale(softmax_scale, q.shape[-1]))
     return (out, lse) if return_lse else out
+
+
+def _check_fp32_matrix(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.float32:
+        raise TypeError(f"{name} must be float32, got {t.dtype}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (rows, cols), got shape {tuple(t.shape)}")
+
+
+def normalize_rows(x):
+    """Per-token scaling before a per-tensor int8 GEMM. x: (rows, cols) float32.
+    Returns (x / scale[:, None], scale) with scale (rows,) = max(max |x[r]|, 1e-12)."""
+    _check_fp32_matrix("x", x)
+    return _impl("normalize_rows", x.device)(x)
+
+
+def scale_rows_(y, scale, bias=None):
+    """In place, after the GEMM: y = y * scale[:, None] + bias. y: (rows, cols) float32 contiguous;
+    scale: (rows,) float32; bias: (cols,) float32 or None. Returns y."""
+    _check_fp32_matrix("y", y)
+    if not y.is_contiguous():
+        raise ValueError("y must be contiguous (it is updated in place)")
+    for name, t, size in (("scale", scale, y.shape[0]), ("bias", bias, y.shape[1])):
+        if t is None and name == "bias":
+            continue
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or tuple(t.shape) != (size,):
+            raise ValueError(f"{name} must be a float32 tensor of shape ({size},), got "
+                             f"{(t.dtype, tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    _check_same("y", y, scale=scale, bias=bias)
+    _impl("scale_rows_", y.device)(y, scale, bias)
+    return y

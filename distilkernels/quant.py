@@ -12,7 +12,7 @@ Everything around the GEMMs (fused attention, add + LayerNorm, bias + GELU, padd
 FBGEMM's dynamic linear quantizes a whole activation matrix with one scale. `activations="per_token"` (the
 default) gets one scale per token out of it anyway: each row is divided by its own max-abs before the GEMM
 and the GEMM's row multiplied back after it (the GEMM is linear, so only the rounding grid changes), at the
-cost of two cheap passes over the activations. `activations="per_tensor"` skips them: one scale per call.
+cost of two passes over the activations (`ops.normalize_rows` and `ops.scale_rows_`, fused C++ loops). `activations="per_tensor"` skips them: one scale per call.
 
 The fp32 parameters are left untouched (state_dict, saving and `PatchHandle.restore()` see the fp32 model);
 the int8 copies are rebuilt whenever a source parameter is replaced or modified in place. Where the stock HF
@@ -24,6 +24,7 @@ import warnings
 
 import torch
 
+from . import ops
 from .modules import DerivedWeights, FusedBlock
 
 ACTIVATION_MODES = ("per_token", "per_tensor")
@@ -73,11 +74,9 @@ class Int8Gemms:
         weight, bias = packed.get()
         if self.activations == "per_tensor":
             return torch.ops.quantized.linear_dynamic(x, weight, True)
-        row_scale = x.abs().amax(dim=-1, keepdim=True).clamp_min_(1e-12)  # (tokens, 1)
-        y = torch.ops.quantized.linear_dynamic(x / row_scale, weight, True)
-        if not with_bias:
-            return y.mul_(row_scale)
-        return torch.addcmul(bias, y, row_scale)
+        normalized, row_scale = ops.normalize_rows(x)  # every token's max-abs becomes 1
+        y = torch.ops.quantized.linear_dynamic(normalized, weight, True)
+        return ops.scale_rows_(y, row_scale, bias if with_bias else None)
 
     def qkv(self, x):  # (tokens, dim) -> (tokens, 3*dim), bias included
         return self._linear(x, self._qkv)

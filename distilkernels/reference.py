@@ -54,3 +54,16 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale):
             out[start:end] = o[0]
             lse[:, start:end] = l[0]
     return out, lse
+
+
+def normalize_rows(x):
+    """x (rows, cols) -> (x / scale[:, None], scale), scale = max(max |x[r]|, 1e-12) per row."""
+    scale = x.abs().amax(dim=1).clamp_min(1e-12) if x.shape[1] else x.new_full((x.shape[0],), 1e-12)
+    return x * (1.0 / scale)[:, None], scale
+
+
+def scale_rows_(y, scale, bias):
+    """In place: y = y * scale[:, None] + bias (bias may be None)."""
+    y.mul_(scale[:, None])
+    if bias is not None:
+        y.add_(bias)

@@ -252,6 +252,30 @@ def test_varlen_matches_padded():
 # Bad input: a clear error naming the argument, never a crash
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (5, 37), (128, 768), (3, 3072), (0, 4), (2, 0)])
+def test_normalize_and_scale_rows(shape):
+    """Per-token int8 scaling: rows scaled to max-abs 1 and back (exact up to one fp32 rounding each way)."""
+    def max_err(a, b):
+        return (a.double() - b).abs().max().item() if a.numel() else 0.0
+
+    x = torch.randn(shape) * 3
+    if shape[0] > 1:
+        x[1] = 0  # an all-zero row gets the floor scale, not a division by zero
+    out, scale = OPS.normalize_rows(x)
+    assert scale.shape == (shape[0],) and out.shape == x.shape
+    assert torch.equal(scale, reference.normalize_rows(x)[1])  # a max is exact
+    assert max_err(out, x.double() / scale.double()[:, None]) <= 2 ** -23  # |out| <= 1: one rounding
+    if shape[0] > 1 and shape[1] > 0:
+        assert scale[1].item() == pytest.approx(1e-12) and (out[1] == 0).all()
+        assert out[0].abs().max().item() == pytest.approx(1.0, abs=2 ** -23)
+    for bias in (None, torch.randn(shape[1])):
+        y = torch.randn(shape)
+        ref = y.double() * scale.double()[:, None] + (0 if bias is None else bias.double())
+        got = y.clone()
+        OPS.scale_rows_(got, scale, bias)
+        assert max_err(got, ref) <= 4 * 2 ** -24 * (ref.abs().max().item() + 1 if ref.numel() else 1)
+
+
 def test_bad_inputs():
     q, k, v = fused_qkv(2, 5, 2, 8)
     with pytest.raises(RuntimeError, match="key_padding_mask must be \\(batch, seqlen\\)"):
@@ -280,6 +304,20 @@ def test_bad_inputs():
         OPS.bias_act_(x.t(), torch.zeros(4), "relu")
     with pytest.raises(RuntimeError, match="bias has dtype"):
         OPS.bias_act_(x, torch.zeros(6, dtype=torch.bfloat16), "relu")
+    with pytest.raises(RuntimeError, match="x must be float32"):
+        OPS.normalize_rows(x.bfloat16())
+    with pytest.raises(RuntimeError, match="x must be 2-D"):
+        OPS.normalize_rows(x[0])
+    with pytest.raises(RuntimeError, match="scale must be a 1-D tensor of size 4"):
+        OPS.scale_rows_(x, torch.ones(6), None)
+    with pytest.raises(RuntimeError, match="bias must be a 1-D tensor of size 6"):
+        OPS.scale_rows_(x, torch.ones(4), torch.ones(4))
+    with pytest.raises(RuntimeError, match="contiguous"):
+        OPS.scale_rows_(x.t(), torch.ones(6), None)
+    with pytest.raises(ValueError, match="scale must be a float32 tensor of shape \\(4,\\)"):
+        ops.scale_rows_(x, torch.ones(4, dtype=torch.float64))
+    with pytest.raises(TypeError, match="x must be float32"):
+        ops.normalize_rows(x.half())
 
 
 def test_bad_inputs_meta_device():
@@ -322,10 +360,13 @@ def opcheck_cases():
         (OPS.attention, (q, k, v, mask, 0.3)),
         (OPS.attention, (q.contiguous(), k.contiguous(), v.contiguous(), None, 0.3)),
         (OPS.varlen_attention, (q[0], k[0], v[0], torch.tensor([0, 4, 9], dtype=torch.int32), 5, 0.3)),
+        (OPS.normalize_rows, (torch.randn(4, 37),)),
+        (OPS.scale_rows_, (torch.randn(4, 37), torch.rand(4), torch.randn(37))),
+        (OPS.scale_rows_, (torch.randn(4, 37), torch.rand(4), None)),
     ]
 
 
-@pytest.mark.parametrize("case", range(6))
+@pytest.mark.parametrize("case", range(9))
 def test_opcheck(case):
     op, args = opcheck_cases()[case]
     torch.library.opcheck(op, args)
@@ -389,6 +430,10 @@ def test_scalar_fallback_matches():
         "o, l = torch.ops.distilkernels.attention(q, q * 2, q + 1, m, 0.3)\n"
         "r, rl = reference.attention(q.double(), q.double() * 2, q.double() + 1, m, 0.3)\n"
         "assert (o - r).abs().max() < 1e-5 and (l - rl).abs().max() < 1e-5\n"
+        "n, s = torch.ops.distilkernels.normalize_rows(x)\n"
+        "assert torch.equal(s, x.abs().amax(1)) and (n * s[:, None] - x).abs().max() < 1e-5\n"
+        "torch.ops.distilkernels.scale_rows_(n, s, b)\n"
+        "assert (n - (x + b)).abs().max() < 1e-5\n"
     )
     env = dict(os.environ, DISTILKERNELS_ISA="scalar")
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)

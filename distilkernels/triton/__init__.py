@@ -30,6 +30,9 @@ if _TRITON_ERROR is None:
     # GEMMs stay with torch (cuBLAS); a Triton GEMM with the bias+activation epilogue fused in would have to
     # measure faster than cuBLAS plus the epilogue first.
     _ops.register_impl("linear", "triton", _reference.linear)
+    # Per-token int8 scaling serves the CPU-only int8 mode; on this backend it is torch's.
+    for _name in ("normalize_rows", "scale_rows_"):
+        _ops.register_impl(_name, "triton", getattr(_reference, _name))
 
     for _name, _module in (("add_layer_norm", layer_norm), ("bias_act_", bias_act),
                            ("attention", attention), ("varlen_attention", attention)):
