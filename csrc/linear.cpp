@@ -22,23 +22,15 @@ namespace {
 constexpr int64_t kColumnAlign = 64;
 constexpr int64_t kSplitMaxTokens = 256;
 
-// out[r, :] = bias for rows [r0, r1) of out (row stride out.stride(0), unit column stride), by row memcpy: the
-// GEMM then accumulates onto it (beta = 1). ATen's addmm would make the same broadcast copy through a generic
-// strided copy, several times slower at these row lengths.
-void fill_rows(const at::Tensor& out, const at::Tensor& bias, int64_t r0, int64_t r1) {
-  const int64_t row_bytes = out.size(1) * out.element_size();
+// o[r, :] = bias for every row of o (a thread's column block: row stride o.stride(0), unit column stride), by
+// row memcpy; the GEMM then accumulates onto it (beta = 1). ATen's addmm would make the same broadcast copy
+// through a generic strided copy on such a block, several times slower (160 us instead of ~20 us for one
+// 128 x 1152 block).
+void fill_rows(const at::Tensor& o, const at::Tensor& bias) {
+  const int64_t row_bytes = o.size(1) * o.element_size(), stride_bytes = o.stride(0) * o.element_size();
   const auto* src = static_cast<const char*>(bias.const_data_ptr());
-  auto* dst = static_cast<char*>(out.mutable_data_ptr()) + r0 * out.stride(0) * out.element_size();
-  for (int64_t r = r0; r < r1; ++r, dst += out.stride(0) * out.element_size()) std::memcpy(dst, src, row_bytes);
-}
-
-// o (+)= x @ w^T on the calling thread's view: o is prefilled with the bias, or overwritten.
-void gemm_into(at::Tensor& o, const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
-  if (bias.has_value()) {
-    at::addmm_out(o, o, x, w.t());  // self is out: no copy, beta = 1 accumulates onto the bias rows
-  } else {
-    at::mm_out(o, x, w.t());
-  }
+  auto* dst = static_cast<char*>(o.mutable_data_ptr());
+  for (int64_t r = 0; r < o.size(0); ++r, dst += stride_bytes) std::memcpy(dst, src, row_bytes);
 }
 
 at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
@@ -65,12 +57,8 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::
   const auto wc = weight.contiguous();
   const auto bc = bias.has_value() ? c10::optional<at::Tensor>(bias->contiguous()) : c10::nullopt;
   const int64_t threads = at::get_num_threads();
-  if (threads == 1 || tokens > kSplitMaxTokens) {
-    if (bc.has_value()) {
-      at::parallel_for(0, tokens, 64, [&](int64_t r0, int64_t r1) { fill_rows(out, *bc, r0, r1); });
-    }
-    gemm_into(out, xc, wc, bc);
-    return out;
+  if (threads == 1 || tokens > kSplitMaxTokens) {  // ATen's addmm: its bias copy is fast on whole rows
+    return bc.has_value() ? at::addmm_out(out, *bc, xc, wc.t()) : at::mm_out(out, xc, wc.t());
   }
   const int64_t block = round_up((out_features + threads - 1) / threads, kColumnAlign);
   const int64_t n_blocks = (out_features + block - 1) / block;
@@ -79,9 +67,13 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::
     for (int64_t b = begin; b < end; ++b) {
       const int64_t n0 = b * block, n = std::min(block, out_features - n0);
       auto o = out.narrow(1, n0, n);  // (tokens, n), row stride out_features
-      const auto block_bias = bc.has_value() ? c10::optional<at::Tensor>(bc->narrow(0, n0, n)) : c10::nullopt;
-      if (block_bias.has_value()) fill_rows(o, *block_bias, 0, tokens);
-      gemm_into(o, xc, wc.narrow(0, n0, n), block_bias);
+      const auto w = wc.narrow(0, n0, n);
+      if (bc.has_value()) {
+        fill_rows(o, bc->narrow(0, n0, n));
+        at::addmm_out(o, o, xc, w.t());  // self is out: no copy; beta = 1 accumulates onto the bias rows
+      } else {
+        at::mm_out(o, xc, w.t());
+      }
     }
   });
   return out;
