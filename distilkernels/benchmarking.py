@@ -629,6 +629,7 @@ def run_bench(grid, threads: int | None = None, out_dir: str | os.PathLike | Non
     if threads is not None:
         torch.set_num_threads(threads)
     log = _progress(progress)
+    env = environment(device)  # before timing: the commit is the code that runs, whatever is committed meanwhile
     model = (model or default_model(device)).to(device).eval()
     names = list(providers or PROVIDERS)
     example = grid[0].inputs(model.config.vocab_size, device)
@@ -643,7 +644,7 @@ def run_bench(grid, threads: int | None = None, out_dir: str | os.PathLike | Non
         rows += bench_shape(built, shape, model.config.vocab_size, device, rounds, warmup, reference_run, log,
                             budget_s=budget_s)
     log(_bar(len(grid), len(grid), "done"))
-    results = {"env": environment(device), "model": summary, "rounds": rounds, "warmup": warmup,
+    results = {"env": env, "model": summary, "rounds": rounds, "warmup": warmup,
                "results": rows}
     if out_dir is not None:
         write_outputs(results, out_dir)
