@@ -12,7 +12,8 @@ Everything around the GEMMs (fused attention, add + LayerNorm, bias + GELU, padd
 FBGEMM's dynamic linear quantizes a whole activation matrix with one scale. `activations="per_token"` (the
 default) gets one scale per token out of it anyway: each row is divided by its own max-abs before the GEMM
 and the GEMM's row multiplied back after it (the GEMM is linear, so only the rounding grid changes), at the
-cost of two passes over the activations (`ops.normalize_rows` and `ops.scale_rows_`, fused C++ loops). `activations="per_tensor"` skips them: one scale per call.
+cost of two passes over the activations (`ops.normalize_rows` and `ops.scale_rows_`, fused C++ loops).
+`activations="per_tensor"` skips them: one scale per call.
 
 The fp32 parameters are left untouched (state_dict, saving and `PatchHandle.restore()` see the fp32 model);
 the int8 copies are rebuilt whenever a source parameter is replaced or modified in place. Where the stock HF

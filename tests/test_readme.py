@@ -1,6 +1,7 @@
 """The README's benchmark table is what the committed results JSON says (no hand-edited numbers)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -24,3 +25,14 @@ def test_readme_table_reproduced_from_results_json(run, shapes):
     for row in rows:
         assert row in readme, row
     assert (ROOT / "bench/results" / run / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_readme_quant_table_reproduced_from_results_json():
+    """The reduced-precision table is bench/quant_timing.py's own rendering of its committed JSON."""
+    spec = importlib.util.spec_from_file_location("quant_timing", ROOT / "bench" / "quant_timing.py")
+    quant_timing = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quant_timing)
+    results = json.loads((ROOT / "bench/results/cpu-quant-2026-11-21-2t.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    for line in quant_timing.markdown(results).splitlines():
+        assert line in readme, line
