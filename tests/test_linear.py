@@ -31,6 +31,26 @@ def test_linear_matches_torch(tokens, in_features, out_features, bias, threads):
     assert (got.double() - ref).abs().max() <= 1e-5 * in_features ** 0.5 * ref.abs().max().clamp_min(1)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens", [128, 300])  # split across threads, and MKL's own threading
+def test_linear_low_precision(tokens, dtype):
+    """bf16/fp16 with bias: error vs fp64 within 2x that of torch's own linear in the same dtype."""
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(tokens, 96), torch.randn(2304 // 8, 96), torch.randn(2304 // 8)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with ops.force_backend("cpp"):
+            got = ops.linear(x.to(dtype), weight.to(dtype), bias.to(dtype))
+        same_dtype = torch.nn.functional.linear(x.to(dtype), weight.to(dtype), bias.to(dtype))
+    finally:
+        torch.set_num_threads(previous)
+    ref = torch.nn.functional.linear(*(t.to(dtype).double() for t in (x, weight, bias)))
+    assert got.dtype == dtype
+    torch_err = (same_dtype.double() - ref).abs().max().item()
+    assert (got.double() - ref).abs().max().item() <= 2 * torch_err + 1e-6 * ref.abs().max().item()
+
+
 def test_linear_in_inference_mode_and_strided_input():
     x = torch.randn(16, 64).t()  # (64, 16), non-contiguous
     weight, bias = torch.randn(40, 16), torch.randn(40)
