@@ -14,8 +14,7 @@ namespace {
 template <typename T>
 void bias_act_rows(T* x, const float* bias, int64_t rows, int64_t hidden_dim, cpu::Activation act) {
   const auto& k = cpu::kernels();
-  const int64_t grain = std::max<int64_t>(1, (1 << 14) / hidden_dim);
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, row_grain(hidden_dim), [&](int64_t begin, int64_t end) {
     if constexpr (std::is_same_v<T, float>) {
       for (int64_t r = begin; r < end; ++r) k.bias_act_row(x + r * hidden_dim, bias, hidden_dim, act);
     } else {

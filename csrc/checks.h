@@ -1,7 +1,9 @@
-// Argument checks shared by the CPU ops: each failure names the argument and what was expected.
+// Argument checks (each failure names the argument and what was expected) and small helpers shared by the CPU ops.
 #pragma once
 
 #include <ATen/ATen.h>
+
+#include <algorithm>
 
 namespace distilkernels {
 
@@ -29,5 +31,9 @@ inline void check_vector(const at::Tensor& t, const char* name, int64_t size) {
 }
 
 inline int64_t round_up(int64_t x, int64_t multiple) { return (x + multiple - 1) / multiple * multiple; }
+
+// at::parallel_for grain for loops over rows of `cols` values: ~16K values per task, so small inputs stay on
+// one thread.
+inline int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(cols, 1)); }
 
 }  // namespace distilkernels

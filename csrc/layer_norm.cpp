@@ -16,8 +16,7 @@ template <typename T>
 void add_layer_norm_rows(const T* x, const T* residual, const float* weight, const float* bias, float eps,
                          int64_t rows, int64_t dim, T* out, float* mean, float* rstd) {
   const auto& k = cpu::kernels();
-  const int64_t grain = std::max<int64_t>(1, (1 << 14) / dim);
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, row_grain(dim), [&](int64_t begin, int64_t end) {
     if constexpr (std::is_same_v<T, float>) {
       for (int64_t r = begin; r < end; ++r) {
         float* o = out + r * dim;  // the output row holds x + residual between the sweeps

@@ -16,8 +16,6 @@ namespace {
 // Rows with a smaller max-abs (all zeros, say) are divided by this instead.
 constexpr float kMinScale = 1e-12f;
 
-int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(cols, 1)); }
-
 void check_matrix(const at::Tensor& t, const char* name) {
   check_cpu(t, name);
   TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
