@@ -78,6 +78,12 @@ def needs_stock_forward(module: torch.nn.Module, sample: torch.Tensor) -> bool:
     return _dropout_active(module) or capturing("attentions")
 
 
+def _cross_attention(args, kwargs) -> bool:
+    """Whether a block or encoder forward got more than the stock encoder inputs (a decoder's cross-attention
+    inputs): any positional argument past the mask that is not None, or encoder_hidden_states."""
+    return any(a is not None for a in args) or kwargs.get("encoder_hidden_states") is not None
+
+
 class DerivedWeights:
     """A value derived from the concatenated weights and biases of some linears (one q|k|v projection, an int8
     packing), rebuilt whenever a source parameter is replaced or modified in place (tracked by data pointer
@@ -159,8 +165,8 @@ class FusedBlock:
     def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
         batch, seqlen, dim = hidden_states.shape
         mask = key_padding_mask_of(attention_mask, batch, seqlen)
-        cross = any(a is not None for a in args) or kwargs.get("encoder_hidden_states") is not None
-        if mask is NotImplemented or cross or not self.fusable() or needs_stock_forward(self, hidden_states):
+        if (mask is NotImplemented or _cross_attention(args, kwargs) or not self.fusable()
+                or needs_stock_forward(self, hidden_states)):
             return super().forward(hidden_states, attention_mask, *args, **kwargs)
         out = self.forward_tokens(hidden_states.reshape(batch * seqlen, dim), batch=batch, seqlen=seqlen,
                                   key_padding_mask=mask)
@@ -204,9 +210,8 @@ class FusedEncoder:
     def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
         batch, seqlen, _ = hidden_states.shape
         mask = key_padding_mask_of(attention_mask, batch, seqlen)
-        cross = any(a is not None for a in args) or kwargs.get("encoder_hidden_states") is not None
-        if (not self.unpad or mask is None or mask is NotImplemented or cross or capturing("hidden_states")
-                or torch.compiler.is_compiling()
+        if (not self.unpad or mask is None or mask is NotImplemented or _cross_attention(args, kwargs)
+                or capturing("hidden_states") or torch.compiler.is_compiling()
                 or not all(isinstance(layer, FusedBlock) and layer.fusable() for layer in self.layer)
                 or needs_stock_forward(self, hidden_states)):
             return super().forward(hidden_states, attention_mask, *args, **kwargs)
