@@ -50,31 +50,18 @@ def _torch_int8(model):
 
 
 def _ort_int8(model, example, threads: int, tmp: str):
-    """fp32 export (distilkernels.benchmarking.export_onnx), ORT's BERT fusions, then ORT's own dynamic int8
-    quantization (per-channel weights; activations quantized per tensor at run time)."""
+    """The fp32 ONNX Runtime provider's model (export, ORT's BERT fusions: distilkernels.benchmarking), then ORT's
+    own dynamic int8 quantization (per-channel weights; activations quantized per tensor at run time)."""
     import onnx
-    import onnxruntime as ort
     from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.transformers.optimizer import optimize_model
 
-    raw, fused, quantized = (os.path.join(tmp, n) for n in ("model.onnx", "model.opt.onnx", "model.int8.onnx"))
-    bm.export_onnx(model, example, raw)
-    cfg = model.config
-    with bm._quiet_ort_logs():
-        optimize_model(raw, model_type="bert", num_heads=cfg.n_heads, hidden_size=cfg.dim).save_model_to_file(fused)
+    fused, _ = bm.optimized_onnx(model, example)
+    quantized = os.path.join(tmp, "model.int8.onnx")
+    with bm.quiet_ort_logs():
         # Shape inference cannot type the outputs of ORT's fused contrib ops: they are fp32.
         quantize_dynamic(fused, quantized, weight_type=QuantType.QInt8, per_channel=True,
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(quantized, options, providers=["CPUExecutionProvider"])
-
-    def run(input_ids, attention_mask):
-        feed = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()}
-        return torch.from_numpy(session.run(None, feed)[0])
-
-    return run
+    return bm.ort_runner(quantized, threads)
 
 
 def build(model, example, threads: int, tmp: str) -> dict[str, object]:

@@ -12,14 +12,13 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 
 import torch
 import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-from distilkernels import ops
+from distilkernels import benchmarking as bm, ops
 
 N_HEADS, HEAD_DIM, DIM, HIDDEN_DIM = 12, 64, 768, 3072
 
@@ -68,13 +67,6 @@ def run_case(name, providers, work, unit, dtype) -> dict:
     return row
 
 
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "bench/out"), "triton_timing.json"))
@@ -89,7 +81,7 @@ def main() -> None:
                 rows.append(run_case(*add_layer_norm_case(batch * seqlen, dtype), dtype))
                 rows.append(run_case(*bias_gelu_case(batch * seqlen, dtype), dtype))
     result = {
-        "device": torch.cuda.get_device_name(), "platform": platform.platform(), "commit": commit(),
+        "device": torch.cuda.get_device_name(), "platform": platform.platform(), "commit": bm.git_commit(),
         "versions": {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda},
         "cases": rows,
     }

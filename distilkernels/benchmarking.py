@@ -213,7 +213,9 @@ def export_onnx(model: torch.nn.Module, example, path: str) -> None:
                           dynamic_axes={"input_ids": axes, "attention_mask": axes, "output": axes})
 
 
-def _optimized_onnx(model: torch.nn.Module, example) -> tuple[str, dict[str, int]]:
+def optimized_onnx(model: torch.nn.Module, example) -> tuple[str, dict[str, int]]:
+    """Path of `model` exported to ONNX with ORT's BERT fusions applied (cached per model object), and the
+    count of each fused operator."""
     key = id(model)
     if key not in _ORT_CACHE:
         from onnxruntime.transformers.optimizer import optimize_model
@@ -222,7 +224,7 @@ def _optimized_onnx(model: torch.nn.Module, example) -> tuple[str, dict[str, int
         raw, fused = os.path.join(tmp.name, "model.onnx"), os.path.join(tmp.name, "model.opt.onnx")
         export_onnx(model, example, raw)
         sizes = _model_summary(model)
-        with _quiet_ort_logs():
+        with quiet_ort_logs():
             optimized = optimize_model(raw, model_type="bert", num_heads=sizes["n_heads"], hidden_size=sizes["dim"])
         counts = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
         optimized.save_model_to_file(fused)
@@ -232,7 +234,7 @@ def _optimized_onnx(model: torch.nn.Module, example) -> tuple[str, dict[str, int
 
 
 @contextlib.contextmanager
-def _quiet_ort_logs():
+def quiet_ort_logs():
     """optimize_model warns through loggers named after its modules (e.g. about a tiny test vocab); silence
     warnings while it runs so the progress output stays readable."""
     import logging
@@ -253,12 +255,23 @@ def _build_onnxruntime(model, example):
     device = model_device(model)
     if device.type != "cpu":
         raise ProviderUnavailable("the onnxruntime provider runs the CPUExecutionProvider on CPU models only")
-    path, counts = _optimized_onnx(model, example)
+    path, counts = optimized_onnx(model, example)
     missing = [op for op in ORT_FUSED_OPS if not counts.get(op)]
     if missing:
         raise RuntimeError(f"ORT BERT optimizer did not fuse {missing}; fused ops: {counts}")
+    threads = torch.get_num_threads()
+    fused = ", ".join(f"{op} x{n}" for op, n in sorted(counts.items()))
+    note = (f"onnxruntime {ort.__version__} fp32, torch.onnx.export(dynamo=False) + optimize_model(bert): {fused}; "
+            f"intra_op_num_threads={threads}")
+    return Built(ort_runner(path, threads), note)
+
+
+def ort_runner(path: str, threads: int) -> RunFn:
+    """One CPUExecutionProvider session on the ONNX model at `path`: run(input_ids, attention_mask) -> output."""
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
+    options.intra_op_num_threads = threads
     # Spinning worker threads would keep cores busy after each call and slow the next provider in the round.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
@@ -267,9 +280,7 @@ def _build_onnxruntime(model, example):
         feed = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()}
         return torch.from_numpy(session.run(None, feed)[0])
 
-    fused = ", ".join(f"{op} x{n}" for op, n in sorted(counts.items()))
-    return Built(run, f"onnxruntime {ort.__version__} fp32, torch.onnx.export(dynamo=False) + "
-                      f"optimize_model(bert): {fused}; intra_op_num_threads={options.intra_op_num_threads}")
+    return run
 
 
 PROVIDERS: dict[str, Provider] = {p.name: p for p in (
@@ -553,7 +564,8 @@ def isa_flags() -> list[str]:
     return []
 
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
+    """Short hash of the checkout's HEAD, "-dirty" when tracked code differs from it; None outside git."""
     root = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
@@ -579,7 +591,7 @@ def environment(device="cpu") -> dict:
         "python": platform.python_version(), "platform": platform.platform(),
         "versions": {p: _version(p) for p in ("torch", "transformers", "onnxruntime", "onnx", "triton",
                                                "distilkernels")},
-        "commit": _git_commit(),
+        "commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     return env
@@ -709,7 +721,7 @@ def _caption(results: dict) -> str:
 def markdown_report(results: dict) -> str:
     """Rows: shapes; columns: providers' median ms ± IQR and (speedup vs hf_sdpa); then status notes."""
     shapes, providers, cells = _by_shape(results)
-    lines = [f"# distilkernels end-to-end benchmark", "", _caption(results), "",
+    lines = ["# distilkernels end-to-end benchmark", "", _caption(results), "",
              f"Median ms ± IQR over up to {results.get('rounds')} interleaved rounds; (speedup vs {BASELINE}). "
              "WRONG = max-abs error vs HF fp32 eager above tolerance, not timed.", "",
              "| shape | " + " | ".join(providers) + " |", "|---" * (len(providers) + 1) + "|"]
