@@ -5,7 +5,8 @@
     handle.restore()                      # original modules back
     distilkernels.quantize(model)         # CPU int8 GEMMs (dynamic quantization) in the fused blocks
 
-Functional ops: `distilkernels.ops` (add_layer_norm, bias_act_, attention, varlen_attention).
+Functional ops: `distilkernels.ops` (linear, add_layer_norm, bias_act_, attention, varlen_attention, and
+normalize_rows / scale_rows_ for int8 per-token scaling).
 """
 from __future__ import annotations
 
