@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu_cache.h"
 #include "cpu_kernels.h"
 
 namespace distilkernels {
@@ -80,7 +81,7 @@ void pack_keys(const Problem& p, const T* k, const T* v, int64_t s, int64_t h, S
   }
   for (int64_t d = 0; d < d_n; ++d)
     std::fill(sc.kt.begin() + d * sc.ldkt + n, sc.kt.begin() + (d + 1) * sc.ldkt, 0.0f);
-  if (std::is_same_v<T, float> && seg.keys == nullptr && d_n == sc.dpad) {
+  if (false && std::is_same_v<T, float> && seg.keys == nullptr && d_n == sc.dpad) {
     sc.v = reinterpret_cast<const float*>(vbase) + seg.key_start * L.v_row;
     sc.ldv = L.v_row;
   } else {
@@ -223,8 +224,8 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
                 "key_padding_mask must be (batch, seqlen) = (", batch, ", ", seqlen, "), got ", mask.sizes());
     mask = mask.contiguous();
   }
-  at::Tensor out = at::empty({batch, seqlen, n_heads, head_dim}, q.options());
-  at::Tensor lse = at::empty({batch, n_heads, seqlen}, q.options().dtype(at::kFloat));
+  at::Tensor out = cached_empty({batch, seqlen, n_heads, head_dim}, q.options());
+  at::Tensor lse = cached_empty({batch, n_heads, seqlen}, q.options().dtype(at::kFloat));
 
   Problem p{{q.stride(1), q.stride(2), k.stride(1), k.stride(2), v.stride(1), v.stride(2), n_heads * head_dim,
              head_dim, seqlen},
@@ -271,8 +272,8 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_cpu(const at::Tensor& q, con
                 bounds[i + 1], " < cu_seqlens[", i, "] = ", bounds[i]);
   TORCH_CHECK(bounds[n_seq] == total, "cu_seqlens[-1] must equal total_tokens = ", total, ", got ", bounds[n_seq]);
 
-  at::Tensor out = at::empty({total, n_heads, head_dim}, q.options());
-  at::Tensor lse = at::empty({n_heads, total}, q.options().dtype(at::kFloat));
+  at::Tensor out = cached_empty({total, n_heads, head_dim}, q.options());
+  at::Tensor lse = cached_empty({n_heads, total}, q.options().dtype(at::kFloat));
   Problem p{{q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), n_heads * head_dim,
              head_dim, total},
             {}, n_heads, head_dim, static_cast<float>(softmax_scale)};

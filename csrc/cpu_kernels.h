@@ -7,11 +7,13 @@
 namespace distilkernels {
 namespace cpu {
 
-enum class Activation : int { kGelu = 0, kRelu = 1 };
+enum class Activation : int { kGelu = 0, kRelu = 1, kNone = 2 };
 
 struct Kernels {
   // Vector width in floats: gemm's n must be a multiple of it.
   int64_t width;
+  // Columns per packed weight panel of linear_panels (two vectors).
+  int64_t panel;
   // h = x + residual (residual may be null; h may alias x or out); out = (h - mean) * rstd * weight + bias.
   //   x, residual, h, out: (dim,); weight, bias: (dim,)
   void (*add_layer_norm_row)(const float* x, const float* residual, const float* weight, const float* bias,
@@ -22,6 +24,11 @@ struct Kernels {
   // stride ldc; n a multiple of `width`.
   void (*gemm)(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
                float* c, int64_t ldc, bool accumulate);
+  // c[:, panels p0..p1) = act(a @ W^T + bias) on weights packed by panels: wp (ceil(n / panel), k, panel) with
+  // wp[p, kk, j] = W[p * panel + j, kk], zero past n.  a: (m, k) row stride lda; bias: (n,) or null;
+  // c: (m, n) row stride ldc.
+  void (*linear_panels)(int64_t m, int64_t k, const float* a, int64_t lda, const float* wp, int64_t p0, int64_t p1,
+                        int64_t n, const float* bias, Activation act, float* c, int64_t ldc);
   // One online-softmax step over a block of scores in log2 units, per row i < m:
   //   row_max[i] and row_sum[i] (running max and sum of exp2) are updated, s[i, :n] becomes exp2(s - max),
   //   and acc[i, :acc_n] is rescaled by exp2(old max - new max).

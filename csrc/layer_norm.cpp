@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu_cache.h"
 #include "cpu_kernels.h"
 
 namespace distilkernels {
@@ -58,10 +59,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_cpu(const at::Tens
   const at::Tensor res_c = residual.has_value() ? residual->contiguous() : at::Tensor();
   const at::Tensor w32 = weight.to(at::kFloat).contiguous();
   const at::Tensor b32 = bias.to(at::kFloat).contiguous();
-  at::Tensor out = at::empty_like(x_c, at::MemoryFormat::Contiguous);
+  at::Tensor out = cached_empty(x_c.sizes(), x_c.options());
   const auto stats_shape = x.sizes().slice(0, x.dim() - 1);
-  at::Tensor mean = at::empty(stats_shape, x.options().dtype(at::kFloat));
-  at::Tensor rstd = at::empty(stats_shape, x.options().dtype(at::kFloat));
+  at::Tensor mean = cached_empty(stats_shape, x.options().dtype(at::kFloat));
+  at::Tensor rstd = cached_empty(stats_shape, x.options().dtype(at::kFloat));
   const int64_t rows = x_c.numel() / dim;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "add_layer_norm", [&] {

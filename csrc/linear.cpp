@@ -14,6 +14,8 @@
 #include <cstring>
 
 #include "checks.h"
+#include "cpu_cache.h"
+#include "cpu_kernels.h"
 
 namespace distilkernels {
 namespace {
@@ -46,7 +48,7 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::
     check_vector(*bias, "bias", out_features);
     check_same_dtype(*bias, "bias", x, "x");
   }
-  auto out = at::empty({tokens, out_features}, x.options());
+  auto out = cached_empty({tokens, out_features}, x.options());
   if (tokens == 0 || out_features == 0) return out;
   if (x.size(1) == 0) return bias.has_value() ? out.copy_(bias->expand_as(out)) : out.zero_();
   // The GEMMs write into views of `out` from the worker threads: give them this thread's dispatch state
@@ -79,8 +81,86 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::
   return out;
 }
 
+// ---- packed weights -------------------------------------------------------------------------------------
+
+at::Tensor pack_linear_weight_cpu(const at::Tensor& weight) {
+  check_cpu(weight, "weight");
+  TORCH_CHECK(weight.scalar_type() == at::kFloat, "weight must be float32 to be packed, got ", weight.scalar_type());
+  TORCH_CHECK(weight.dim() == 2, "weight must be (out_features, in_features), got shape ", weight.sizes());
+  const int64_t panel = cpu::kernels().panel, n = weight.size(0), k = weight.size(1);
+  const int64_t n_panels = (n + panel - 1) / panel;
+  auto packed = at::zeros({n_panels, k, panel}, weight.options());
+  const auto wc = weight.contiguous();
+  const float* w = wc.const_data_ptr<float>();
+  float* out = packed.mutable_data_ptr<float>();
+  at::parallel_for(0, n_panels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t n0 = p * panel, cols = std::min(panel, n - n0);
+      for (int64_t j = 0; j < cols; ++j)
+        for (int64_t kk = 0; kk < k; ++kk) out[(p * k + kk) * panel + j] = w[(n0 + j) * k + kk];
+    }
+  });
+  return packed;
+}
+
+cpu::Activation parse_activation(c10::string_view activation) {
+  if (activation == "none") return cpu::Activation::kNone;
+  if (activation == "gelu") return cpu::Activation::kGelu;
+  if (activation == "relu") return cpu::Activation::kRelu;
+  TORCH_CHECK(false, "activation must be \"none\", \"gelu\" or \"relu\", got \"", std::string(activation), "\"");
+}
+
+at::Tensor linear_packed_cpu(const at::Tensor& x, const at::Tensor& packed_weight, int64_t out_features,
+                             const c10::optional<at::Tensor>& bias, c10::string_view activation) {
+  check_cpu(x, "x");
+  check_cpu(packed_weight, "packed_weight");
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "x must be float32, got ", x.scalar_type());
+  TORCH_CHECK(packed_weight.scalar_type() == at::kFloat, "packed_weight must be float32, got ",
+              packed_weight.scalar_type());
+  TORCH_CHECK(x.dim() == 2, "x must be (tokens, in_features), got shape ", x.sizes());
+  TORCH_CHECK(out_features >= 0, "out_features must be >= 0, got ", out_features);
+  const int64_t panel = cpu::kernels().panel, tokens = x.size(0), k = x.size(1);
+  const int64_t n_panels = (out_features + panel - 1) / panel;
+  TORCH_CHECK(packed_weight.dim() == 3 && packed_weight.size(2) == panel,
+              "packed_weight must be (n_panels, in_features, ", panel,
+              ") as pack_linear_weight makes it on this CPU, got shape ", packed_weight.sizes());
+  TORCH_CHECK(packed_weight.size(0) == n_panels && packed_weight.size(1) == k, "packed_weight must be (",
+              n_panels, ", ", k, ", ", panel, ") for out_features=", out_features, " and in_features=", k,
+              ", got shape ", packed_weight.sizes());
+  TORCH_CHECK(packed_weight.is_contiguous(), "packed_weight must be contiguous");
+  if (bias.has_value()) {
+    check_vector(*bias, "bias", out_features);
+    TORCH_CHECK(bias->scalar_type() == at::kFloat, "bias must be float32, got ", bias->scalar_type());
+  }
+  const auto act = parse_activation(activation);
+  auto out = cached_empty({tokens, out_features}, x.options());
+  if (tokens == 0 || out_features == 0) return out;
+  const auto xc = x.contiguous();
+  const auto bc = bias.has_value() ? c10::optional<at::Tensor>(bias->contiguous()) : c10::nullopt;
+  const auto& kern = cpu::kernels();
+  const float* b = bc.has_value() ? bc->const_data_ptr<float>() : nullptr;
+  float* c = out.mutable_data_ptr<float>();
+  if (k == 0) {  // x @ W^T is 0: out = act(bias)
+    if (bc.has_value()) out.copy_(bc->expand_as(out)); else out.zero_();
+    if (act == cpu::Activation::kGelu) at::gelu_(out);
+    if (act == cpu::Activation::kRelu) at::relu_(out);
+    return out;
+  }
+  const float* a = xc.const_data_ptr<float>();
+  const float* wp = packed_weight.const_data_ptr<float>();
+  // Threads take contiguous runs of panels (output columns) and every row: each streams its own weights once.
+  at::parallel_for(0, n_panels, 1, [&](int64_t begin, int64_t end) {
+    kern.linear_panels(tokens, k, a, k, wp, begin, end, out_features, b, act, c, out_features);
+  });
+  return out;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(distilkernels, CPU, m) { m.impl("linear", &linear_cpu); }
+TORCH_LIBRARY_IMPL(distilkernels, CPU, m) {
+  m.impl("linear", &linear_cpu);
+  m.impl("pack_linear_weight", &pack_linear_weight_cpu);
+  m.impl("linear_packed", &linear_packed_cpu);
+}
 
 }  // namespace distilkernels

@@ -9,6 +9,8 @@
 #include <set>
 #include <thread>
 
+#include "cpu_cache.h"
+#include "cpu_kernels.h"
 #include "vec.h"
 
 TORCH_LIBRARY(distilkernels, m) {
@@ -20,6 +22,11 @@ TORCH_LIBRARY(distilkernels, m) {
   // out = x @ weight^T + bias, the GEMM split across threads by output columns.
   //   x: (tokens, in_features); weight: (out_features, in_features); bias: (out_features,) or None
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  // The same GEMM on weights packed once (fp32): pack_linear_weight(weight (out_features, in_features)) ->
+  // (n_panels, in_features, panel), panel = 2 vectors of this CPU's kernels, zero past out_features.
+  // linear_packed: out = activation(x @ weight^T + bias), activation in {"none", "gelu" (exact erf), "relu"}.
+  m.def("pack_linear_weight(Tensor weight) -> Tensor");
+  m.def("linear_packed(Tensor x, Tensor packed_weight, int out_features, Tensor? bias, str activation) -> Tensor");
   // In place: x = activation(x + bias), activation in {"gelu" (exact erf), "relu"}.
   //   x: (..., hidden_dim) contiguous; bias: (hidden_dim,)
   m.def("bias_act_(Tensor(a!) x, Tensor bias, str activation) -> ()");
@@ -65,6 +72,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("parallel_threads_used", &parallel_threads_used,
         "Distinct threads that at::parallel_for used for a large loop");
   m.def("vector_isa", &distilkernels::vec::isa_name, "Instruction set the CPU kernels dispatch to");
+  m.def("cpu_cache_stats", []() {
+    const auto s = distilkernels::cpu_cache_stats();
+    return pybind11::dict(pybind11::arg("limit_bytes") = s.limit_bytes, pybind11::arg("cached_bytes") = s.cached_bytes,
+                          pybind11::arg("live_bytes") = s.live_bytes, pybind11::arg("hits") = s.hits,
+                          pybind11::arg("misses") = s.misses);
+  }, "Counters of the caching allocator behind the CPU ops' outputs");
+  m.def("cpu_cache_empty", &distilkernels::cpu_cache_empty, "Frees the cached blocks; returns the bytes freed");
+  m.def("cpu_cache_set_limit", &distilkernels::cpu_cache_set_limit, pybind11::arg("bytes"),
+        "Sets how many free bytes the cache keeps at most (0: none)");
+  m.def("linear_panel_width", []() { return distilkernels::cpu::kernels().panel; },
+        "Columns per panel of pack_linear_weight's layout on this CPU");
   m.def("openmp_enabled", []() {
 #ifdef _OPENMP
     return true;

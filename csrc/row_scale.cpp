@@ -8,6 +8,7 @@
 #include <algorithm>
 
 #include "checks.h"
+#include "cpu_cache.h"
 #include "cpu_kernels.h"
 
 namespace distilkernels {
@@ -26,8 +27,8 @@ std::tuple<at::Tensor, at::Tensor> normalize_rows_cpu(const at::Tensor& x) {
   check_matrix(x, "x");
   const at::Tensor xc = x.contiguous();
   const int64_t rows = xc.size(0), cols = xc.size(1);
-  at::Tensor out = at::empty({rows, cols}, xc.options());
-  at::Tensor scale = at::empty({rows}, xc.options());
+  at::Tensor out = cached_empty({rows, cols}, xc.options());
+  at::Tensor scale = cached_empty({rows}, xc.options());
   const float* src = xc.const_data_ptr<float>();
   float* dst = out.mutable_data_ptr<float>();
   float* s = scale.mutable_data_ptr<float>();

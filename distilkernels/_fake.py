@@ -9,6 +9,19 @@ def _linear_fake(x, weight, bias):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
+@torch.library.register_fake("distilkernels::pack_linear_weight")
+def _pack_linear_weight_fake(weight):
+    from distilkernels._C import linear_panel_width
+
+    panel = linear_panel_width()
+    return weight.new_empty((-(-weight.shape[0] // panel), weight.shape[1], panel))
+
+
+@torch.library.register_fake("distilkernels::linear_packed")
+def _linear_packed_fake(x, packed_weight, out_features, bias, activation):
+    return x.new_empty((x.shape[0], out_features))
+
+
 @torch.library.register_fake("distilkernels::add_layer_norm")
 def _add_layer_norm_fake(x, residual, weight, bias, eps):
     stats = x.new_empty(x.shape[:-1], dtype=torch.float32)

@@ -5,8 +5,8 @@ capture hooks keep working) and shares its parameters and children; only the for
 mechanism serves every family; a `BlockLayout` says where each piece lives in that family's block:
 
     x (tokens, dim) -> one GEMM for q|k|v (dim -> 3*dim) -> fused attention on strided q/k/v views
-      -> out GEMM -> add_layer_norm(. , x) -> lin1 GEMM without bias -> bias_act_ in place
-      -> lin2 GEMM -> add_layer_norm(. , h)
+      -> out GEMM -> add_layer_norm(. , x) -> lin1 GEMM with bias + activation (fused epilogue, or
+      bias_act_ in place) -> lin2 GEMM -> add_layer_norm(. , h)
 
 The fused path is inference-only for now: whenever gradients are needed (grad mode with trainable
 parameters), dropout is active, attention weights are requested, or the mask comes in another format,
@@ -109,25 +109,54 @@ class DerivedWeights:
         return self.value
 
 
+def _pack(weight, bias):
+    return ops.pack_linear_weight(weight), bias
+
+
 class DenseGemms:
     """The block's four GEMMs on its own (fp32/fp16/bf16) weights. Another implementation (int8, say)
-    provides the same four methods and replaces `parts.gemms`."""
+    provides the same four methods and replaces `parts.gemms`.
+
+    fp32 on the C++ backend runs `linear_packed` on weights packed once (rebuilt when a weight changes), with
+    lin1's bias and activation in the GEMM's epilogue; other dtypes and backends run `linear` + `bias_act_`."""
 
     def __init__(self, parts: "_Parts"):
         self.parts = parts
         self.fused_qkv = DerivedWeights((parts.q, parts.k, parts.v))
+        self.packed = {name: DerivedWeights(linears, _pack) for name, linears in (
+            ("qkv", (parts.q, parts.k, parts.v)), ("out", (parts.out,)), ("lin1", (parts.lin1,)),
+            ("lin2", (parts.lin2,)))}
+
+    @staticmethod
+    def _use_packed(x) -> bool:
+        return (x.dtype == torch.float32 and not torch.compiler.is_compiling()
+                and ops.backend_for(x.device) == "cpp")
+
+    def _packed(self, name, x, activation="none"):
+        packed, bias = self.packed[name].get()
+        return ops.linear_packed(x, packed, bias.shape[0], bias, activation)
 
     def qkv(self, x):  # (tokens, dim) -> (tokens, 3*dim), bias included: one GEMM for q|k|v
+        if self._use_packed(x):
+            return self._packed("qkv", x)
         weight, bias = self.fused_qkv.get()
         return ops.linear(x, weight, bias)
 
     def out(self, x):  # (tokens, dim) -> (tokens, dim), bias included
+        if self._use_packed(x):
+            return self._packed("out", x)
         return ops.linear(x, self.parts.out.weight, self.parts.out.bias)
 
-    def lin1(self, x):  # (tokens, dim) -> (tokens, hidden_dim), WITHOUT bias (bias_act_ adds it)
-        return ops.linear(x, self.parts.lin1.weight)
+    def lin1_act(self, x, activation):  # (tokens, dim) -> activation(lin1(x)), (tokens, hidden_dim)
+        if self._use_packed(x):
+            return self._packed("lin1", x, activation)
+        f = ops.linear(x, self.parts.lin1.weight)  # without bias: bias_act_ adds it, in place
+        ops.bias_act_(f, self.parts.lin1.bias, activation)
+        return f
 
     def lin2(self, x):  # (tokens, hidden_dim) -> (tokens, dim), bias included
+        if self._use_packed(x):
+            return self._packed("lin2", x)
         return ops.linear(x, self.parts.lin2.weight, self.parts.lin2.bias)
 
 
@@ -185,8 +214,7 @@ class FusedBlock:
             q, k, v = qkv.view(-1, 3, p.n_heads, p.head_dim).unbind(1)
             ctx = ops.varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale=p.scaling)
         h = ops.add_layer_norm(p.gemms.out(ctx.view(x.shape)), x, p.ln1.weight, p.ln1.bias, p.ln1.eps)
-        f = p.gemms.lin1(h)
-        ops.bias_act_(f, p.lin1.bias, p.act)
+        f = p.gemms.lin1_act(h, p.act)
         return ops.add_layer_norm(p.gemms.lin2(f), h, p.ln2.weight, p.ln2.bias, p.ln2.eps)
 
 

@@ -32,7 +32,7 @@ def register_impl(op: str, backend: str, fn: Callable) -> None:
     _TABLE[(op, backend)] = fn
 
 
-OPS = ("linear", "add_layer_norm", "bias_act_", "attention", "varlen_attention", "normalize_rows", "scale_rows_")
+OPS = ("linear", "pack_linear_weight", "linear_packed", "add_layer_norm", "bias_act_", "attention", "varlen_attention", "normalize_rows", "scale_rows_")
 for _op in OPS:
     register_impl(_op, "torch", getattr(reference, _op))
     register_impl(_op, "cpp", lambda *args, _op=_op: getattr(torch.ops.distilkernels, _op)(*args))
@@ -166,6 +166,43 @@ def linear(x, weight, bias=None):
     return _impl("linear", x.device)(x, weight, bias)
 
 
+def pack_linear_weight(weight):
+    """weight (out_features, in_features) float32 -> the panel layout `linear_packed` reads: (n_panels,
+    in_features, panel), packed[p, k, j] = weight[p * panel + j, k], zero past out_features. The panel width is
+    the CPU kernels' (two vectors: 16 columns with AVX2, 32 with AVX-512); pack again after a weight changes."""
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dtype != torch.float32:
+        raise TypeError(f"weight must be float32 to be packed, got {weight.dtype}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be (out_features, in_features), got shape {tuple(weight.shape)}")
+    return _impl("pack_linear_weight", weight.device)(weight)
+
+
+def linear_packed(x, packed_weight, out_features: int, bias=None, activation: str = "none"):
+    """activation(x @ weight.T + bias) from pack_linear_weight(weight), in one pass: no per-call weight copy,
+    bias and activation ("none", "gelu" = exact erf, "relu") applied while each output tile is in registers.
+    x: (tokens, in_features) float32; bias: (out_features,) float32 or None."""
+    _check_fp32_matrix("x", x)
+    if not isinstance(packed_weight, torch.Tensor) or packed_weight.dtype != torch.float32 or packed_weight.dim() != 3:
+        raise ValueError("packed_weight must be a 3-D float32 tensor from pack_linear_weight, got "
+                         f"{(packed_weight.dtype, tuple(packed_weight.shape)) if isinstance(packed_weight, torch.Tensor) else type(packed_weight).__name__}")
+    if isinstance(out_features, bool) or not isinstance(out_features, int) or out_features < 0:
+        raise ValueError(f"out_features must be a non-negative int, got {out_features!r}")
+    n_panels, in_features, panel = packed_weight.shape
+    if in_features != x.shape[1] or n_panels != -(-out_features // panel):
+        raise ValueError(f"packed_weight {tuple(packed_weight.shape)} does not hold a ({out_features}, {x.shape[1]}) "
+                         "weight: pack it with pack_linear_weight(weight)")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.dtype != torch.float32
+                             or tuple(bias.shape) != (out_features,)):
+        raise ValueError(f"bias must be None or a float32 tensor of shape ({out_features},), got "
+                         f"{(bias.dtype, tuple(bias.shape)) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+    if activation not in ("none",) + ACTIVATIONS:
+        raise ValueError(f"activation must be one of {('none',) + ACTIVATIONS}, got {activation!r}")
+    _check_same("x", x, packed_weight=packed_weight, bias=bias)
+    return _impl("linear_packed", x.device)(x, packed_weight, out_features, bias, activation)
+
+
 def add_layer_norm(x, residual, weight, bias, eps: float = 1e-12, return_stats: bool = False):
     """LayerNorm(x + residual) over the last dimension in one pass, statistics in fp32.
 
@@ -282,3 +319,33 @@ def scale_rows_(y, scale, bias=None):
     _check_same("y", y, scale=scale, bias=bias)
     _impl("scale_rows_", y.device)(y, scale, bias)
     return y
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The caching allocator behind the C++ ops' outputs (csrc/cpu_cache.cpp): freed outputs of 256 KiB or more are
+# kept and handed out again, so an encoder forward does not fault in fresh pages every layer.
+
+
+def _extension():
+    ext = load_extension()
+    if ext is None:
+        raise RuntimeError(f"the C++ extension did not load ({extension_error()})")
+    return ext
+
+
+def cpu_cache_stats() -> dict:
+    """limit_bytes, cached_bytes (free blocks kept), live_bytes (blocks in use), hits and misses."""
+    return _extension().cpu_cache_stats()
+
+
+def empty_cpu_cache() -> int:
+    """Gives every cached (free) block back to the system; returns how many bytes that was."""
+    return _extension().cpu_cache_empty()
+
+
+def set_cpu_cache_limit(nbytes: int) -> None:
+    """Keep at most `nbytes` of freed blocks (0 turns caching off). The default is 512 MiB, or
+    DISTILKERNELS_CPU_CACHE_MB at import."""
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+        raise ValueError(f"nbytes must be a non-negative int, got {nbytes!r}")
+    _extension().cpu_cache_set_limit(nbytes)

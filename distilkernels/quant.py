@@ -85,8 +85,10 @@ class Int8Gemms:
     def out(self, x):  # (tokens, dim) -> (tokens, dim), bias included
         return self._linear(x, self._out)
 
-    def lin1(self, x):  # (tokens, dim) -> (tokens, hidden_dim), WITHOUT bias (bias_act_ adds it)
-        return self._linear(x, self._lin1, with_bias=False)
+    def lin1_act(self, x, activation):  # (tokens, dim) -> activation(lin1(x)), (tokens, hidden_dim)
+        f = self._linear(x, self._lin1, with_bias=False)
+        ops.bias_act_(f, self.parts.lin1.bias, activation)
+        return f
 
     def lin2(self, x):  # (tokens, hidden_dim) -> (tokens, dim), bias included
         return self._linear(x, self._lin2)

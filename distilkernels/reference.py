@@ -11,6 +11,27 @@ def linear(x, weight, bias):
     return F.linear(x, weight, bias)
 
 
+def pack_linear_weight(weight, panel: int = 16):
+    """(out_features, in_features) -> (n_panels, in_features, panel): packed[p, k, j] = weight[p * panel + j, k],
+    zero past out_features."""
+    n, k = weight.shape
+    n_panels = -(-n // panel)
+    padded = weight.new_zeros((n_panels * panel, k))
+    padded[:n] = weight
+    return padded.view(n_panels, panel, k).transpose(1, 2).contiguous()
+
+
+def _activate(y, activation):
+    return F.gelu(y) if activation == "gelu" else torch.relu(y) if activation == "relu" else y
+
+
+def linear_packed(x, packed_weight, out_features, bias, activation):
+    """activation(x @ weight.T + bias) with weight unpacked from pack_linear_weight's layout."""
+    n_panels, k, panel = packed_weight.shape
+    weight = packed_weight.transpose(1, 2).reshape(n_panels * panel, k)[:out_features]
+    return _activate(F.linear(x, weight, bias), activation)
+
+
 def add_layer_norm(x, residual, weight, bias, eps):
     """(x + residual) -> LayerNorm over the last dim, statistics in fp32. Returns (out, mean, rstd)."""
     h = x.float() if residual is None else x.float() + residual.float()
@@ -24,8 +45,7 @@ def add_layer_norm(x, residual, weight, bias, eps):
 def bias_act_(x, bias, activation):
     """In place: x = activation(x + bias)."""
     y = x.float() + bias.float()
-    y = F.gelu(y) if activation == "gelu" else torch.relu(y)
-    x.copy_(y)
+    x.copy_(_activate(y, activation))
 
 
 def attention(q, k, v, key_padding_mask, softmax_scale):

@@ -1,8 +1,6 @@
 """distilkernels.patch() on real HF DistilBERT models: parity with stock HF, restore, fallbacks, bad input."""
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import transformers
@@ -42,13 +40,12 @@ def assert_parity(cls, ref, got, mask, unpad):
         assert err <= ATOL, f"{cls.__name__}.{key}: max-abs {err:.3g} > {ATOL}"
 
 
-def run_pair(cls, config, batch, seqlen, mask, unpad, spy=None):
+def run_pair(cls, config, batch, seqlen, mask, unpad):
     model = make_model(cls, config)
     inputs = model_inputs(cls, config, batch, seqlen, mask)
     with torch.inference_mode():
         ref = model(**inputs)
         handle = distilkernels.patch(model, unpad=unpad)
-        n = len(spy) if spy is not None else 0
         got = model(**inputs)
         handle.restore()
         again = model(**inputs)
@@ -71,6 +68,11 @@ def test_tiny_holey_masks(cls, unpad, op_spy):
     assert layer_norm_calls == 2 * config.n_layers, op_spy
     varlen = sum(v for (op, _), v in op_spy.items() if op == "varlen_attention")
     assert varlen == (config.n_layers if unpad else 0)
+    # fp32 on the C++ backend: the four GEMMs of every layer run on packed weights, lin1's GELU in its epilogue
+    packed = ops.backend_for(torch.device("cpu")) == "cpp"
+    count = lambda name: sum(v for (op, _), v in op_spy.items() if op == name)  # noqa: E731
+    assert count("linear_packed") == (4 * config.n_layers if packed else 0), op_spy
+    assert count("bias_act_") == (0 if packed else config.n_layers), op_spy
 
 
 @pytest.mark.parametrize("kind", ["right", "left", "holey"])

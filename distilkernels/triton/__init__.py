@@ -29,7 +29,8 @@ if _TRITON_ERROR is None:
 
     # GEMMs stay with torch (cuBLAS); a Triton GEMM with the bias+activation epilogue fused in would have to
     # measure faster than cuBLAS plus the epilogue first.
-    _ops.register_impl("linear", "triton", _reference.linear)
+    for _name in ("linear", "pack_linear_weight", "linear_packed"):
+        _ops.register_impl(_name, "triton", getattr(_reference, _name))
     # Per-token int8 scaling serves the CPU-only int8 mode; on this backend it is torch's.
     for _name in ("normalize_rows", "scale_rows_"):
         _ops.register_impl(_name, "triton", getattr(_reference, _name))
