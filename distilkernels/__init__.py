@@ -5,8 +5,9 @@
     handle.restore()                      # original modules back
     distilkernels.quantize(model)         # CPU int8 GEMMs (dynamic quantization) in the fused blocks
 
-Functional ops: `distilkernels.ops` (linear, add_layer_norm, bias_act_, attention, varlen_attention, and
-normalize_rows / scale_rows_ for int8 per-token scaling).
+Functional ops: `distilkernels.ops` (linear, pack_linear_weight / linear_packed, add_layer_norm, bias_act_,
+attention, varlen_attention, and normalize_rows / scale_rows_ for int8 per-token scaling; cpu_cache_stats,
+empty_cpu_cache and set_cpu_cache_limit for the caching allocator behind the C++ ops' outputs).
 """
 from __future__ import annotations
 
