@@ -22,12 +22,22 @@ inline void check_same_dtype(const at::Tensor& t, const char* name, const at::Te
               " has ", ref.scalar_type(), ": dtypes must match");
 }
 
+// The fp32-only ops (the packed GEMM, int8 row scaling).
+inline void check_fp32(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
+}
+
 // A (size,) parameter vector such as a LayerNorm weight.
 inline void check_vector(const at::Tensor& t, const char* name, int64_t size) {
   check_cpu(t, name);
   check_float(t, name);
   TORCH_CHECK(t.dim() == 1 && t.size(0) == size, name, " must be a 1-D tensor of size ", size, ", got shape ",
               t.sizes());
+}
+
+inline void check_fp32_vector(const at::Tensor& t, const char* name, int64_t size) {
+  check_vector(t, name, size);
+  check_fp32(t, name);
 }
 
 inline int64_t round_up(int64_t x, int64_t multiple) { return (x + multiple - 1) / multiple * multiple; }

@@ -317,7 +317,7 @@ void linear_panels_impl(int64_t m, int64_t k, const float* a, int64_t lda, const
   float edge[kLinearMc * kPanel];  // the last panel's rows when n is not a multiple of kPanel
   for (int64_t i0 = 0; i0 < m; i0 += kLinearMc) {
     const int64_t mc = m - i0 < kLinearMc ? m - i0 : kLinearMc;
-    for (int64_t k0 = 0; k0 < k; k0 += kLinearKc) {
+    for (int64_t k0 = 0; k0 == 0 || k0 < k; k0 += kLinearKc) {  // k = 0 still runs once: out = act(bias)
       const int64_t kc = k - k0 < kLinearKc ? k - k0 : kLinearKc;
       const bool last = k0 + kc == k;
       for (int64_t p = p0; p < p1; ++p) {

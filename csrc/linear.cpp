@@ -114,9 +114,8 @@ at::Tensor linear_packed_cpu(const at::Tensor& x, const at::Tensor& packed_weigh
                              const c10::optional<at::Tensor>& bias, c10::string_view activation) {
   check_cpu(x, "x");
   check_cpu(packed_weight, "packed_weight");
-  TORCH_CHECK(x.scalar_type() == at::kFloat, "x must be float32, got ", x.scalar_type());
-  TORCH_CHECK(packed_weight.scalar_type() == at::kFloat, "packed_weight must be float32, got ",
-              packed_weight.scalar_type());
+  check_fp32(x, "x");
+  check_fp32(packed_weight, "packed_weight");
   TORCH_CHECK(x.dim() == 2, "x must be (tokens, in_features), got shape ", x.sizes());
   TORCH_CHECK(out_features >= 0, "out_features must be >= 0, got ", out_features);
   const int64_t panel = cpu::kernels().panel, tokens = x.size(0), k = x.size(1);
@@ -128,10 +127,7 @@ at::Tensor linear_packed_cpu(const at::Tensor& x, const at::Tensor& packed_weigh
               n_panels, ", ", k, ", ", panel, ") for out_features=", out_features, " and in_features=", k,
               ", got shape ", packed_weight.sizes());
   TORCH_CHECK(packed_weight.is_contiguous(), "packed_weight must be contiguous");
-  if (bias.has_value()) {
-    check_vector(*bias, "bias", out_features);
-    TORCH_CHECK(bias->scalar_type() == at::kFloat, "bias must be float32, got ", bias->scalar_type());
-  }
+  if (bias.has_value()) check_fp32_vector(*bias, "bias", out_features);
   const auto act = parse_activation(activation);
   auto out = cached_empty({tokens, out_features}, x.options());
   if (tokens == 0 || out_features == 0) return out;
@@ -140,12 +136,6 @@ at::Tensor linear_packed_cpu(const at::Tensor& x, const at::Tensor& packed_weigh
   const auto& kern = cpu::kernels();
   const float* b = bc.has_value() ? bc->const_data_ptr<float>() : nullptr;
   float* c = out.mutable_data_ptr<float>();
-  if (k == 0) {  // x @ W^T is 0: out = act(bias)
-    if (bc.has_value()) out.copy_(bc->expand_as(out)); else out.zero_();
-    if (act == cpu::Activation::kGelu) at::gelu_(out);
-    if (act == cpu::Activation::kRelu) at::relu_(out);
-    return out;
-  }
   const float* a = xc.const_data_ptr<float>();
   const float* wp = packed_weight.const_data_ptr<float>();
   // Threads take contiguous runs of panels (output columns) and every row: each streams its own weights once.

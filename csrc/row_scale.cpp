@@ -19,7 +19,7 @@ constexpr float kMinScale = 1e-12f;
 
 void check_matrix(const at::Tensor& t, const char* name) {
   check_cpu(t, name);
-  TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
+  check_fp32(t, name);
   TORCH_CHECK(t.dim() == 2, name, " must be 2-D (rows, cols), got shape ", t.sizes());
 }
 
@@ -46,12 +46,10 @@ void scale_rows_cpu(const at::Tensor& y, const at::Tensor& scale, const std::opt
   check_matrix(y, "y");
   TORCH_CHECK(y.is_contiguous(), "y must be contiguous (it is updated in place), got strides ", y.strides());
   const int64_t rows = y.size(0), cols = y.size(1);
-  check_vector(scale, "scale", rows);
-  TORCH_CHECK(scale.scalar_type() == at::kFloat, "scale must be float32, got ", scale.scalar_type());
+  check_fp32_vector(scale, "scale", rows);
   at::Tensor bc;
   if (bias.has_value()) {
-    check_vector(*bias, "bias", cols);
-    TORCH_CHECK(bias->scalar_type() == at::kFloat, "bias must be float32, got ", bias->scalar_type());
+    check_fp32_vector(*bias, "bias", cols);
     bc = bias->contiguous();
   }
   const at::Tensor sc = scale.contiguous();

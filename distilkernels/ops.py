@@ -170,12 +170,7 @@ def pack_linear_weight(weight):
     """weight (out_features, in_features) float32 -> the panel layout `linear_packed` reads: (n_panels,
     in_features, panel), packed[p, k, j] = weight[p * panel + j, k], zero past out_features. The panel width is
     the CPU kernels' (two vectors: 16 columns with AVX2, 32 with AVX-512); pack again after a weight changes."""
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
-    if weight.dtype != torch.float32:
-        raise TypeError(f"weight must be float32 to be packed, got {weight.dtype}")
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be (out_features, in_features), got shape {tuple(weight.shape)}")
+    _check_fp32("weight", weight, 2, "(out_features, in_features)", " to be packed")
     return _impl("pack_linear_weight", weight.device)(weight)
 
 
@@ -185,18 +180,14 @@ def linear_packed(x, packed_weight, out_features: int, bias=None, activation: st
     x: (tokens, in_features) float32; bias: (out_features,) float32 or None."""
     _check_fp32_matrix("x", x)
     if not isinstance(packed_weight, torch.Tensor) or packed_weight.dtype != torch.float32 or packed_weight.dim() != 3:
-        raise ValueError("packed_weight must be a 3-D float32 tensor from pack_linear_weight, got "
-                         f"{(packed_weight.dtype, tuple(packed_weight.shape)) if isinstance(packed_weight, torch.Tensor) else type(packed_weight).__name__}")
+        raise ValueError(f"packed_weight must be a 3-D float32 tensor from pack_linear_weight, got {_describe(packed_weight)}")
     if isinstance(out_features, bool) or not isinstance(out_features, int) or out_features < 0:
         raise ValueError(f"out_features must be a non-negative int, got {out_features!r}")
     n_panels, in_features, panel = packed_weight.shape
     if in_features != x.shape[1] or n_panels != -(-out_features // panel):
         raise ValueError(f"packed_weight {tuple(packed_weight.shape)} does not hold a ({out_features}, {x.shape[1]}) "
                          "weight: pack it with pack_linear_weight(weight)")
-    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.dtype != torch.float32
-                             or tuple(bias.shape) != (out_features,)):
-        raise ValueError(f"bias must be None or a float32 tensor of shape ({out_features},), got "
-                         f"{(bias.dtype, tuple(bias.shape)) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+    _check_fp32_vector("bias", bias, out_features, optional=True)
     if activation not in ("none",) + ACTIVATIONS:
         raise ValueError(f"activation must be one of {('none',) + ACTIVATIONS}, got {activation!r}")
     _check_same("x", x, packed_weight=packed_weight, bias=bias)
@@ -288,13 +279,30 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale=None, r
     return (out, lse) if return_lse else out
 
 
-def _check_fp32_matrix(name: str, t) -> None:
+def _describe(t) -> str:
+    return f"{(t.dtype, tuple(t.shape))}" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _check_fp32(name: str, t, ndim: int, layout: str, purpose: str = "") -> None:
+    """For the fp32-only ops (the packed GEMM, int8 row scaling): t is a float32 tensor of `ndim` dims."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype != torch.float32:
-        raise TypeError(f"{name} must be float32, got {t.dtype}")
-    if t.dim() != 2:
-        raise ValueError(f"{name} must be 2-D (rows, cols), got shape {tuple(t.shape)}")
+        raise TypeError(f"{name} must be float32{purpose}, got {t.dtype}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {layout}, got shape {tuple(t.shape)}")
+
+
+def _check_fp32_matrix(name: str, t) -> None:
+    _check_fp32(name, t, 2, "2-D (rows, cols)")
+
+
+def _check_fp32_vector(name: str, t, size: int, optional: bool) -> None:
+    if t is None and optional:
+        return
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or tuple(t.shape) != (size,):
+        raise ValueError(f"{name} must be {'None or ' if optional else ''}a float32 tensor of shape ({size},), "
+                         f"got {_describe(t)}")
 
 
 def normalize_rows(x):
@@ -310,12 +318,8 @@ def scale_rows_(y, scale, bias=None):
     _check_fp32_matrix("y", y)
     if not y.is_contiguous():
         raise ValueError("y must be contiguous (it is updated in place)")
-    for name, t, size in (("scale", scale, y.shape[0]), ("bias", bias, y.shape[1])):
-        if t is None and name == "bias":
-            continue
-        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or tuple(t.shape) != (size,):
-            raise ValueError(f"{name} must be a float32 tensor of shape ({size},), got "
-                             f"{(t.dtype, tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    _check_fp32_vector("scale", scale, y.shape[0], optional=False)
+    _check_fp32_vector("bias", bias, y.shape[1], optional=True)
     _check_same("y", y, scale=scale, bias=bias)
     _impl("scale_rows_", y.device)(y, scale, bias)
     return y

@@ -21,7 +21,8 @@ def pack_linear_weight(weight, panel: int = 16):
     return padded.view(n_panels, panel, k).transpose(1, 2).contiguous()
 
 
-def _activate(y, activation):
+def activate(y, activation):
+    """activation(y) for "gelu" (exact erf), "relu" or "none"."""
     return F.gelu(y) if activation == "gelu" else torch.relu(y) if activation == "relu" else y
 
 
@@ -29,7 +30,7 @@ def linear_packed(x, packed_weight, out_features, bias, activation):
     """activation(x @ weight.T + bias) with weight unpacked from pack_linear_weight's layout."""
     n_panels, k, panel = packed_weight.shape
     weight = packed_weight.transpose(1, 2).reshape(n_panels * panel, k)[:out_features]
-    return _activate(F.linear(x, weight, bias), activation)
+    return activate(F.linear(x, weight, bias), activation)
 
 
 def add_layer_norm(x, residual, weight, bias, eps):
@@ -45,7 +46,7 @@ def add_layer_norm(x, residual, weight, bias, eps):
 def bias_act_(x, bias, activation):
     """In place: x = activation(x + bias)."""
     y = x.float() + bias.float()
-    x.copy_(_activate(y, activation))
+    x.copy_(activate(y, activation))
 
 
 def attention(q, k, v, key_padding_mask, softmax_scale):

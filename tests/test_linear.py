@@ -88,10 +88,6 @@ def test_linear_cpp_checks_direct_call():
 # linear_packed
 
 
-def activate(y, activation):
-    return F.gelu(y) if activation == "gelu" else F.relu(y) if activation == "relu" else y
-
-
 @pytest.mark.parametrize("activation", ["none", "gelu", "relu"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("tokens, in_features, out_features", [
@@ -111,7 +107,7 @@ def test_linear_packed_matches_fp64(tokens, in_features, out_features, bias, act
             got = ops.linear_packed(x, packed, out_features, b, activation)
     finally:
         torch.set_num_threads(previous)
-    ref = activate(F.linear(x.double(), weight.double(), None if b is None else b.double()), activation)
+    ref = reference.activate(F.linear(x.double(), weight.double(), None if b is None else b.double()), activation)
     assert got.shape == (tokens, out_features) and got.is_contiguous()
     # fp32 GEMM vs fp64: rounding grows with the reduction length
     assert (got.double() - ref).abs().max() <= 1e-5 * in_features ** 0.5 * ref.abs().max().clamp_min(1)
@@ -138,6 +134,8 @@ def test_linear_packed_empty_and_no_reduction():
     packed = ops.pack_linear_weight(torch.randn(6, 0))  # in_features 0: x @ W^T is 0, out = act(bias)
     bias = torch.randn(6)
     assert torch.equal(ops.linear_packed(torch.randn(3, 0), packed, 6, bias, "relu"), F.relu(bias).expand(3, 6))
+    got = ops.linear_packed(torch.randn(3, 0), packed, 6, bias, "gelu")  # the kernel's own epilogue ran
+    assert torch.allclose(got, F.gelu(bias).expand(3, 6), atol=1e-6, rtol=0)
     assert ops.linear_packed(torch.randn(0, 4), ops.pack_linear_weight(torch.randn(6, 4)), 6).shape == (0, 6)
 
 
