@@ -26,7 +26,8 @@ import warnings
 import torch
 
 from . import ops
-from .modules import DerivedWeights, FusedBlock
+from .gemms import DerivedWeights
+from .modules import FusedBlock
 
 ACTIVATION_MODES = ("per_token", "per_tensor")
 _INT8_NAMES = ("int8", "qint8")
@@ -57,7 +58,7 @@ def _packed(linears, with_bias: bool) -> DerivedWeights:
 
 
 class Int8Gemms:
-    """The block's four GEMMs as FBGEMM dynamic int8 linears; the same methods as modules.DenseGemms.
+    """The block's four GEMMs as FBGEMM dynamic int8 linears; the same methods as gemms.DenseGemms.
     Inputs and outputs are fp32 (tokens, features)."""
 
     def __init__(self, parts, activations: str = "per_token"):
