@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from . import ops
+from . import dispatch, ops
 
 
 class DerivedWeights:
@@ -56,8 +56,7 @@ class DenseGemms:
 
     @staticmethod
     def _use_packed(x) -> bool:
-        return (x.dtype == torch.float32 and not torch.compiler.is_compiling()
-                and ops.backend_for(x.device) == "cpp")
+        return not torch.compiler.is_compiling() and dispatch.has_kernel("linear_packed", x)
 
     def _packed(self, name, x, activation="none"):
         packed, bias = self.packed[name].get()

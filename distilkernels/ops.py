@@ -1,6 +1,7 @@
-"""Functional API of distilkernels: one entry point per op, dispatched through one table.
+"""Functional API of distilkernels: one entry point per op.
 
-Which implementation runs is decided in one place, `backend_for(device)`:
+Each op checks its arguments once, here, before dispatch (distilkernels/_checks.py: the same error on every
+backend), then runs the implementation that distilkernels.dispatch picks for its tensors' device:
 
     CPU tensors  -> "cpp"    (the C++ extension, torch.ops.distilkernels.*)
     CUDA tensors -> "triton" (Triton kernels, torch.ops.distilkernels_triton.*)
@@ -11,134 +12,26 @@ for tests and comparisons; `triton` on CPU tensors needs `TRITON_INTERPRET=1` se
 """
 from __future__ import annotations
 
-import contextlib
-import os
-from typing import Callable
-
 import torch
 
-from . import reference
+from . import dispatch
+from ._checks import (FLOAT_DTYPES as _FLOAT_DTYPES, check_activation as _check_activation,
+                      check_contiguous as _check_contiguous, check_cu_seqlens as _check_cu_seqlens,
+                      check_float as _check_float, check_fp32 as _check_fp32,
+                      check_fp32_matrix as _check_fp32_matrix, check_fp32_vector as _check_fp32_vector,
+                      check_key_padding_mask as _check_key_padding_mask, check_last_dim as _check_last_dim,
+                      check_qkv as _check_qkv, check_same as _check_same, check_vector as _check_vector,
+                      describe as _describe)
 from ._ext import extension_error, load_extension
+# The dispatch names callers and tests use through this module.
+from .dispatch import (BACKENDS, OPS, _TABLE, backend_for, backend_unavailable_reason, force_backend,  # noqa: F401
+                       has_kernel, register_impl, triton_error)
 
-BACKENDS = ("cpp", "triton", "torch")
 ACTIVATIONS = ("gelu", "relu")
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-# (op, backend) -> callable with the op's positional signature (see csrc/ops.cpp for the schemas).
-_TABLE: dict[tuple[str, str], Callable] = {}
 
 
-def register_impl(op: str, backend: str, fn: Callable) -> None:
-    _TABLE[(op, backend)] = fn
-
-
-OPS = ("linear", "pack_linear_weight", "linear_packed", "add_layer_norm", "bias_act_", "attention", "varlen_attention", "normalize_rows", "scale_rows_")
-for _op in OPS:
-    register_impl(_op, "torch", getattr(reference, _op))
-    register_impl(_op, "cpp", lambda *args, _op=_op: getattr(torch.ops.distilkernels, _op)(*args))
-
-
-def _env_backend() -> str | None:
-    name = os.environ.get("DISTILKERNELS_BACKEND") or None
-    if name is not None and name not in BACKENDS:
-        raise ValueError(f"DISTILKERNELS_BACKEND must be one of {BACKENDS}, got {name!r}")
-    return name
-
-
-_forced: str | None = _env_backend()
-
-
-@contextlib.contextmanager
-def force_backend(name: str | None):
-    """Run every op on backend `name` ("cpp", "triton", "torch"; None = automatic) inside the block."""
-    global _forced
-    if name is not None and name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
-    previous, _forced = _forced, name
-    try:
-        yield
-    finally:
-        _forced = previous
-
-
-def triton_error() -> str | None:
-    """Why the Triton backend is unavailable (None when it can run)."""
-    from .triton import availability_error  # local: importing triton is slow and optional
-
-    return availability_error()
-
-
-def backend_unavailable_reason(backend: str, device: torch.device) -> str | None:
-    if backend == "torch":
-        return None
-    if backend == "cpp":
-        if device.type != "cpu":
-            return f"the C++ backend runs on CPU tensors, got a {device.type} tensor"
-        err = extension_error()
-        return None if err is None else f"the C++ extension did not load ({err})"
-    err = triton_error()
-    if err is not None:
-        return err
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        return "Triton kernels run on CPU tensors only under its interpreter (TRITON_INTERPRET=1)"
-    return None
-
-
-def backend_for(device: torch.device) -> str:
-    """The backend that ops run on for tensors on `device`."""
-    if _forced is not None:
-        return _forced
-    if device.type == "cuda":
-        return "triton" if triton_error() is None else "torch"
-    if device.type == "cpu":
-        return "cpp" if load_extension() is not None else "torch"
-    return "torch"
-
-
-def _impl(op: str, device: torch.device) -> Callable:
-    backend = backend_for(device)
-    if backend == "triton" and (op, backend) not in _TABLE:
-        import distilkernels.triton  # noqa: F401  (registers its implementations)
-    why = backend_unavailable_reason(backend, device) if _forced is not None else None
-    if why is not None:
-        raise RuntimeError(f"distilkernels: backend {backend!r} was forced but cannot run: {why}")
-    return _TABLE[(op, backend)]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Argument checks shared by every backend: bad input gets an error naming the argument, before any kernel.
-
-
-def _check_float(name: str, t) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
-
-
-def _check_same(ref_name: str, ref: torch.Tensor, **others) -> None:
-    for name, t in others.items():
-        if t is None:
-            continue
-        if t.device != ref.device:
-            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}: all tensors must share a device")
-        if t.dtype != ref.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}: dtypes must match")
-
-
-def _check_qkv(q, k, v, layout: str, ndim: int) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_float(name, t)
-        if t.dim() != ndim:
-            raise ValueError(f"{name} must be {layout} ({ndim} dims), got shape {tuple(t.shape)}")
-        if t.stride(-1) != 1:
-            raise ValueError(f"{name} must have a unit stride in its last (head_dim) dimension, got {t.stride()}")
-    if not (q.shape == k.shape == v.shape):
-        raise ValueError(f"q, k, v must have one shape {layout}, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    _check_same("q", q, k=k, v=v)
-    head_dim = q.shape[-1]
-    if not 1 <= head_dim <= 256:
-        raise ValueError(f"head_dim (last dim of q) must be in 1..256, got {head_dim}")
+def _impl(op: str, device: torch.device):
+    return dispatch.lookup(op, device)
 
 
 def _scale(softmax_scale, head_dim: int) -> float:
@@ -187,9 +80,10 @@ def linear_packed(x, packed_weight, out_features: int, bias=None, activation: st
     if in_features != x.shape[1] or n_panels != -(-out_features // panel):
         raise ValueError(f"packed_weight {tuple(packed_weight.shape)} does not hold a ({out_features}, {x.shape[1]}) "
                          "weight: pack it with pack_linear_weight(weight)")
+    if not packed_weight.is_contiguous():
+        raise ValueError(f"packed_weight must be contiguous, got strides {packed_weight.stride()}")
     _check_fp32_vector("bias", bias, out_features, optional=True)
-    if activation not in ("none",) + ACTIVATIONS:
-        raise ValueError(f"activation must be one of {('none',) + ACTIVATIONS}, got {activation!r}")
+    _check_activation(activation, ("none",) + ACTIVATIONS)
     _check_same("x", x, packed_weight=packed_weight, bias=bias)
     return _impl("linear_packed", x.device)(x, packed_weight, out_features, bias, activation)
 
@@ -201,17 +95,14 @@ def add_layer_norm(x, residual, weight, bias, eps: float = 1e-12, return_stats: 
     Returns out shaped like x, or (out, mean, rstd) with mean/rstd (x.shape[:-1]) fp32 if return_stats.
     """
     _check_float("x", x)
+    _check_last_dim("x", x, "(..., dim)", "dim")
     if residual is not None:
         _check_float("residual", residual)
+        _check_same("x", x, residual=residual)
         if residual.shape != x.shape:
             raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
-    for name, p in (("weight", weight), ("bias", bias)):
-        if not isinstance(p, torch.Tensor) or p.dim() != 1 or p.shape[0] != x.shape[-1]:
-            raise ValueError(f"{name} must be a 1-D tensor of size dim={x.shape[-1]}, got "
-                             f"{tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__}")
-        if p.device != x.device:
-            raise ValueError(f"{name} is on {p.device} but x is on {x.device}: all tensors must share a device")
-    _check_same("x", x, residual=residual)
+    _check_vector("weight", weight, x.shape[-1], "x", x)
+    _check_vector("bias", bias, x.shape[-1], "x", x)
     out, mean, rstd = _impl("add_layer_norm", x.device)(x, residual, weight, bias, float(eps))
     return (out, mean, rstd) if return_stats else out
 
@@ -220,14 +111,11 @@ def bias_act_(x, bias, activation: str = "gelu"):
     """In place: x = activation(x + bias). x: (..., hidden_dim) contiguous; bias: (hidden_dim,).
     activation: "gelu" (exact, erf) or "relu". Returns x."""
     _check_float("x", x)
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if not x.is_contiguous():
-        raise ValueError("x must be contiguous (it is updated in place)")
-    if not isinstance(bias, torch.Tensor) or bias.dim() != 1 or bias.shape[0] != x.shape[-1]:
-        raise ValueError(f"bias must be a 1-D tensor of size {x.shape[-1]} (x's last dim), got "
-                         f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+    _check_last_dim("x", x, "(..., hidden_dim)", "hidden_dim")
+    _check_contiguous("x", x)
+    _check_vector("bias", bias, x.shape[-1], "x", x)
     _check_same("x", x, bias=bias)
+    _check_activation(activation, ACTIVATIONS)
     _impl("bias_act_", x.device)(x, bias, activation)
     return x
 
@@ -242,15 +130,7 @@ def attention(q, k, v, key_padding_mask=None, softmax_scale=None, return_lse: bo
     return_lse. Queries with no key to attend get zeros.
     """
     _check_qkv(q, k, v, "(batch, seqlen, n_heads, head_dim)", 4)
-    if key_padding_mask is not None:
-        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
-            raise TypeError("key_padding_mask must be a bool tensor (True = attend), got "
-                            f"{getattr(key_padding_mask, 'dtype', type(key_padding_mask).__name__)}")
-        if tuple(key_padding_mask.shape) != (q.shape[0], q.shape[1]):
-            raise ValueError(f"key_padding_mask must be (batch, seqlen) = {(q.shape[0], q.shape[1])}, got "
-                             f"{tuple(key_padding_mask.shape)}")
-        if key_padding_mask.device != q.device:
-            raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
+    _check_key_padding_mask(key_padding_mask, q)
     out, lse = _impl("attention", q.device)(q, k, v, key_padding_mask, _scale(softmax_scale, q.shape[-1]))
     return (out, lse) if return_lse else out
 
@@ -259,50 +139,18 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale=None, r
     """Attention within each of several packed sequences (no padding anywhere).
 
     q, k, v: (total_tokens, n_heads, head_dim); cu_seqlens: (batch + 1,) int32, cu_seqlens[0] = 0,
-    non-decreasing, cu_seqlens[-1] = total_tokens; max_seqlen: the longest sequence length.
+    non-decreasing, cu_seqlens[-1] = total_tokens; max_seqlen: >= the longest sequence length.
+    cu_seqlens' values are checked on CPU; on a GPU only with DISTILKERNELS_CHECK_CU_SEQLENS=1 (a debug switch:
+    the check copies cu_seqlens to the host and waits for the device), so there wrong values are the caller's
+    responsibility.
     Returns out (total_tokens, n_heads, head_dim) contiguous, and lse (n_heads, total_tokens) fp32 if
     return_lse.
     """
     _check_qkv(q, k, v, "(total_tokens, n_heads, head_dim)", 3)
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
-        raise TypeError("cu_seqlens must be a 1-D int32 tensor (batch + 1,), got "
-                        f"{getattr(cu_seqlens, 'dtype', type(cu_seqlens).__name__)} "
-                        f"{tuple(getattr(cu_seqlens, 'shape', ()))}")
-    if cu_seqlens.shape[0] < 2:
-        raise ValueError("cu_seqlens must hold at least 2 entries (batch + 1)")
-    if cu_seqlens.device != q.device:
-        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
-    if int(max_seqlen) < 0:
-        raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
-    out, lse = _impl("varlen_attention", q.device)(q, k, v, cu_seqlens, int(max_seqlen),
+    max_seqlen = _check_cu_seqlens(cu_seqlens, max_seqlen, q.shape[0], q)
+    out, lse = _impl("varlen_attention", q.device)(q, k, v, cu_seqlens, max_seqlen,
                                                    _scale(softmax_scale, q.shape[-1]))
     return (out, lse) if return_lse else out
-
-
-def _describe(t) -> str:
-    return f"{(t.dtype, tuple(t.shape))}" if isinstance(t, torch.Tensor) else type(t).__name__
-
-
-def _check_fp32(name: str, t, ndim: int, layout: str, purpose: str = "") -> None:
-    """For the fp32-only ops (the packed GEMM, int8 row scaling): t is a float32 tensor of `ndim` dims."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype != torch.float32:
-        raise TypeError(f"{name} must be float32{purpose}, got {t.dtype}")
-    if t.dim() != ndim:
-        raise ValueError(f"{name} must be {layout}, got shape {tuple(t.shape)}")
-
-
-def _check_fp32_matrix(name: str, t) -> None:
-    _check_fp32(name, t, 2, "2-D (rows, cols)")
-
-
-def _check_fp32_vector(name: str, t, size: int, optional: bool) -> None:
-    if t is None and optional:
-        return
-    if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or tuple(t.shape) != (size,):
-        raise ValueError(f"{name} must be {'None or ' if optional else ''}a float32 tensor of shape ({size},), "
-                         f"got {_describe(t)}")
 
 
 def normalize_rows(x):
@@ -316,8 +164,7 @@ def scale_rows_(y, scale, bias=None):
     """In place, after the GEMM: y = y * scale[:, None] + bias. y: (rows, cols) float32 contiguous;
     scale: (rows,) float32; bias: (cols,) float32 or None. Returns y."""
     _check_fp32_matrix("y", y)
-    if not y.is_contiguous():
-        raise ValueError("y must be contiguous (it is updated in place)")
+    _check_contiguous("y", y)
     _check_fp32_vector("scale", scale, y.shape[0], optional=False)
     _check_fp32_vector("bias", bias, y.shape[1], optional=True)
     _check_same("y", y, scale=scale, bias=bias)
