@@ -211,7 +211,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
   if (key_padding_mask.has_value()) {
     mask = *key_padding_mask;
     check_cpu(mask, "key_padding_mask");
-    TORCH_CHECK(mask.scalar_type() == at::kBool, "key_padding_mask must be bool (True = attend), got ",
+    TORCH_CHECK(mask.scalar_type() == at::kBool, "key_padding_mask must be a bool tensor (True = attend), got ",
                 mask.scalar_type());
     TORCH_CHECK(mask.dim() == 2 && mask.size(0) == batch && mask.size(1) == seqlen,
                 "key_padding_mask must be (batch, seqlen) = (", batch, ", ", seqlen, "), got ", mask.sizes());
@@ -251,10 +251,10 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_cpu(const at::Tensor& q, con
                                                         int64_t max_seqlen, double softmax_scale) {
   check_qkv(q, k, v, 3, "(total_tokens, n_heads, head_dim)");
   check_cpu(cu_seqlens, "cu_seqlens");
-  TORCH_CHECK(cu_seqlens.scalar_type() == at::kInt && cu_seqlens.dim() == 1 && cu_seqlens.size(0) >= 2,
-              "cu_seqlens must be a 1-D int32 tensor (batch + 1,) with at least 2 entries, got ",
-              cu_seqlens.scalar_type(), " of shape ", cu_seqlens.sizes());
-  TORCH_CHECK(max_seqlen >= 0, "max_seqlen must be >= 0, got ", max_seqlen);
+  TORCH_CHECK(cu_seqlens.scalar_type() == at::kInt, "cu_seqlens must be int32, got ", cu_seqlens.scalar_type());
+  TORCH_CHECK(cu_seqlens.dim() == 1 && cu_seqlens.size(0) >= 2,
+              "cu_seqlens must be a 1-D tensor (batch + 1,) with at least 2 entries, got shape ", cu_seqlens.sizes());
+  TORCH_CHECK(max_seqlen >= 0, "max_seqlen must be an int >= 0, got ", max_seqlen);
   const int64_t total = q.size(0), n_heads = q.size(1), head_dim = q.size(2);
   const at::Tensor cu = cu_seqlens.contiguous();
   const int32_t* bounds = cu.const_data_ptr<int32_t>();
@@ -264,6 +264,9 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_cpu(const at::Tensor& q, con
     TORCH_CHECK(bounds[i + 1] >= bounds[i], "cu_seqlens must be non-decreasing, but cu_seqlens[", i + 1, "] = ",
                 bounds[i + 1], " < cu_seqlens[", i, "] = ", bounds[i]);
   TORCH_CHECK(bounds[n_seq] == total, "cu_seqlens[-1] must equal total_tokens = ", total, ", got ", bounds[n_seq]);
+  for (int64_t i = 0; i < n_seq; ++i)
+    TORCH_CHECK(bounds[i + 1] - bounds[i] <= max_seqlen, "max_seqlen must be >= the longest sequence (",
+                bounds[i + 1] - bounds[i], " or longer), got ", max_seqlen);
 
   at::Tensor out = cached_empty({total, n_heads, head_dim}, q.options());
   at::Tensor lse = cached_empty({n_heads, total}, q.options().dtype(at::kFloat));

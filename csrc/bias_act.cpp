@@ -43,7 +43,7 @@ void bias_act_cpu(const at::Tensor& x, const at::Tensor& bias, c10::string_view 
   else if (activation == "relu")
     act = cpu::Activation::kRelu;
   else
-    TORCH_CHECK(false, "activation must be \"gelu\" or \"relu\", got \"", std::string(activation), "\"");
+    TORCH_CHECK(false, "activation must be one of ('gelu', 'relu'), got '", std::string(activation), "'");
 
   const int64_t hidden_dim = x.size(-1);
   const at::Tensor b32 = bias.to(at::kFloat).contiguous();

@@ -1,4 +1,6 @@
 // Argument checks (each failure names the argument and what was expected) and small helpers shared by the CPU ops.
+// The wording is distilkernels/_checks.py's, which runs the same checks before dispatch on every backend; a raw
+// torch.ops.distilkernels.* call gets them here, as RuntimeError.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -14,7 +16,7 @@ inline void check_cpu(const at::Tensor& t, const char* name) {
 inline void check_float(const at::Tensor& t, const char* name) {
   const auto dt = t.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, name,
-              " must be float32, bfloat16 or float16, got ", dt);
+              " must be float32, float16 or bfloat16, got ", dt);
 }
 
 inline void check_same_dtype(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {

@@ -107,7 +107,7 @@ cpu::Activation parse_activation(c10::string_view activation) {
   if (activation == "none") return cpu::Activation::kNone;
   if (activation == "gelu") return cpu::Activation::kGelu;
   if (activation == "relu") return cpu::Activation::kRelu;
-  TORCH_CHECK(false, "activation must be \"none\", \"gelu\" or \"relu\", got \"", std::string(activation), "\"");
+  TORCH_CHECK(false, "activation must be one of ('none', 'gelu', 'relu'), got '", std::string(activation), "'");
 }
 
 at::Tensor linear_packed_cpu(const at::Tensor& x, const at::Tensor& packed_weight, int64_t out_features,
@@ -126,7 +126,7 @@ at::Tensor linear_packed_cpu(const at::Tensor& x, const at::Tensor& packed_weigh
   TORCH_CHECK(packed_weight.size(0) == n_panels && packed_weight.size(1) == k, "packed_weight must be (",
               n_panels, ", ", k, ", ", panel, ") for out_features=", out_features, " and in_features=", k,
               ", got shape ", packed_weight.sizes());
-  TORCH_CHECK(packed_weight.is_contiguous(), "packed_weight must be contiguous");
+  TORCH_CHECK(packed_weight.is_contiguous(), "packed_weight must be contiguous, got strides ", packed_weight.strides());
   if (bias.has_value()) check_fp32_vector(*bias, "bias", out_features);
   const auto act = parse_activation(activation);
   auto out = cached_empty({tokens, out_features}, x.options());
