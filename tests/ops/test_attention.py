@@ -1,0 +1,293 @@
+"""attention and varlen_attention on every backend (cpp, triton, torch) against an fp64 reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distilkernels import ops, reference
+from helpers import (DTYPES, LOW_PRECISION, assert_lowp, cu_seqlens_of, fused_qkv, kernel_of, magnitude,
+                     make_mask, max_err, triton_kernel_runs, ulps)
+
+OPS = torch.ops.distilkernels
+requires_ext = pytest.mark.requires_ext
+
+
+def fp32_out_bound(v: torch.Tensor) -> float:
+    """out is a convex combination of v's rows, so its error is relative to max |v|. The probabilities' relative
+    error is the scores' absolute error: each score sums head_dim rounded products (rounding errors of random
+    sign: ~sqrt(head_dim) roundings of a score of magnitude <= ~10 here), plus ~2 roundings of exp2 and the
+    normalisation over <= 2048 keys (~sqrt(keys) roundings). 128 roundings at max |v| covers all of it on any
+    summation order (AVX-512, AVX2, scalar, the interpreter)."""
+    return ulps(128, magnitude(v))
+
+
+def check_lse(lse, ref_lse):
+    """-inf exactly where the reference has it (rows with no key); elsewhere the fp32 log-sum-exp of scores
+    computed as for out: 128 roundings at the lse's magnitude (at least 1: log of a sum >= 1 term)."""
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite), "rows without keys must have lse -inf, only them"
+    assert (lse[~finite] == float("-inf")).all()
+    if finite.any():
+        assert max_err(lse[finite], ref_lse[finite]) <= ulps(128, max(magnitude(ref_lse[finite]), 1.0))
+
+
+def eager_attention(q, k, v, mask, scale):
+    """Attention as transformers' eager DistilBERT computes it in q's dtype: both matmuls in that dtype,
+    softmax in fp32 and cast back. reference.attention upcasts everything, so its "same-dtype" error is
+    only the final rounding; a kernel that feeds fp16/bf16 probabilities to the P @ V matmul (like
+    FlashAttention) is compared with this too."""
+    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
+    scores = torch.matmul(qh * scale, kh.transpose(-1, -2))
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).nan_to_num(0.0).to(q.dtype)
+    return torch.matmul(probs, vh).transpose(1, 2)
+
+
+def attention_references(q, k, v, mask, scale):
+    """(out64, lse64, [PyTorch's same-dtype outputs]) for q/k/v/mask on any device."""
+    out64, lse64 = reference.attention(q.double(), k.double(), v.double(), mask, scale)
+    same_dtype = [reference.attention(q, k, v, mask, scale)[0], eager_attention(q, k, v, mask, scale)]
+    return out64, lse64, same_dtype
+
+
+def check_out(out, out64, v, same_dtype, interpreter=False):
+    if out.dtype == torch.float32:
+        assert max_err(out, out64) <= fp32_out_bound(v)
+    else:
+        assert_lowp(out, out64, same_dtype, interpreter)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Every backend, through ops.attention / ops.varlen_attention
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mask_kind", ["none", "holey", "left", "right", "empty_row"])
+def test_attention_backends(backend, mask_kind, dtype):
+    q, k, v = fused_qkv(3, 37, 2, 16, dtype, seed=7)
+    mask = make_mask(mask_kind, 3, 37)
+    with kernel_of(backend, "attention"):
+        out, lse = ops.attention(q, k, v, mask, return_lse=True)
+    out64, lse64, same_dtype = attention_references(q, k, v, mask, 16 ** -0.5)
+    assert out.shape == q.shape and out.is_contiguous() and out.dtype == dtype and lse.shape == (3, 2, 37)
+    assert not out.isnan().any()
+    check_out(out, out64, v, same_dtype, interpreter=backend == "triton")
+    check_lse(lse, lse64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_varlen_attention_backends(backend, dtype):
+    lengths = (9, 0, 40, 1)
+    g = torch.Generator().manual_seed(8)
+    q, k, v = torch.randn(sum(lengths), 3, 2, 16, generator=g).to(dtype).unbind(1)
+    cu_seqlens = cu_seqlens_of(lengths)
+    with kernel_of(backend, "varlen_attention"):
+        out, lse = ops.varlen_attention(q, k, v, cu_seqlens, max(lengths), return_lse=True)
+    out64, lse64 = reference.varlen_attention(q.double(), k.double(), v.double(), cu_seqlens, 40, 0.25)
+    same = reference.varlen_attention(q, k, v, cu_seqlens, 40, 0.25)[0]
+    assert out.shape == q.shape and lse.shape == (2, sum(lengths))
+    check_out(out, out64, v, [same], interpreter=backend == "triton")
+    check_lse(lse, lse64)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# cpp: the C++ kernels called directly (torch.ops.distilkernels.*)
+
+
+def attention_ref64(q, k, v, mask, scale):
+    return reference.attention(q.double(), k.double(), v.double(), mask, scale)
+
+
+@requires_ext
+@pytest.mark.parametrize("batch,seqlen", [(1, 1), (3, 7), (1, 127), (3, 129), (1, 512)])
+@pytest.mark.parametrize("head_dim", [8, 32, 64, 128])
+@pytest.mark.parametrize("mask_kind", [None, "holey", "left", "right"])
+def test_cpp_attention_fp32(batch, seqlen, head_dim, mask_kind):
+    q, k, v = fused_qkv(batch, seqlen, 2, head_dim)
+    mask = make_mask(mask_kind, batch, seqlen)
+    out, lse = OPS.attention(q, k, v, mask, head_dim ** -0.5)
+    ref_out, ref_lse = attention_ref64(q, k, v, mask, head_dim ** -0.5)
+    assert out.is_contiguous() and out.shape == q.shape and lse.shape == (batch, 2, seqlen)
+    assert not out.isnan().any()
+    assert max_err(out, ref_out) <= fp32_out_bound(v)
+    check_lse(lse, ref_lse)
+
+
+@requires_ext
+def test_cpp_attention_fully_masked_rows():
+    q, k, v = fused_qkv(2, 9, 3, 16)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1] = False
+    out, lse = OPS.attention(q, k, v, mask, 0.25)
+    assert (out[1] == 0).all() and (lse[1] == float("-inf")).all()
+    assert not out.isnan().any() and torch.isfinite(lse[0]).all()
+
+
+@requires_ext
+def test_cpp_attention_long_sequence():
+    """2048 keys: several key blocks, online softmax rescaling across them."""
+    q, k, v = fused_qkv(1, 2048, 1, 64)
+    mask = make_mask("holey", 1, 2048)
+    out, lse = OPS.attention(q * 3, k, v, mask, 0.125)  # sharper softmax: the running max changes often
+    ref_out, ref_lse = attention_ref64(q * 3, k, v, mask, 0.125)
+    assert max_err(out, ref_out) <= fp32_out_bound(v)
+    check_lse(lse, ref_lse)
+
+
+@requires_ext
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("head_dim", [8, 64])
+@pytest.mark.parametrize("mask_kind", [None, "holey"])
+def test_cpp_attention_low_precision(dtype, head_dim, mask_kind):
+    q, k, v = fused_qkv(2, 129, 3, head_dim, dtype=dtype)
+    mask = make_mask(mask_kind, 2, 129)
+    out, lse = OPS.attention(q, k, v, mask, head_dim ** -0.5)
+    ref_out, ref_lse = attention_ref64(q, k, v, mask, head_dim ** -0.5)
+    sdpa_mask = None if mask is None else mask[:, None, None, :]
+    torch_out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), attn_mask=sdpa_mask)
+    assert out.dtype == dtype
+    assert_lowp(out, ref_out, [torch_out.transpose(1, 2)])
+    check_lse(lse, ref_lse)  # fp32 math on exactly representable inputs: fp32-level error
+
+
+@requires_ext
+def test_cpp_attention_strided_and_contiguous_agree():
+    q, k, v = fused_qkv(3, 33, 4, 32)
+    mask = make_mask("holey", 3, 33)
+    strided = OPS.attention(q, k, v, mask, 0.2)
+    dense = OPS.attention(q.contiguous(), k.contiguous(), v.contiguous(), mask, 0.2)
+    assert torch.equal(strided[0], dense[0]) and torch.equal(strided[1], dense[1])
+
+
+@requires_ext
+@pytest.mark.parametrize("lengths", [[1], [7, 0, 129], [64, 65, 3, 512]])
+@pytest.mark.parametrize("head_dim", [8, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_varlen_attention(lengths, head_dim, dtype):
+    total, n_heads = sum(lengths), 3
+    gen = torch.Generator().manual_seed(5)
+    qkv = torch.randn(total, 3, n_heads, head_dim, generator=gen).to(dtype)
+    q, k, v = qkv.unbind(1)  # strided (total, n_heads, head_dim) views
+    cu_seqlens = cu_seqlens_of(lengths)
+    out, lse = OPS.varlen_attention(q, k, v, cu_seqlens, max(lengths), head_dim ** -0.5)
+    ref_out, ref_lse = reference.varlen_attention(q.double(), k.double(), v.double(), cu_seqlens, max(lengths),
+                                                  head_dim ** -0.5)
+    assert out.shape == q.shape and lse.shape == (n_heads, total)
+    if dtype == torch.float32:
+        assert max_err(out, ref_out) <= fp32_out_bound(v)
+    else:  # fp32 math, one rounding to bf16 at the end (PyTorch's reference in bf16 does the same)
+        assert_lowp(out, ref_out, [reference.varlen_attention(q, k, v, cu_seqlens, max(lengths), head_dim ** -0.5)[0]])
+    check_lse(lse, ref_lse)
+
+
+@requires_ext
+def test_cpp_varlen_matches_padded():
+    """The same sequences padded into a batch give the same numbers: one kernel core serves both ops."""
+    q, k, v = fused_qkv(2, 40, 2, 32)
+    lengths = [40, 23]
+    mask = torch.arange(40)[None, :] < torch.tensor(lengths)[:, None]
+    out, _ = OPS.attention(q, k, v, mask, 0.3)
+    packed = [torch.cat([t[0, :40], t[1, :23]]) for t in (q, k, v)]
+    vout, _ = OPS.varlen_attention(*packed, cu_seqlens_of(lengths), 40, 0.3)
+    assert torch.equal(vout[:40], out[0]) and torch.equal(vout[40:], out[1, :23])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# triton: on CPU tensors under the interpreter, and on a GPU at DistilBERT's real sizes (requires_cuda)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mask_kind", ["none", "holey", "left", "empty_row"])
+@pytest.mark.parametrize("batch, seqlen, n_heads, head_dim",
+                         [(1, 1, 4, 16), (3, 7, 2, 8), (2, 127, 1, 32), (1, 129, 3, 64)])
+def test_triton_attention(device, batch, seqlen, n_heads, head_dim, mask_kind, dtype):
+    q, k, v = fused_qkv(batch, seqlen, n_heads, head_dim, dtype, device)
+    mask = make_mask(mask_kind, batch, seqlen, device)
+    with triton_kernel_runs("attention"):
+        out, lse = ops.attention(q, k, v, mask, return_lse=True)
+    out64, lse64, same_dtype = attention_references(q, k, v, mask, head_dim ** -0.5)
+    assert out.shape == q.shape and out.is_contiguous() and lse.shape == (batch, n_heads, seqlen)
+    assert not out.isnan().any()
+    check_out(out, out64, v, same_dtype, interpreter=device.type == "cpu")
+    check_lse(lse, lse64)
+    if mask_kind == "empty_row":
+        assert (out[0] == 0).all(), "a query with no key to attend must get zeros"
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "heads_major"])
+def test_triton_attention_layouts(device, layout):
+    """q/k/v that are not views of one fused tensor: separate contiguous tensors, and (batch, n_heads,
+    seqlen, head_dim) storage seen as (batch, seqlen, n_heads, head_dim)."""
+    batch, seqlen, n_heads, head_dim = 2, 33, 3, 16
+    g = torch.Generator().manual_seed(1)
+    shape = (batch, seqlen, n_heads, head_dim) if layout == "contiguous" else (batch, n_heads, seqlen, head_dim)
+    q, k, v = (torch.randn(shape, generator=g).to(device) for _ in range(3))
+    if layout == "heads_major":
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    mask = make_mask("holey", batch, seqlen, device)
+    with triton_kernel_runs("attention"):
+        out, lse = ops.attention(q, k, v, mask, softmax_scale=0.3, return_lse=True)
+    out64, lse64, same_dtype = attention_references(q, k, v, mask, 0.3)
+    check_out(out, out64, v, same_dtype)
+    check_lse(lse, lse64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_heads, head_dim", [(1, 8), (2, 64)])
+@pytest.mark.parametrize("seqlens", [(1, 17, 50), (5, 0, 3), (0,)])
+def test_triton_varlen_attention(device, seqlens, n_heads, head_dim, dtype):
+    total = sum(seqlens)
+    cu_seqlens = cu_seqlens_of(seqlens, device)
+    g = torch.Generator().manual_seed(2)
+    qkv = torch.randn(total, 3, n_heads, head_dim, generator=g).to(device=device, dtype=dtype)
+    q, k, v = qkv.unbind(1)  # strided views: token stride 3 * n_heads * head_dim
+    scale = head_dim ** -0.5
+    with triton_kernel_runs("varlen_attention") if total else ops.force_backend("triton"):
+        out, lse = ops.varlen_attention(q, k, v, cu_seqlens, max(seqlens), return_lse=True)
+    out64, lse64 = reference.varlen_attention(q.double(), k.double(), v.double(), cu_seqlens, max(seqlens), scale)
+    same_dtype = [reference.varlen_attention(q, k, v, cu_seqlens, max(seqlens), scale)[0]]
+    for start, end in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
+        if end > start:
+            same_dtype.append(torch.cat([same_dtype[0][:start],
+                                         eager_attention(q[None, start:end], k[None, start:end],
+                                                         v[None, start:end], None, scale)[0],
+                                         same_dtype[0][end:]]))
+    assert out.shape == q.shape and lse.shape == (n_heads, total)
+    check_out(out, out64, v, same_dtype, interpreter=device.type == "cpu")
+    check_lse(lse, lse64)
+
+
+def test_triton_varlen_matches_padded(device):
+    """Packed sequences give what the padded batch with a right-padding mask gives, token for token."""
+    seqlens, n_heads, head_dim = (9, 40, 23), 2, 32
+    q, k, v = fused_qkv(len(seqlens), max(seqlens), n_heads, head_dim, torch.float32, device, seed=3)
+    mask = torch.arange(max(seqlens), device=device)[None, :] < torch.tensor(seqlens, device=device)[:, None]
+    with triton_kernel_runs("attention"), triton_kernel_runs("varlen_attention"):
+        padded = ops.attention(q, k, v, mask)
+        packed = ops.varlen_attention(q[mask], k[mask], v[mask], cu_seqlens_of(seqlens, device), max(seqlens))
+    # one tile loop, but the padded launch visits masked key blocks the packed one skips: rounding may differ
+    assert max_err(packed, padded[mask]) <= fp32_out_bound(v)
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("seqlen", [128, 512])
+def test_triton_real_sizes(device, seqlen, dtype):
+    """distilbert-base at batch 32: 12 heads of 64, dim 768, hidden_dim 3072."""
+    batch, n_heads, head_dim = 32, 12, 64
+    q, k, v = fused_qkv(batch, seqlen, n_heads, head_dim, dtype, device)
+    mask = make_mask("holey", batch, seqlen, device)
+    with triton_kernel_runs("attention"):
+        out, lse = ops.attention(q, k, v, mask, return_lse=True)
+    out64, lse64, same_dtype = attention_references(q, k, v, mask, head_dim ** -0.5)
+    assert_lowp(out, out64, same_dtype)
+    check_lse(lse, lse64)
+
+    x = torch.randn(batch, seqlen, 768, device=device, dtype=dtype)
+    weight, bias = torch.randn(768, device=device, dtype=dtype), torch.randn(768, device=device, dtype=dtype)
+    with triton_kernel_runs("add_layer_norm"):
+        ln = ops.add_layer_norm(x, out.flatten(2), weight, bias, 1e-12)
+    ln64 = reference.add_layer_norm(x.double(), out.flatten(2).double(), weight.double(), bias.double(), 1e-12)[0]
+    assert_lowp(ln, ln64, [reference.add_layer_norm(x, out.flatten(2), weight, bias, 1e-12)[0]])

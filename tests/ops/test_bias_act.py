@@ -1,0 +1,110 @@
+"""bias_act_ (in place: x = activation(x + bias)) on every backend against an fp64 reference.
+
+fp32 bound: y = x + bias rounds identically in every implementation, so the reference is the fp64 activation
+of that fp32 y. GELU(y) = y/2 * (1 + erf(y / sqrt 2)): the kernels' erf is a fitted polynomial with max
+absolute error ~1.2e-7 (~2 roundings), which y/2 scales to ~1 rounding of |y|; the remaining multiplies and
+adds round ~3 times at |out| <= |y|. 6 roundings at max |y| covers it on every instruction set (ReLU is exact).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distilkernels import ops, reference
+from helpers import DTYPES, LOW_PRECISION, assert_lowp, kernel_of, magnitude, max_err, triton_kernel_runs, ulps
+
+OPS = torch.ops.distilkernels
+requires_ext = pytest.mark.requires_ext
+
+
+def fp32_bound(y: torch.Tensor) -> float:
+    return ulps(6, magnitude(y))
+
+
+def act64(y, activation):
+    return F.gelu(y.double()) if activation == "gelu" else torch.relu(y.double())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+def test_bias_act_backends(backend, activation, dtype):
+    g = torch.Generator().manual_seed(10)
+    x = (torch.randn(6, 129, generator=g) * 4).to(dtype)
+    bias = torch.randn(129, generator=g).to(dtype)
+    y = (x.float() + bias.float())
+    ref64 = act64(y if dtype == torch.float32 else x.double() + bias.double(), activation)
+    same_dtype = x.clone()
+    reference.bias_act_(same_dtype, bias, activation)
+    out = x.clone()
+    with kernel_of(backend, "bias_act_"):
+        returned = ops.bias_act_(out, bias, activation)
+    assert returned is out
+    if dtype == torch.float32:
+        assert max_err(out, ref64) <= fp32_bound(y)
+    else:
+        assert_lowp(out, ref64, [same_dtype], interpreter=backend == "triton")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# cpp
+
+
+@requires_ext
+@pytest.mark.parametrize("shape", [(1, 7), (5, 3072), (3, 2, 37)])
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+def test_cpp_bias_act_fp32(shape, activation):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, generator=gen) * 4  # covers both erf branches (|x| < 0.75 and beyond) and the tails
+    bias = torch.randn(shape[-1], generator=gen)
+    y = x + bias
+    out = x.clone()
+    OPS.bias_act_(out, bias, activation)
+    assert max_err(out, act64(y, activation)) <= fp32_bound(y)
+
+
+@requires_ext
+def test_cpp_gelu_wide_range():
+    x = torch.linspace(-20, 20, 100_003)
+    y = x.clone()
+    OPS.bias_act_(y, torch.zeros(100_003), "gelu")
+    assert max_err(y, F.gelu(x.double())) <= fp32_bound(x)
+    assert not y.isnan().any()
+
+
+@requires_ext
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+def test_cpp_bias_act_low_precision(dtype, activation):
+    gen = torch.Generator().manual_seed(4)
+    x, bias = (torch.randn(9, 3072, generator=gen) * 3).to(dtype), torch.randn(3072, generator=gen).to(dtype)
+    act = F.gelu if activation == "gelu" else torch.relu
+    ref = act(x.double() + bias.double())
+    y = x.clone()
+    OPS.bias_act_(y, bias, activation)
+    assert_lowp(y, ref, [act(x + bias)])  # ours rounds once (fp32 math), torch rounds x + b too
+
+
+# ----------------------------------------------------------------------------------------------------------
+# triton
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+@pytest.mark.parametrize("rows, hidden_dim", [(1, 1), (5, 37), (4, 3072)])
+def test_triton_bias_act_(device, rows, hidden_dim, activation, dtype):
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(rows, hidden_dim, generator=g) * 3).to(device=device, dtype=dtype)
+    bias = torch.randn(hidden_dim, generator=g).to(device=device, dtype=dtype)
+    ref64, same_dtype = x.double(), x.clone()
+    reference.bias_act_(ref64, bias.double(), activation)
+    reference.bias_act_(same_dtype, bias, activation)
+    y = x.float() + bias.float()
+    storage = x.data_ptr()
+    with triton_kernel_runs("bias_act_"):
+        returned = ops.bias_act_(x, bias, activation)
+    assert returned is x and x.data_ptr() == storage, "bias_act_ must update x in place"
+    if dtype == torch.float32:
+        assert max_err(x, ref64) <= fp32_bound(y)
+    else:
+        assert_lowp(x, ref64, [same_dtype], interpreter=device.type == "cpu")

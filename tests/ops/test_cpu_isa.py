@@ -1,0 +1,109 @@
+"""The C++ kernels on every instruction set this CPU has.
+
+The extension picks its inner loops once per process (csrc/vec.h): AVX-512, AVX2+FMA or baseline x86-64, capped
+by DISTILKERNELS_ISA=avx2|scalar. The in-process op tests run on the best one (their ids say which: cpp-avx512);
+test_cpp_op_tests_under_isa reruns every cpp case of the op files in a fresh process per lower instruction set,
+so an AVX-512 machine also tests what an AVX2-only CPU (AMD EPYC in CI) and a baseline x86-64 CPU run.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from distilkernels._ext import load_extension
+
+pytestmark = pytest.mark.requires_ext
+
+ISAS = ("avx512", "avx2", "scalar")  # best first
+OP_TEST_FILES = ("test_attention.py", "test_layer_norm.py", "test_bias_act.py", "test_row_scale.py",
+                 "test_bad_input.py", "test_dispatch.py")
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def best_isa() -> str:
+    flags = cpu_flags()
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        return "avx512"
+    if {"avx2", "fma"} <= flags:
+        return "avx2"
+    return "scalar"
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="needs /proc/cpuinfo")
+@pytest.mark.skipif("DISTILKERNELS_ISA" in os.environ, reason="DISTILKERNELS_ISA caps the choice")
+def test_vector_isa_is_the_best_available():
+    assert load_extension().vector_isa() == best_isa()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="needs /proc/cpuinfo")
+@pytest.mark.parametrize("isa", ISAS[1:])
+def test_cpp_op_tests_under_isa(isa):
+    """Every cpp case of the op files (tests whose id says cpp), under DISTILKERNELS_ISA=isa."""
+    if "DISTILKERNELS_ISA" in os.environ:
+        pytest.skip("already running under DISTILKERNELS_ISA (this is the rerun)")
+    if ISAS.index(isa) <= ISAS.index(best_isa()):
+        pytest.skip(f"{isa} is this CPU's best instruction set: the in-process tests ran on it")
+    here = pathlib.Path(__file__).parent
+    env = dict(os.environ, DISTILKERNELS_ISA=isa)
+    env.pop("DISTILKERNELS_BACKEND", None)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "-k", "cpp",
+           *(str(here / name) for name in OP_TEST_FILES)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200,
+                            cwd=here.parent.parent)
+    tail = result.stdout[-4000:] + result.stderr[-2000:]
+    assert result.returncode == 0, tail
+    assert f"[cpp-{isa}" in result.stdout, "the rerun did not run on " + isa + ":\n" + tail
+    assert " passed" in result.stdout.splitlines()[-1], tail
+
+
+def test_scalar_fallback_matches():
+    """A quick check of the baseline-x86-64 build of the inner loops, forced through DISTILKERNELS_ISA."""
+    script = (
+        "import torch, distilkernels, torch.nn.functional as F\n"
+        "from distilkernels import _C, reference\n"
+        "assert _C.vector_isa() == 'scalar', _C.vector_isa()\n"
+        "x = torch.randn(5, 37) * 4; b = torch.randn(37); y = x.clone()\n"
+        "torch.ops.distilkernels.bias_act_(y, b, 'gelu')\n"
+        "assert (y - F.gelu(x + b)).abs().max() < 1e-5\n"
+        "o = torch.ops.distilkernels.add_layer_norm(x, b.expand(5, 37), b, b, 1e-5)[0]\n"
+        "assert (o - F.layer_norm(x + b, (37,), b, b, 1e-5)).abs().max() < 1e-4\n"
+        "q = torch.randn(2, 70, 2, 12); m = torch.rand(2, 70) > 0.3\n"
+        "o, l = torch.ops.distilkernels.attention(q, q * 2, q + 1, m, 0.3)\n"
+        "r, rl = reference.attention(q.double(), q.double() * 2, q.double() + 1, m, 0.3)\n"
+        "assert (o - r).abs().max() < 1e-4 and (l - rl).abs().max() < 1e-4\n"
+        "n, s = torch.ops.distilkernels.normalize_rows(x)\n"
+        "assert torch.equal(s, x.abs().amax(1)) and (n * s[:, None] - x).abs().max() < 1e-5\n"
+        "torch.ops.distilkernels.scale_rows_(n, s, b)\n"
+        "assert (n - (x + b)).abs().max() < 1e-4\n"
+        "w = torch.randn(37, 37); p = torch.ops.distilkernels.pack_linear_weight(w)\n"
+        "assert p.shape == (19, 37, 2), p.shape\n"
+        "y = torch.ops.distilkernels.linear_packed(x, p, 37, b, 'gelu')\n"
+        "assert (y - F.gelu(x @ w.t() + b)).abs().max() < 1e-3\n"
+    )
+    # Loose bounds on purpose (outputs up to ~100): this is a smoke test that the scalar build loads and
+    # computes; test_cpp_op_tests_under_isa[scalar] holds it to the op tests' derived bounds.
+    env = dict(os.environ, DISTILKERNELS_ISA="scalar")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_parallel_threads_used():
+    ext = load_extension()
+    if torch.get_num_threads() < 2 or not ext.openmp_enabled():
+        pytest.skip("needs >= 2 torch threads and an OpenMP build")
+    assert ext.parallel_threads_used() == min(2, torch.get_num_threads())

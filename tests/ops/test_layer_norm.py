@@ -1,0 +1,136 @@
+"""add_layer_norm on every backend (cpp, triton, torch) against an fp64 reference.
+
+Outputs are held to PyTorch's own error in the same dtype (2x, `helpers.lowp_bound`; fp32 included: both we and
+torch normalize the same fp32 sum h, and what remains is the error of fp32 statistics, which
+(h - mean) * rstd * weight amplifies on rows with a large mean). Statistics are fp32 in every dtype.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distilkernels import ops, reference
+from helpers import DTYPES, LOW_PRECISION, kernel_of, lowp_bound, magnitude, max_err, triton_kernel_runs, ulps
+
+OPS = torch.ops.distilkernels
+requires_ext = pytest.mark.requires_ext
+
+
+def stats_bounds(h: torch.Tensor, dim: int):
+    """mean: a sum of dim fp32 values of magnitude <= max|h|, in any order: ~sqrt(dim) roundings for
+    random-sign errors, 2 sqrt(dim) + 8 with margin. rstd: relative, 1e-5 (~170 roundings): the variance of
+    (h - mean) inherits the mean's error relative to the row's spread, then one sqrt."""
+    return ulps(2 * math.sqrt(dim) + 8, magnitude(h)), 1e-5
+
+
+def out_bound_from_stats(out64, h, weight, mean, rstd, mean64, rstd64) -> float:
+    """fp32 output error explained by the statistics the kernel computed (each held to stats_bounds):
+    out = (h - mean) * rstd * w + b moves by |d mean| * rstd * |w| and by |d rstd / rstd| * |x_hat| * |w|; on
+    top, the subtract, the two multiplies and the add round once each: 4 roundings at the output's magnitude.
+    Summation order differs by instruction set (a sequential scalar sum of 768 values errs more than a 16-lane
+    one), so the bound follows the statistics rather than a fixed number."""
+    w = weight.double().abs().max().item()
+    d_mean = max_err(mean, mean64)
+    d_rstd = max_err(rstd / rstd64, torch.ones_like(rstd64))
+    x_hat = ((h.double() - mean64.unsqueeze(-1)) * rstd64.unsqueeze(-1)).abs().max().item() if h.numel() else 0.0
+    return (d_mean * rstd64.max().item() + d_rstd * x_hat) * w * 1.01 + ulps(4, magnitude(out64))
+
+
+def check(out, mean, rstd, x, residual, weight, bias, eps, interpreter=False):
+    as64 = (lambda t: None if t is None else t.double())
+    out64, mean64, rstd64 = reference.add_layer_norm(x.double(), as64(residual), weight.double(), bias.double(), eps)
+    same_dtype = reference.add_layer_norm(x, residual, weight, bias, eps)[0]
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert mean.shape == rstd.shape == x.shape[:-1] and mean.dtype == rstd.dtype == torch.float32
+    h = x.float() if residual is None else x.float() + residual.float()
+    bound = lowp_bound(out, out64, [same_dtype], interpreter)
+    if out.dtype == torch.float32:
+        bound = max(bound, out_bound_from_stats(out64, h, weight, mean, rstd, mean64, rstd64))
+    assert max_err(out, out64) <= bound
+    mean_bound, rstd_rel = stats_bounds(h, x.shape[-1])
+    assert max_err(mean, mean64) <= mean_bound
+    assert max_err(rstd / rstd64, torch.ones_like(rstd64)) <= rstd_rel
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_add_layer_norm_backends(backend, with_residual, dtype):
+    g = torch.Generator().manual_seed(9)
+    x, residual = ((torch.randn(4, 5, 77, generator=g) * 2 + 3).to(dtype) for _ in range(2))
+    weight, bias = (torch.randn(77, generator=g).to(dtype) for _ in range(2))
+    residual = residual if with_residual else None
+    with kernel_of(backend, "add_layer_norm"):
+        out, mean, rstd = ops.add_layer_norm(x, residual, weight, bias, 1e-5, return_stats=True)
+    check(out, mean, rstd, x, residual, weight, bias, 1e-5, interpreter=backend == "triton")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# cpp
+
+
+@requires_ext
+@pytest.mark.parametrize("shape", [(1, 37), (3, 7, 768), (129, 37), (2, 1, 5)])
+@pytest.mark.parametrize("with_residual", [True, False])
+@pytest.mark.parametrize("mean_shift", [0.0, 100.0])
+def test_cpp_add_layer_norm_fp32(shape, with_residual, mean_shift):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=gen) * 3 + mean_shift
+    residual = torch.randn(shape, generator=gen) if with_residual else None
+    weight, bias = torch.randn(shape[-1], generator=gen), torch.randn(shape[-1], generator=gen)
+    out, mean, rstd = OPS.add_layer_norm(x, residual, weight, bias, 1e-5)
+    h = x if residual is None else x + residual
+    ref_out, ref_mean, ref_rstd = reference.add_layer_norm(h.double(), None, weight.double(), bias.double(), 1e-5)
+    # Ours must be no worse than torch's own fp32 LayerNorm of the same h (1.5x), or than what our statistics'
+    # errors (bounded below) explain.
+    torch_err = max_err(F.layer_norm(h, (shape[-1],), weight, bias, 1e-5), ref_out)
+    from_stats = out_bound_from_stats(ref_out, h, weight, mean, rstd, ref_mean, ref_rstd)
+    assert max_err(out, ref_out) <= max(1.5 * torch_err, from_stats)
+    mean_bound, rstd_rel = stats_bounds(h, shape[-1])
+    assert max_err(mean, ref_mean) <= mean_bound
+    assert max_err(rstd, ref_rstd) <= rstd_rel * ref_rstd.abs().max().item()
+    assert mean.shape == shape[:-1] and rstd.dtype == torch.float32
+
+
+@requires_ext
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("dim", [37, 768])
+def test_cpp_add_layer_norm_low_precision(dtype, dim):
+    gen = torch.Generator().manual_seed(2)
+    x, residual = torch.randn(17, dim, generator=gen).to(dtype), torch.randn(17, dim, generator=gen).to(dtype)
+    weight, bias = torch.randn(dim, generator=gen).to(dtype), torch.randn(dim, generator=gen).to(dtype)
+    out, _, _ = OPS.add_layer_norm(x, residual, weight, bias, 1e-5)
+    ref, _, _ = reference.add_layer_norm(x.double(), residual.double(), weight.double(), bias.double(), 1e-5)
+    assert out.dtype == dtype
+    assert max_err(out, ref) <= lowp_bound(out, ref, [F.layer_norm(x + residual, (dim,), weight, bias, 1e-5)])
+
+
+@requires_ext
+def test_cpp_add_layer_norm_non_contiguous():
+    base = torch.randn(6, 40)
+    x, residual = base[:, :37], torch.randn(37, 6).t()
+    weight, bias = torch.randn(37), torch.randn(37)
+    out, _, _ = OPS.add_layer_norm(x, residual, weight, bias, 1e-12)
+    ref, _, _ = reference.add_layer_norm(x.double(), residual.double(), weight.double(), bias.double(), 1e-12)
+    assert out.is_contiguous()
+    # the fp32 sum h rounds once (1 ulp of |h|), then * rstd * |w|: 8 roundings at the output's magnitude
+    assert max_err(out, ref) <= ulps(8, magnitude(ref))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# triton
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_residual", [True, False])
+@pytest.mark.parametrize("dim", [37, 768, 4096])
+def test_triton_add_layer_norm(device, dim, with_residual, dtype):
+    g = torch.Generator().manual_seed(4)
+    x, residual = ((torch.randn(2, 3, dim, generator=g) * 2 + 1).to(device=device, dtype=dtype) for _ in range(2))
+    weight, bias = (torch.randn(dim, generator=g).to(device=device, dtype=dtype) for _ in range(2))
+    residual = residual if with_residual else None
+    with triton_kernel_runs("add_layer_norm"):
+        out, mean, rstd = ops.add_layer_norm(x, residual, weight, bias, 1e-12, return_stats=True)
+    check(out, mean, rstd, x, residual, weight, bias, 1e-12, interpreter=device.type == "cpu")

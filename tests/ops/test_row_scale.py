@@ -1,0 +1,44 @@
+"""normalize_rows and scale_rows_ (per-token scaling around the int8 GEMM) on every backend."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distilkernels import ops, reference
+from helpers import max_err, ulps
+
+OPS = torch.ops.distilkernels
+
+
+def check_round_trip(normalize, scale_rows, shape):
+    """Rows scaled to max-abs 1 and back, each way exact up to one fp32 rounding per operation."""
+    x = torch.randn(shape) * 3
+    if shape[0] > 1:
+        x[1] = 0  # an all-zero row gets the floor scale, not a division by zero
+    out, scale = normalize(x)
+    assert scale.shape == (shape[0],) and out.shape == x.shape
+    assert torch.equal(scale, reference.normalize_rows(x)[1])  # a max is exact
+    assert max_err(out, x.double() / scale.double()[:, None]) <= ulps(2, 1.0)  # |out| <= 1: x * (1/s), 2 roundings
+    if shape[0] > 1 and shape[1] > 0:
+        assert scale[1].item() == pytest.approx(1e-12) and (out[1] == 0).all()
+        assert out[0].abs().max().item() == pytest.approx(1.0, abs=2 ** -23)
+    for bias in (None, torch.randn(shape[1])):
+        y = torch.randn(shape)
+        ref = y.double() * scale.double()[:, None] + (0 if bias is None else bias.double())
+        got = y.clone()
+        scale_rows(got, scale, bias)
+        # a multiply and an add (or one FMA): 2 roundings at |y * s| + |bias| <= |ref| + 1, doubled for margin
+        assert max_err(got, ref) <= ulps(4, (ref.abs().max().item() + 1) if ref.numel() else 1)
+
+
+@pytest.mark.requires_ext
+@pytest.mark.parametrize("shape", [(1, 1), (5, 37), (128, 768), (3, 3072), (0, 4), (2, 0)])
+def test_cpp_normalize_and_scale_rows(shape):
+    check_round_trip(OPS.normalize_rows, OPS.scale_rows_, shape)
+
+
+@pytest.mark.parametrize("shape", [(5, 37), (0, 4), (2, 0)])
+def test_normalize_and_scale_rows_backends(backend, shape):
+    # on the triton backend these are the reference's (per-token int8 scaling serves the CPU-only int8 mode)
+    with ops.force_backend(backend):
+        check_round_trip(ops.normalize_rows, lambda y, s, b: ops.scale_rows_(y, s, b), shape)
