@@ -178,11 +178,13 @@ def lookup(op: str, device: torch.device) -> Callable:
 def has_kernel(op: str, x: torch.Tensor) -> bool:
     """Whether a kernel of ours (not the reference) runs `op` for a first argument like `x` (its device and
     dtype), on the backend chosen for x's device."""
-    backend = backend_for(x.device)
-    if is_reference(op, backend) or backend_unavailable_reason(backend, x.device) is not None:
+    device = x.device
+    if _forced in (None, "cpp") and device.type == "cpu":  # the common case first: it runs before every GEMM
+        return load_extension() is not None and x.dtype in _ROWS[op].cpp_dtypes
+    backend = backend_for(device)
+    if is_reference(op, backend) or backend_unavailable_reason(backend, device) is not None:
         return False
-    row = _ROWS[op]
-    return x.dtype in (row.cpp_dtypes if backend == "cpp" else row.triton_dtypes)
+    return x.dtype in (_ROWS[op].cpp_dtypes if backend == "cpp" else _ROWS[op].triton_dtypes)
 
 
 available = has_kernel  # reads better at call sites: dispatch.available("linear_packed", x)
