@@ -218,3 +218,15 @@ def test_empty_inputs_agree_on_every_backend(backend, case):
         assert g.shape == e.shape and g.dtype == e.dtype
         assert torch.allclose(g, e, atol=1e-6, rtol=1e-6), f"{case}: {g} != {e}"
 
+
+
+def test_cu_seqlens_value_checks_on_a_gpu_only_behind_the_debug_switch(monkeypatch):
+    """Checking cu_seqlens' values costs a device-to-host copy and a sync: on CPU always, elsewhere only with
+    DISTILKERNELS_CHECK_CU_SEQLENS=1 (read per call)."""
+    from distilkernels import _checks
+
+    monkeypatch.delenv("DISTILKERNELS_CHECK_CU_SEQLENS", raising=False)
+    assert _checks._host_check_wanted(torch.device("cpu"))
+    assert not _checks._host_check_wanted(torch.device("cuda"))
+    monkeypatch.setenv("DISTILKERNELS_CHECK_CU_SEQLENS", "1")
+    assert _checks._host_check_wanted(torch.device("cuda"))
