@@ -44,17 +44,6 @@ class BlockLayout:
     ln2: str
 
 
-DISTILBERT_BLOCK = BlockLayout(
-    attention="attention", n_heads="n_heads", q="attention.q_lin", k="attention.k_lin", v="attention.v_lin",
-    out="attention.out_lin", ln1="sa_layer_norm", lin1="ffn.lin1", act="ffn.activation", lin2="ffn.lin2",
-    ln2="output_layer_norm")
-
-BERT_BLOCK = BlockLayout(
-    attention="attention.self", n_heads="num_attention_heads", q="attention.self.query", k="attention.self.key",
-    v="attention.self.value", out="attention.output.dense", ln1="attention.output.LayerNorm",
-    lin1="intermediate.dense", act="intermediate.intermediate_act_fn", lin2="output.dense", ln2="output.LayerNorm")
-
-
 def activation_name(module) -> str | None:
     """The bias_act_ name of an HF activation module, or None if we have no fused kernel for it."""
     from transformers.activations import GELUActivation
@@ -103,7 +92,7 @@ class _Parts:
 
 class FusedBlock:
     """Mixin for a post-LayerNorm encoder block: `LAYOUT` names the pieces; the HF class supplies the
-    stock forward (used as the fallback)."""
+    stock forward (used as the fallback). The concrete classes (one per family) are in families.py."""
 
     LAYOUT: BlockLayout
 
@@ -112,6 +101,28 @@ class FusedBlock:
         fused = clone_as(block, cls)
         fused._parts = _Parts(block, cls.LAYOUT)
         return fused
+
+    # Pickling (torch.save, copy.deepcopy, multiprocessing): `_parts` is derived state (references into the
+    # block and caches of weights derived from its parameters), so it is not pickled; the kind of GEMMs it
+    # used (class and options, e.g. int8 with per-token scales) is, and `_parts` is rebuilt on first use.
+    def __getstate__(self):
+        state = super().__getstate__()  # a copy of __dict__
+        parts = state.pop("_parts", None)
+        gemms = parts.gemms if parts is not None else state.get("_gemms_recipe")
+        if not isinstance(gemms, tuple):
+            gemms = (type(gemms), {k: v for k, v in vars(gemms).items() if isinstance(v, (str, int, float, bool))})
+        state["_gemms_recipe"] = gemms
+        return state
+
+    def __getattr__(self, name):
+        if name == "_parts" and "_gemms_recipe" in self.__dict__:
+            gemms_class, options = self.__dict__.pop("_gemms_recipe")
+            parts = _Parts(self, self.LAYOUT)
+            if gemms_class is not type(parts.gemms):
+                parts.gemms = gemms_class(parts, **options)
+            self.__dict__["_parts"] = parts
+            return parts
+        return super().__getattr__(name)
 
     def fusable(self) -> bool:
         return self._parts.act is not None and not getattr(self, "is_decoder", False)
@@ -188,9 +199,3 @@ def clone_as(module: torch.nn.Module, cls: type) -> torch.nn.Module:
     new.__dict__.update(state)
     return new
 
-
-def fused_class(family: str, original: type, mixin: type, **attrs) -> type:
-    """`class Fused<Original>(mixin, original)` with class attributes `attrs` (LAYOUT, OUTPUT)."""
-    name = f"Fused{original.__name__}"
-    return type(name, (mixin, original), {"__module__": __name__, "__qualname__": name, **attrs,
-                                          "__doc__": f"{original.__name__} ({family}) on distilkernels' fused path."})
