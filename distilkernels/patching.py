@@ -116,7 +116,6 @@ class PatchHandle:
     model: torch.nn.Module
     swaps: list = field(default_factory=list)
     hooks: list = field(default_factory=list)
-    previous_attn_implementation: str | None = None
     restored: bool = False
 
     def restore(self) -> None:
@@ -126,8 +125,6 @@ class PatchHandle:
             parent._modules[name] = original
         for hook in self.hooks:
             hook.remove()
-        if self.previous_attn_implementation is not None:
-            _set_attn_implementation(self.model, self.previous_attn_implementation)
         self.restored = True
         if getattr(self.model, "_distilkernels_patch", None) is self:
             del self.model._distilkernels_patch
@@ -137,13 +134,6 @@ class PatchHandle:
 
     def __exit__(self, *exc):
         self.restore()
-
-
-def _set_attn_implementation(model, name: str) -> None:
-    try:
-        model.set_attn_implementation(name)
-    except (AttributeError, ValueError):  # older/newer transformers: set the config field directly
-        model.config._attn_implementation = name
 
 
 def patch(model: torch.nn.Module, *, unpad: bool = True, dtype=None) -> PatchHandle:
@@ -158,7 +148,10 @@ def patch(model: torch.nn.Module, *, unpad: bool = True, dtype=None) -> PatchHan
     dtype: None (default) keeps the model's dtype; torch.bfloat16 / torch.float16 / torch.float32 convert
     the model first (`model.to(dtype)`) and patch it; torch.qint8 (or "int8") patches an fp32 CPU model and
     runs its GEMMs in int8 (`distilkernels.quantize`).
-    The model's attention implementation (config._attn_implementation) is left unchanged.
+    The model's attention implementation (config._attn_implementation) is left as it is, and
+    `set_attn_implementation` keeps working on the patched model: the fused blocks run whichever it names
+    ("sdpa", "eager" or "distilkernels"); where HF's own block code runs instead (see above, and attention
+    weights requested), it runs the implementation the model names, so output_attentions works with "eager".
     Returns a PatchHandle; `handle.restore()` puts back the original modules.
     """
     check_supported(model)
@@ -168,10 +161,9 @@ def patch(model: torch.nn.Module, *, unpad: bool = True, dtype=None) -> PatchHan
     handle = getattr(model, "_distilkernels_patch", None)
     if handle is None or handle.restored:
         hf.register()
-        handle = PatchHandle(model, previous_attn_implementation=model.config._attn_implementation)
+        handle = PatchHandle(model)
         handle.swaps = replace_modules(model, unpad=unpad)
         handle.hooks = install_input_checks(model)
-        _set_attn_implementation(model, hf.NAME)
         model._distilkernels_patch = handle
     if int8:
         quantize(model)

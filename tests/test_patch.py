@@ -25,12 +25,60 @@ def test_handle_restore_and_structure():
     assert len(blocks) == model.config.n_layers
     assert all(isinstance(b, transformers.models.distilbert.modeling_distilbert.TransformerBlock) for b in blocks)
     assert isinstance(model.distilbert.transformer, FusedEncoder)
-    assert model.config._attn_implementation == "distilkernels"
+    assert model.config._attn_implementation == previous  # patch() leaves the attention implementation alone
     handle.restore()
     handle.restore()  # idempotent
     assert all(m is originals[name] for name, m in model.named_modules())
     assert model.config._attn_implementation == previous
     assert distilkernels.patch(model) is not handle  # a restored model can be patched again
+
+
+@pytest.mark.parametrize("built_with", ["eager", "sdpa", "distilkernels"])
+def test_set_attn_implementation_round_trip_on_patched_model(built_with, op_spy):
+    """Switching implementations on a patched model works both ways, every one matches stock HF (fused blocks
+    whatever the implementation), and restore() leaves the one in force."""
+    config = tiny_config()
+    cls = transformers.DistilBertForTokenClassification
+    stock = make_model(cls, config, attn_implementation="eager")
+    model = make_model(cls, config, attn_implementation=built_with)
+    mask = holey_mask(4, 11, seed=14)
+    mask[:, 0] = 1
+    inputs = model_inputs(cls, config, 4, 11, mask)
+    with torch.inference_mode():
+        ref = stock(**inputs).logits[mask.bool()]
+    handle = distilkernels.patch(model)
+    assert model.config._attn_implementation == built_with
+    for name in ("sdpa", "eager", "distilkernels", built_with):
+        model.set_attn_implementation(name)
+        assert model.config._attn_implementation == name
+        op_spy.clear()
+        with torch.inference_mode():
+            got = model(**inputs).logits[mask.bool()]
+        assert (got - ref).abs().max() <= ATOL, name
+        assert sum(v for (op, _), v in op_spy.items() if op == "varlen_attention") == config.n_layers, name
+    model.set_attn_implementation("sdpa")
+    handle.restore()
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_output_attentions_on_patched_eager_model():
+    """A model built with "eager" keeps it after patching, so HF accepts config.output_attentions=True."""
+    config = tiny_config()
+    mask = holey_mask(3, 8, seed=15)
+    stock = make_model(transformers.DistilBertModel, config, attn_implementation="eager")
+    model = make_model(transformers.DistilBertModel, config, attn_implementation="eager")
+    inputs = model_inputs(transformers.DistilBertModel, config, 3, 8, mask, with_labels=False)
+    distilkernels.patch(model)
+    for m in (stock, model):
+        m.config.output_attentions = True
+    with torch.inference_mode():
+        ref, got = stock(**inputs), model(**inputs)
+    assert len(got.attentions) == config.n_layers
+    keep = mask.bool()
+    for r, g in zip(ref.attentions, got.attentions):
+        rows = keep[:, None, :, None].expand_as(r)  # rows of real queries
+        assert (g - r)[rows].abs().max() <= 1e-5
+    assert (got.last_hidden_state - ref.last_hidden_state)[keep].abs().max() <= ATOL
 
 
 def test_output_hidden_states_and_return_dict_false():
