@@ -128,7 +128,7 @@ class Family:
     test: ParityConfig
 
     def n_layers(self, config) -> int:
-        return getattr(config, "n_layers", None) or config.num_hidden_layers
+        return config.num_hidden_layers  # DistilBertConfig maps it to n_layers
 
     def optimized_classes(self) -> tuple[type, ...]:
         """distilkernels.models' class for each head (same name), in the order of `heads`."""
