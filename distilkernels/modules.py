@@ -14,6 +14,7 @@ the stock HF forward runs instead, so training stays correct.
 """
 from __future__ import annotations
 
+import inspect
 import operator
 from dataclasses import dataclass
 
@@ -90,6 +91,13 @@ class _Parts:
         self.gemms = DenseGemms(self)
 
 
+def _constructor_options(gemms) -> dict:
+    """The arguments `type(gemms)(parts, **options)` rebuilds `gemms` with: its constructor's keyword
+    parameters, read from the attributes of the same names (e.g. Int8Gemms' `activations`)."""
+    params = list(inspect.signature(type(gemms).__init__).parameters)[2:]  # after self, parts
+    return {name: getattr(gemms, name) for name in params if hasattr(gemms, name)}
+
+
 class FusedBlock:
     """Mixin for a post-LayerNorm encoder block: `LAYOUT` names the pieces; the HF class supplies the
     stock forward (used as the fallback). The concrete classes (one per family) are in families.py."""
@@ -110,7 +118,7 @@ class FusedBlock:
         parts = state.pop("_parts", None)
         gemms = parts.gemms if parts is not None else state.get("_gemms_recipe")
         if not isinstance(gemms, tuple):
-            gemms = (type(gemms), {k: v for k, v in vars(gemms).items() if isinstance(v, (str, int, float, bool))})
+            gemms = (type(gemms), _constructor_options(gemms))
         state["_gemms_recipe"] = gemms
         return state
 
