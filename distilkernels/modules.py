@@ -14,6 +14,7 @@ the stock HF forward runs instead, so training stays correct.
 """
 from __future__ import annotations
 
+import inspect
 import operator
 from dataclasses import dataclass
 
@@ -42,17 +43,6 @@ class BlockLayout:
     act: str
     lin2: str
     ln2: str
-
-
-DISTILBERT_BLOCK = BlockLayout(
-    attention="attention", n_heads="n_heads", q="attention.q_lin", k="attention.k_lin", v="attention.v_lin",
-    out="attention.out_lin", ln1="sa_layer_norm", lin1="ffn.lin1", act="ffn.activation", lin2="ffn.lin2",
-    ln2="output_layer_norm")
-
-BERT_BLOCK = BlockLayout(
-    attention="attention.self", n_heads="num_attention_heads", q="attention.self.query", k="attention.self.key",
-    v="attention.self.value", out="attention.output.dense", ln1="attention.output.LayerNorm",
-    lin1="intermediate.dense", act="intermediate.intermediate_act_fn", lin2="output.dense", ln2="output.LayerNorm")
 
 
 def activation_name(module) -> str | None:
@@ -101,9 +91,16 @@ class _Parts:
         self.gemms = DenseGemms(self)
 
 
+def _constructor_options(gemms) -> dict:
+    """The arguments `type(gemms)(parts, **options)` rebuilds `gemms` with: its constructor's keyword
+    parameters, read from the attributes of the same names (e.g. Int8Gemms' `activations`)."""
+    params = list(inspect.signature(type(gemms).__init__).parameters)[2:]  # after self, parts
+    return {name: getattr(gemms, name) for name in params if hasattr(gemms, name)}
+
+
 class FusedBlock:
     """Mixin for a post-LayerNorm encoder block: `LAYOUT` names the pieces; the HF class supplies the
-    stock forward (used as the fallback)."""
+    stock forward (used as the fallback). The concrete classes (one per family) are in families.py."""
 
     LAYOUT: BlockLayout
 
@@ -112,6 +109,28 @@ class FusedBlock:
         fused = clone_as(block, cls)
         fused._parts = _Parts(block, cls.LAYOUT)
         return fused
+
+    # Pickling (torch.save, copy.deepcopy, multiprocessing): `_parts` is derived state (references into the
+    # block and caches of weights derived from its parameters), so it is not pickled; the kind of GEMMs it
+    # used (class and options, e.g. int8 with per-token scales) is, and `_parts` is rebuilt on first use.
+    def __getstate__(self):
+        state = super().__getstate__()  # a copy of __dict__
+        parts = state.pop("_parts", None)
+        gemms = parts.gemms if parts is not None else state.get("_gemms_recipe")
+        if not isinstance(gemms, tuple):
+            gemms = (type(gemms), _constructor_options(gemms))
+        state["_gemms_recipe"] = gemms
+        return state
+
+    def __getattr__(self, name):
+        if name == "_parts" and "_gemms_recipe" in self.__dict__:
+            gemms_class, options = self.__dict__.pop("_gemms_recipe")
+            parts = _Parts(self, self.LAYOUT)
+            if gemms_class is not type(parts.gemms):
+                parts.gemms = gemms_class(parts, **options)
+            self.__dict__["_parts"] = parts
+            return parts
+        return super().__getattr__(name)
 
     def fusable(self) -> bool:
         return self._parts.act is not None and not getattr(self, "is_decoder", False)
@@ -188,9 +207,3 @@ def clone_as(module: torch.nn.Module, cls: type) -> torch.nn.Module:
     new.__dict__.update(state)
     return new
 
-
-def fused_class(family: str, original: type, mixin: type, **attrs) -> type:
-    """`class Fused<Original>(mixin, original)` with class attributes `attrs` (LAYOUT, OUTPUT)."""
-    name = f"Fused{original.__name__}"
-    return type(name, (mixin, original), {"__module__": __name__, "__qualname__": name, **attrs,
-                                          "__doc__": f"{original.__name__} ({family}) on distilkernels' fused path."})

@@ -1,75 +1,51 @@
 """`distilkernels.patch(model)`: swap fused modules into an existing Hugging Face model, reversibly.
 
-One declarative table decides what is replaced: a row maps an HF module class to the fused class that
-replaces it. Adding a model family is adding rows. Only instances are touched (never a class or a module
-attribute of transformers), and the handle puts every original module back.
+What is replaced comes from the family rows (families.py): each maps an HF block and encoder class to the
+fused class replacing it. Only instances are touched (never a class or a module attribute of transformers),
+and the handle puts every original module back.
+
+The attention implementation the model was built with (`config._attn_implementation`: "sdpa", "eager",
+"distilkernels", ...) is left as it is. The fused blocks take the key-padding mask whatever format that
+implementation prepares; where a block runs HF's own code instead (gradients needed, dropout active,
+attention weights requested, a decoder's causal or cross-attention), HF runs it with the implementation
+the model names.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
-from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPastAndCrossAttentions
-from transformers.models.bert import modeling_bert as hf_bert
-from transformers.models.distilbert import modeling_distilbert as hf_distilbert
 
 from . import hf
-from .modules import BERT_BLOCK, DISTILBERT_BLOCK, FusedBlock, FusedEncoder, fused_class
+from .families import FAMILIES, REPLACEMENTS, family_of
+from .modules import FusedEncoder
+from .quant import quantize
 
-
-@dataclass(frozen=True)
-class Row:
-    family: str
-    original: type  # exact HF class matched
-    replacement: type  # subclass of `original` with a `from_module(original_instance)` constructor
-
-
-def _row(family: str, original: type, mixin: type, **attrs) -> Row:
-    return Row(family, original, fused_class(family, original, mixin, **attrs))
-
-
-REPLACEMENTS: tuple[Row, ...] = (
-    _row("distilbert", hf_distilbert.TransformerBlock, FusedBlock, LAYOUT=DISTILBERT_BLOCK),
-    _row("distilbert", hf_distilbert.Transformer, FusedEncoder, OUTPUT=BaseModelOutput),
-    _row("bert", hf_bert.BertLayer, FusedBlock, LAYOUT=BERT_BLOCK),
-    _row("bert", hf_bert.BertEncoder, FusedEncoder, OUTPUT=BaseModelOutputWithPastAndCrossAttentions),
-)
-
-# Models patch() accepts: the PreTrainedModel base class of each family.
-SUPPORTED_MODELS: dict[str, type] = {
-    "distilbert": hf_distilbert.DistilBertPreTrainedModel,
-    "bert": hf_bert.BertPreTrainedModel,
-}
-# The encoders inside them, whose inputs patch() validates.
-BASE_MODELS: tuple[type, ...] = (hf_distilbert.DistilBertModel, hf_bert.BertModel)
-
-
-def _rows_by_class() -> dict[type, Row]:
-    return {row.original: row for row in REPLACEMENTS}
+# The encoders inside every supported model, whose inputs patch() validates.
+BASE_MODELS: tuple[type, ...] = tuple(family.base_model for family in FAMILIES)
 
 
 def supported_names() -> str:
-    return ", ".join(f"{cls.__name__} (and its subclasses)" for cls in SUPPORTED_MODELS.values())
+    return ", ".join(f"{family.pretrained.__name__} (and its subclasses)" for family in FAMILIES)
 
 
 def check_supported(model) -> None:
-    if not isinstance(model, tuple(SUPPORTED_MODELS.values())):
-        raise TypeError(f"distilkernels.patch() supports {supported_names()}: DistilBertModel, BertModel and their "
-                        f"ForMaskedLM, ForSequenceClassification, ForQuestionAnswering, ForTokenClassification and "
-                        f"ForMultipleChoice heads; got {type(model).__name__}")
+    if family_of(model) is None:
+        heads = ", ".join(head.name for family in FAMILIES for head in family.heads)
+        raise TypeError(f"distilkernels.patch() supports {supported_names()}: {heads}; "
+                        f"got {type(model).__name__}")
 
 
 def replace_modules(model: torch.nn.Module, *, unpad: bool = True) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
-    """Swap every module matching a table row; returns (parent, name, original) for each swap.
-    Modules already fused are left as they are, so replacing twice is harmless."""
-    rows = _rows_by_class()
+    """Swap every module whose exact class a family row replaces; returns (parent, name, original) for each
+    swap. Modules already fused are left as they are, so replacing twice is harmless."""
     swaps = []
     for parent in list(model.modules()):
         for name, child in list(parent._modules.items()):
-            row = rows.get(type(child))
-            if row is None:
+            fused_class = REPLACEMENTS.get(type(child))
+            if fused_class is None:
                 continue
-            new = row.replacement.from_module(child)
+            new = fused_class.from_module(child)
             if isinstance(new, FusedEncoder):
                 new.unpad = unpad
             parent._modules[name] = new
@@ -113,14 +89,33 @@ def install_input_checks(model: torch.nn.Module) -> list:
             for m in model.modules() if isinstance(m, BASE_MODELS)]
 
 
+_FLOAT_DTYPES = {torch.float32: torch.float32, torch.bfloat16: torch.bfloat16, torch.float16: torch.float16,
+                 "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                 "float16": torch.float16, "fp16": torch.float16}
+_INT8_DTYPES = (torch.qint8, torch.int8, "int8", "qint8")
+
+
+def _resolve_dtype(dtype):
+    """(float dtype to convert to or None, whether to quantize to int8) for patch()'s `dtype` argument."""
+    if dtype is None:
+        return None, False
+    key = dtype.lower() if isinstance(dtype, str) else dtype
+    if key in _INT8_DTYPES:
+        return None, True
+    if key in _FLOAT_DTYPES:
+        return _FLOAT_DTYPES[key], False
+    raise ValueError(f"distilkernels.patch: dtype must be None (keep the model's), torch.float32, torch.bfloat16, "
+                     f"torch.float16 or torch.qint8 (also \"fp32\", \"bf16\", \"fp16\", \"int8\"), got {dtype!r}")
+
+
 @dataclass
 class PatchHandle:
-    """What patch() did to a model; `.restore()` undoes it exactly."""
+    """What patch() did to a model; `.restore()` puts the original modules back and removes the input checks.
+    A dtype conversion done by `patch(model, dtype=...)` is not undone (convert back with model.to())."""
 
     model: torch.nn.Module
     swaps: list = field(default_factory=list)
     hooks: list = field(default_factory=list)
-    previous_attn_implementation: str | None = None
     restored: bool = False
 
     def restore(self) -> None:
@@ -130,8 +125,6 @@ class PatchHandle:
             parent._modules[name] = original
         for hook in self.hooks:
             hook.remove()
-        if self.previous_attn_implementation is not None:
-            _set_attn_implementation(self.model, self.previous_attn_implementation)
         self.restored = True
         if getattr(self.model, "_distilkernels_patch", None) is self:
             del self.model._distilkernels_patch
@@ -143,31 +136,35 @@ class PatchHandle:
         self.restore()
 
 
-def _set_attn_implementation(model, name: str) -> None:
-    try:
-        model.set_attn_implementation(name)
-    except (AttributeError, ValueError):  # older/newer transformers: set the config field directly
-        model.config._attn_implementation = name
-
-
-def patch(model: torch.nn.Module, *, unpad: bool = True) -> PatchHandle:
-    """Run `model` (an HF DistilBERT model or head, CPU or CUDA) on distilkernels' fused kernels.
+def patch(model: torch.nn.Module, *, unpad: bool = True, dtype=None) -> PatchHandle:
+    """Run `model` (an HF DistilBERT, BERT or RoBERTa model or head, CPU or CUDA) on distilkernels' fused kernels.
 
     The model is patched in place and returned results are unchanged up to fp32 rounding (max-abs <= 1e-4
     on real tokens). With `unpad=True` padded batches are computed on their real tokens only and padded
     positions of the last hidden state hold zeros; `unpad=False` keeps HF's padded layout everywhere.
     The fused path is for inference (torch.inference_mode()/no_grad()); when gradients are needed or
     dropout is active the stock HF computation runs. Patching twice returns the first handle.
+
+    dtype: None (default) keeps the model's dtype; torch.bfloat16 / torch.float16 / torch.float32 convert
+    the model first (`model.to(dtype)`) and patch it; torch.qint8 (or "int8") patches an fp32 CPU model and
+    runs its GEMMs in int8 (`distilkernels.quantize`).
+    The model's attention implementation (config._attn_implementation) is left as it is, and
+    `set_attn_implementation` keeps working on the patched model: the fused blocks run whichever it names
+    ("sdpa", "eager" or "distilkernels"); where HF's own block code runs instead (see above, and attention
+    weights requested), it runs the implementation the model names, so output_attentions works with "eager".
     Returns a PatchHandle; `handle.restore()` puts back the original modules.
     """
     check_supported(model)
-    existing = getattr(model, "_distilkernels_patch", None)
-    if existing is not None and not existing.restored:
-        return existing
-    hf.register()
-    handle = PatchHandle(model, previous_attn_implementation=model.config._attn_implementation)
-    handle.swaps = replace_modules(model, unpad=unpad)
-    handle.hooks = install_input_checks(model)
-    _set_attn_implementation(model, hf.NAME)
-    model._distilkernels_patch = handle
+    float_dtype, int8 = _resolve_dtype(dtype)
+    if float_dtype is not None:
+        model.to(float_dtype)
+    handle = getattr(model, "_distilkernels_patch", None)
+    if handle is None or handle.restored:
+        hf.register()
+        handle = PatchHandle(model)
+        handle.swaps = replace_modules(model, unpad=unpad)
+        handle.hooks = install_input_checks(model)
+        model._distilkernels_patch = handle
+    if int8:
+        quantize(model)
     return handle

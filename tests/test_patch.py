@@ -1,4 +1,5 @@
-"""distilkernels.patch() on real HF DistilBERT models: parity with stock HF, restore, fallbacks, bad input."""
+"""distilkernels.patch() on HF DistilBERT models: the handle, fallbacks, bad input, dtype=. Parity with stock HF
+for every family and head is in test_parity.py."""
 from __future__ import annotations
 
 import pytest
@@ -6,162 +7,11 @@ import torch
 import transformers
 
 import distilkernels
-from distilkernels import ops
 from distilkernels.modules import FusedBlock, FusedEncoder
 
-from conftest import HEADS, base_config, holey_mask, make_model, model_inputs, tiny_config
+from conftest import tiny_config
+from helpers import ATOL, holey_mask, make_model, model_inputs
 
-# fp32 kernels vs HF fp32: different summation orders only, so 1e-4 max-abs on real tokens (the standard).
-ATOL = 1e-4
-
-TOKEN_LEVEL = (transformers.DistilBertModel, transformers.DistilBertForMaskedLM,
-               transformers.DistilBertForTokenClassification, transformers.DistilBertForQuestionAnswering)
-
-
-def _outputs(out) -> dict[str, torch.Tensor]:
-    keys = ("loss", "logits", "start_logits", "end_logits", "last_hidden_state")
-    return {k: out[k] for k in keys if k in out and out[k] is not None}
-
-
-def assert_parity(cls, ref, got, mask, unpad):
-    """Token-level outputs are compared on real tokens; pooled outputs and losses everywhere."""
-    ref, got = _outputs(ref), _outputs(got)
-    assert ref.keys() == got.keys()
-    valid = mask.bool()
-    for key, r in ref.items():
-        g = got[key]
-        assert g.shape == r.shape, key
-        if key == "loss" and cls is transformers.DistilBertForQuestionAnswering and unpad:
-            continue  # HF's QA loss normalizes over padded positions too; see test_qa_loss_unpadded
-        if cls in TOKEN_LEVEL and key != "loss":
-            r, g = r[valid], g[valid]
-        assert torch.isfinite(g).all(), key
-        err = (g - r).abs().max().item()
-        assert err <= ATOL, f"{cls.__name__}.{key}: max-abs {err:.3g} > {ATOL}"
-
-
-def run_pair(cls, config, batch, seqlen, mask, unpad):
-    model = make_model(cls, config)
-    inputs = model_inputs(cls, config, batch, seqlen, mask)
-    with torch.inference_mode():
-        ref = model(**inputs)
-        handle = distilkernels.patch(model, unpad=unpad)
-        got = model(**inputs)
-        handle.restore()
-        again = model(**inputs)
-    for key, value in _outputs(ref).items():  # restore puts back exactly what was there
-        assert torch.equal(_outputs(again)[key], value), key
-    return ref, got
-
-
-@pytest.mark.parametrize("unpad", [False, True])
-@pytest.mark.parametrize("cls", HEADS, ids=lambda c: c.__name__)
-def test_tiny_holey_masks(cls, unpad, op_spy):
-    config = tiny_config()
-    mask = holey_mask(13, 7, seed=1)
-    mask[:, 0] = 1  # a [CLS] token: pooled heads read position 0
-    ref, got = run_pair(cls, config, 13, 7, mask, unpad)
-    assert_parity(cls, ref, got, mask, unpad)
-    attention_calls = sum(v for (op, _), v in op_spy.items() if op in ("attention", "varlen_attention"))
-    layer_norm_calls = sum(v for (op, _), v in op_spy.items() if op == "add_layer_norm")
-    assert attention_calls == config.n_layers, op_spy  # the fused path really ran, once per layer
-    assert layer_norm_calls == 2 * config.n_layers, op_spy
-    varlen = sum(v for (op, _), v in op_spy.items() if op == "varlen_attention")
-    assert varlen == (config.n_layers if unpad else 0)
-    # fp32 on the C++ backend: the four GEMMs of every layer run on packed weights, lin1's GELU in its epilogue
-    packed = ops.backend_for(torch.device("cpu")) == "cpp"
-    count = lambda name: sum(v for (op, _), v in op_spy.items() if op == name)  # noqa: E731
-    assert count("linear_packed") == (4 * config.n_layers if packed else 0), op_spy
-    assert count("bias_act_") == (0 if packed else config.n_layers), op_spy
-
-
-@pytest.mark.parametrize("kind", ["right", "left", "holey"])
-@pytest.mark.parametrize("cls", HEADS, ids=lambda c: c.__name__)
-def test_padded_layout_matches_everywhere(cls, kind):
-    """unpad=False keeps HF's padded layout: every head matches, left padding included."""
-    config = tiny_config()
-    mask = holey_mask(6, 11, seed=2, kind=kind)
-    ref, got = run_pair(cls, config, 6, 11, mask, unpad=False)
-    assert_parity(cls, ref, got, mask, unpad=False)
-
-
-@pytest.mark.parametrize("kind", ["right", "left", "holey"])
-@pytest.mark.parametrize("cls", TOKEN_LEVEL, ids=lambda c: c.__name__)
-def test_unpadded_left_and_right_padding(cls, kind):
-    config = tiny_config()
-    mask = holey_mask(6, 11, seed=3, kind=kind)
-    ref, got = run_pair(cls, config, 6, 11, mask, unpad=True)
-    assert_parity(cls, ref, got, mask, unpad=True)
-    if cls is transformers.DistilBertModel:  # documented: padded positions hold zeros
-        assert (got.last_hidden_state[~mask.bool()] == 0).all()
-
-
-@pytest.mark.parametrize("cls", HEADS, ids=lambda c: c.__name__)
-def test_distilbert_base_2x128(cls):
-    config = base_config()
-    mask = holey_mask(2, 128, seed=4, kind="right")
-    ref, got = run_pair(cls, config, 2, 128, mask, unpad=True)
-    assert_parity(cls, ref, got, mask, unpad=True)
-
-
-@pytest.mark.parametrize("unpad", [False, True])
-@pytest.mark.parametrize("cls", HEADS, ids=lambda c: c.__name__)
-def test_seq1_and_relu(cls, unpad):
-    config = tiny_config(activation="relu")
-    mask = torch.ones(3, 1, dtype=torch.long)
-    ref, got = run_pair(cls, config, 3, 1, mask, unpad)
-    assert_parity(cls, ref, got, mask, unpad)
-
-
-def test_qa_loss_unpadded():
-    """QA loss with unpadding matches HF when nothing is padded (HF's loss also spans padded positions)."""
-    cls, config = transformers.DistilBertForQuestionAnswering, tiny_config()
-    mask = torch.ones(5, 9, dtype=torch.long)
-    ref, got = run_pair(cls, config, 5, 9, mask, unpad=True)
-    assert abs(ref.loss.item() - got.loss.item()) <= ATOL
-
-
-def test_no_padding_skips_unpad(op_spy):
-    config = tiny_config()
-    mask = torch.ones(4, 9, dtype=torch.long)
-    ref, got = run_pair(transformers.DistilBertModel, config, 4, 9, mask, unpad=True)
-    assert_parity(transformers.DistilBertModel, ref, got, mask, unpad=True)
-    assert not any(op == "varlen_attention" for op, _ in op_spy), op_spy
-
-
-def test_fully_padded_row_no_nan():
-    config = tiny_config()
-    mask = holey_mask(4, 9, seed=5)
-    mask[2] = 0
-    model = make_model(transformers.DistilBertModel, config)
-    inputs = model_inputs(transformers.DistilBertModel, config, 4, 9, mask, with_labels=False)
-    with torch.inference_mode():
-        ref = model(**inputs).last_hidden_state
-        for unpad in (False, True):
-            with distilkernels.patch(model, unpad=unpad):
-                got = model(**inputs).last_hidden_state
-            assert torch.isfinite(got).all()
-            keep = mask.bool()
-            assert (got - ref)[keep].abs().max() <= ATOL  # other rows unaffected
-
-
-
-@pytest.mark.parametrize("batch,seqlen,kind", [
-    (1, 1, "right"), (1, 512, "right"), (2, 512, "holey"), (7, 300, "left"), (64, 9, "holey"), (64, 128, "right"),
-])
-@pytest.mark.parametrize("cls", [transformers.DistilBertModel, transformers.DistilBertForSequenceClassification],
-                         ids=lambda c: c.__name__)
-def test_unpadded_batch_and_length_sweep(cls, batch, seqlen, kind, op_spy):
-    """Padding removal from batch 1 to 64 and length 1 to 512: real tokens match, padding holds zeros."""
-    config = tiny_config(n_layers=2, max_position_embeddings=512)
-    mask = holey_mask(batch, seqlen, seed=batch * 1000 + seqlen, kind=kind)
-    mask[:, 0] = 1  # the pooled head reads position 0
-    ref, got = run_pair(cls, config, batch, seqlen, mask, unpad=True)
-    assert_parity(cls, ref, got, mask, unpad=True)
-    padded = bool((mask == 0).any())
-    assert sum(v for (op, _), v in op_spy.items() if op == "varlen_attention") == (2 if padded else 0), op_spy
-    if cls is transformers.DistilBertModel:
-        assert (got.last_hidden_state[~mask.bool()] == 0).all()
 
 def test_handle_restore_and_structure():
     model = make_model(transformers.DistilBertForSequenceClassification, tiny_config())
@@ -175,12 +25,60 @@ def test_handle_restore_and_structure():
     assert len(blocks) == model.config.n_layers
     assert all(isinstance(b, transformers.models.distilbert.modeling_distilbert.TransformerBlock) for b in blocks)
     assert isinstance(model.distilbert.transformer, FusedEncoder)
-    assert model.config._attn_implementation == "distilkernels"
+    assert model.config._attn_implementation == previous  # patch() leaves the attention implementation alone
     handle.restore()
     handle.restore()  # idempotent
     assert all(m is originals[name] for name, m in model.named_modules())
     assert model.config._attn_implementation == previous
     assert distilkernels.patch(model) is not handle  # a restored model can be patched again
+
+
+@pytest.mark.parametrize("built_with", ["eager", "sdpa", "distilkernels"])
+def test_set_attn_implementation_round_trip_on_patched_model(built_with, op_spy):
+    """Switching implementations on a patched model works both ways, every one matches stock HF (fused blocks
+    whatever the implementation), and restore() leaves the one in force."""
+    config = tiny_config()
+    cls = transformers.DistilBertForTokenClassification
+    stock = make_model(cls, config, attn_implementation="eager")
+    model = make_model(cls, config, attn_implementation=built_with)
+    mask = holey_mask(4, 11, seed=14)
+    mask[:, 0] = 1
+    inputs = model_inputs(cls, config, 4, 11, mask)
+    with torch.inference_mode():
+        ref = stock(**inputs).logits[mask.bool()]
+    handle = distilkernels.patch(model)
+    assert model.config._attn_implementation == built_with
+    for name in ("sdpa", "eager", "distilkernels", built_with):
+        model.set_attn_implementation(name)
+        assert model.config._attn_implementation == name
+        op_spy.clear()
+        with torch.inference_mode():
+            got = model(**inputs).logits[mask.bool()]
+        assert (got - ref).abs().max() <= ATOL, name
+        assert sum(v for (op, _), v in op_spy.items() if op == "varlen_attention") == config.n_layers, name
+    model.set_attn_implementation("sdpa")
+    handle.restore()
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_output_attentions_on_patched_eager_model():
+    """A model built with "eager" keeps it after patching, so HF accepts config.output_attentions=True."""
+    config = tiny_config()
+    mask = holey_mask(3, 8, seed=15)
+    stock = make_model(transformers.DistilBertModel, config, attn_implementation="eager")
+    model = make_model(transformers.DistilBertModel, config, attn_implementation="eager")
+    inputs = model_inputs(transformers.DistilBertModel, config, 3, 8, mask, with_labels=False)
+    distilkernels.patch(model)
+    for m in (stock, model):
+        m.config.output_attentions = True
+    with torch.inference_mode():
+        ref, got = stock(**inputs), model(**inputs)
+    assert len(got.attentions) == config.n_layers
+    keep = mask.bool()
+    for r, g in zip(ref.attentions, got.attentions):
+        rows = keep[:, None, :, None].expand_as(r)  # rows of real queries
+        assert (g - r)[rows].abs().max() <= 1e-5
+    assert (got.last_hidden_state - ref.last_hidden_state)[keep].abs().max() <= ATOL
 
 
 def test_output_hidden_states_and_return_dict_false():
@@ -239,7 +137,7 @@ def test_weights_changed_after_patch_are_seen():
 
 def test_unsupported_model_is_type_error():
     gpt2 = transformers.GPT2Model(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=99))
-    with pytest.raises(TypeError, match="DistilBertModel, BertModel"):
+    with pytest.raises(TypeError, match="DistilBertModel.*BertModel.*RobertaModel"):
         distilkernels.patch(gpt2)
     with pytest.raises(TypeError, match="got Linear"):
         distilkernels.patch(torch.nn.Linear(3, 3))
@@ -280,3 +178,64 @@ def test_model_built_in_inference_mode():
         with distilkernels.patch(model):
             got = model(**inputs).last_hidden_state
     assert (got - ref)[mask.bool()].abs().max() <= ATOL
+
+
+# ---- patch(model, dtype=...) --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, "bf16", torch.float16])
+def test_patch_dtype_converts_and_patches(dtype, op_spy):
+    """One call converts and patches; our error vs fp32 HF is at most 2x torch's own in the same dtype (plus a
+    floor of a few roundings of the dtype at the outputs' magnitude, for when torch's error happens to be tiny)."""
+    config = tiny_config()
+    mask = holey_mask(5, 12, seed=13)
+    fp32 = make_model(transformers.DistilBertModel, config)
+    model = make_model(transformers.DistilBertModel, config)
+    inputs = model_inputs(transformers.DistilBertModel, config, 5, 12, mask, with_labels=False)
+    handle = distilkernels.patch(model, dtype=dtype)
+    target = torch.float16 if dtype is torch.float16 else torch.bfloat16
+    assert {p.dtype for p in model.parameters()} == {target}
+    assert any(isinstance(m, FusedBlock) for m in model.modules())
+    valid = mask.bool()
+    with torch.inference_mode():
+        ref = fp32(**inputs).last_hidden_state[valid]
+        got = model(**inputs).last_hidden_state
+        torch_low = fp32.to(target)(**inputs).last_hidden_state
+    assert got.dtype == target
+    assert sum(v for (op, _), v in op_spy.items() if op == "varlen_attention") == config.n_layers  # fused ran
+    our_err = (got.float()[valid] - ref).abs().max().item()
+    torch_err = (torch_low.float()[valid] - ref).abs().max().item()
+    assert our_err <= 2 * torch_err + 4 * torch.finfo(target).eps * ref.abs().max().item(), (our_err, torch_err)
+    handle.restore()
+    assert not any(isinstance(m, FusedBlock) for m in model.modules())
+    assert {p.dtype for p in model.parameters()} == {target}  # documented: restore() keeps the conversion
+
+
+@pytest.mark.parametrize("dtype", [torch.qint8, "int8", torch.int8])
+def test_patch_dtype_int8_quantizes(dtype):
+    from distilkernels.quant import Int8Gemms
+
+    config = tiny_config()
+    model = make_model(transformers.DistilBertForSequenceClassification, config)
+    handle = distilkernels.patch(model, dtype=dtype)
+    blocks = [m for m in model.modules() if isinstance(m, FusedBlock)]
+    assert len(blocks) == config.n_layers
+    assert all(isinstance(b._parts.gemms, Int8Gemms) for b in blocks)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # int8 copies; fp32 parameters stay
+    assert distilkernels.patch(model, dtype=dtype) is handle
+
+
+def test_patch_dtype_none_keeps_the_model():
+    model = make_model(transformers.DistilBertModel, tiny_config())
+    distilkernels.patch(model, dtype=None)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert not any(b._parts.gemms.__class__.__name__ == "Int8Gemms" for b in model.modules()
+                   if isinstance(b, FusedBlock))
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.float64, "fp8", 8])
+def test_patch_bad_dtype(dtype):
+    model = make_model(transformers.DistilBertModel, tiny_config())
+    with pytest.raises(ValueError, match="dtype must be None"):
+        distilkernels.patch(model, dtype=dtype)
+    assert not any(isinstance(m, FusedBlock) for m in model.modules())  # nothing was changed
+    assert {p.dtype for p in model.parameters()} == {torch.float32}

@@ -15,7 +15,7 @@ from distilkernels.gemms import DenseGemms
 from distilkernels.modules import FusedBlock
 
 from conftest import base_config, holey_mask, make_model, model_inputs, tiny_config
-from test_bert import MINILM_DIR, mean_pool, minilm_sentences, requires_minilm, tiny_bert
+from helpers import MINILM_DIR, mean_pool, minilm_sentences, requires_minilm, tiny_bert
 
 pytestmark = pytest.mark.requires_ext
 

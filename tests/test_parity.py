@@ -1,0 +1,227 @@
+"""The parity suite, run for every family row (families.py) and every head of it: patched models and the
+optimized classes against stock HF fp32, with holey/left/right masks, odd sizes, the family's best-known
+checkpoint shape, and save/load round trips. A new family row is tested here without a new test."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import distilkernels
+from distilkernels import ops
+
+from helpers import (ATOL, DECODER_PARAMS, FAMILY_PARAMS, HEAD_PARAMS, OPTIMIZED_PARAMS, TOKEN_LEVEL_HEAD_PARAMS,
+                     assert_parity, holey_mask, make_model, model_inputs, op_count, outputs, run_pair)
+
+
+def _cpu_packed() -> bool:
+    return ops.backend_for(torch.device("cpu")) == "cpp"
+
+
+@pytest.mark.parametrize("unpad", [False, True])
+@pytest.mark.parametrize("family, head", HEAD_PARAMS)
+def test_patched_holey_masks(family, head, unpad, op_spy):
+    config = family.test.tiny()
+    mask = holey_mask(13, 7, seed=1)
+    mask[:, 0] = 1  # a [CLS] token: pooled heads read position 0
+    ref, got = run_pair(head.hf_class, config, 13, 7, mask, unpad)
+    assert_parity(head.hf_class, ref, got, mask, unpad)
+    n_layers = family.n_layers(config)
+    assert op_count(op_spy, "attention", "varlen_attention") == n_layers, op_spy  # the fused path ran, per layer
+    assert op_count(op_spy, "add_layer_norm") == 2 * n_layers, op_spy
+    assert op_count(op_spy, "varlen_attention") == (n_layers if unpad else 0)
+    # fp32 on the C++ backend: the four GEMMs of every layer run on packed weights, lin1's activation in its epilogue
+    assert op_count(op_spy, "linear_packed") == (4 * n_layers if _cpu_packed() else 0), op_spy
+    assert op_count(op_spy, "bias_act_") == (0 if _cpu_packed() else n_layers), op_spy
+
+
+@pytest.mark.parametrize("kind", ["right", "left", "holey"])
+@pytest.mark.parametrize("family, head", HEAD_PARAMS)
+def test_padded_layout_matches_everywhere(family, head, kind):
+    """unpad=False keeps HF's padded layout: every head matches, left padding included."""
+    config = family.test.tiny()
+    mask = holey_mask(6, 11, seed=2, kind=kind)
+    ref, got = run_pair(head.hf_class, config, 6, 11, mask, unpad=False)
+    assert_parity(head.hf_class, ref, got, mask, unpad=False)
+
+
+@pytest.mark.parametrize("kind", ["right", "left", "holey"])
+@pytest.mark.parametrize("family, head", TOKEN_LEVEL_HEAD_PARAMS)
+def test_unpadded_left_and_right_padding(family, head, kind):
+    config = family.test.tiny()
+    mask = holey_mask(6, 11, seed=3, kind=kind)
+    ref, got = run_pair(head.hf_class, config, 6, 11, mask, unpad=True)
+    assert_parity(head.hf_class, ref, got, mask, unpad=True)
+    if head.labels == "none":  # documented: padded positions hold zeros
+        assert (got.last_hidden_state[~mask.bool()] == 0).all()
+
+
+@pytest.mark.parametrize("family, head", HEAD_PARAMS)
+def test_base_shape_2x128(family, head):
+    """The shape of the family's best-known small checkpoint (distilbert-base, all-MiniLM-L6, distilroberta-base)."""
+    config = family.test.base()
+    mask = holey_mask(2, 128, seed=4, kind="right")
+    ref, got = run_pair(head.hf_class, config, 2, 128, mask, unpad=True)
+    assert_parity(head.hf_class, ref, got, mask, unpad=True)
+
+
+@pytest.mark.parametrize("unpad", [False, True])
+@pytest.mark.parametrize("family, head", HEAD_PARAMS)
+def test_seq1_and_relu(family, head, unpad):
+    config = family.test.tiny(activation="relu")
+    mask = torch.ones(3, 1, dtype=torch.long)
+    ref, got = run_pair(head.hf_class, config, 3, 1, mask, unpad)
+    assert_parity(head.hf_class, ref, got, mask, unpad)
+
+
+def _head(family, labels):
+    return next(head for head in family.heads if head.labels == labels)
+
+
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
+def test_qa_loss_unpadded(family):
+    """QA loss with unpadding matches HF when nothing is padded (HF's loss also spans padded positions)."""
+    cls, config = _head(family, "question_answering").hf_class, family.test.tiny()
+    mask = torch.ones(5, 9, dtype=torch.long)
+    ref, got = run_pair(cls, config, 5, 9, mask, unpad=True)
+    assert abs(ref.loss.item() - got.loss.item()) <= ATOL
+
+
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
+def test_no_padding_skips_unpad(family, op_spy):
+    cls, config = family.base_model, family.test.tiny()
+    mask = torch.ones(4, 9, dtype=torch.long)
+    ref, got = run_pair(cls, config, 4, 9, mask, unpad=True)
+    assert_parity(cls, ref, got, mask, unpad=True)
+    assert op_count(op_spy, "attention") == family.n_layers(config), op_spy
+    assert op_count(op_spy, "varlen_attention") == 0, op_spy
+
+
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
+def test_fully_padded_row_no_nan(family):
+    cls, config = family.base_model, family.test.tiny()
+    mask = holey_mask(4, 9, seed=5)
+    mask[2] = 0
+    model = make_model(cls, config)
+    inputs = model_inputs(cls, config, 4, 9, mask, with_labels=False)
+    with torch.inference_mode():
+        ref = model(**inputs).last_hidden_state
+        for unpad in (False, True):
+            with distilkernels.patch(model, unpad=unpad):
+                got = model(**inputs).last_hidden_state
+            assert torch.isfinite(got).all()
+            assert (got - ref)[mask.bool()].abs().max() <= ATOL  # other rows unaffected
+
+
+@pytest.mark.parametrize("batch,seqlen,kind", [
+    (1, 1, "right"), (1, 512, "right"), (2, 512, "holey"), (7, 300, "left"), (64, 9, "holey"), (64, 128, "right"),
+])
+@pytest.mark.parametrize("family, head", [p for p in HEAD_PARAMS if p.values[1].labels in ("none", "sequence")])
+def test_unpadded_batch_and_length_sweep(family, head, batch, seqlen, kind, op_spy):
+    """Padding removal from batch 1 to 64 and length 1 to 512: real tokens match, padding holds zeros."""
+    config = family.test.tiny(layers=2, max_positions=512)
+    mask = holey_mask(batch, seqlen, seed=batch * 1000 + seqlen, kind=kind)
+    mask[:, 0] = 1  # the pooled head reads position 0
+    ref, got = run_pair(head.hf_class, config, batch, seqlen, mask, unpad=True)
+    assert_parity(head.hf_class, ref, got, mask, unpad=True)
+    padded = bool((mask == 0).any())
+    assert op_count(op_spy, "varlen_attention") == (2 if padded else 0), op_spy
+    if head.labels == "none":
+        assert (got.last_hidden_state[~mask.bool()] == 0).all()
+
+
+# ---- optimized classes (distilkernels.models) --------------------------------------------------------------
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    def save(hf_cls, config, seed=0):
+        path = tmp_path / f"{hf_cls.__name__}-{seed}"
+        make_model(hf_cls, config, seed=seed).save_pretrained(path)
+        return path
+    return save
+
+
+@pytest.mark.parametrize("family, head, ours", OPTIMIZED_PARAMS)
+def test_optimized_class_parity_and_round_trip(family, head, ours, checkpoint, tmp_path, op_spy):
+    hf_cls, config = head.hf_class, family.test.tiny()
+    path = checkpoint(hf_cls, config)
+    stock = hf_cls.from_pretrained(path, attn_implementation="eager").eval()
+    model = ours.from_pretrained(path).eval()
+    assert isinstance(model, hf_cls) and isinstance(model, ours)
+    assert model.config._attn_implementation == "distilkernels"
+    assert sum(isinstance(m, family.fused_block) for m in model.modules()) == family.n_layers(config)
+    assert any(isinstance(m, family.fused_encoder) for m in model.modules())
+    mask = holey_mask(7, 10, seed=3)
+    mask[:, 0] = 1
+    inputs = model_inputs(hf_cls, config, 7, 10, mask)
+    with torch.inference_mode():
+        assert_parity(hf_cls, stock(**inputs), model(**inputs), mask, unpad=True)
+    assert op_count(op_spy, "varlen_attention") == family.n_layers(config), op_spy
+    # ours -> save -> stock: the very same tensors under the same names
+    model.save_pretrained(tmp_path / "ours")
+    back = hf_cls.from_pretrained(tmp_path / "ours", attn_implementation="eager").eval()
+    assert type(back) is hf_cls
+    reference = stock.state_dict()
+    assert back.state_dict().keys() == reference.keys()
+    for key, value in back.state_dict().items():
+        assert torch.equal(value, reference[key]), key
+    with torch.inference_mode():
+        for key, value in outputs(stock(**inputs)).items():
+            assert torch.equal(outputs(back(**inputs))[key], value), key
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
+def test_optimized_class_low_precision(family, dtype, checkpoint, op_spy):
+    """from_pretrained(dtype=) (HF's own argument) gives the low-precision fused path. Our error vs fp32 HF is at
+    most 2x HF's own error in the same dtype (FlashAttention's rule), plus a floor of a few units of the
+    dtype's rounding at the outputs' magnitude (LayerNorm outputs of O(1-10)) for when HF's error happens to
+    be tiny."""
+    hf_cls, config = family.base_model, family.test.tiny()
+    path = checkpoint(hf_cls, config)
+    ours_cls = family.optimized_classes()[0]
+    ref32 = hf_cls.from_pretrained(path, attn_implementation="eager").eval()
+    hf_low = hf_cls.from_pretrained(path, dtype=dtype).eval()
+    ours = ours_cls.from_pretrained(path, dtype=dtype).eval()
+    assert next(ours.parameters()).dtype == dtype
+    mask = holey_mask(5, 12, seed=4)
+    inputs = model_inputs(hf_cls, config, 5, 12, mask, with_labels=False)
+    valid = mask.bool()
+    with torch.inference_mode():
+        ref = ref32(**inputs).last_hidden_state[valid]
+        hf_err = (hf_low(**inputs).last_hidden_state.float()[valid] - ref).abs().max().item()
+        got = ours(**inputs).last_hidden_state
+        our_err = (got.float()[valid] - ref).abs().max().item()
+    assert got.dtype == dtype
+    assert op_count(op_spy, "varlen_attention") == family.n_layers(config), op_spy  # the fused path ran
+    floor = 4 * torch.finfo(dtype).eps * ref.abs().max().item()
+    assert our_err <= 2 * hf_err + floor, (our_err, hf_err, floor)
+
+
+@pytest.mark.parametrize("family, head", HEAD_PARAMS)
+def test_attn_implementation_from_pretrained(family, head, checkpoint, op_spy):
+    cls, config = head.hf_class, family.test.tiny()
+    path = checkpoint(cls, config)
+    stock = cls.from_pretrained(path, attn_implementation="eager").eval()
+    ours = cls.from_pretrained(path, attn_implementation="distilkernels").eval()
+    mask = holey_mask(6, 9, seed=5, kind="left")
+    inputs = model_inputs(cls, config, 6, 9, mask)
+    with torch.inference_mode():
+        assert_parity(cls, stock(**inputs), ours(**inputs), mask, unpad=False)
+    assert op_spy.get(("attention", ops.backend_for(torch.device("cpu"))), 0) == family.n_layers(config)
+
+
+# ---- decoders: patched, their blocks run HF's decoder code --------------------------------------------------
+
+@pytest.mark.parametrize("family, cls", DECODER_PARAMS)
+def test_decoder_heads_fall_back(family, cls):
+    """A causal LM head (is_decoder) is no encoder: patching it keeps HF's results."""
+    config = family.test.tiny()
+    config.is_decoder = True
+    mask = torch.ones(3, 7, dtype=torch.long)
+    model = make_model(cls, config)
+    inputs = model_inputs(family.base_model, config, 3, 7, mask, with_labels=False)
+    with torch.inference_mode():
+        ref = model(**inputs).logits
+        with distilkernels.patch(model):
+            got = model(**inputs).logits
+    assert (got - ref).abs().max() <= ATOL
