@@ -2,13 +2,13 @@
 // online-softmax statistics and the logsumexp kept for a backward pass.
 //
 // Same segments and task split as the blocked core (attention.h). Per (segment, head), a thread gathers the
-// attended keys once and packs them in the VNNI layout brgemm's B operand wants: K^T and V, each in blocks of
-// kKeyBlock keys, zero past the last key and past head_dim. Per query block: Q is copied to a
-// zero-padded bf16 block, then per key block
-//   scores = Q K^T            brgemm, bf16 x bf16 -> fp32
-//   scores *= scale * log2 e  online softmax step in fp32 (row max, row sum, acc rescaled)
-//   P = bf16(exp2(...))       zero past the last key
-//   acc += P V                brgemm, fp32 accumulators
+// attended keys once and packs them in the VNNI layout brgemm's B operand wants (pairs along K in one 32-bit
+// word): K^T by chunks of keys, V by key block (cpublas::pack), zero past the last key and past head_dim.
+// Per query block: Q is copied to a zero-padded bf16 block, then per key block
+//   scores = Q K^T                      brgemm, bf16 x bf16 -> fp32
+//   P = bf16(exp2(scores * c - max))    one online-softmax step, c = scale * log2 e: row max, row sum and the
+//                                       acc rescale in fp32, P zero past the last key
+//   acc += P V                          brgemm, fp32 accumulators
 // and out = bf16(acc / row_sum). P is rounded to bf16 before the second GEMM, as in torch's own bf16 flash
 // attention; the statistics (row max, row sum, lse) never leave fp32.
 #include <ATen/Parallel.h>
@@ -42,7 +42,6 @@ static_assert(kKeyBlock % kChunk == 0, "key blocks are whole chunks");
 
 struct AmxScratch {
   int64_t dk, dv;                   // head_dim padded to a VNNI pair (K of Q K^T) and to kPad (N of P V)
-  std::vector<bf16> kt_plain;       // (dk, kChunk): one chunk of K^T before packing
   std::vector<bf16> kt_packed;      // keys [j0, j0 + kChunk) packed at j0 * dk: (dk, chunk width) VNNI
   std::vector<bf16> v_plain;        // key block at kb * dv: (kKeyBlock, dv), zero past head_dim / last key
   std::vector<bf16> v_packed;       // key block at kb * dv, its column chunk e at + e * kChunk * kKeyBlock
@@ -57,7 +56,6 @@ struct AmxScratch {
       : dk(round_up(head_dim, 2)), dv(round_up(head_dim, kPad)) {
     const int64_t key_rows = std::max<int64_t>(1, round_up(max_keys, kKeyBlock));
     // Value-initialized (zero): the pad columns of qb and v_plain are never written after this.
-    kt_plain.resize(dk * kChunk);
     kt_packed.resize(key_rows * dk);
     v_plain.resize(key_rows * dv);
     v_packed.resize(key_rows * dv);
@@ -79,16 +77,19 @@ void pack_keys(const Problem& p, const bf16* k, const bf16* v, int64_t s, int64_
   const bf16* kbase = k + seg.k_off + h * L.k_head;
   const bf16* vbase = v + seg.v_off + h * L.v_head;
   const bf16 zero(0.0f);
+  // K^T goes straight to the VNNI layout, (dk / 2, ncp) 32-bit words per chunk: word (p, j) holds
+  // (K[j, 2p], K[j, 2p + 1]), the pair of K^T rows 2p, 2p + 1 at column j. A key's pairs are whole 32-bit
+  // words of its row, so the transpose moves words, not halves.
+  const int64_t pairs = sc.dk / 2, whole = d_n / 2;
   for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
     const int64_t nc = std::min(kChunk, n - j0), ncp = round_up(nc, kPad);
-    bf16* kt = sc.kt_plain.data();  // (dk, ncp), zero past head_dim and past the last key
+    auto* kt = reinterpret_cast<uint32_t*>(sc.kt_packed.data() + j0 * sc.dk);
     for (int64_t j = 0; j < nc; ++j) {
       const bf16* src = kbase + seg.key_row(j0 + j) * L.k_row;
-      for (int64_t d = 0; d < d_n; ++d) kt[d * ncp + j] = src[d];
+      for (int64_t w = 0; w < whole; ++w) std::memcpy(kt + w * ncp + j, src + 2 * w, sizeof(uint32_t));
+      if (whole < pairs) kt[whole * ncp + j] = src[d_n - 1].x;  // odd head_dim: (last value, 0)
     }
-    for (int64_t d = 0; d < sc.dk; ++d)
-      for (int64_t j = d < d_n ? nc : 0; j < ncp; ++j) kt[d * ncp + j] = zero;
-    cpublas::pack(sc.dk, ncp, ncp, ncp, at::kBFloat16, at::kBFloat16, kt, sc.kt_packed.data() + j0 * sc.dk);
+    for (int64_t w = 0; w < pairs; ++w) std::fill(kt + w * ncp + nc, kt + (w + 1) * ncp, uint32_t{0});
   }
   for (int64_t kb = 0; kb < n; kb += kKeyBlock) {
     const int64_t nk = std::min(kKeyBlock, n - kb), nkp = round_up(nk, kPad);
@@ -135,17 +136,9 @@ void attend_block(const Problem& p, const bf16* q, bf16* out, float* lse, int64_
       cpublas::brgemm(rows, w, sc.dk, sc.dk, w, kKeyBlock, /*add_C=*/false, sc.qb.data(),
                       sc.kt_packed.data() + (kb + c) * sc.dk, sc.scores.data() + c);
     }
-    for (int64_t i = 0; i < rows; ++i) {
-      float* row = sc.scores.data() + i * kKeyBlock;
-      kern.scale(row, q_scale, nk, row);
-    }
-    kern.softmax_update(sc.scores.data(), kKeyBlock, rows, nk, sc.row_max.data(), sc.row_sum.data(), sc.acc.data(),
-                        sc.dv, sc.dv);
-    for (int64_t i = 0; i < rows; ++i) {
-      auto* prow = reinterpret_cast<uint16_t*>(sc.pb.data() + i * kKeyBlock);
-      kern.scale_to_bf16(sc.scores.data() + i * kKeyBlock, 1.0f, nk, prow);
-      std::fill(prow + nk, prow + nkp, uint16_t{0});
-    }
+    kern.softmax_update_bf16(sc.scores.data(), kKeyBlock, rows, nk, nkp, q_scale, sc.row_max.data(),
+                             sc.row_sum.data(), sc.acc.data(), sc.dv, sc.dv,
+                             reinterpret_cast<uint16_t*>(sc.pb.data()), kKeyBlock);
     for (int64_t e = 0; e < sc.dv; e += kChunk) {
       const int64_t w = std::min(kChunk, sc.dv - e);
       cpublas::brgemm(rows, w, nkp, kKeyBlock, w, sc.dv, /*add_C=*/true, sc.pb.data(),

@@ -53,6 +53,12 @@ struct Kernels {
                                   float* rstd);
   // y = bf16(x * scale).  x: (n,) fp32; y: (n,) bf16
   void (*scale_to_bf16)(const float* x, float scale, int64_t n, uint16_t* y);
+  // softmax_update on raw scores s * scale (scaled in registers, s is read only), writing the probabilities
+  // as bf16 to p[i, :n] (stride ldp) and zeros to p[i, n:n_pad); row_max, row_sum (of the fp32 values) and
+  // acc as in softmax_update.
+  void (*softmax_update_bf16)(const float* s, int64_t lds, int64_t m, int64_t n, int64_t n_pad, float scale,
+                              float* row_max, float* row_sum, float* acc, int64_t ldacc, int64_t acc_n,
+                              uint16_t* p, int64_t ldp);
 };
 
 const Kernels& kernels();

@@ -528,8 +528,49 @@ void scale_to_bf16(const float* x, float factor, int64_t n, uint16_t* y) {
   for (; i < n; ++i) store_bf16_1(y + i, x[i] * factor);
 }
 
+void softmax_update_bf16(const float* s, int64_t lds, int64_t m, int64_t n, int64_t n_pad, float scale,
+                         float* row_max, float* row_sum, float* acc, int64_t ldacc, int64_t acc_n, uint16_t* p,
+                         int64_t ldp) {
+  const V z = splat(0.0f, V());
+  const V vscale = splat(scale, z);
+  const int64_t vec_end = n - n % kW;
+  for (int64_t i = 0; i < m; ++i) {
+    const float* row = s + i * lds;
+    uint16_t* prow = p + i * ldp;
+    V vmx = splat(-__builtin_inff(), z);
+    int64_t j = 0;
+    for (; j < vec_end; j += kW) vmx = vmax(vmx, vload(row + j) * vscale);
+    float mx = hmax(vmx);
+    for (; j < n; ++j) mx = vmax(mx, row[j] * scale);
+    const float new_max = vmax(row_max[i], mx);
+    const V vnew = splat(new_max, z);
+    V vsum = z;
+    for (j = 0; j < vec_end; j += kW) {
+      const V e = exp2_approx(vload(row + j) * vscale - vnew);
+      store_bf16(prow + j, e);
+      vsum = vsum + e;
+    }
+    float sum = hsum(vsum);
+    for (; j < n; ++j) {
+      const float e = exp2_approx(row[j] * scale - new_max);
+      store_bf16_1(prow + j, e);
+      sum += e;
+    }
+    for (; j < n_pad; ++j) prow[j] = 0;
+    const float alpha = exp2_approx(row_max[i] - new_max);  // 0 on the first block (old max -inf)
+    row_sum[i] = row_sum[i] * alpha + sum;
+    row_max[i] = new_max;
+    if (alpha != 1.0f) {
+      const V valpha = splat(alpha, z);
+      float* acc_row = acc + i * ldacc;
+      for (int64_t d = 0; d < acc_n; d += kW) vstore(acc_row + d, vload(acc_row + d) * valpha);
+    }
+  }
+}
+
 const Kernels table = {kW,      kPanel, add_layer_norm_row, bias_act_row, gemm, linear_panels, softmax_update, scale,
-                       absmax, scale_add, bias_act_row_bf16, add_layer_norm_row_bf16, scale_to_bf16};
+                       absmax, scale_add, bias_act_row_bf16, add_layer_norm_row_bf16, scale_to_bf16,
+                       softmax_update_bf16};
 
 #undef DK_INLINE
 
