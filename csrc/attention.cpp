@@ -1,12 +1,11 @@
-// attention and varlen_attention on CPU: one blocked (flash-style) kernel core serves both.
+// attention and varlen_attention on CPU: argument checks, the segments of a call, and the blocked
+// (flash-style) kernel core that serves every dtype on every CPU (bf16 on a CPU with AMX tiles goes to
+// attention_amx.cpp instead; see attention.h for the segments and the task split).
 //
-// The work is cut into segments (a batch row, or one packed sequence), each with its own queries and the
-// list of keys its queries attend to. A key padding mask becomes that list once per call (masked keys are
-// dropped, not masked in the inner loop), so padding costs nothing. Tasks are (segment, head, query block);
-// each thread gets a contiguous run of tasks of equal estimated cost and keeps the current head's keys
-// packed in fp32 (K transposed for the score GEMM, V row by row), so a head's
-// keys are packed once per thread. Per query block: scores = Q K^T in key blocks, online softmax in log2
-// units (softmax_scale * log2(e) folded into Q), acc += P V, then out = acc / row_sum.
+// A key padding mask becomes each segment's key list once per call (masked keys are dropped, not masked in
+// the inner loop), so padding costs nothing. Each thread keeps the current head's keys packed in fp32 (K
+// transposed for the score GEMM, V row by row). Per query block: scores = Q K^T in key blocks, online
+// softmax in log2 units (softmax_scale * log2(e) folded into Q), acc += P V, then out = acc / row_sum.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -14,6 +13,7 @@
 #include <limits>
 #include <vector>
 
+#include "attention.h"
 #include "checks.h"
 #include "cpu_cache.h"
 #include "cpu_kernels.h"
@@ -23,28 +23,11 @@ namespace {
 
 constexpr int64_t kQueryBlock = 64;
 constexpr int64_t kKeyBlock = 256;  // a multiple of every vector width
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.69314718055994531f;
-
-// Element strides, the same for every segment. lse rows (queries) have unit stride.
-struct Layout {
-  int64_t q_row, q_head, k_row, k_head, v_row, v_head, out_row, out_head, lse_head;
-};
-
-struct Segment {
-  int64_t q_off, k_off, v_off, out_off, lse_off;  // element offsets of the segment's first row
-  int64_t n_q;
-  const int64_t* keys;  // rows of the attended keys within the segment; null: rows key_start + [0, n_keys)
-  int64_t key_start;
-  int64_t n_keys;
-};
-
-struct Problem {
-  Layout layout;
-  std::vector<Segment> segments;
-  int64_t n_heads, head_dim;
-  float softmax_scale;
-};
+using attn::kLn2;
+using attn::kLog2e;
+using attn::Layout;
+using attn::Problem;
+using attn::Segment;
 
 // Per-thread scratch: the packed keys of the current (segment, head) and one query block's state.
 struct Scratch {
@@ -70,7 +53,7 @@ void pack_keys(const Problem& p, const T* k, const T* v, int64_t s, int64_t h, S
   const int64_t d_n = p.head_dim, n = seg.n_keys;
   const T* kbase = k + seg.k_off + h * L.k_head;
   const T* vbase = v + seg.v_off + h * L.v_head;
-  auto row_of = [&](int64_t j) { return seg.keys ? seg.keys[j] : seg.key_start + j; };
+  auto row_of = [&](int64_t j) { return seg.key_row(j); };
   // Transpose K in tiles of 8 keys so the strided writes land in a few cache lines at a time.
   for (int64_t j0 = 0; j0 < n; j0 += 8) {
     const int64_t j1 = std::min(j0 + 8, n);
@@ -137,40 +120,16 @@ void attend_block(const Problem& p, const T* q, T* out, float* lse, int64_t s, i
   }
 }
 
-struct Task {
-  int64_t seg, head, q0;
-};
-
 // The kernel core: every (segment, head, query block), split over threads by estimated cost.
 template <typename T>
 void attention_core(const Problem& p, const T* q, const T* k, const T* v, T* out, float* lse) {
-  std::vector<Task> tasks;
-  std::vector<double> cost_end;  // running total of the cost of tasks [0, i]
-  double total = 0;
-  int64_t max_keys = 0;
-  for (int64_t s = 0; s < static_cast<int64_t>(p.segments.size()); ++s) {
-    const Segment& seg = p.segments[s];
-    max_keys = std::max(max_keys, seg.n_keys);
-    for (int64_t h = 0; h < p.n_heads; ++h)
-      for (int64_t q0 = 0; q0 < seg.n_q; q0 += kQueryBlock) {
-        tasks.push_back({s, h, q0});
-        total += static_cast<double>(std::min(kQueryBlock, seg.n_q - q0)) * (seg.n_keys + 8);
-        cost_end.push_back(total);
-      }
-  }
-  const int64_t n_tasks = static_cast<int64_t>(tasks.size());
-  if (n_tasks == 0) return;
-  const int64_t n_parts = std::min<int64_t>(at::get_num_threads(), n_tasks);
-  std::vector<int64_t> part_begin(n_parts + 1, n_tasks);
-  for (int64_t t = 0; t < n_parts; ++t)
-    part_begin[t] = std::lower_bound(cost_end.begin(), cost_end.end(), total * t / n_parts) - cost_end.begin();
-  part_begin[0] = 0;
-
+  const attn::Plan plan = attn::plan_tasks(p, kQueryBlock);
+  if (plan.tasks.empty()) return;
   const int64_t width = cpu::kernels().width;
-  at::parallel_for(0, n_parts, 1, [&](int64_t begin, int64_t end) {
-    Scratch sc(width, p.head_dim, max_keys);
-    for (int64_t i = part_begin[begin]; i < part_begin[end]; ++i) {
-      const Task& t = tasks[i];
+  at::parallel_for(0, static_cast<int64_t>(plan.part_begin.size()) - 1, 1, [&](int64_t begin, int64_t end) {
+    Scratch sc(width, p.head_dim, plan.max_keys);
+    for (int64_t i = plan.part_begin[begin]; i < plan.part_begin[end]; ++i) {
+      const attn::Task& t = plan.tasks[i];
       if ((t.seg != sc.seg || t.head != sc.head) && p.segments[t.seg].n_keys > 0) pack_keys(p, k, v, t.seg, t.head, sc);
       attend_block(p, q, out, lse, t.seg, t.head, t.q0, sc);
     }
@@ -179,6 +138,12 @@ void attention_core(const Problem& p, const T* q, const T* k, const T* v, T* out
 
 void run_core(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
               at::Tensor& lse) {
+  if (attn::use_matrix_unit(q.scalar_type())) {
+    attn::attention_amx(p, q.const_data_ptr<at::BFloat16>(), k.const_data_ptr<at::BFloat16>(),
+                        v.const_data_ptr<at::BFloat16>(), out.mutable_data_ptr<at::BFloat16>(),
+                        lse.mutable_data_ptr<float>());
+    return;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention", [&] {
     attention_core<scalar_t>(p, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
                              v.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),

@@ -1,4 +1,5 @@
-// bias_act_ on CPU: x = act(x + bias) in place, act = exact (erf) GELU or ReLU, vectorized erf.
+// bias_act_ on CPU: x = act(x + bias) in place, act = exact (erf) GELU or ReLU, vectorized erf. bf16 rows are
+// read and written as bf16, fp32 held in registers only.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -17,7 +18,10 @@ void bias_act_rows(T* x, const float* bias, int64_t rows, int64_t hidden_dim, cp
   at::parallel_for(0, rows, row_grain(hidden_dim), [&](int64_t begin, int64_t end) {
     if constexpr (std::is_same_v<T, float>) {
       for (int64_t r = begin; r < end; ++r) k.bias_act_row(x + r * hidden_dim, bias, hidden_dim, act);
-    } else {
+    } else if constexpr (std::is_same_v<T, at::BFloat16>) {  // bf16 in and out, fp32 only in registers
+      auto* xb = reinterpret_cast<uint16_t*>(x);
+      for (int64_t r = begin; r < end; ++r) k.bias_act_row_bf16(xb + r * hidden_dim, bias, hidden_dim, act);
+    } else {  // fp16: each row widened to fp32 scratch around the fp32 kernel
       std::vector<float> row(hidden_dim);
       for (int64_t r = begin; r < end; ++r) {
         T* xr = x + r * hidden_dim;

@@ -41,6 +41,24 @@ struct Kernels {
   float (*absmax)(const float* x, int64_t n);
   // In place: y = y * scale + bias.  y, bias: (n,)
   void (*scale_add)(float* y, float scale, const float* bias, int64_t n);
+
+  // bf16 rows (raw bits), fp32 only in registers: loads widen exactly, stores round to nearest even with NaN
+  // -> 0x7FC0, bit for bit what c10::BFloat16 does.
+  // In place: x = act(x + bias).  x: (n,) bf16; bias: (n,) fp32
+  void (*bias_act_row_bf16)(uint16_t* x, const float* bias, int64_t n, Activation act);
+  // out = (h - mean) * rstd * weight + bias with h = x + residual (residual may be null) summed in fp32 and
+  // never stored.  x, residual, out: (dim,) bf16; weight, bias: (dim,) fp32
+  void (*add_layer_norm_row_bf16)(const uint16_t* x, const uint16_t* residual, const float* weight,
+                                  const float* bias, float eps, int64_t dim, uint16_t* out, float* mean,
+                                  float* rstd);
+  // y = bf16(x * scale).  x: (n,) fp32; y: (n,) bf16
+  void (*scale_to_bf16)(const float* x, float scale, int64_t n, uint16_t* y);
+  // softmax_update on raw scores s * scale (scaled in registers, s is read only), writing the probabilities
+  // as bf16 to p[i, :n] (stride ldp) and zeros to p[i, n:n_pad); row_max, row_sum (of the fp32 values) and
+  // acc as in softmax_update.
+  void (*softmax_update_bf16)(const float* s, int64_t lds, int64_t m, int64_t n, int64_t n_pad, float scale,
+                              float* row_max, float* row_sum, float* acc, int64_t ldacc, int64_t acc_n,
+                              uint16_t* p, int64_t ldp);
 };
 
 const Kernels& kernels();

@@ -415,8 +415,162 @@ void scale_add(float* y, float factor, const float* bias, int64_t n) {
   for (; i < n; ++i) y[i] = vfma(y[i], factor, bias[i]);
 }
 
+// ---- bf16 rows ------------------------------------------------------------------------------------------
+//
+// bf16 is the top half of an fp32: widening is a 16-bit shift; narrowing adds 0x7FFF plus the lowest kept bit
+// (round to nearest, ties to even) and keeps NaN a quiet NaN, as c10::BFloat16 does.
+
+DK_INLINE float load_bf16_1(const uint16_t* p) {
+  const uint32_t bits = static_cast<uint32_t>(*p) << 16;
+  float out;
+  __builtin_memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+DK_INLINE void store_bf16_1(uint16_t* p, float x) {
+  uint32_t bits;
+  __builtin_memcpy(&bits, &x, sizeof(bits));
+  *p = x != x ? uint16_t{0x7FC0} : static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+#if DK_ISA_LEVEL == 2
+DK_INLINE V load_bf16(const uint16_t* p) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+DK_INLINE void store_bf16(uint16_t* p, V x) {
+  const __m512i bits = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), r, _mm512_set1_epi32(0x7FC0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+}
+#elif DK_ISA_LEVEL == 1
+DK_INLINE V load_bf16(const uint16_t* p) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+DK_INLINE void store_bf16(uint16_t* p, V x) {
+  const __m256i bits = _mm256_castps_si256(x);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)));
+  // packus works per 128-bit lane: (r0..3 r0..3 | r4..7 r4..7); qwords 0 and 2 hold r0..7 in order.
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+#else
+DK_INLINE V load_bf16(const uint16_t* p) { return load_bf16_1(p); }
+DK_INLINE void store_bf16(uint16_t* p, V x) { store_bf16_1(p, x); }
+#endif
+
+template <class Act>
+DK_INLINE void bias_act_loop_bf16(uint16_t* x, const float* bias, int64_t n, Act act) {
+  const int64_t vec_end = n - n % kW;
+  int64_t i = 0;
+  for (; i < vec_end; i += kW) store_bf16(x + i, act(load_bf16(x + i) + vload(bias + i)));
+  for (; i < n; ++i) store_bf16_1(x + i, act(load_bf16_1(x + i) + bias[i]));
+}
+
+void bias_act_row_bf16(uint16_t* x, const float* bias, int64_t n, Activation act) {
+  switch (act) {
+    case Activation::kGelu: return bias_act_loop_bf16(x, bias, n, [](auto y) { return gelu(y); });
+    case Activation::kRelu: return bias_act_loop_bf16(x, bias, n, [](auto y) { return relu(y); });
+    default: return bias_act_loop_bf16(x, bias, n, [](auto y) { return y; });
+  }
+}
+
+// The fp32 row kernel's three sweeps (sum, corrected centered sums, affine output), each re-reading the bf16
+// inputs and re-adding them in registers: the row is 2 x 1.5 KiB of L1 at dim 768, and no fp32 copy is stored.
+void add_layer_norm_row_bf16(const uint16_t* x, const uint16_t* residual, const float* weight, const float* bias,
+                             float eps, int64_t dim, uint16_t* out, float* mean_out, float* rstd_out) {
+  const V z = splat(0.0f, V());
+  const int64_t vec_end = dim - dim % kW;
+  auto h_vec = [&](int64_t i) { return residual ? load_bf16(x + i) + load_bf16(residual + i) : load_bf16(x + i); };
+  auto h_one = [&](int64_t i) {
+    return residual ? load_bf16_1(x + i) + load_bf16_1(residual + i) : load_bf16_1(x + i);
+  };
+  V acc = z;
+  int64_t i = 0;
+  for (; i < vec_end; i += kW) acc = acc + h_vec(i);
+  float sum = hsum(acc);
+  for (; i < dim; ++i) sum += h_one(i);
+  const float n = static_cast<float>(dim);
+  float mean = sum / n;
+  const V first_mean = splat(mean, z);
+  V dev_v = z, sq_v = z;
+  for (i = 0; i < vec_end; i += kW) {
+    const V d = h_vec(i) - first_mean;
+    dev_v = dev_v + d;
+    sq_v = vfma(d, d, sq_v);
+  }
+  float dev = hsum(dev_v), sq = hsum(sq_v);
+  for (; i < dim; ++i) {
+    const float d = h_one(i) - mean;
+    dev += d;
+    sq += d * d;
+  }
+  const float var = vmax(0.0f, (sq - dev * dev / n) / n);
+  mean += dev / n;
+  const float rstd = 1.0f / __builtin_sqrtf(var + eps);
+  const V vmean = splat(mean, z), vrstd = splat(rstd, z);
+  for (i = 0; i < vec_end; i += kW)
+    store_bf16(out + i, vfma((h_vec(i) - vmean) * vrstd, vload(weight + i), vload(bias + i)));
+  for (; i < dim; ++i) store_bf16_1(out + i, vfma((h_one(i) - mean) * rstd, weight[i], bias[i]));
+  *mean_out = mean;
+  *rstd_out = rstd;
+}
+
+void scale_to_bf16(const float* x, float factor, int64_t n, uint16_t* y) {
+  const V vf = splat(factor, V());
+  const int64_t vec_end = n - n % kW;
+  int64_t i = 0;
+  for (; i < vec_end; i += kW) store_bf16(y + i, vload(x + i) * vf);
+  for (; i < n; ++i) store_bf16_1(y + i, x[i] * factor);
+}
+
+void softmax_update_bf16(const float* s, int64_t lds, int64_t m, int64_t n, int64_t n_pad, float scale,
+                         float* row_max, float* row_sum, float* acc, int64_t ldacc, int64_t acc_n, uint16_t* p,
+                         int64_t ldp) {
+  const V z = splat(0.0f, V());
+  const V vscale = splat(scale, z);
+  const int64_t vec_end = n - n % kW;
+  for (int64_t i = 0; i < m; ++i) {
+    const float* row = s + i * lds;
+    uint16_t* prow = p + i * ldp;
+    V vmx = splat(-__builtin_inff(), z);
+    int64_t j = 0;
+    for (; j < vec_end; j += kW) vmx = vmax(vmx, vload(row + j) * vscale);
+    float mx = hmax(vmx);
+    for (; j < n; ++j) mx = vmax(mx, row[j] * scale);
+    const float new_max = vmax(row_max[i], mx);
+    const V vnew = splat(new_max, z);
+    V vsum = z;
+    for (j = 0; j < vec_end; j += kW) {
+      const V e = exp2_approx(vload(row + j) * vscale - vnew);
+      store_bf16(prow + j, e);
+      vsum = vsum + e;
+    }
+    float sum = hsum(vsum);
+    for (; j < n; ++j) {
+      const float e = exp2_approx(row[j] * scale - new_max);
+      store_bf16_1(prow + j, e);
+      sum += e;
+    }
+    for (; j < n_pad; ++j) prow[j] = 0;
+    const float alpha = exp2_approx(row_max[i] - new_max);  // 0 on the first block (old max -inf)
+    row_sum[i] = row_sum[i] * alpha + sum;
+    row_max[i] = new_max;
+    if (alpha != 1.0f) {
+      const V valpha = splat(alpha, z);
+      float* acc_row = acc + i * ldacc;
+      for (int64_t d = 0; d < acc_n; d += kW) vstore(acc_row + d, vload(acc_row + d) * valpha);
+    }
+  }
+}
+
 const Kernels table = {kW,      kPanel, add_layer_norm_row, bias_act_row, gemm, linear_panels, softmax_update, scale,
-                       absmax, scale_add};
+                       absmax, scale_add, bias_act_row_bf16, add_layer_norm_row_bf16, scale_to_bf16,
+                       softmax_update_bf16};
 
 #undef DK_INLINE
 

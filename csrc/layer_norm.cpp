@@ -1,5 +1,6 @@
 // add_layer_norm on CPU: residual add, fp32 statistics and normalization in one pass per row, the row kept
-// in L1 between its three sweeps (sum, centered sum of squares, affine output).
+// in L1 between its three sweeps (sum, centered sum of squares, affine output). bf16 rows are read and written
+// as bf16, fp32 held in registers only.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -24,7 +25,14 @@ void add_layer_norm_rows(const T* x, const T* residual, const float* weight, con
         k.add_layer_norm_row(x + r * dim, residual ? residual + r * dim : nullptr, weight, bias, eps, dim, o, o,
                              mean + r, rstd + r);
       }
-    } else {
+    } else if constexpr (std::is_same_v<T, at::BFloat16>) {  // bf16 in and out, fp32 only in registers
+      const auto* xb = reinterpret_cast<const uint16_t*>(x);
+      const auto* rb = reinterpret_cast<const uint16_t*>(residual);
+      auto* ob = reinterpret_cast<uint16_t*>(out);
+      for (int64_t r = begin; r < end; ++r)
+        k.add_layer_norm_row_bf16(xb + r * dim, rb ? rb + r * dim : nullptr, weight, bias, eps, dim, ob + r * dim,
+                                  mean + r, rstd + r);
+    } else {  // fp16: each row widened to fp32 scratch around the fp32 kernel
       std::vector<float> h(dim), res(residual ? dim : 0);
       for (int64_t r = begin; r < end; ++r) {
         for (int64_t i = 0; i < dim; ++i) h[i] = static_cast<float>(x[r * dim + i]);

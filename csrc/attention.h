@@ -1,0 +1,87 @@
+// The attention problem shared by the two CPU kernel cores: the blocked fp32-arithmetic core
+// (attention.cpp, every dtype on every CPU) and the bf16 matrix-unit core (attention_amx.cpp).
+//
+// The work is cut into segments (a batch row, or one packed sequence), each with its own queries and the
+// list of keys its queries attend to. Tasks are (segment, head, query block); each thread gets a contiguous
+// run of tasks of equal estimated cost, so consecutive tasks share a head and its keys are packed once.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace distilkernels {
+namespace attn {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.69314718055994531f;
+
+// Element strides, the same for every segment. lse rows (queries) have unit stride.
+struct Layout {
+  int64_t q_row, q_head, k_row, k_head, v_row, v_head, out_row, out_head, lse_head;
+};
+
+struct Segment {
+  int64_t q_off, k_off, v_off, out_off, lse_off;  // element offsets of the segment's first row
+  int64_t n_q;
+  const int64_t* keys;  // rows of the attended keys within the segment; null: rows key_start + [0, n_keys)
+  int64_t key_start;
+  int64_t n_keys;
+  int64_t key_row(int64_t j) const { return keys ? keys[j] : key_start + j; }
+};
+
+struct Problem {
+  Layout layout;
+  std::vector<Segment> segments;
+  int64_t n_heads, head_dim;
+  float softmax_scale;
+};
+
+struct Task {
+  int64_t seg, head, q0;
+};
+
+// Every (segment, head, query block of `query_block` rows), and the split of that list into one contiguous
+// run per thread: thread t runs tasks [part_begin[t], part_begin[t + 1]).
+struct Plan {
+  std::vector<Task> tasks;
+  std::vector<int64_t> part_begin;
+  int64_t max_keys = 0;
+};
+
+inline Plan plan_tasks(const Problem& p, int64_t query_block) {
+  Plan plan;
+  std::vector<double> cost_end;  // running total of the cost of tasks [0, i]
+  double total = 0;
+  for (int64_t s = 0; s < static_cast<int64_t>(p.segments.size()); ++s) {
+    const Segment& seg = p.segments[s];
+    plan.max_keys = std::max(plan.max_keys, seg.n_keys);
+    for (int64_t h = 0; h < p.n_heads; ++h)
+      for (int64_t q0 = 0; q0 < seg.n_q; q0 += query_block) {
+        plan.tasks.push_back({s, h, q0});
+        total += static_cast<double>(std::min(query_block, seg.n_q - q0)) * (seg.n_keys + 8);
+        cost_end.push_back(total);
+      }
+  }
+  const int64_t n_tasks = static_cast<int64_t>(plan.tasks.size());
+  if (n_tasks == 0) return plan;
+  const int64_t n_parts = std::min<int64_t>(at::get_num_threads(), n_tasks);
+  plan.part_begin.assign(n_parts + 1, n_tasks);
+  for (int64_t t = 0; t < n_parts; ++t)
+    plan.part_begin[t] = std::lower_bound(cost_end.begin(), cost_end.end(), total * t / n_parts) - cost_end.begin();
+  plan.part_begin[0] = 0;
+  return plan;
+}
+
+// Whether attention in `dtype` runs on the matrix unit: bf16 on a CPU where ATen's brgemm packs bf16 for AMX
+// tiles (at::native::cpublas::could_pack), AVX-512 kernels not capped by DISTILKERNELS_ISA, and
+// DISTILKERNELS_AMX not "0" (read on every call, so a test can compare both paths in one process).
+bool use_matrix_unit(at::ScalarType dtype);
+
+// The bf16 core on the matrix unit; same contract as the blocked core (out, lse as documented in ops.cpp).
+void attention_amx(const Problem& p, const at::BFloat16* q, const at::BFloat16* k, const at::BFloat16* v,
+                   at::BFloat16* out, float* lse);
+
+}  // namespace attn
+}  // namespace distilkernels
