@@ -188,14 +188,18 @@ def test_head(family, cls, kind, mask_kind, labels, tmp_path):
         assert stats.get("encoder.unpadded", 0) == 1, stats
 
 
+@pytest.mark.parametrize("kind", ["patched", "optimized"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
-def test_attn_implementation_masks_run_fused(family, attn, tmp_path):
-    """Optimized classes loaded with attn_implementation="sdpa"/"eager" (4-D masks) still run fused."""
+def test_attn_implementation_masks_run_fused(family, attn, kind, tmp_path):
+    """A model whose config names "sdpa" or "eager" (4-D masks: bool, additive) still runs fused: optimized
+    classes loaded with that attn_implementation, and patched models that keep it."""
     cls = family.heads[2]  # ForSequenceClassification
     config = family.config()
     stock = stock_model(cls, config, attn_implementation=attn)
-    model = variant("optimized", stock, tmp_path, attn_implementation=attn)
+    model = variant(kind, stock, tmp_path, attn_implementation=attn)
+    if kind == "patched":
+        model.set_attn_implementation(attn)
     assert model.config._attn_implementation == attn
     for mask_kind in ("right", "holey_first0"):
         inputs = head_inputs(family, cls, config, mask_kind, labels=False)
