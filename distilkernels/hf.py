@@ -57,6 +57,25 @@ def labels_given() -> bool:
     return _labels_given.get()
 
 
+class _LabelWatch:
+    """Pre- and post-forward hook pair (a module-level class, so hooked models still pickle and deepcopy)."""
+
+    def __init__(self, names: tuple, positions: tuple):
+        self.names, self.positions, self.tokens = names, positions, []
+
+    def __getstate__(self):
+        return {"names": self.names, "positions": self.positions, "tokens": []}
+
+    def before(self, module, args, kwargs):
+        given = any(kwargs.get(n) is not None for n in self.names) or any(
+            i < len(args) and args[i] is not None for i in self.positions)
+        self.tokens.append(_labels_given.set(given))
+
+    def after(self, module, args, kwargs, output):
+        if self.tokens:
+            _labels_given.reset(self.tokens.pop())
+
+
 def watch_labels(model: torch.nn.Module) -> list:
     """Hooks on `model` (a head) that flag, for the duration of its forward, whether it got labels.
     Returns the hook handles ([] when its forward takes no label argument)."""
@@ -64,23 +83,12 @@ def watch_labels(model: torch.nn.Module) -> list:
         params = list(inspect.signature(model.forward).parameters)
     except (TypeError, ValueError):  # pragma: no cover - a forward without a signature
         return []
-    positions = tuple(params.index(n) for n in LABEL_ARGUMENTS if n in params)
     names = tuple(n for n in LABEL_ARGUMENTS if n in params)
     if not names:
         return []
-    tokens: list = []
-
-    def before(module, args, kwargs):
-        given = any(kwargs.get(n) is not None for n in names) or any(
-            i < len(args) and args[i] is not None for i in positions)
-        tokens.append(_labels_given.set(given))
-
-    def after(module, args, kwargs, output):
-        if tokens:
-            _labels_given.reset(tokens.pop())
-
-    return [model.register_forward_pre_hook(before, with_kwargs=True),
-            model.register_forward_hook(after, with_kwargs=True, always_call=True)]
+    watch = _LabelWatch(names, tuple(params.index(n) for n in names))
+    return [model.register_forward_pre_hook(watch.before, with_kwargs=True),
+            model.register_forward_hook(watch.after, with_kwargs=True, always_call=True)]
 
 
 # ---- masks -------------------------------------------------------------------------------------------------

@@ -227,14 +227,15 @@ def test_output_attentions_and_hidden_states_per_call(family, kind, tmp_path):
     assert_same(ref, got, inputs["attention_mask"])
 
 
+@pytest.mark.parametrize("kind", ["patched", "optimized"])
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
-def test_output_attentions_per_config(family, tmp_path):
+def test_output_attentions_per_config(family, kind, tmp_path):
     cls = family.heads[2]
     config = family.config()
     stock = stock_model(cls, config, attn_implementation="eager")
     stock.config.output_attentions = True
     stock.config.output_hidden_states = True
-    model = variant("optimized", stock, tmp_path, attn_implementation="eager")
+    model = variant(kind, stock, tmp_path, attn_implementation="eager")
     assert model.config.output_attentions
     inputs = head_inputs(family, cls, config, "holey")
     with torch.no_grad():
@@ -326,11 +327,13 @@ def test_torch_export(family, kind, tmp_path):
     assert not ours, f"exporters get the stock computation, found {ours}"
 
 
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
 @pytest.mark.parametrize("kind", ["patched", "optimized"])
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
-def test_onnx_export(family, kind, tmp_path):
+def test_onnx_export(family, kind, dynamo, tmp_path):
     ort = pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
+    if dynamo:
+        pytest.importorskip("onnxscript")
     cls = family.heads[2]
     config = family.config()
     stock = stock_model(cls, config)
@@ -339,7 +342,7 @@ def test_onnx_export(family, kind, tmp_path):
     path = tmp_path / "model.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (), str(path), kwargs=inputs, dynamo=True, input_names=list(inputs),
+        torch.onnx.export(model, (), str(path), kwargs=inputs, dynamo=dynamo, input_names=list(inputs),
                           output_names=["logits"])
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feed = {i.name: inputs[i.name].numpy() for i in session.get_inputs()}
