@@ -1,4 +1,5 @@
-"""Hugging Face integration: `attn_implementation="distilkernels"`.
+"""Hugging Face integration: the masks our fused blocks read, the state of HF's output capture, the labels
+watch, and `attn_implementation="distilkernels"`.
 
 Importing distilkernels registers, under one name, both
   - an attention function (AttentionInterface): our fused attention kernel, and
@@ -6,17 +7,22 @@ Importing distilkernels registers, under one name, both
     is padded. Without a mask function of the same name HF would hand the attention None for padded
     batches and padded rows would come out wrong, silently.
 
-The attention function falls back to HF's eager math (same semantics, autograd-capable) whenever the fused
-kernel does not apply: gradients needed, attention dropout, attention weights requested, or a mask in
-another format (a prepared 4-D mask).
+Whatever attention implementation a config names, `key_padding_mask_of` recovers the (batch, kv_len) mask
+from it: our 2-D mask, sdpa's 4-D bool mask or eager's additive 4-D mask, as long as it is a pure key-padding
+mask (every query row the same, only "attend" / "do not attend" values); anything else is reported as a
+mask-format fallback and HF's own code runs.
 """
 from __future__ import annotations
+
+import contextvars
+import inspect
 
 import torch
 
 from . import ops
 
 NAME = "distilkernels"
+ATTENTION_WEIGHTS = "attention weights requested"
 
 try:  # the ContextVar HF's output capturing sets while output_hidden_states / output_attentions is requested
     from transformers.utils.output_capturing import _active_collector
@@ -34,46 +40,128 @@ def capturing(kind: str) -> bool:
     return bool(collected) and kind in collected
 
 
-def key_padding_mask_of(attention_mask, batch: int, seqlen: int):
-    """Our mask format, or NotImplemented when `attention_mask` is in another one (e.g. a 4-D mask)."""
+def exporting() -> bool:
+    """True while torch.export / torch.onnx.export (dynamo or TorchScript) traces the model: exporters get
+    the stock computation, which every exporter can translate."""
+    return bool(torch.compiler.is_exporting() or torch.jit.is_tracing() or torch.jit.is_scripting()
+                or torch.onnx.is_in_onnx_export())
+
+
+# ---- labels: losses read positions that padding removal would drop -------------------------------------
+LABEL_ARGUMENTS = ("labels", "start_positions", "end_positions", "next_sentence_label")
+_labels_given = contextvars.ContextVar("distilkernels_labels_given", default=False)
+
+
+def labels_given() -> bool:
+    """True inside the forward of a head model that was given labels (its loss reads padded positions)."""
+    return _labels_given.get()
+
+
+class _LabelWatch:
+    """Pre- and post-forward hook pair (a module-level class, so hooked models still pickle and deepcopy)."""
+
+    def __init__(self, names: tuple, positions: tuple):
+        self.names, self.positions, self.tokens = names, positions, []
+
+    def __getstate__(self):
+        return {"names": self.names, "positions": self.positions, "tokens": []}
+
+    def before(self, module, args, kwargs):
+        given = any(kwargs.get(n) is not None for n in self.names) or any(
+            i < len(args) and args[i] is not None for i in self.positions)
+        self.tokens.append(_labels_given.set(given))
+
+    def after(self, module, args, kwargs, output):
+        if self.tokens:
+            _labels_given.reset(self.tokens.pop())
+
+
+def watch_labels(model: torch.nn.Module) -> list:
+    """Hooks on `model` (a head) that flag, for the duration of its forward, whether it got labels.
+    Returns the hook handles ([] when its forward takes no label argument)."""
+    try:
+        params = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):  # pragma: no cover - a forward without a signature
+        return []
+    names = tuple(n for n in LABEL_ARGUMENTS if n in params)
+    if not names:
+        return []
+    watch = _LabelWatch(names, tuple(params.index(n) for n in names))
+    return [model.register_forward_pre_hook(watch.before, with_kwargs=True),
+            model.register_forward_hook(watch.after, with_kwargs=True, always_call=True)]
+
+
+# ---- masks -------------------------------------------------------------------------------------------------
+def key_padding_mask_of(attention_mask, batch: int, kv_len: int):
+    """(mask, why): mask is None (no padding), the (batch, kv_len) bool key-padding mask (True = attend), or
+    NotImplemented when `attention_mask` is not a pure key-padding mask in a format we know; `why` then
+    says what was found."""
     if attention_mask is None:
-        return None
-    if attention_mask.dtype == torch.bool and tuple(attention_mask.shape) == (batch, seqlen):
-        return attention_mask
-    return NotImplemented
+        return None, ""
+    if attention_mask.dim() == 2:
+        if attention_mask.dtype == torch.bool and tuple(attention_mask.shape) == (batch, kv_len):
+            return attention_mask, ""
+        return NotImplemented, f"2-D mask {tuple(attention_mask.shape)} {attention_mask.dtype}"
+    if attention_mask.dim() != 4 or attention_mask.shape[1] != 1 or attention_mask.shape[-1] != kv_len \
+            or attention_mask.shape[0] not in (1, batch):
+        return NotImplemented, f"mask of shape {tuple(attention_mask.shape)}"
+    row = attention_mask[:, :, :1, :]  # (b, 1, 1, kv_len)
+    by_construction = attention_mask.shape[2] == 1 or attention_mask.stride(2) == 0  # HF's expand()ed mask
+    if not by_construction and torch.compiler.is_compiling():
+        return NotImplemented, "4-D mask whose rows cannot be compared inside a compiled graph"
+    if not by_construction and not bool((attention_mask == row).all()):
+        return NotImplemented, "4-D mask that is not a key-padding mask (query rows differ)"
+    row = row[:, 0, 0, :]
+    if row.dtype == torch.bool:
+        mask = row
+    else:  # additive: 0 = attend, the dtype's min (or -inf) = do not attend; anything else is a bias
+        if torch.compiler.is_compiling():
+            return NotImplemented, "additive 4-D mask whose values cannot be checked inside a compiled graph"
+        mask = row == 0
+        if not bool((mask | (row <= torch.finfo(row.dtype).min)).all()):
+            return NotImplemented, "additive 4-D mask with values other than 0 and the dtype's minimum"
+    return mask.expand(batch, kv_len), ""
 
 
-def eager_attention(query, key, value, key_padding_mask, scaling, dropout=0.0, training=False):
-    """HF's eager attention on (batch, n_heads, seqlen, head_dim) inputs with a 2-D bool mask.
-    Returns (out (batch, seqlen, n_heads, head_dim), weights (batch, n_heads, seqlen, seqlen))."""
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bool (True = attend) -> 0 / dtype's min, as HF's eager_mask builds it."""
+    return torch.where(mask, torch.zeros((), dtype=dtype, device=mask.device), torch.finfo(dtype).min)
+
+
+def eager_attention(query, key, value, attention_mask, scaling, dropout=0.0, training=False):
+    """HF's eager attention on (batch, n_heads, q_len / kv_len, head_dim) inputs; attention_mask is None, a
+    2-D bool key-padding mask, or a 4-D bool or additive mask. Returns (out (batch, q_len, n_heads,
+    head_dim), weights (batch, n_heads, q_len, kv_len))."""
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if key_padding_mask is not None:
-        additive = torch.zeros(key_padding_mask.shape, dtype=scores.dtype, device=scores.device)
-        additive.masked_fill_(~key_padding_mask, torch.finfo(scores.dtype).min)
-        scores = scores + additive[:, None, None, :]
+    if attention_mask is not None:
+        if attention_mask.dim() == 2:
+            attention_mask = attention_mask[:, None, None, :]
+        if attention_mask.dtype == torch.bool:
+            attention_mask = additive_mask(attention_mask, scores.dtype)
+        scores = scores + attention_mask
     weights = torch.nn.functional.softmax(scores, dim=-1)
     weights = torch.nn.functional.dropout(weights, p=dropout, training=training)
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
 def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """AttentionInterface function. query/key/value: (batch, n_heads, seqlen, head_dim) views.
-    Returns (out (batch, seqlen, n_heads, head_dim), weights or None)."""
-    batch, _, seqlen, head_dim = query.shape
-    scaling = head_dim**-0.5 if scaling is None else scaling
-    mask = key_padding_mask_of(attention_mask, batch, seqlen)
-    causal = bool(getattr(module, "is_causal", False))
-    if mask is NotImplemented or causal:  # a prepared 4-D mask, or a decoder: torch handles it
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=None if mask is None else attention_mask,
-            dropout_p=dropout if module.training else 0.0, scale=scaling,
-            is_causal=causal and attention_mask is None and query.shape[2] > 1)
-        return out.transpose(1, 2).contiguous(), None
-    needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
-    if needs_grad or dropout > 0.0 or capturing("attentions"):
-        return eager_attention(query, key, value, mask, scaling, dropout, module.training)
-    q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (batch, seqlen, n_heads, head_dim) views
-    return ops.attention(q, k, v, key_padding_mask=mask, softmax_scale=scaling), None
+    """AttentionInterface function. query: (batch, n_heads, q_len, head_dim), key/value (batch, n_heads,
+    kv_len, head_dim) views. Returns (out (batch, q_len, n_heads, head_dim), weights or None)."""
+    from .modules import decide  # the one place that decides fused vs stock
+
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    decision = decide("attention", module, query, attention_mask, kv_len=key.shape[2], attn_dropout=dropout)
+    if decision.path == "fused":
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (batch, seqlen, n_heads, head_dim) views
+        return ops.attention(q, k, v, key_padding_mask=decision.mask, softmax_scale=scaling), None
+    if decision.reason == ATTENTION_WEIGHTS:
+        return eager_attention(query, key, value, attention_mask, scaling, dropout, module.training)
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if attention_mask is not None and attention_mask.dim() == 2:  # our mask function's key-padding mask
+        attention_mask = attention_mask[:, None, None, :]
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  is_causal=bool(getattr(module, "is_causal", False)))
 
 
 def mask_function(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
@@ -89,8 +177,9 @@ def mask_function(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask
     if attention_mask is None:
         return None
     attention_mask = attention_mask[:, -kv_length:].bool()
-    # (a compiled graph keeps the mask: the kernels take an all-True mask, and no data-dependent branch)
-    if attention_mask.shape[1] == kv_length and not torch.compiler.is_compiling() and bool(attention_mask.all()):
+    # (a compiled or exported graph keeps the mask: the kernels take an all-True mask; no data-dependent branch)
+    if (attention_mask.shape[1] == kv_length and not torch.compiler.is_compiling() and not exporting()
+            and bool(attention_mask.all())):
         return None
     return attention_mask
 

@@ -8,20 +8,23 @@ mechanism serves every family; a `BlockLayout` says where each piece lives in th
       -> out GEMM -> add_layer_norm(. , x) -> lin1 GEMM with bias + activation (fused epilogue, or
       bias_act_ in place) -> lin2 GEMM -> add_layer_norm(. , h)
 
-The fused path is inference-only for now: whenever gradients are needed (grad mode with trainable
-parameters), dropout is active, attention weights are requested, or the mask comes in another format,
-the stock HF forward runs instead, so training stays correct.
+The fused path is inference-only for now. `decide` (below) is the one function that chooses, per call,
+between the fused path and HF's stock forward (gradients needed, dropout active, attention weights
+requested, a decoder or cross-attention, a mask that is not a key-padding mask, an activation we have no
+kernel for, exporting) and, for the encoder, between the unpadded and the padded layout; every choice is
+counted with its reason (`path_stats(model)`).
 """
 from __future__ import annotations
 
 import inspect
 import operator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from . import ops
-from .hf import capturing, key_padding_mask_of
+from . import hf
 from .gemms import DenseGemms
 from .padding import pad, unpad, unpad_info
 
@@ -60,19 +63,107 @@ def _dropout_active(module: torch.nn.Module) -> bool:
     return module.training and any(m.p > 0 for m in module.modules() if isinstance(m, torch.nn.Dropout))
 
 
-def needs_stock_forward(module: torch.nn.Module, sample: torch.Tensor) -> bool:
-    """True when the fused inference path must not run for `module` on input `sample`."""
-    if sample.dtype not in _SUPPORTED_DTYPES:
-        return True
-    if torch.is_grad_enabled() and (sample.requires_grad or any(p.requires_grad for p in module.parameters())):
-        return True
-    return _dropout_active(module) or capturing("attentions")
-
-
 def _cross_attention(args, kwargs) -> bool:
     """Whether a block or encoder forward got more than the stock encoder inputs (a decoder's cross-attention
     inputs): any positional argument past the mask that is not None, or encoder_hidden_states."""
     return any(a is not None for a in args) or kwargs.get("encoder_hidden_states") is not None
+
+
+class Decision(NamedTuple):
+    path: str  # "fused" (block, attention), "unpadded" (encoder), "padded" (encoder), "stock" (block, attention)
+    reason: str  # why a fallback or the padded layout was chosen; "" on the fast path
+    mask: torch.Tensor | None = None  # the (batch, kv_len) bool key-padding mask, None = no padding
+
+
+# Reasons, as counted by path_stats (tests and docs refer to these names).
+EXPORTING = "exporting (stock computation)"
+DECODER = "decoder / cross-attention"
+ACTIVATION = "unsupported activation"
+DTYPE = "unsupported dtype"
+GRADIENTS = "gradients needed"
+DROPOUT = "dropout active"
+MASK_FORMAT = "mask format"
+NO_PADDING = "no padding"
+UNPAD_OFF = "padding removal off"
+HIDDEN_STATES = "hidden states captured (padded layout)"
+COMPILING = "compiling (data-dependent token count)"
+LABELS = "labels read padded positions (padded layout)"
+POSITION0 = "position 0 is padding (pooled heads read it)"
+
+
+def decide(level: str, module: torch.nn.Module, x: torch.Tensor, attention_mask, *, kv_len: int | None = None,
+           cross: bool = False, attn_dropout: float = 0.0) -> Decision:
+    """The one place that decides, for one call, whether `module` runs fused or HF's stock code, and why.
+
+    level: "block" (a FusedBlock: fused or stock), "encoder" (a FusedEncoder: unpadded or padded layout; in
+    the padded layout each block decides again) or "attention" (attn_implementation="distilkernels": fused
+    kernel or HF's sdpa / eager math). x: the block's hidden states, or the attention's query (batch, n_heads,
+    q_len, head_dim). Every decision is counted on `module` (see path_stats)."""
+    decision = _decide(level, module, x, attention_mask, kv_len, cross, attn_dropout)
+    if not torch.compiler.is_compiling():  # (a counter bump inside a graph would be traced once, not per call)
+        stats = module.__dict__.setdefault("_path_stats", {})
+        key = f"{level}.{decision.path}" + (f": {decision.reason}" if decision.reason else "")
+        stats[key] = stats.get(key, 0) + 1
+    return decision
+
+
+def _decide(level, module, x, attention_mask, kv_len, cross, attn_dropout) -> Decision:
+    fallback = "padded" if level == "encoder" else "stock"
+    batch = x.shape[0]
+    q_len = x.shape[2] if level == "attention" else x.shape[1]
+    kv_len = q_len if kv_len is None else kv_len
+    if hf.exporting():
+        return Decision(fallback, EXPORTING)
+    if level == "attention":
+        decoder = cross or kv_len != q_len or bool(getattr(module, "is_causal", False))
+        activation_ok = True
+    else:
+        blocks = module.layer if level == "encoder" else (module,)
+        decoder = cross or any(getattr(b, "is_decoder", False) for b in blocks)
+        activation_ok = all(isinstance(b, FusedBlock) and b._parts.act is not None for b in blocks)
+    if decoder:
+        return Decision(fallback, DECODER)
+    if not activation_ok:
+        return Decision(fallback, ACTIVATION)
+    if x.dtype not in _SUPPORTED_DTYPES:
+        return Decision(fallback, DTYPE)
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters())):
+        return Decision(fallback, GRADIENTS)
+    if attn_dropout > 0.0 or _dropout_active(module):
+        return Decision(fallback, DROPOUT)
+    if hf.capturing("attentions"):
+        return Decision(fallback, hf.ATTENTION_WEIGHTS)
+    mask, why = hf.key_padding_mask_of(attention_mask, batch, kv_len)
+    if mask is NotImplemented:
+        return Decision(fallback, f"{MASK_FORMAT}: {why}")
+    if level != "encoder":
+        return Decision("fused", "", mask)
+    for reason, applies in ((NO_PADDING, lambda: mask is None), (UNPAD_OFF, lambda: not module.unpad),
+                            (HIDDEN_STATES, lambda: hf.capturing("hidden_states")),
+                            (COMPILING, torch.compiler.is_compiling), (LABELS, hf.labels_given),
+                            (POSITION0, lambda: not bool(mask[:, 0].all()))):
+        if applies():
+            return Decision("padded", reason, mask)
+    return Decision("unpadded", "", mask)
+
+
+def path_stats(model: torch.nn.Module, reset: bool = False) -> dict[str, int]:
+    """How often each path ran in `model` since it was built or last reset, and why: keys are
+    "<level>.<path>" or "<level>.<path>: <reason>" (levels: encoder, block, attention), summed over the
+    model's modules. `reset=True` zeroes the counters after reading them."""
+    total: dict[str, int] = {}
+    for m in model.modules():
+        stats = m.__dict__.get("_path_stats")
+        if stats:
+            for key, n in stats.items():
+                total[key] = total.get(key, 0) + n
+            if reset:
+                stats.clear()
+    return dict(sorted(total.items()))
+
+
+def reset_path_stats(model: torch.nn.Module) -> None:
+    path_stats(model, reset=True)
 
 
 class _Parts:
@@ -132,17 +223,13 @@ class FusedBlock:
             return parts
         return super().__getattr__(name)
 
-    def fusable(self) -> bool:
-        return self._parts.act is not None and not getattr(self, "is_decoder", False)
-
     def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
-        batch, seqlen, dim = hidden_states.shape
-        mask = key_padding_mask_of(attention_mask, batch, seqlen)
-        if (mask is NotImplemented or _cross_attention(args, kwargs) or not self.fusable()
-                or needs_stock_forward(self, hidden_states)):
+        decision = decide("block", self, hidden_states, attention_mask, cross=_cross_attention(args, kwargs))
+        if decision.path == "stock":
             return super().forward(hidden_states, attention_mask, *args, **kwargs)
+        batch, seqlen, dim = hidden_states.shape
         out = self.forward_tokens(hidden_states.reshape(batch * seqlen, dim), batch=batch, seqlen=seqlen,
-                                  key_padding_mask=mask)
+                                  key_padding_mask=decision.mask)
         return out.view(batch, seqlen, dim)
 
     def forward_tokens(self, x, *, batch=None, seqlen=None, key_padding_mask=None, cu_seqlens=None,
@@ -167,9 +254,11 @@ class FusedEncoder:
     once on exit. `OUTPUT` is the HF output class the stock forward returns.
 
     With `unpad` (the default) and a padded batch, every GEMM, LayerNorm, activation and the (varlen)
-    attention run on the real tokens only; padded positions of the output hold zeros. Where HF needs
-    the padded layout per layer (output_hidden_states), and inside torch.compile graphs (the token count
-    depends on the data), the layers run padded instead.
+    attention run on the real tokens only; padded positions of the output hold zeros (HF computes values
+    there that no real token depends on). Wherever a value a caller can read depends on padded positions
+    the layers run in the padded layout instead, which computes them as HF does: position 0 padded (the
+    pooled heads and BERT's pooler read it), labels given (losses read padded positions), hidden states
+    captured, and inside torch.compile graphs (the token count would depend on the data).
     """
 
     OUTPUT: type
@@ -180,14 +269,10 @@ class FusedEncoder:
         return clone_as(encoder, cls)
 
     def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
-        batch, seqlen, _ = hidden_states.shape
-        mask = key_padding_mask_of(attention_mask, batch, seqlen)
-        if (not self.unpad or mask is None or mask is NotImplemented or _cross_attention(args, kwargs)
-                or capturing("hidden_states") or torch.compiler.is_compiling()
-                or not all(isinstance(layer, FusedBlock) and layer.fusable() for layer in self.layer)
-                or needs_stock_forward(self, hidden_states)):
+        decision = decide("encoder", self, hidden_states, attention_mask, cross=_cross_attention(args, kwargs))
+        if decision.path == "padded":
             return super().forward(hidden_states, attention_mask, *args, **kwargs)
-        info = unpad_info(mask)
+        info = unpad_info(decision.mask)
         x = unpad(hidden_states, info)
         for layer in self.layer:
             x = layer.forward_tokens(x, cu_seqlens=info.cu_seqlens, max_seqlen=info.max_seqlen)

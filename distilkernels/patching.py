@@ -18,7 +18,7 @@ import torch
 
 from . import hf
 from .families import FAMILIES, REPLACEMENTS, family_of
-from .modules import FusedEncoder
+from .modules import FusedEncoder, path_stats
 from .quant import quantize
 
 # The encoders inside every supported model, whose inputs patch() validates.
@@ -53,8 +53,20 @@ def replace_modules(model: torch.nn.Module, *, unpad: bool = True) -> list[tuple
     return swaps
 
 
+def _past_length(kwargs) -> int:
+    """Tokens already in the cache of a cached decoding step (HF passes the cache as `cache` or
+    `past_key_values`), 0 without a cache."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is None:
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    return int(cache[0][0].shape[-2])  # legacy tuple of (key, value) per layer: (batch, heads, past, head_dim)
+
+
 def validate_inputs(base_model, args, kwargs) -> None:
-    """Forward pre-hook of the patched base model: reject input HF would mishandle or fail on obscurely."""
+    """Forward pre-hook of the patched base model: reject input HF would mishandle or fail on obscurely.
+    The 2-D attention_mask covers the cached tokens too: (batch, past + seqlen) in a cached decoding step."""
     input_ids = kwargs.get("input_ids", args[0] if args else None)
     embeds = kwargs.get("inputs_embeds")
     mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
@@ -72,12 +84,14 @@ def validate_inputs(base_model, args, kwargs) -> None:
         raise TypeError(f"attention_mask must be a torch.Tensor, got {type(mask).__name__}")
     if mask.dim() == 4:
         return  # a prepared 4-D mask: HF applies it as given
-    if mask.dim() != 2 or tuple(mask.shape) != (batch, seqlen):
-        raise ValueError(f"attention_mask must be (batch, seqlen) = {(batch, seqlen)} like input_ids, "
+    past = _past_length(kwargs)
+    if mask.dim() != 2 or tuple(mask.shape) != (batch, past + seqlen):
+        expected = "(batch, seqlen)" if past == 0 else f"(batch, past + seqlen) with past={past} cached tokens"
+        raise ValueError(f"attention_mask must be {expected} = {(batch, past + seqlen)} like input_ids, "
                          f"got {tuple(mask.shape)}")
     if mask.dtype.is_complex:
         raise TypeError(f"attention_mask must be bool or a 0/1 integer or float tensor, got {mask.dtype}")
-    checkable = mask.dtype != torch.bool and not torch.compiler.is_compiling()
+    checkable = mask.dtype != torch.bool and not torch.compiler.is_compiling() and not hf.exporting()
     if checkable and not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token), "
                          f"got values such as {mask[(mask != 0) & (mask != 1)][:3].tolist()}")
@@ -86,7 +100,7 @@ def validate_inputs(base_model, args, kwargs) -> None:
 def install_input_checks(model: torch.nn.Module) -> list:
     """validate_inputs as a forward pre-hook on every base model inside `model`; returns the hook handles."""
     return [m.register_forward_pre_hook(validate_inputs, with_kwargs=True)
-            for m in model.modules() if isinstance(m, BASE_MODELS)]
+            for m in model.modules() if isinstance(m, BASE_MODELS)] + hf.watch_labels(model)
 
 
 _FLOAT_DTYPES = {torch.float32: torch.float32, torch.bfloat16: torch.bfloat16, torch.float16: torch.float16,
@@ -128,6 +142,10 @@ class PatchHandle:
         self.restored = True
         if getattr(self.model, "_distilkernels_patch", None) is self:
             del self.model._distilkernels_patch
+
+    def stats(self, reset: bool = False) -> dict[str, int]:
+        """Which path ran how often in the patched model, and why (see distilkernels.modules.path_stats)."""
+        return path_stats(self.model, reset=reset)
 
     def __enter__(self):
         return self

@@ -1,0 +1,143 @@
+"""The fused-vs-stock decision (distilkernels.modules.decide): the reason of every fallback, and the counters
+that report them (path_stats, PatchHandle.stats)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+
+import distilkernels
+from distilkernels import modules
+from distilkernels.modules import decide, path_stats
+
+LAYERS = 2
+
+
+def distilbert(cls=transformers.DistilBertForSequenceClassification, **overrides):
+    kw = dict(vocab_size=99, dim=32, n_layers=LAYERS, n_heads=4, hidden_dim=37, max_position_embeddings=64)
+    kw.update(overrides)
+    torch.manual_seed(0)
+    return cls._from_config(transformers.DistilBertConfig(**kw), attn_implementation="eager").eval()
+
+
+def inputs(kind="right", batch=3, seqlen=8):
+    ids = torch.randint(1, 99, (batch, seqlen), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(batch, seqlen, dtype=torch.long)
+    if kind == "right":
+        mask[1, 5:] = 0
+    elif kind == "left":
+        mask[1, :3] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def run(model, **extra):
+    handle = distilkernels.patch(model, **{k: extra.pop(k) for k in ("unpad",) if k in extra})
+    handle.stats(reset=True)
+    grad = extra.pop("grad", False)
+    with torch.set_grad_enabled(grad):
+        model(**{**inputs(extra.pop("mask", "right")), **extra})
+    return handle.stats()
+
+
+def test_fast_path_counts():
+    model = distilbert()
+    assert run(model) == {"encoder.unpadded": 1}  # the unpadded path runs forward_tokens directly
+    model.eval()
+    with torch.no_grad():
+        model(**inputs("none"))
+    assert path_stats(model) == {"encoder.unpadded": 1, "encoder.padded: " + modules.NO_PADDING: 1,
+                                 "block.fused": LAYERS}
+
+
+def test_stats_reset():
+    model = distilbert()
+    handle = distilkernels.patch(model)
+    with torch.no_grad():
+        model(**inputs())
+    assert handle.stats(reset=True) == {"encoder.unpadded": 1}
+    assert handle.stats() == {} and path_stats(model) == {}
+    with torch.no_grad():
+        model(**inputs())
+    modules.reset_path_stats(model)
+    assert path_stats(model) == {}
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("gradients", {"encoder.padded: " + modules.GRADIENTS: 1, "block.stock: " + modules.GRADIENTS: LAYERS,
+                   "attention.stock: " + modules.GRADIENTS: LAYERS}),
+    ("dropout", {"encoder.padded: " + modules.DROPOUT: 1, "block.stock: " + modules.DROPOUT: LAYERS,
+                 "attention.stock: " + modules.DROPOUT: LAYERS}),
+    ("attentions", {"encoder.padded: attention weights requested": 1,
+                    "block.stock: attention weights requested": LAYERS,
+                    "attention.stock: attention weights requested": LAYERS}),
+    ("hidden_states", {"encoder.padded: " + modules.HIDDEN_STATES: 1, "block.fused": LAYERS}),
+    ("labels", {"encoder.padded: " + modules.LABELS: 1, "block.fused": LAYERS}),
+    ("left", {"encoder.padded: " + modules.POSITION0: 1, "block.fused": LAYERS}),
+    ("unpad_off", {"encoder.padded: " + modules.UNPAD_OFF: 1, "block.fused": LAYERS}),
+    ("activation", {"encoder.padded: " + modules.ACTIVATION: 1, "block.stock: " + modules.ACTIVATION: LAYERS,
+                    "attention.fused": LAYERS}),
+    ("dtype", {"encoder.padded: " + modules.DTYPE: 1, "block.stock: " + modules.DTYPE: LAYERS,
+               "attention.stock: " + modules.DTYPE: LAYERS}),
+])
+def test_fallback_reason(case, expected):
+    model = distilbert(activation="gelu_new") if case == "activation" else distilbert()
+    extra = {
+        "gradients": {"grad": True},
+        "attentions": {"output_attentions": True},
+        "hidden_states": {"output_hidden_states": True},
+        "labels": {"labels": torch.tensor([0, 1, 0])},
+        "left": {"mask": "left"},
+        "unpad_off": {"unpad": False},
+    }.get(case, {})
+    if case == "dropout":
+        model.train()
+    if case == "dtype":
+        model.double()
+    assert run(model, **extra) == expected
+
+
+def test_decoder_reason():
+    config = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4,
+                                     intermediate_size=37, is_decoder=True, add_cross_attention=True)
+    torch.manual_seed(0)
+    model = transformers.BertLMHeadModel(config).eval()
+    stats = run(model, encoder_hidden_states=torch.randn(3, 5, 32))
+    assert stats["encoder.padded: " + modules.DECODER] == 1
+    assert stats["block.stock: " + modules.DECODER] == LAYERS
+    assert stats["attention.stock: " + modules.DECODER] == 2 * LAYERS  # self (causal) + cross
+
+
+def test_mask_format_reason():
+    """A 4-D mask that is not a key-padding mask (query rows differ): HF's code runs, with that reason."""
+    model = distilbert()
+    distilkernels.patch(model)
+    block = model.distilbert.transformer.layer[0]
+    x = torch.randn(2, 5, 32)
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()[None, None].expand(2, 1, 5, 5).contiguous()
+    with torch.no_grad():
+        block(x, causal)
+        block(x, causal[:, :, :1].expand(2, 1, 5, 5).contiguous())  # same rows: a key-padding mask
+        block(x, torch.where(causal[:, :, :1], 0.0, -1e4).expand(2, 1, 5, 5))  # additive, not HF's minimum
+    stats = path_stats(block)
+    rows, bias = ("mask format: 4-D mask that is not a key-padding mask (query rows differ)",
+                  "mask format: additive 4-D mask with values other than 0 and the dtype's minimum")
+    assert stats == {"block.stock: " + rows: 1, "attention.stock: " + rows: 1, "block.fused": 1,
+                     "block.stock: " + bias: 1, "attention.stock: " + bias: 1}, stats
+
+
+def test_compiling_and_exporting_reasons(monkeypatch):
+    """Inside graphs counters are not bumped (a traced counter would be a constant), so the reason is checked
+    on decide() itself."""
+    model = distilbert()
+    distilkernels.patch(model)
+    encoder, block = model.distilbert.transformer, model.distilbert.transformer.layer[0]
+    x, mask = torch.randn(3, 8, 32), inputs()["attention_mask"].bool()
+    with torch.no_grad():
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert decide("encoder", encoder, x, mask) == ("padded", modules.COMPILING, mask)
+        assert decide("block", block, x, mask) == ("fused", "", mask)
+        monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+        assert decide("encoder", encoder, x, mask).reason == modules.EXPORTING
+        assert decide("block", block, x, mask).path == "stock"
