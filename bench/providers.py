@@ -117,12 +117,15 @@ def _build_ours(dtype):
     return build
 
 
-def _build_ours_int8(model, example):
-    import distilkernels
+def _build_ours_int8(activations: str):
+    def build(model, example):
+        import distilkernels
 
-    _cpu_only(model, "distilkernels.quantize")
-    return Built(module_runner(distilkernels.quantize(copy.deepcopy(model).eval())),
-                 "distilkernels.quantize(deep copy), per-token activation scales")
+        _cpu_only(model, "distilkernels.quantize")
+        quantized = distilkernels.quantize(copy.deepcopy(model).eval(), activations=activations)
+        return Built(module_runner(quantized), f"distilkernels.quantize(deep copy, activations={activations!r})")
+
+    return build
 
 
 def _build_optimized(model, example):
@@ -196,7 +199,8 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
     Provider("distilkernels_bf16", _build_ours(torch.bfloat16), "bf16"),
     Provider("torch_int8_dynamic", _build_torch_int8, "int8"),
     Provider("onnxruntime_int8", _build_ort(int8=True), "int8"),
-    Provider("distilkernels_int8", _build_ours_int8, "int8"),
+    Provider("distilkernels_int8", _build_ours_int8("per_token"), "int8"),
+    Provider("distilkernels_int8_per_tensor", _build_ours_int8("per_tensor"), "int8"),
 )}
 
 

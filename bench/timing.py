@@ -15,7 +15,7 @@ from bench.flops import forward_flops
 from bench.workload import Shape
 from distilkernels.timing import summarize, time_call, time_interleaved
 
-__all__ = ["bench_shape", "check", "measure_peaks", "summarize", "time_call", "time_interleaved"]
+__all__ = ["bench_shape", "check", "describe", "measure_peaks", "median_per_call", "summarize", "time_call", "time_interleaved"]
 
 # fp32 reordering noise vs HF eager at distilbert-base (random init), measured: sdpa and torch.compile 2e-6,
 # ORT with its BERT fusions 4e-6. 1e-4 leaves room for other weights while a real bug (>= 1e-3) cannot hide.
@@ -65,6 +65,13 @@ def check(out: torch.Tensor, ref: torch.Tensor, attention_mask: torch.Tensor, pr
         row.update(check="min_cosine", limit=LOW_PRECISION_MIN_COSINE)
     row["status"] = "ok" if ok else "WRONG"
     return row
+
+
+def describe(result: dict) -> str:
+    """A check's outcome in words, e.g. "max-abs 2.1e-03 (limit 1e-04)"."""
+    if result["check"] == "min_cosine":
+        return f"min token cosine {result['min_cosine']:.5f} (limit {result['limit']})"
+    return f"max-abs {result['max_abs_err']:.1e} (limit {result['limit']:.0e})"
 
 
 def one_line(exc: BaseException) -> str:
@@ -138,3 +145,18 @@ def measure_peaks(precisions=("fp32", "bf16", "int8"), n: int = 2048, seconds: f
         except RuntimeError as exc:
             peaks[precision] = {"tflops": None, "method": f"unavailable: {str(exc).splitlines()[0][:200]}"}
     return peaks
+
+
+def median_per_call(runs: dict, rounds: int, min_seconds: float = 2e-3) -> dict[str, float]:
+    """Median seconds per call of each of `runs` (CPU), timed round-robin. An op that takes microseconds is
+    below the timer's resolution and the loop's overhead for one call, so each sample repeats the call until
+    about `min_seconds` have passed and divides."""
+    repeats = {}
+    for name, fn in runs.items():
+        fn()
+        once = time_call(lambda fn=fn: [fn() for _ in range(3)]) / 3
+        repeats[name] = max(1, int(min_seconds / max(once, 1e-7)))
+    loops = {name: (lambda fn=fn, n=repeats[name]: [fn() for _ in range(n)]) for name, fn in runs.items()}
+    samples = time_interleaved(loops, "cpu", rounds=rounds, warmup=0, min_rounds=rounds)
+    return {name: summarize([s / repeats[name] for s in seconds])["median_ms"] / 1e3
+            for name, seconds in samples.items()}

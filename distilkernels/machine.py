@@ -11,8 +11,8 @@ from pathlib import Path
 
 # The flags that decide which kernel paths can run: vector width (avx2/avx512f), bf16 dot products
 # (avx512_bf16), int8 dot products (avx512_vnni, avx_vnni) and the AMX matrix tiles (amx_*).
-ISA_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
-             "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "neon", "asimd", "sve")
+ISA_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni",
+             "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "neon", "asimd", "sve")
 
 
 @functools.lru_cache(maxsize=None)

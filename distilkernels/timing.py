@@ -33,6 +33,8 @@ def time_interleaved(runs: dict[str, Callable[[], object]], device="cpu", rounds
     """Seconds per call for each of `runs`, round-robin: up to `rounds` rounds, none started after `budget_s`
     seconds once `min_rounds` are done."""
     names, device = list(runs), torch.device(device)
+    if not names:
+        return {}
     for _ in range(warmup):
         for name in names:
             runs[name]()
