@@ -48,7 +48,8 @@ class OpCase:
 
 
 def _eager_attention(q, k, v, key_padding_mask):
-    """HF-eager style: materialized scores, additive mask, softmax, second matmul. (batch, seqlen, n_heads, head_dim)."""
+    """HF-eager style: materialized scores, additive mask, softmax, second matmul.
+    q, k, v: (batch, seqlen, n_heads, head_dim); key_padding_mask: (batch, seqlen) bool."""
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5
     scores = scores.masked_fill(~key_padding_mask[:, None, None, :], torch.finfo(scores.dtype).min)
@@ -131,7 +132,8 @@ def add_layer_norm_case(tokens: int, device="cpu", dtype=torch.float32, dim: int
 
 def bias_gelu_case(tokens: int, device="cpu", dtype=torch.float32, hidden_dim: int = HIDDEN_DIM) -> OpCase:
     gen = torch.Generator().manual_seed(0)
-    h32, b32 = torch.randn(tokens, hidden_dim, generator=gen).to(device), torch.randn(hidden_dim, generator=gen).to(device)
+    h32 = torch.randn(tokens, hidden_dim, generator=gen).to(device)
+    b32 = torch.randn(hidden_dim, generator=gen).to(device)
     expected = h32.clone()
     reference.bias_act_(expected, b32, "gelu")
     return OpCase(

@@ -15,7 +15,8 @@ from bench.flops import forward_flops
 from bench.workload import Shape
 from distilkernels.timing import summarize, time_call, time_interleaved
 
-__all__ = ["bench_shape", "check", "describe", "measure_peaks", "median_per_call", "summarize", "time_call", "time_interleaved"]
+__all__ = ["bench_shape", "check", "describe", "measure_peaks", "median_per_call", "summarize", "time_call",
+           "time_interleaved"]
 
 # fp32 reordering noise vs HF eager at distilbert-base (random init), measured: sdpa and torch.compile 2e-6,
 # ORT with its BERT fusions 4e-6. 1e-4 leaves room for other weights while a real bug (>= 1e-3) cannot hide.

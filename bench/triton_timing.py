@@ -49,7 +49,8 @@ def run_case(case: cases.OpCase, dtype) -> dict:
         ms[name] = do_bench(lambda fn=fn, args=args: fn(*args), warmup=25, rep=200, return_mode="median")
     unit, work = ("TFLOP/s", case.flops / 1e12) if case.flops else ("GB/s", case.bytes / 1e9)
     row = {"case": case.name, "dtype": str(dtype).removeprefix("torch."), "ms": ms,
-           unit: {p: work / (t * 1e-3) for p, t in ms.items()}, f"{baseline}/triton": ms[baseline] / ms["distilkernels"]}
+           unit: {p: work / (t * 1e-3) for p, t in ms.items()},
+           f"{baseline}/triton": ms[baseline] / ms["distilkernels"]}
     print(f"{case.name:48s} " + "  ".join(f"{p} {t:.4f} ms" for p, t in ms.items())
           + f"  {baseline}/triton {row[f'{baseline}/triton']:.2f}x")
     return row
