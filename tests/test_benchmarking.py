@@ -245,3 +245,18 @@ def test_demo_runs_without_bench(tiny_model, tmp_path):
     assert out.returncode == 0, out.stderr
     for needle in ("HF sdpa", "distilkernels", "max |out - HF eager|", "speedup"):
         assert needle in out.stdout, out.stdout
+
+
+@pytest.mark.parametrize("flags, units", [
+    ({"avx2", "fma"}, {"bf16": "none", "int8": "none"}),
+    ({"avx2", "avx_vnni"}, {"bf16": "none", "int8": "vnni"}),
+    ({"avx512f", "avx512_vnni", "avx512_bf16"}, {"bf16": "avx512_bf16", "int8": "vnni"}),
+    ({"avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"}, {"bf16": "amx", "int8": "amx"}),
+])
+def test_machine_matrix_units(monkeypatch, flags, units):
+    from distilkernels import machine
+
+    monkeypatch.setattr(machine, "_cpuinfo", lambda: ("Test CPU", frozenset(flags | {"sse2", "not_a_flag"})))
+    assert machine.cpu_model() == "Test CPU"
+    assert set(machine.isa_flags()) == flags  # only the flags the kernels care about, in ISA_FLAGS order
+    assert machine.matrix_units() == units
