@@ -11,5 +11,6 @@
     run.py          the command line: `python bench/run.py --threads 2 --quick --out bench/out`
 
 Scripts and the pytest-benchmark suite (test_e2e.py, test_ops.py) import these as `bench.<module>`: scripts
-put the repository root on sys.path themselves, pytest does it through this package's conftest.
+put the repository root on sys.path themselves; pytest puts it there because bench/ is a package (its default
+"prepend" import mode inserts the directory above the top package), and tests/ inserts it explicitly.
 """
