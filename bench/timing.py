@@ -15,7 +15,7 @@ from bench.flops import forward_flops
 from bench.workload import Shape
 from distilkernels.timing import summarize, time_call, time_interleaved
 
-__all__ = ["bench_shape", "check", "describe", "measure_peaks", "median_per_call", "summarize", "time_call",
+__all__ = ["bench_shape", "best_peaks", "check", "describe", "measure_peaks", "median_per_call", "summarize", "time_call",
            "time_interleaved"]
 
 # fp32 reordering noise vs HF eager at distilbert-base (random init), measured: sdpa and torch.compile 2e-6,
@@ -119,33 +119,78 @@ def bench_shape(built: dict[str, dict], shape: Shape, model_summary: dict, devic
     return rows
 
 
-def _gemm_operands(precision: str, n: int):
+def _int8_onednn(n: int, gen):
+    """oneDNN's int8 linear (quint8 activations x qint8 weights prepacked once; VNNI/AMX where the CPU has
+    them): torch._int_mm does not reach the AMX int8 tiles on every build."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # quantized tensor creation is deprecated
+        previous = torch.backends.quantized.engine
+        torch.backends.quantized.engine = "onednn"
+        try:
+            x, w = (torch.randn(n, n, generator=gen) for _ in range(2))
+            packed = torch.ops.quantized.linear_prepack(torch.quantize_per_tensor(w, 0.05, 0, torch.qint8), None)
+            qx = torch.quantize_per_tensor(x, 0.05, 0, torch.quint8)
+        finally:
+            torch.backends.quantized.engine = previous
+    return lambda: torch.ops.quantized.linear(qx, packed, 1.0, 0)
+
+
+def _gemm_candidates(precision: str, n: int) -> dict:
+    """method -> a zero-argument call doing one n x n x n GEMM in `precision`."""
     gen = torch.Generator().manual_seed(0)
     if precision == "int8":
         a, b = (torch.randint(-127, 128, (n, n), generator=gen, dtype=torch.int8) for _ in range(2))
-        return torch._int_mm, a, b, f"torch._int_mm int8 x int8 -> int32, {n}^3"
+        candidates = {f"torch._int_mm int8 x int8 -> int32, {n}^3": lambda: torch._int_mm(a, b)}
+        if "onednn" in torch.backends.quantized.supported_engines:
+            candidates[f"oneDNN quantized.linear u8 x s8, prepacked, {n}^3"] = _int8_onednn(n, gen)
+        return candidates
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
     a, b = (torch.randn(n, n, generator=gen).to(dtype) for _ in range(2))
-    return torch.mm, a, b, f"torch.mm {precision}, {n}^3"
+    return {f"torch.mm {precision}, {n}^3": lambda: torch.mm(a, b)}
+
+
+def _best_rate(fn, n: int, seconds: float) -> tuple[float, int]:
+    """(TFLOP/s of the fastest call, calls made): at least 3 calls, more for up to `seconds`."""
+    fn()
+    best, start, calls = float("inf"), time.perf_counter(), 0
+    while calls < 3 or time.perf_counter() - start < seconds:
+        best, calls = min(best, time_call(fn)), calls + 1
+    return 2 * n ** 3 / best / 1e12, calls
 
 
 def measure_peaks(precisions=("fp32", "bf16", "int8"), n: int = 2048, seconds: float = 1.0) -> dict:
-    """Per precision: {"tflops", "method"}, the best of repeated large square GEMMs on this machine with the
-    current torch threads (at least 3 calls, more for up to `seconds`). The best call, not the median: a peak
-    is what the unit can do, and noise only ever slows a call down. A precision torch cannot run here gets
-    {"tflops": None, "method": why}."""
+    """Per precision: {"tflops", "method", "calls", "candidates"}, the best of repeated large square GEMMs on
+    this machine with the current torch threads, through the fastest of the ways torch offers. The best call,
+    not the median: a peak is what the unit can do, and noise only ever slows a call down. A precision torch
+    cannot run here gets {"tflops": None, "method": why}."""
     peaks = {}
     for precision in precisions:
-        try:
-            fn, a, b, method = _gemm_operands(precision, n)
-            fn(a, b)
-            best, start, calls = float("inf"), time.perf_counter(), 0
-            while calls < 3 or time.perf_counter() - start < seconds:
-                best, calls = min(best, time_call(lambda: fn(a, b))), calls + 1
-            peaks[precision] = {"tflops": 2 * n ** 3 / best / 1e12, "method": method, "calls": calls}
-        except RuntimeError as exc:
-            peaks[precision] = {"tflops": None, "method": f"unavailable: {str(exc).splitlines()[0][:200]}"}
+        rates, failures = {}, []
+        for method, fn in _gemm_candidates(precision, n).items():
+            try:
+                rates[method] = _best_rate(fn, n, seconds)
+            except RuntimeError as exc:
+                failures.append(f"{method}: {str(exc).splitlines()[0][:200]}")
+        if not rates:
+            peaks[precision] = {"tflops": None, "method": "unavailable: " + "; ".join(failures)}
+            continue
+        method = max(rates, key=lambda m: rates[m][0])
+        peaks[precision] = {"tflops": rates[method][0], "method": method, "calls": rates[method][1],
+                            "candidates": {m: r for m, (r, _) in rates.items()}}
     return peaks
+
+
+def best_peaks(*measurements: dict) -> dict:
+    """Per precision, the measurement with the highest rate (peaks measured before and after a run: a
+    neighbour's load during one of them only lowers it)."""
+    out = {}
+    for peaks in measurements:
+        for precision, entry in peaks.items():
+            if (entry.get("tflops") or 0) >= (out.get(precision, {}).get("tflops") or 0):
+                out[precision] = entry
+    return out
 
 
 def median_per_call(runs: dict, rounds: int, min_seconds: float = 2e-3) -> dict[str, float]:

@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))  # bench/ is not installed: import it from the che
 
 from bench import flops, reports, run  # noqa: E402
 from bench.providers import PROVIDERS, Provider, ProviderUnavailable, build_providers, hf_reference  # noqa: E402
-from bench.timing import FP32_ATOL, LOW_PRECISION_MIN_COSINE, bench_shape, check, measure_peaks  # noqa: E402
+from bench.timing import FP32_ATOL, LOW_PRECISION_MIN_COSINE, bench_shape, best_peaks, check, measure_peaks  # noqa: E402
 from bench.workload import GRIDS, Shape, full_shape, mixed_shape, model_summary, parse_shape  # noqa: E402
 
 requires_ort = pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None,
@@ -143,6 +143,9 @@ def test_measure_peaks():
     peaks = measure_peaks(n=64, seconds=0.0)
     assert set(peaks) == {"fp32", "bf16", "int8"}
     assert peaks["fp32"]["tflops"] > 0 and peaks["fp32"]["calls"] >= 3
+    assert peaks["fp32"]["tflops"] == max(peaks["fp32"]["candidates"].values())
+    low = {p: {**e, "tflops": e["tflops"] / 2} for p, e in peaks.items() if e["tflops"]}
+    assert best_peaks(low, peaks) == best_peaks(peaks, low) == {p: e for p, e in peaks.items() if e["tflops"]}
     for entry in peaks.values():  # a rate, or the reason there is none
         assert entry["tflops"] is None and entry["method"].startswith("unavailable") or entry["tflops"] > 0
 
