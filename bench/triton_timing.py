@@ -1,68 +1,57 @@
-"""Timing of the Triton ops against their PyTorch counterparts on a GPU, at distilbert-base sizes.
+"""Timing of the Triton ops against their PyTorch counterparts on a GPU, at distilbert-base sizes
+(the cases of bench/cases.py, in fp16 and bf16).
 
     python bench/triton_timing.py --out bench/out/triton_timing.json
 
 Every case times its providers side by side in one run (triton.testing.do_bench, median of its
 repetitions, CUDA-synchronized) and reports ms, the physical rate of each (TFLOP/s for attention, GB/s
-for the memory-bound ops) and the ratio torch / triton. The JSON carries device, versions and commit.
+for the memory-bound ops, from bench/flops.py) and the ratio torch / triton. The JSON carries device,
+versions and commit.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
+import sys
+from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-import triton
-from triton.testing import do_bench
+if __package__ in (None, ""):  # run as a script: make `bench` importable from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from distilkernels import benchmarking as bm, ops
+import torch  # noqa: E402
 
-N_HEADS, HEAD_DIM, DIM, HIDDEN_DIM = 12, 64, 768, 3072
+from bench import cases  # noqa: E402
+from bench.environment import environment  # noqa: E402
+from bench.workload import mixed_shape  # noqa: E402
+from distilkernels import ops  # noqa: E402
 
-
-def _sdpa(q, k, v, key_padding_mask):
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=key_padding_mask[:, None, None, :])
-    return out.transpose(1, 2)
+TORCH_PROVIDERS = ("torch_sdpa", "torch_eager")  # the best plain-torch provider a case has, in this order
 
 
-def attention_case(batch: int, seqlen: int, dtype):
-    g = torch.Generator(device="cuda").manual_seed(0)
-    qkv = torch.randn(batch * seqlen, 3 * DIM, device="cuda", dtype=dtype, generator=g)
-    q, k, v = qkv.view(batch, seqlen, 3, N_HEADS, HEAD_DIM).unbind(2)
-    lengths = torch.randint(seqlen // 2, seqlen + 1, (batch,), device="cuda", generator=g)
-    mask = torch.arange(seqlen, device="cuda")[None, :] < lengths[:, None]
-    providers = {"triton": lambda: ops.attention(q, k, v, mask), "torch_sdpa": lambda: _sdpa(q, k, v, mask)}
-    flops = 4 * batch * N_HEADS * seqlen * seqlen * HEAD_DIM  # QK^T and PV, every key computed
-    return f"attention ({batch}, {seqlen}, {N_HEADS}, {HEAD_DIM})", providers, flops / 1e12, "TFLOP/s"
+def all_cases(dtype) -> list[cases.OpCase]:
+    """Attention on 32 sequences of seqlen/2..seqlen tokens (padded and varlen), pointwise ops on 32 x seqlen
+    tokens, seqlen 128 and 512."""
+    out = []
+    for seqlen in (128, 512):
+        out += cases.attention_cases(mixed_shape(32, seqlen // 2, seqlen), "cuda", dtype)
+        out += [cases.add_layer_norm_case(32 * seqlen, "cuda", dtype), cases.bias_gelu_case(32 * seqlen, "cuda", dtype)]
+    return out
 
 
-def add_layer_norm_case(rows: int, dtype):
-    x, r = (torch.randn(rows, DIM, device="cuda", dtype=dtype) for _ in range(2))
-    w, b = torch.randn(DIM, device="cuda", dtype=dtype), torch.randn(DIM, device="cuda", dtype=dtype)
-    providers = {"triton": lambda: ops.add_layer_norm(x, r, w, b, 1e-12),
-                 "torch": lambda: F.layer_norm(x + r, (DIM,), w, b, 1e-12)}
-    bytes_moved = 3 * rows * DIM * x.element_size()  # read x and residual, write out
-    return f"add_layer_norm ({rows}, {DIM})", providers, bytes_moved / 1e9, "GB/s"
+def run_case(case: cases.OpCase, dtype) -> dict:
+    from triton.testing import do_bench
 
-
-def bias_gelu_case(rows: int, dtype):
-    x = torch.randn(rows, HIDDEN_DIM, device="cuda", dtype=dtype)
-    b = torch.randn(HIDDEN_DIM, device="cuda", dtype=dtype)
-    providers = {"triton": lambda: ops.bias_act_(x, b, "gelu"), "torch": lambda: F.gelu(x + b)}
-    bytes_moved = 2 * rows * HIDDEN_DIM * x.element_size()  # read and write x (torch moves more)
-    return f"bias_act_ gelu ({rows}, {HIDDEN_DIM})", providers, bytes_moved / 1e9, "GB/s"
-
-
-def run_case(name, providers, work, unit, dtype) -> dict:
-    ms = {p: do_bench(fn, warmup=25, rep=200, return_mode="median") for p, fn in providers.items()}
-    baseline = next(p for p in ms if p != "triton")
-    row = {"case": name, "dtype": str(dtype).removeprefix("torch."), "ms": ms,
-           unit: {p: work / (t * 1e-3) for p, t in ms.items()}, f"{baseline}/triton": ms[baseline] / ms["triton"]}
-    print(f"{name:42s} {row['dtype']:9s} " + "  ".join(f"{p} {t:.4f} ms" for p, t in ms.items())
+    baseline = next(p for p in TORCH_PROVIDERS if p in case.providers)
+    ms = {}
+    for name in ("distilkernels", baseline):
+        fn, args = case.providers[name], case.fresh_args()
+        ms[name] = do_bench(lambda fn=fn, args=args: fn(*args), warmup=25, rep=200, return_mode="median")
+    unit, work = ("TFLOP/s", case.flops / 1e12) if case.flops else ("GB/s", case.bytes / 1e9)
+    row = {"case": case.name, "dtype": str(dtype).removeprefix("torch."), "ms": ms,
+           unit: {p: work / (t * 1e-3) for p, t in ms.items()},
+           f"{baseline}/triton": ms[baseline] / ms["distilkernels"]}
+    print(f"{case.name:48s} " + "  ".join(f"{p} {t:.4f} ms" for p, t in ms.items())
           + f"  {baseline}/triton {row[f'{baseline}/triton']:.2f}x")
     return row
 
@@ -73,18 +62,16 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/triton_timing.py needs a CUDA GPU")
+    import triton
+
     rows = []
     with ops.force_backend("triton"):
         for dtype in (torch.float16, torch.bfloat16):
-            for batch, seqlen in ((32, 128), (32, 512)):
-                rows.append(run_case(*attention_case(batch, seqlen, dtype), dtype))
-                rows.append(run_case(*add_layer_norm_case(batch * seqlen, dtype), dtype))
-                rows.append(run_case(*bias_gelu_case(batch * seqlen, dtype), dtype))
-    result = {
-        "device": torch.cuda.get_device_name(), "platform": platform.platform(), "commit": bm.git_commit(),
-        "versions": {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda},
-        "cases": rows,
-    }
+            rows += [run_case(case, dtype) for case in all_cases(dtype)]
+    env = environment("cuda")
+    result = {"device": env["device"], "platform": env["platform"], "commit": env["commit"],
+              "versions": {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda},
+              "cases": rows}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)

@@ -1,10 +1,19 @@
-"""Command line: `python -m distilkernels info | demo | bench`."""
+"""Command line: `python -m distilkernels info | demo`. Benchmarks live in the repository's bench/ directory
+(`python bench/run.py --help`)."""
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import platform
 import sys
+
+
+def _flat(value) -> str:
+    """A mapping (possibly nested) on one line: "a 1, b: c 2, d 3"; anything else as str()."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {_flat(v)}" if isinstance(v, dict) else f"{k} {v}" for k, v in value.items())
+    return str(value)
 
 
 def cmd_info(args) -> int:
@@ -12,10 +21,8 @@ def cmd_info(args) -> int:
     import transformers
 
     import distilkernels
-    from distilkernels import _ext, ops
-    from distilkernels.benchmarking import cpu_model, isa_flags
+    from distilkernels import _ext, gemms, machine, ops
 
-    model, flags = cpu_model(), isa_flags()
     print(f"distilkernels {distilkernels.__version__}")
     print(f"python        {platform.python_version()}  ({platform.platform()})")
     print(f"torch         {torch.__version__}   threads: {torch.get_num_threads()}")
@@ -25,8 +32,12 @@ def cmd_info(args) -> int:
         print(f"triton        {triton.__version__}")
     except ImportError:
         print("triton        not installed")
-    print(f"cpu           {model}  ({os.cpu_count()} logical cores)")
-    print(f"cpu features  {' '.join(flags) or 'none of avx/avx512/amx/neon'}")
+    print(f"cpu           {machine.cpu_model()}  ({os.cpu_count()} logical cores)")
+    print(f"cpu features  {' '.join(machine.isa_flags()) or 'none of avx/avx512/amx/neon'}")
+    units = machine.matrix_units()
+    print(f"matrix units  bf16: {units['bf16']}, int8: {units['int8']}")
+    if hasattr(gemms, "precision_paths"):
+        print(f"gemm paths    {_flat(gemms.precision_paths())}")
     print("backends:")
     C = _ext.load_extension()
     if C is None:
@@ -45,66 +56,95 @@ def cmd_info(args) -> int:
     else:
         print("  triton  installed, but no CUDA device (set TRITON_INTERPRET=1 to run its kernels on the CPU)")
     print("  torch   available (plain PyTorch reference)")
-    print(f"dispatch      cpu -> {ops.backend_for(torch.device('cpu'))}, cuda -> {ops.backend_for(torch.device('cuda'))}"
+    cpu, cuda = ops.backend_for(torch.device("cpu")), ops.backend_for(torch.device("cuda"))
+    print(f"dispatch      cpu -> {cpu}, cuda -> {cuda}"
           + (f"  (forced by DISTILKERNELS_BACKEND={os.environ['DISTILKERNELS_BACKEND']})"
              if os.environ.get("DISTILKERNELS_BACKEND") else ""))
     return 0
 
 
-def cmd_demo(args) -> int:
-    """Patched vs stock on a padded batch, through the benchmark providers (checked, then timed interleaved)."""
+def _demo_model(model_dir: str | None):
+    """The checkpoint's own HF class (fp32, eval), or distilbert-base's shape with random weights (seed 0)."""
+    import torch
+    import transformers
+
+    if model_dir is None:
+        torch.manual_seed(0)
+        return transformers.DistilBertModel(transformers.DistilBertConfig()).eval()
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    cls = getattr(transformers, (config.architectures or ["DistilBertModel"])[0])
+    return cls.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def _padded_batch(vocab_size: int, batch: int, seqlen: int):
+    """Token ids and a right-padded 0/1 mask: lengths uniform in seqlen/8..seqlen, fixed seed."""
     import torch
 
-    from distilkernels import benchmarking as bm, ops
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(max(1, seqlen // 8), seqlen + 1, (batch,), generator=gen)
+    mask = (torch.arange(seqlen)[None, :] < lengths[:, None]).long()
+    return torch.randint(1, vocab_size, (batch, seqlen), generator=gen) * mask, mask
+
+
+def cmd_demo(args) -> int:
+    """Patched vs stock (HF sdpa) on a padded batch: both checked against HF fp32 eager on the real tokens,
+    then timed in interleaved rounds (distilkernels.timing), medians."""
+    import torch
+
+    import distilkernels
+    from distilkernels import machine, ops
+    from distilkernels.timing import summarize, time_interleaved
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = bm.load_model(args.model) if args.model else bm.default_model()
-    source = args.model or "distilbert-base config, random init"
-    shape = bm.mixed_shape(batch=args.batch, min_len=max(1, args.seqlen // 8), max_len=args.seqlen)
-    inputs = shape.inputs(model.config.vocab_size)
-    print(f"model    {type(model).__name__} ({source}), {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
-          f"parameters, fp32")
-    print(f"batch    {shape.batch} x {shape.seqlen}, {shape.tokens} real tokens "
-          f"({100 * shape.tokens / (shape.batch * shape.seqlen):.0f}%), lengths {list(shape.lengths)}")
-    print(f"threads  {torch.get_num_threads()}; distilkernels backend {ops.backend_for(torch.device('cpu'))}")
-    names = ["hf_sdpa", "distilkernels_patched"]
+    model = _demo_model(args.model)
+    ids, mask = _padded_batch(model.config.vocab_size, args.batch, args.seqlen)
+    real = mask.bool()
+    print(f"model    {type(model).__name__} ({args.model or 'distilbert-base config, random init'}), "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, fp32")
+    print(f"batch    {args.batch} x {args.seqlen}, {int(mask.sum())} real tokens ({100 * mask.float().mean():.0f}%), "
+          f"lengths {mask.sum(1).tolist()}")
+    print(f"machine  {machine.cpu_model()}, {torch.get_num_threads()} threads; "
+          f"distilkernels backend {ops.backend_for(torch.device('cpu'))}")
+    copies = {name: copy.deepcopy(model) for name in ("HF eager", "HF sdpa", "distilkernels")}
+    copies["HF eager"].set_attn_implementation("eager")
+    copies["HF sdpa"].set_attn_implementation("sdpa")
+    handle = distilkernels.patch(copies["distilkernels"])
     with torch.inference_mode():
-        built = bm.build_providers(model, inputs, names, log=lambda msg: None)
-        rows = {row["provider"]: row for row in
-                bm.bench_shape(built, shape, model.config.vocab_size, "cpu", rounds=args.repeats, warmup=1,
-                               reference_run=bm.hf_reference(model))}
-    ok = True
-    for name in names:
-        row = rows[name]
-        if row["status"] != "ok":
-            print(f"{name:22s} {row['status']}: {row.get('note')}  max err {row.get('max_abs_err', float('nan')):.2e}")
-            ok = False
-            continue
-        print(f"{name:22s} {row['median_ms']:8.1f} ms/batch   max |out - HF eager| on real tokens "
-              f"{row['max_abs_err']:.1e} (limit {row['atol']:.0e})")
-    if ok:
-        speedup = rows["hf_sdpa"]["median_ms"] / rows["distilkernels_patched"]["median_ms"]
-        print(f"speedup  {speedup:.2f}x over HF sdpa (median of {args.repeats} interleaved rounds)")
+        outs = {name: m(input_ids=ids, attention_mask=mask)[0] for name, m in copies.items()}
+        runs = {name: (lambda m=copies[name]: m(input_ids=ids, attention_mask=mask))
+                for name in ("HF sdpa", "distilkernels")}
+        samples = time_interleaved(runs, "cpu", rounds=args.repeats, warmup=1)
+    limit, ok = 1e-4, True  # the project's fp32 parity bound, on every value a caller can read
+    for name, seconds in samples.items():
+        err = (outs[name][real] - outs["HF eager"][real]).abs().max().item()
+        ok = ok and err <= limit
+        print(f"{name:14s} {summarize(seconds)['median_ms']:8.1f} ms/batch   max |out - HF eager| on real tokens "
+              f"{err:.1e} (limit {limit:.0e}){'' if err <= limit else '  WRONG'}")
+    if hasattr(handle, "stats"):
+        print(f"paths    {_flat(handle.stats())}")
+    medians = {name: summarize(seconds)["median_ms"] for name, seconds in samples.items()}
+    print(f"speedup  {medians['HF sdpa'] / medians['distilkernels']:.2f}x over HF sdpa "
+          f"(medians of {args.repeats} interleaved rounds)")
     return 0 if ok else 1
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m distilkernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="versions, CPU features, available backends and why not")
+    sub.add_parser("info", help="versions, CPU features and matrix units, available backends and why not")
     demo = sub.add_parser("demo", help="patched vs stock DistilBERT on a padded batch: parity and speed")
     demo.add_argument("--model", help="local HF checkpoint directory (default: distilbert-base, random init)")
     demo.add_argument("--batch", type=int, default=8)
     demo.add_argument("--seqlen", type=int, default=128)
     demo.add_argument("--repeats", type=int, default=7)
     demo.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    sub.add_parser("bench", help="end-to-end benchmark grid (see --help)", add_help=False)
+    sub.add_parser("bench", help="moved: `python bench/run.py` in a checkout of the repository", add_help=False)
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "bench":
-        from distilkernels.benchmarking import main_bench
-
-        return main_bench(argv[1:])
+    if argv[:1] == ["bench"]:  # the benchmark harness is not part of the installed package
+        print("The benchmarks live in the repository's bench/ directory, outside the package: from a checkout, "
+              "run `python bench/run.py --help`.", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     return {"info": cmd_info, "demo": cmd_demo}[args.command](args)
 

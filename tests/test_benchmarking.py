@@ -1,18 +1,32 @@
-"""The benchmark machinery: providers agree with HF eager, wrong providers are caught, reports get written."""
+"""The benchmark harness (bench/, outside the package): providers agree with HF fp32 eager, wrong providers are
+caught by their precision's check, the FLOP count is the one the tables use, reports and results get written,
+and the package's own `demo` runs without bench/."""
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import transformers
 
-from distilkernels import benchmarking as bm
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # bench/ is not installed: import it from the checkout
+
+from bench import flops, reports, run  # noqa: E402
+from bench.providers import PROVIDERS, Provider, ProviderUnavailable, build_providers, hf_reference  # noqa: E402
+from bench.timing import FP32_ATOL, LOW_PRECISION_MIN_COSINE, bench_shape, best_peaks, check, measure_peaks  # noqa: E402
+from bench.workload import GRIDS, Shape, full_shape, mixed_shape, model_summary, parse_shape  # noqa: E402
 
 requires_ort = pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None,
                                   reason="onnxruntime is not installed (pip install onnxruntime)")
-SHAPES = (bm.Shape("1x16", 1, 16), bm.Shape("3x16", 3, 16), bm.mixed_shape(batch=5, min_len=1, max_len=16))
+requires_ov = pytest.mark.skipif(importlib.util.find_spec("openvino") is None,
+                                 reason="openvino is not installed (pip install openvino)")
+SHAPES = (Shape("1x16", 1, 16), Shape("3x16", 3, 16), mixed_shape(batch=5, min_len=1, max_len=16))
 
 
 @pytest.fixture(scope="module")
@@ -23,75 +37,130 @@ def tiny_model():
     return transformers.DistilBertModel(config).eval()
 
 
-def _rows(model, names, shape, rounds=2):
+def _rows(model, names, shape, rounds=2, peaks=None):
     example = shape.inputs(model.config.vocab_size)
-    built = bm.build_providers(model, example, names, log=lambda msg: None)
-    reference = bm.hf_reference(model)
-    return bm.bench_shape(built, shape, model.config.vocab_size, "cpu", rounds, 1, reference)
+    built = build_providers(model, example, names, log=lambda msg: None)
+    return bench_shape(built, shape, model_summary(model), "cpu", rounds, 1, hf_reference(model), peaks=peaks)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.name)
-@pytest.mark.parametrize("name", ["hf_eager", "hf_sdpa", pytest.param("onnxruntime", marks=requires_ort),
-                                  "distilkernels_patched", "distilkernels_optimized"])
-def test_provider_matches_hf_eager(tiny_model, name, shape):
+@pytest.mark.parametrize("name", ["hf_eager", "hf_sdpa", pytest.param("onnxruntime_fp32", marks=requires_ort),
+                                  pytest.param("openvino_f32", marks=requires_ov),
+                                  "distilkernels_fp32", "distilkernels_optimized"])
+def test_fp32_provider_matches_hf_eager(tiny_model, name, shape):
     (row,) = _rows(tiny_model, [name], shape)
-    if row["status"] == "unavailable":
-        pytest.skip(row["note"])
     assert row["status"] == "ok", row
-    assert row["max_abs_err"] <= bm.FP32_ATOL
-    assert row["median_ms"] > 0 and row["n_samples"] == 2
+    assert row["check"] == "max_abs" and row["max_abs_err"] <= FP32_ATOL
+    assert row["median_ms"] > 0 and row["n_samples"] == 2 and len(row["samples_ms"]) == 2
     assert row["tokens_per_s"] == pytest.approx(shape.tokens / (row["median_ms"] / 1e3))
+
+
+@pytest.mark.parametrize("name", ["torch_bf16", "distilkernels_bf16", pytest.param("openvino_bf16", marks=requires_ov),
+                                  "torch_int8_dynamic", pytest.param("onnxruntime_int8", marks=requires_ort),
+                                  "distilkernels_int8", "distilkernels_int8_per_tensor"])
+def test_low_precision_provider_passes_cosine_check(tiny_model, name):
+    (row,) = _rows(tiny_model, [name], SHAPES[2])
+    assert row["status"] == "ok", row
+    assert row["precision"] == PROVIDERS[name].precision != "fp32"
+    assert row["check"] == "min_cosine" and row["min_cosine"] >= LOW_PRECISION_MIN_COSINE
+
+
+@pytest.mark.parametrize("name", ["torch_compile_fp32", "torch_compile_bf16"])
+def test_torch_compile_freezing_provider(tiny_model, name):
+    (row,) = _rows(tiny_model, [name], SHAPES[0])
+    assert row["status"] == "ok", row
+    assert "freezing=True" in row["note"]
 
 
 @requires_ort
 def test_onnxruntime_graph_is_fused(tiny_model):
-    built = bm.build_providers(tiny_model, SHAPES[0].inputs(99), ["onnxruntime"], log=lambda msg: None)
-    note = built["onnxruntime"]["note"]
-    for op in bm.ORT_FUSED_OPS:
+    built = build_providers(tiny_model, SHAPES[0].inputs(99), ["onnxruntime_fp32"], log=lambda msg: None)
+    note = built["onnxruntime_fp32"]["note"]
+    for op in ("Attention", "SkipLayerNormalization", "BiasGelu"):
         assert f"{op} x" in note, note
 
 
+@requires_ov
+def test_openvino_precision_is_asked_explicitly(tiny_model):
+    built = build_providers(tiny_model, SHAPES[0].inputs(99), ["openvino_f32"], log=lambda msg: None)
+    assert "INFERENCE_PRECISION_HINT=f32 (reports f32)" in built["openvino_f32"]["note"]
+
+
+def test_check_uses_the_precisions_own_rule():
+    mask = torch.tensor([[1, 1, 0]])
+    ref = torch.randn(1, 3, 8)
+    shifted = ref + 1e-2  # a 1e-2 offset: far outside fp32's max-abs bound, a tiny angle for bf16
+    assert check(shifted, ref, mask, "fp32")["status"] == "WRONG"
+    assert check(shifted, ref, mask, "bf16")["status"] == "ok"
+    flipped = ref.clone()
+    flipped[0, 1] = -flipped[0, 1]  # one real token pointing the other way
+    result = check(flipped, ref, mask, "int8")
+    assert result["status"] == "WRONG" and result["min_cosine"] == pytest.approx(-1.0, abs=1e-6)
+    garbage = ref.clone()
+    garbage[0, 2] = 1e3  # the padding position is not compared by either rule
+    assert check(garbage, ref, mask, "fp32")["max_abs_err"] == 0.0
+    assert check(garbage, ref, mask, "bf16")["min_cosine"] == pytest.approx(1.0)
+
+
 def test_wrong_provider_is_reported_and_not_timed(tiny_model):
-    shape = SHAPES[2]
-    run = bm.hf_reference(tiny_model)
-    built = {"off_by_1e-2": {"run": lambda ids, mask: run(ids, mask) + 1e-2, "note": "adds 1e-2",
-                             "status": "ok", "atol": bm.FP32_ATOL}}
-    (row,) = bm.bench_shape(built, shape, 99, "cpu", 2, 1, run)
+    run_ = hf_reference(tiny_model)
+    built = {"off_by_1e-2": {"run": lambda ids, mask: run_(ids, mask) + 1e-2, "note": "adds 1e-2",
+                             "status": "ok", "precision": "fp32"}}
+    (row,) = bench_shape(built, SHAPES[2], model_summary(tiny_model), "cpu", 2, 1, run_)
     assert row["status"] == "WRONG"
     assert row["max_abs_err"] == pytest.approx(1e-2, rel=1e-3)
     assert "median_ms" not in row
 
 
-def test_padding_positions_are_not_compared():
-    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
-    ref = torch.zeros(2, 3, 4)
-    out = ref.clone()
-    out[~mask.bool()] = 5.0  # garbage where the input was padding
-    assert bm.max_error(out, ref, mask) == 0.0
-    out[0, 1, 2] = 1e-3
-    assert bm.max_error(out, ref, mask) == pytest.approx(1e-3)
-
-
 def test_unavailable_provider_is_reported_not_raised(tiny_model, monkeypatch):
     def unavailable(model, example):
-        raise bm.ProviderUnavailable("not in this checkout")
+        raise ProviderUnavailable("not in this checkout")
 
-    monkeypatch.setitem(bm.PROVIDERS, "missing", bm.Provider("missing", unavailable))
+    monkeypatch.setitem(PROVIDERS, "missing", Provider("missing", unavailable))
     (row,) = _rows(tiny_model, ["missing"], SHAPES[0])
     assert row["status"] == "unavailable" and row["note"] == "not in this checkout"
 
 
+def test_forward_flops_is_the_hand_count():
+    summary = {"dim": 768, "hidden_dim": 3072, "n_heads": 12, "n_layers": 6}
+    gemms = 2 * 128 * (4 * 768 * 768 + 2 * 768 * 3072)
+    attention = 2 * 2 * 128 * 128 * 768  # QK^T and PV over 12 heads of 64
+    assert flops.forward_flops(summary, [128]) == 6 * (gemms + attention)
+    # Padding does no useful work: a mixed batch counts its sequences on their own.
+    assert flops.forward_flops(summary, [100, 28]) == flops.forward_flops(summary, [100]) + \
+        flops.forward_flops(summary, [28])
+
+
+def test_rows_carry_tflops_and_peak_fraction(tiny_model):
+    peaks = {"fp32": {"tflops": 0.5, "method": "given"}}
+    (row,) = _rows(tiny_model, ["hf_sdpa"], SHAPES[1], peaks=peaks)
+    assert row["flops"] == flops.forward_flops(model_summary(tiny_model), SHAPES[1].seq_lengths)
+    assert row["tflops"] == pytest.approx(row["flops"] / (row["median_ms"] / 1e3) / 1e12)
+    assert row["peak_fraction"] == pytest.approx(row["tflops"] / 0.5)
+
+
+def test_measure_peaks():
+    peaks = measure_peaks(n=64, seconds=0.0)
+    assert set(peaks) == {"fp32", "bf16", "int8"}
+    assert peaks["fp32"]["tflops"] > 0 and peaks["fp32"]["calls"] >= 3
+    assert peaks["fp32"]["tflops"] == max(peaks["fp32"]["candidates"].values())
+    low = {p: {**e, "tflops": e["tflops"] / 2} for p, e in peaks.items() if e["tflops"]}
+    assert best_peaks(low, peaks) == best_peaks(peaks, low) == {p: e for p, e in peaks.items() if e["tflops"]}
+    for entry in peaks.values():  # a rate, or the reason there is none
+        assert entry["tflops"] is None and entry["method"].startswith("unavailable") or entry["tflops"] > 0
+
+
 def test_mixed_shape_is_right_padded_and_reproducible():
-    shape = bm.mixed_shape()
+    shape = mixed_shape()
     assert shape.batch == 16 and all(8 <= n <= 128 for n in shape.lengths)
-    assert bm.mixed_shape() == shape
+    assert mixed_shape() == shape
     ids, mask = shape.inputs(30522)
     assert mask.sum(1).tolist() == list(shape.lengths)
     assert bool((mask[:, 1:] <= mask[:, :-1]).all())  # ones then zeros: right padding
     assert bool((ids[mask == 0] == 0).all())
 
 
-def _synthetic_results():
+def _synthetic_results(with_rates: bool = False):
     env = {"device": "Test CPU", "device_type": "cpu", "threads": 2, "commit": "abc1234",
            "versions": {"torch": "2.x"}}
     rows = []
@@ -101,12 +170,20 @@ def _synthetic_results():
                          "max_abs_err": 1e-6, "median_ms": base * factor, "iqr_ms": 0.1})
         rows.append({"shape": shape, "provider": "broken", "status": "WRONG", "note": "adds 1e-2", "atol": 1e-4,
                      "max_abs_err": 1e-2})
-    return {"env": env, "model": {"class": "DistilBertModel", "dim": 768, "n_layers": 6}, "rounds": 5,
-            "results": rows}
+    results = {"env": env, "model": {"class": "DistilBertModel", "dim": 768, "n_layers": 6}, "rounds": 5,
+               "results": rows}
+    if with_rates:
+        env.update(isa=["avx2", "amx_bf16"])
+        results["peaks"] = {"fp32": {"tflops": 0.2, "method": "torch.mm fp32, 2048^3"}}
+        for row in rows:
+            if row["status"] == "ok":
+                row.update(precision="fp32", tflops=0.1 * 10.0 / row["median_ms"],
+                           peak_fraction=0.5 * 10.0 / row["median_ms"])
+    return results
 
 
 def test_report_writer(tmp_path):
-    bm.write_outputs(_synthetic_results(), tmp_path)
+    reports.write_outputs(_synthetic_results(), tmp_path)
     report = (tmp_path / "report.md").read_text()
     assert "| shape | hf_eager | hf_sdpa | fast | broken |" in report
     assert "| 8x128 | 50.00 ± 0.10 (0.80x) | 40.00 ± 0.10 (1.00x) | 20.00 ± 0.10 (2.00x) | WRONG (err 1.0e-02) |" \
@@ -117,46 +194,72 @@ def test_report_writer(tmp_path):
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
 
 
-def test_main_bench_end_to_end(tiny_model, tmp_path):
+def test_report_states_tflops_and_peak_fraction(tmp_path):
+    report = reports.markdown_report(_synthetic_results(with_rates=True))
+    assert "| 1x128 | 0.080 (40% fp32) | 0.100 (50% fp32) | 0.200 (100% fp32) | WRONG (err 1.0e-02) |" in report
+    assert "CPU flags: avx2 amx_bf16." in report and "fp32 0.200 TFLOP/s (torch.mm fp32, 2048^3)" in report
+
+
+def test_run_end_to_end(tiny_model, tmp_path):
     model_dir, out = tmp_path / "model", tmp_path / "out"
     tiny_model.save_pretrained(model_dir)
     threads = torch.get_num_threads()
     try:
-        code = bm.main_bench(["--quick", "--threads", "1", "--model", str(model_dir), "--out", str(out),
-                              "--providers", "hf_eager,hf_sdpa", "--rounds", "3", "--device", "cpu"])
+        code = run.main(["--quick", "--threads", "1", "--model", str(model_dir), "--out", str(out), "--no-peaks",
+                         "--providers", "hf_eager,hf_sdpa,distilkernels_bf16", "--rounds", "3", "--device", "cpu"])
     finally:
         torch.set_num_threads(threads)
     assert code == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["env"]["threads"] == 1 and results["env"]["versions"]["torch"] == torch.__version__
+    env = results["env"]
+    assert env["threads"] == 1 and env["versions"]["torch"] == torch.__version__ and env["cpu"]
+    assert isinstance(env["isa"], list) and "commit" in env
     assert [(r["shape"], r["provider"]) for r in results["results"]] == [
-        (s.name, p) for s in bm.GRIDS["quick"] for p in ("hf_eager", "hf_sdpa")]
-    assert all(r["status"] == "ok" and r["n_samples"] == 3 for r in results["results"])
+        (s.name, p) for s in GRIDS["quick"] for p in ("hf_eager", "hf_sdpa", "distilkernels_bf16")]
+    assert all(r["status"] == "ok" and r["n_samples"] == 3 and r["tflops"] > 0 for r in results["results"])
     assert "| mixed16x128 |" in (out / "report.md").read_text()
 
 
 def test_parse_shape():
-    from distilkernels.benchmarking import parse_shape
-
-    assert parse_shape("8x128") == bm_full(8, 128)
+    assert parse_shape("8x128") == full_shape(8, 128)
     mixed = parse_shape("mixed8x512@64")
     assert mixed.batch == 8 and mixed.seqlen == 512 and min(mixed.lengths) >= 64 and max(mixed.lengths) <= 512
     with pytest.raises(ValueError, match="BxS"):
         parse_shape("eight")
 
 
-def bm_full(batch, seqlen):
-    from distilkernels.benchmarking import Shape
-
-    return Shape(f"{batch}x{seqlen}", batch, seqlen)
-
-
 def test_model_summary_reads_bert_configs():
-    import transformers
-
-    from distilkernels.benchmarking import _model_summary
-
     bert = transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                                           intermediate_size=37, vocab_size=99))
-    summary = _model_summary(bert)
+    summary = model_summary(bert)
     assert (summary["dim"], summary["n_layers"], summary["n_heads"], summary["hidden_dim"]) == (32, 2, 4, 37)
+
+
+def test_demo_runs_without_bench(tiny_model, tmp_path):
+    """`python -m distilkernels demo` in a fresh process: a parity line per provider, a speedup, exit status 0,
+    and bench/ (not installed with the package) never imported."""
+    tiny_model.save_pretrained(tmp_path / "model")
+    script = ("import sys, distilkernels.__main__ as m; rc = m.main(['demo', '--model', %r, '--batch', '3', "
+              "'--seqlen', '16', '--repeats', '3', '--threads', '1']); "
+              "assert not any(n == 'bench' or n.startswith('bench.') for n in sys.modules); sys.exit(rc)"
+              ) % str(tmp_path / "model")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr
+    for needle in ("HF sdpa", "distilkernels", "max |out - HF eager|", "speedup"):
+        assert needle in out.stdout, out.stdout
+
+
+@pytest.mark.parametrize("flags, units", [
+    ({"avx2", "fma"}, {"bf16": "none", "int8": "none"}),
+    ({"avx2", "avx_vnni"}, {"bf16": "none", "int8": "vnni"}),
+    ({"avx512f", "avx512_vnni", "avx512_bf16"}, {"bf16": "avx512_bf16", "int8": "vnni"}),
+    ({"avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"}, {"bf16": "amx", "int8": "amx"}),
+])
+def test_machine_matrix_units(monkeypatch, flags, units):
+    from distilkernels import machine
+
+    monkeypatch.setattr(machine, "_cpuinfo", lambda: ("Test CPU", frozenset(flags | {"sse2", "not_a_flag"})))
+    assert machine.cpu_model() == "Test CPU"
+    assert set(machine.isa_flags()) == flags  # only the flags the kernels care about, in ISA_FLAGS order
+    assert machine.matrix_units() == units

@@ -1,0 +1,55 @@
+"""Honest wall-clock timing shared by `python -m distilkernels demo` and the benchmark harness (bench/).
+
+Several callables are timed side by side: warm-up calls first, then rounds in which every callable runs once,
+in an order that rotates each round so none always follows another (caches, turbo and a noisy neighbour hit
+all of them alike). Report the median of the rounds, with the interquartile range as the noise.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], object], device="cpu") -> float:
+    """Seconds for one call, with the device synchronized on both sides."""
+    device = torch.device(device)
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def time_interleaved(runs: dict[str, Callable[[], object]], device="cpu", rounds: int = 7, warmup: int = 1,
+                     min_rounds: int = 3, budget_s: float = float("inf")) -> dict[str, list[float]]:
+    """Seconds per call for each of `runs`, round-robin: up to `rounds` rounds, none started after `budget_s`
+    seconds once `min_rounds` are done."""
+    names, device = list(runs), torch.device(device)
+    if not names:
+        return {}
+    for _ in range(warmup):
+        for name in names:
+            runs[name]()
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    start = time.perf_counter()
+    for r in range(rounds):
+        if r >= min_rounds and time.perf_counter() - start > budget_s:
+            break
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            samples[name].append(time_call(runs[name], device))
+    return samples
+
+
+def summarize(samples: list[float]) -> dict:
+    """Median, quartiles, IQR and minimum in ms of `samples` (seconds)."""
+    q1, median, q3 = statistics.quantiles(samples, n=4, method="inclusive") if len(samples) > 1 else samples * 3
+    return {"median_ms": median * 1e3, "iqr_ms": (q3 - q1) * 1e3, "q1_ms": q1 * 1e3, "q3_ms": q3 * 1e3,
+            "min_ms": min(samples) * 1e3, "n_samples": len(samples)}
