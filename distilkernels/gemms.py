@@ -2,13 +2,72 @@
 weights derived from the block's parameters (a fused q|k|v concatenation, packed panels) that they run on.
 
 `DenseGemms` runs them on the block's own fp32/fp16/bf16 weights; `quant.Int8Gemms` provides the same four
-methods in int8. Which kernel each one uses for a given tensor is decided here, in one place.
+methods in int8. Which kernel each one uses for a given tensor is decided here, in one place, and
+`precision_paths()` says which one this CPU takes per precision.
+
+Matrix units: where the CPU's matrix unit takes bf16 / int8 (AMX), the bf16 and int8 GEMMs run ATen's brgemm
+(oneDNN's micro-kernels) on weights packed once into VNNI blocks; elsewhere they run torch's bf16 GEMM /
+int8 GEMM (oneDNN) on weights transposed once, with the same epilogue. `DISTILKERNELS_MATRIX_UNITS=off`
+(read at each packing) forces the second path, to test it on a CPU that has AMX.
 """
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 
 from . import ops
+
+MATRIX_UNITS_ENV = "DISTILKERNELS_MATRIX_UNITS"
+
+
+@functools.lru_cache(maxsize=None)
+def _unit_packs(dtype: str) -> bool:
+    from ._ext import load_extension
+
+    ext = load_extension()
+    return ext is not None and ext.matrix_unit_packs(dtype)
+
+
+def use_matrix_unit(dtype: str) -> bool:
+    """Whether the `dtype` ("bf16" or "int8") GEMMs pack their weights for this CPU's matrix unit (brgemm on
+    AMX): the unit is present and DISTILKERNELS_MATRIX_UNITS is not "off"/"0"."""
+    if os.environ.get(MATRIX_UNITS_ENV, "").lower() in ("off", "0", "false"):
+        return False
+    return _unit_packs(dtype)
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's matrix/vector flags that decide the GEMM paths (from /proc/cpuinfo; empty where unreadable)."""
+    wanted = {"avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8"}
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((ln for ln in f if ln.startswith("flags")), "")
+    except OSError:
+        return set()
+    return wanted & set(line.split(":", 1)[-1].split())
+
+
+def precision_paths() -> dict[str, str]:
+    """Which matrix units this CPU has and which kernel path each precision's GEMMs take on CPU tensors."""
+    from ._ext import load_extension
+
+    flags = cpu_flags()
+    units = [name for name in ("amx_bf16", "amx_int8") if name in flags]
+    paths = {"matrix_units": ", ".join(units) or "none",
+             "vector_units": ", ".join(sorted(flags - {"amx_tile", "amx_bf16", "amx_int8"})) or "unknown"}
+    ext = load_extension()
+    if ext is None:
+        return dict(paths, fp32="torch linear (C++ extension not loaded)", bf16="torch linear", int8="reference")
+    paths["fp32"] = f"distilkernels linear_packed ({ext.vector_isa()}), bias + activation fused"
+    paths["bf16"] = ("brgemm on AMX (oneDNN micro-kernel), weights packed once (VNNI), fused epilogue"
+                     if use_matrix_unit("bf16") else
+                     "torch bf16 mm (oneDNN/MKL) on weights transposed once, fused bias + activation")
+    paths["int8"] = ("brgemm s8 x s8 -> s32 on AMX, weights packed once (VNNI), per-token scales, fused epilogue"
+                     if use_matrix_unit("int8") else
+                     "torch _int_mm (oneDNN int8 GEMM, VNNI where present), per-token scales, fused epilogue")
+    return paths
 
 
 class DerivedWeights:
@@ -16,10 +75,13 @@ class DerivedWeights:
     packing), rebuilt whenever a source parameter is replaced or modified in place (tracked by data pointer
     and version counter), so load_state_dict, optimizer steps and .to() are all seen."""
 
-    def __init__(self, linears, derive=lambda weight, bias: (weight, bias)):
+    def __init__(self, linears, derive=None):
         self.linears = tuple(linears)
-        self.derive = derive
+        self.derive = concat if derive is None else derive  # a picklable callable: no lambda
         self.key = self.value = None
+
+    def __getstate__(self):  # the derived copy is rebuilt after unpickling, not saved
+        return dict(self.__dict__, key=None, value=None)
 
     def get(self):
         weights = [lin.weight for lin in self.linears]
@@ -36,30 +98,46 @@ class DerivedWeights:
         return self.value
 
 
-def _pack(weight, bias):
+def concat(weight, bias):
+    """The concatenated weights and biases themselves."""
+    return weight, bias
+
+
+def pack_fp32(weight, bias):
+    """(panels for linear_packed, bias)."""
     return ops.pack_linear_weight(weight), bias
+
+
+def pack_bf16(weight, bias):
+    """(weight for linear_bf16: VNNI blocks on a matrix unit, else W^T; bias)."""
+    return ops.pack_linear_bf16(weight, vnni=use_matrix_unit("bf16")), bias
 
 
 class DenseGemms:
     """The block's four GEMMs on its own (fp32/fp16/bf16) weights. Another implementation (int8, say)
     provides the same four methods and replaces `parts.gemms`.
 
-    fp32 on the C++ backend runs `linear_packed` on weights packed once (rebuilt when a weight changes), with
-    lin1's bias and activation in the GEMM's epilogue; other dtypes and backends run `linear` + `bias_act_`."""
+    fp32 and bf16 on the C++ backend run `linear_packed` / `linear_bf16` on weights packed once (rebuilt when
+    a weight changes), with the bias and lin1's activation in the GEMM's epilogue; fp16 and other backends run
+    `linear` + `bias_act_`."""
 
     def __init__(self, parts):
         self.parts = parts
         self.fused_qkv = DerivedWeights((parts.q, parts.k, parts.v))
-        self.packed = {name: DerivedWeights(linears, _pack) for name, linears in (
-            ("qkv", (parts.q, parts.k, parts.v)), ("out", (parts.out,)), ("lin1", (parts.lin1,)),
-            ("lin2", (parts.lin2,)))}
+        groups = (("qkv", (parts.q, parts.k, parts.v)), ("out", (parts.out,)), ("lin1", (parts.lin1,)),
+                  ("lin2", (parts.lin2,)))
+        self.packed = {name: DerivedWeights(linears, pack_fp32) for name, linears in groups}
+        self.packed_bf16 = {name: DerivedWeights(linears, pack_bf16) for name, linears in groups}
 
     @staticmethod
     def _use_packed(x) -> bool:
-        return (x.dtype == torch.float32 and not torch.compiler.is_compiling()
+        return (x.dtype in (torch.float32, torch.bfloat16) and not torch.compiler.is_compiling()
                 and ops.backend_for(x.device) == "cpp")
 
     def _packed(self, name, x, activation="none"):
+        if x.dtype == torch.bfloat16:
+            packed, bias = self.packed_bf16[name].get()
+            return ops.linear_bf16(x, packed, bias.shape[0], bias, activation)
         packed, bias = self.packed[name].get()
         return ops.linear_packed(x, packed, bias.shape[0], bias, activation)
 
