@@ -60,7 +60,9 @@ def precision_paths() -> dict[str, str]:
     ext = load_extension()
     if ext is None:
         return dict(paths, fp32="torch linear (C++ extension not loaded)", bf16="torch linear", int8="reference")
-    paths["fp32"] = f"distilkernels linear_packed ({ext.vector_isa()}), bias + activation fused"
+    winners = sorted(set(_FP32_WINNER.values())) or ["measured at first use"]
+    paths["fp32"] = (f"distilkernels linear_packed ({ext.vector_isa()}) or oneDNN prepacked linear, faster one per "
+                     f"shape (this process: {', '.join(winners)}); bias + activation fused")
     paths["bf16"] = ("brgemm on AMX (oneDNN micro-kernel), weights packed once (VNNI), fused epilogue"
                      if use_matrix_unit("bf16") else
                      "torch bf16 mm (oneDNN/MKL) on weights transposed once, fused bias + activation")
@@ -103,9 +105,61 @@ def concat(weight, bias):
     return weight, bias
 
 
+# ---- fp32: our packed GEMM or oneDNN's prepacked one, whichever measures faster on this CPU -----------------
+
+_FP32_WINNER: dict[tuple[int, int], str] = {}  # (in_features, out_features) -> "packed" | "onednn"
+# Below this many weights a GEMM takes microseconds and oneDNN's per-call set-up outweighs any gain: no contest.
+_MIN_ONEDNN_WEIGHT = 256 * 256
+
+
+def _onednn_fp32() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _onednn_linear(x, weight, bias, activation):
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, activation, [], "none" if activation == "gelu" else "")
+
+
+def _median_time(fn, reps: int = 5) -> float:
+    import time
+
+    samples = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return sorted(samples)[reps // 2]
+
+
+def fp32_kernel(in_features: int, out_features: int, tokens: int = 128) -> str:
+    """"packed" (linear_packed) or "onednn" (oneDNN's prepacked fp32 linear, what torch's inductor freezing
+    runs), measured once per process per (in_features, out_features) at first use, on `tokens` random rows:
+    interleaved medians of 5 calls each. Which is faster depends on the CPU (oneDNN's AVX-512 kernels run at
+    ~95% of the FMA peak; on AVX2 our packed GEMM's fused epilogue can win), so neither is assumed."""
+    key = (in_features, out_features)
+    if key not in _FP32_WINNER:
+        if not _onednn_fp32() or in_features * out_features < _MIN_ONEDNN_WEIGHT:
+            _FP32_WINNER[key] = "packed"
+            return "packed"
+        with torch.no_grad():
+            x = torch.randn(max(tokens, 1), in_features)
+            weight, bias = torch.randn(out_features, in_features), torch.randn(out_features)
+            panels = ops.pack_linear_weight(weight)
+            onednn = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+            candidates = {"packed": lambda: ops.linear_packed(x, panels, out_features, bias, "gelu"),
+                          "onednn": lambda: _onednn_linear(x, onednn, bias, "gelu")}
+            for fn in candidates.values():
+                fn()  # warm-up: kernel generation, first-touch of the output
+            times = {name: _median_time(fn) for name, fn in candidates.items()}
+        _FP32_WINNER[key] = min(times, key=times.get)
+    return _FP32_WINNER[key]
+
+
 def pack_fp32(weight, bias):
-    """(panels for linear_packed, bias)."""
-    return ops.pack_linear_weight(weight), bias
+    """(kernel name, weight packed for it, bias): fp32_kernel's choice for this shape."""
+    if fp32_kernel(weight.shape[1], weight.shape[0]) == "onednn":
+        return "onednn", torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None), bias
+    return "packed", ops.pack_linear_weight(weight), bias
 
 
 def pack_bf16(weight, bias):
@@ -138,7 +192,9 @@ class DenseGemms:
         if x.dtype == torch.bfloat16:
             packed, bias = self.packed_bf16[name].get()
             return ops.linear_bf16(x, packed, bias.shape[0], bias, activation)
-        packed, bias = self.packed[name].get()
+        kernel, packed, bias = self.packed[name].get()
+        if kernel == "onednn":
+            return _onednn_linear(x.contiguous(), packed, bias, activation)
         return ops.linear_packed(x, packed, bias.shape[0], bias, activation)
 
     def qkv(self, x):  # (tokens, dim) -> (tokens, 3*dim), bias included: one GEMM for q|k|v
