@@ -60,12 +60,15 @@ def precision_paths() -> dict[str, str]:
     ext = load_extension()
     if ext is None:
         return dict(paths, fp32="torch linear (C++ extension not loaded)", bf16="torch linear", int8="reference")
-    winners = sorted(set(_FP32_WINNER.values())) or ["measured at first use"]
-    paths["fp32"] = (f"distilkernels linear_packed ({ext.vector_isa()}) or oneDNN prepacked linear, faster one per "
-                     f"shape (this process: {', '.join(winners)}); bias + activation fused")
-    paths["bf16"] = ("brgemm on AMX (oneDNN micro-kernel), weights packed once (VNNI), fused epilogue"
-                     if use_matrix_unit("bf16") else
-                     "torch bf16 mm (oneDNN/MKL) on weights transposed once, fused bias + activation")
+    def chosen(dtype):
+        got = sorted({k for (d, *_), k in _WINNER.items() if d == dtype})
+        return f"; chosen so far: {', '.join(got)}" if got else "; chosen per shape at first use"
+
+    onednn = " or oneDNN's prepacked linear, whichever measures faster per shape"
+    paths["fp32"] = f"distilkernels linear_packed ({ext.vector_isa()}){onednn}{chosen(torch.float32)}"
+    bf16 = ("linear_bf16: brgemm on AMX (oneDNN micro-kernel), weights packed once (VNNI)" if use_matrix_unit("bf16")
+            else "linear_bf16: brgemm's plain bf16 GEMM on weights transposed once")
+    paths["bf16"] = bf16 + (onednn if _onednn_available(torch.bfloat16) else "") + chosen(torch.bfloat16)
     paths["int8"] = ("brgemm s8 x s8 -> s32 on AMX, weights packed once (VNNI), per-token scales, fused epilogue"
                      if use_matrix_unit("int8") else
                      "torch _int_mm (oneDNN int8 GEMM, VNNI where present), per-token scales, fused epilogue")
@@ -105,66 +108,83 @@ def concat(weight, bias):
     return weight, bias
 
 
-# ---- fp32: our packed GEMM or oneDNN's prepacked one, whichever measures faster on this CPU -----------------
+# ---- fp32 and bf16: our packed GEMM or oneDNN's prepacked one, whichever measures faster on this CPU --------
 
-_FP32_WINNER: dict[tuple[int, int], str] = {}  # (in_features, out_features) -> "packed" | "onednn"
+_WINNER: dict[tuple[torch.dtype, int, int], str] = {}  # (dtype, in_features, out_features) -> "packed" | "onednn"
 # Below this many weights a GEMM takes microseconds and oneDNN's per-call set-up outweighs any gain: no contest.
 _MIN_ONEDNN_WEIGHT = 256 * 256
 
 
-def _onednn_fp32() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+def _onednn_available(dtype: torch.dtype) -> bool:
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    return dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def _onednn_linear(x, weight, bias, activation):
+def _onednn_pack(weight):
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+
+
+def _onednn_linear(x, weight, bias, activation):  # oneDNN's linear with bias + activation as post-ops
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, activation, [], "none" if activation == "gelu" else "")
 
 
-def _median_time(fn, reps: int = 5) -> float:
+def _ours(dtype: torch.dtype, x, weight, bias, activation="gelu"):
+    """A call of our packed kernel for `dtype` on freshly packed weights (for the measurement)."""
+    if dtype == torch.bfloat16:
+        packed = ops.pack_linear_bf16(weight, vnni=use_matrix_unit("bf16"))
+        return lambda: ops.linear_bf16(x, packed, weight.shape[0], bias, activation)
+    panels = ops.pack_linear_weight(weight)
+    return lambda: ops.linear_packed(x, panels, weight.shape[0], bias, activation)
+
+
+def _interleaved_medians(candidates: dict, rounds: int = 5) -> dict[str, float]:
     import time
 
-    samples = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return sorted(samples)[reps // 2]
+    samples = {name: [] for name in candidates}
+    for fn in candidates.values():
+        fn()  # warm-up: kernel generation, first touch of the output
+    for _ in range(rounds):
+        for name, fn in candidates.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: sorted(t)[rounds // 2] for name, t in samples.items()}
 
 
-def fp32_kernel(in_features: int, out_features: int, tokens: int = 128) -> str:
-    """"packed" (linear_packed) or "onednn" (oneDNN's prepacked fp32 linear, what torch's inductor freezing
-    runs), measured once per process per (in_features, out_features) at first use, on `tokens` random rows:
-    interleaved medians of 5 calls each. Which is faster depends on the CPU (oneDNN's AVX-512 kernels run at
-    ~95% of the FMA peak; on AVX2 our packed GEMM's fused epilogue can win), so neither is assumed."""
-    key = (in_features, out_features)
-    if key not in _FP32_WINNER:
-        if not _onednn_fp32() or in_features * out_features < _MIN_ONEDNN_WEIGHT:
-            _FP32_WINNER[key] = "packed"
-            return "packed"
-        with torch.no_grad():
-            x = torch.randn(max(tokens, 1), in_features)
-            weight, bias = torch.randn(out_features, in_features), torch.randn(out_features)
-            panels = ops.pack_linear_weight(weight)
-            onednn = torch.ops.mkldnn._reorder_linear_weight(weight, None)
-            candidates = {"packed": lambda: ops.linear_packed(x, panels, out_features, bias, "gelu"),
-                          "onednn": lambda: _onednn_linear(x, onednn, bias, "gelu")}
-            for fn in candidates.values():
-                fn()  # warm-up: kernel generation, first-touch of the output
-            times = {name: _median_time(fn) for name, fn in candidates.items()}
-        _FP32_WINNER[key] = min(times, key=times.get)
-    return _FP32_WINNER[key]
+def dense_kernel(dtype: torch.dtype, in_features: int, out_features: int, tokens: int = 128) -> str:
+    """"packed" (our linear_packed / linear_bf16) or "onednn" (oneDNN's prepacked linear with fused post-ops,
+    what torch's inductor freezing runs) for an fp32/bf16 GEMM of this shape, measured once per process at
+    first use on `tokens` random rows (interleaved medians of 5 calls). Which wins depends on the CPU and
+    shape (on this project's AVX-512 + AMX test machine oneDNN led in fp32 by 0-15% per GEMM and in bf16 by
+    0-20% at some DistilBERT shapes while our kernels led at others), so neither is assumed."""
+    key = (dtype, in_features, out_features)
+    if key not in _WINNER:
+        _WINNER[key] = "packed"
+        if _onednn_available(dtype) and in_features * out_features >= _MIN_ONEDNN_WEIGHT:
+            with torch.no_grad():
+                x = torch.randn(max(tokens, 1), in_features).to(dtype)
+                weight = torch.randn(out_features, in_features).to(dtype)
+                bias = torch.randn(out_features).to(dtype)
+                onednn = _onednn_pack(weight)
+                times = _interleaved_medians({"packed": _ours(dtype, x, weight, bias),
+                                              "onednn": lambda: _onednn_linear(x, onednn, bias, "gelu")})
+            _WINNER[key] = min(times, key=times.get)
+    return _WINNER[key]
 
 
 def pack_fp32(weight, bias):
-    """(kernel name, weight packed for it, bias): fp32_kernel's choice for this shape."""
-    if fp32_kernel(weight.shape[1], weight.shape[0]) == "onednn":
-        return "onednn", torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None), bias
+    """(kernel, weight packed for it, bias): dense_kernel's choice for this shape."""
+    if dense_kernel(torch.float32, weight.shape[1], weight.shape[0]) == "onednn":
+        return "onednn", _onednn_pack(weight), bias
     return "packed", ops.pack_linear_weight(weight), bias
 
 
 def pack_bf16(weight, bias):
-    """(weight for linear_bf16: VNNI blocks on a matrix unit, else W^T; bias)."""
-    return ops.pack_linear_bf16(weight, vnni=use_matrix_unit("bf16")), bias
+    """(kernel, weight packed for it: oneDNN's, VNNI blocks on a matrix unit, else W^T; bias)."""
+    if dense_kernel(torch.bfloat16, weight.shape[1], weight.shape[0]) == "onednn":
+        return "onednn", _onednn_pack(weight), bias
+    return "packed", ops.pack_linear_bf16(weight, vnni=use_matrix_unit("bf16")), bias
 
 
 class DenseGemms:
@@ -189,12 +209,11 @@ class DenseGemms:
                 and ops.backend_for(x.device) == "cpp")
 
     def _packed(self, name, x, activation="none"):
-        if x.dtype == torch.bfloat16:
-            packed, bias = self.packed_bf16[name].get()
-            return ops.linear_bf16(x, packed, bias.shape[0], bias, activation)
-        kernel, packed, bias = self.packed[name].get()
+        kernel, packed, bias = (self.packed_bf16 if x.dtype == torch.bfloat16 else self.packed)[name].get()
         if kernel == "onednn":
             return _onednn_linear(x.contiguous(), packed, bias, activation)
+        if x.dtype == torch.bfloat16:
+            return ops.linear_bf16(x, packed, bias.shape[0], bias, activation)
         return ops.linear_packed(x, packed, bias.shape[0], bias, activation)
 
     def qkv(self, x):  # (tokens, dim) -> (tokens, 3*dim), bias included: one GEMM for q|k|v

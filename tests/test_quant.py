@@ -316,10 +316,13 @@ def test_forced_fallback_path_matches_matrix_unit(precision, monkeypatch, op_spy
         else:
             distilkernels.patch(m.to(torch.bfloat16))
         outs[setting] = hidden(m, inputs)
-        name = "qkv"
-        derived = (_blocks(m)[0]._parts.gemms.packed if precision == "int8"
-                   else _blocks(m)[0]._parts.gemms.packed_bf16)[name].value
-        assert derived[0].dim() == (3 if setting == "on" and gemms.use_matrix_unit(precision) else 2)
+        block_gemms = _blocks(m)[0]._parts.gemms
+        if precision == "int8":
+            packed = block_gemms.packed["qkv"].value[0]
+        else:
+            kernel, packed, _ = block_gemms.packed_bf16["qkv"].value
+            assert kernel == "packed"  # tiny weights: no oneDNN contest (gemms._MIN_ONEDNN_WEIGHT)
+        assert packed.dim() == (3 if setting == "on" and gemms.use_matrix_unit(precision) else 2)
     calls = sum(v for (op, _), v in op_spy.items() if op == f"linear_{precision}")
     assert calls == 2 * 4 * config.n_layers
     if precision == "int8":
@@ -356,4 +359,5 @@ def test_precision_paths_report_this_cpu():
     flags = gemms.cpu_flags()
     assert ("amx_bf16" in paths["matrix_units"]) == ("amx_bf16" in flags)
     assert ("brgemm on AMX" in paths["bf16"]) == gemms.use_matrix_unit("bf16")
+    assert paths["fp32"].startswith("distilkernels linear_packed")
     assert ("brgemm" in paths["int8"]) == gemms.use_matrix_unit("int8")
