@@ -156,8 +156,9 @@ def dense_kernel(dtype: torch.dtype, in_features: int, out_features: int, tokens
     """"packed" (our linear_packed / linear_bf16) or "onednn" (oneDNN's prepacked linear with fused post-ops,
     what torch's inductor freezing runs) for an fp32/bf16 GEMM of this shape, measured once per process at
     first use on `tokens` random rows (interleaved medians of 5 calls). Which wins depends on the CPU and
-    shape (on this project's AVX-512 + AMX test machine oneDNN led in fp32 by 0-15% per GEMM and in bf16 by
-    0-20% at some DistilBERT shapes while our kernels led at others), so neither is assumed."""
+    shape, so neither is assumed: at the DistilBERT shapes on a Xeon with AVX-512 + AMX, oneDNN led in fp32 by
+    3-14% per GEMM, but with oneDNN capped to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2) linear_packed's AVX2 build led
+    by 4-16%; in bf16 oneDNN and brgemm traded places by up to 20% across shapes."""
     key = (dtype, in_features, out_features)
     if key not in _WINNER:
         _WINNER[key] = "packed"
