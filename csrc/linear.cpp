@@ -81,6 +81,18 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::
   return out;
 }
 
+}  // namespace
+
+// Shared with the bf16 and int8 GEMMs (linear_bf16.cpp, linear_int8.cpp).
+cpu::Activation parse_activation(c10::string_view activation) {
+  if (activation == "none") return cpu::Activation::kNone;
+  if (activation == "gelu") return cpu::Activation::kGelu;
+  if (activation == "relu") return cpu::Activation::kRelu;
+  TORCH_CHECK(false, "activation must be one of ('none', 'gelu', 'relu'), got '", std::string(activation), "'");
+}
+
+namespace {
+
 // ---- packed weights -------------------------------------------------------------------------------------
 
 at::Tensor pack_linear_weight_cpu(const at::Tensor& weight) {
@@ -101,13 +113,6 @@ at::Tensor pack_linear_weight_cpu(const at::Tensor& weight) {
     }
   });
   return packed;
-}
-
-cpu::Activation parse_activation(c10::string_view activation) {
-  if (activation == "none") return cpu::Activation::kNone;
-  if (activation == "gelu") return cpu::Activation::kGelu;
-  if (activation == "relu") return cpu::Activation::kRelu;
-  TORCH_CHECK(false, "activation must be one of ('none', 'gelu', 'relu'), got '", std::string(activation), "'");
 }
 
 at::Tensor linear_packed_cpu(const at::Tensor& x, const at::Tensor& packed_weight, int64_t out_features,

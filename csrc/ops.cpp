@@ -11,6 +11,7 @@
 
 #include "cpu_cache.h"
 #include "cpu_kernels.h"
+#include "brgemm_utils.h"
 #include "vec.h"
 
 TORCH_LIBRARY(distilkernels, m) {
@@ -47,6 +48,19 @@ TORCH_LIBRARY(distilkernels, m) {
   //   scale_rows_: in place, y (rows, cols) contiguous = y * scale[:, None] + bias; bias (cols,) or None
   m.def("normalize_rows(Tensor x) -> (Tensor out, Tensor scale)");
   m.def("scale_rows_(Tensor(a!) y, Tensor scale, Tensor? bias) -> ()");
+  // bf16 linear on weights packed once (csrc/linear_bf16.cpp): out = activation(x @ weight^T + bias), bf16 out,
+  // fp32 accumulation. pack_linear_bf16(weight (out_features, in_features), vnni) -> vnni: brgemm's VNNI blocks
+  // (ceil(out_features / 64), in_features rounded up to 2, 64) for the CPU's matrix unit (AMX only); otherwise
+  // weight^T (in_features, out_features). x: (tokens, in_features) bf16; bias: (out_features,) or None.
+  m.def("pack_linear_bf16(Tensor weight, bool vnni) -> Tensor");
+  m.def("linear_bf16(Tensor x, Tensor packed_weight, int out_features, Tensor? bias, str activation) -> Tensor");
+  // int8 linear with per-token activation scales (csrc/linear_int8.cpp), fp32 in and out.
+  // pack_linear_int8(weight (out_features, in_features), vnni) -> (packed int8: VNNI blocks (ceil(out_features
+  // / 64), in_features rounded up to 4, 64) or weight^T (in_features, out_features); weight_scale
+  // (out_features,) fp32). linear_int8: x (tokens, in_features) fp32; bias: (out_features,) fp32 or None.
+  m.def("pack_linear_int8(Tensor weight, bool vnni) -> (Tensor packed_weight, Tensor weight_scale)");
+  m.def("linear_int8(Tensor x, Tensor packed_weight, Tensor weight_scale, int out_features, Tensor? bias,"
+        " str activation) -> Tensor");
 }
 
 namespace {
@@ -83,6 +97,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Sets how many free bytes the cache keeps at most (0: none)");
   m.def("linear_panel_width", []() { return distilkernels::cpu::kernels().panel; },
         "Columns per panel of pack_linear_weight's layout on this CPU");
+  m.def("matrix_unit_packs", [](const std::string& dtype) {
+    TORCH_CHECK(dtype == "bf16" || dtype == "int8", "dtype must be \"bf16\" or \"int8\", got \"", dtype, "\"");
+    return distilkernels::brgemm::packs(dtype == "bf16" ? at::kBFloat16 : at::kChar);
+  }, pybind11::arg("dtype"), "Whether brgemm runs packed (VNNI) weights of this dtype on this CPU's matrix unit");
   m.def("openmp_enabled", []() {
 #ifdef _OPENMP
     return true;

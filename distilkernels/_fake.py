@@ -54,3 +54,30 @@ def _normalize_rows_fake(x):
 @torch.library.register_fake("distilkernels::scale_rows_")
 def _scale_rows_fake(y, scale, bias):
     return None
+
+
+def _vnni_blocks(weight, group):  # brgemm's VNNI blocks of 64 output columns (csrc/brgemm_utils.h)
+    n, k = weight.shape
+    return (-(-n // 64), -(-k // group) * group, 64)
+
+
+@torch.library.register_fake("distilkernels::pack_linear_bf16")
+def _pack_linear_bf16_fake(weight, vnni):
+    shape = _vnni_blocks(weight, 2) if vnni else (weight.shape[1], weight.shape[0])
+    return weight.new_empty(shape, dtype=torch.bfloat16)
+
+
+@torch.library.register_fake("distilkernels::linear_bf16")
+def _linear_bf16_fake(x, packed_weight, out_features, bias, activation):
+    return x.new_empty((x.shape[0], out_features))
+
+
+@torch.library.register_fake("distilkernels::pack_linear_int8")
+def _pack_linear_int8_fake(weight, vnni):
+    shape = _vnni_blocks(weight, 4) if vnni else (weight.shape[1], weight.shape[0])
+    return weight.new_empty(shape, dtype=torch.int8), weight.new_empty(weight.shape[:1], dtype=torch.float32)
+
+
+@torch.library.register_fake("distilkernels::linear_int8")
+def _linear_int8_fake(x, packed_weight, weight_scale, out_features, bias, activation):
+    return x.new_empty((x.shape[0], out_features))

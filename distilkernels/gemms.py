@@ -2,13 +2,77 @@
 weights derived from the block's parameters (a fused q|k|v concatenation, packed panels) that they run on.
 
 `DenseGemms` runs them on the block's own fp32/fp16/bf16 weights; `quant.Int8Gemms` provides the same four
-methods in int8. Which kernel each one uses for a given tensor is decided here, in one place.
+methods in int8. Which kernel each one uses for a given tensor is decided here, in one place, and
+`precision_paths()` says which one this CPU takes per precision.
+
+Matrix units: where the CPU's matrix unit takes bf16 / int8 (AMX), the bf16 and int8 GEMMs run ATen's brgemm
+(oneDNN's micro-kernels) on weights packed once into VNNI blocks; elsewhere they run torch's bf16 GEMM /
+int8 GEMM (oneDNN) on weights transposed once, with the same epilogue. `DISTILKERNELS_MATRIX_UNITS=off`
+(read at each packing) forces the second path, to test it on a CPU that has AMX.
 """
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 
 from . import dispatch, ops
+
+MATRIX_UNITS_ENV = "DISTILKERNELS_MATRIX_UNITS"
+
+
+@functools.lru_cache(maxsize=None)
+def _unit_packs(dtype: str) -> bool:
+    from ._ext import load_extension
+
+    ext = load_extension()
+    return ext is not None and ext.matrix_unit_packs(dtype)
+
+
+def use_matrix_unit(dtype: str) -> bool:
+    """Whether the `dtype` ("bf16" or "int8") GEMMs pack their weights for this CPU's matrix unit (brgemm on
+    AMX): the unit is present and DISTILKERNELS_MATRIX_UNITS is not "off"/"0"."""
+    if os.environ.get(MATRIX_UNITS_ENV, "").lower() in ("off", "0", "false"):
+        return False
+    return _unit_packs(dtype)
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's matrix/vector flags that decide the GEMM paths (from /proc/cpuinfo; empty where unreadable)."""
+    wanted = {"avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8"}
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((ln for ln in f if ln.startswith("flags")), "")
+    except OSError:
+        return set()
+    return wanted & set(line.split(":", 1)[-1].split())
+
+
+def precision_paths() -> dict[str, str]:
+    """Which matrix units this CPU has and which kernel path each precision's GEMMs take on CPU tensors."""
+    from ._ext import load_extension
+
+    flags = cpu_flags()
+    units = [name for name in ("amx_bf16", "amx_int8") if name in flags]
+    paths = {"matrix_units": ", ".join(units) or "none",
+             "vector_units": ", ".join(sorted(flags - {"amx_tile", "amx_bf16", "amx_int8"})) or "unknown"}
+    ext = load_extension()
+    if ext is None:
+        return dict(paths, fp32="torch linear (C++ extension not loaded)", bf16="torch linear", int8="reference")
+    def chosen(dtype):
+        got = sorted({k for (d, *_), k in _WINNER.items() if d == dtype})
+        return f"; chosen so far: {', '.join(got)}" if got else "; chosen per shape at first use"
+
+    onednn = " or oneDNN's prepacked linear, whichever measures faster per shape"
+    paths["fp32"] = f"distilkernels linear_packed ({ext.vector_isa()}){onednn}{chosen(torch.float32)}"
+    bf16 = ("linear_bf16: brgemm on AMX (oneDNN micro-kernel), weights packed once (VNNI)" if use_matrix_unit("bf16")
+            else "linear_bf16: brgemm's plain bf16 GEMM on weights transposed once")
+    paths["bf16"] = bf16 + (onednn if _onednn_available(torch.bfloat16) else "") + chosen(torch.bfloat16)
+    paths["int8"] = ("brgemm s8 x s8 -> s32 on AMX, weights packed once (VNNI), per-token scales, fused epilogue"
+                     if use_matrix_unit("int8") else
+                     "torch _int_mm (oneDNN int8 GEMM, VNNI where present), per-token scales, fused epilogue")
+    return paths
 
 
 class DerivedWeights:
@@ -16,10 +80,13 @@ class DerivedWeights:
     packing), rebuilt whenever a source parameter is replaced or modified in place (tracked by data pointer
     and version counter), so load_state_dict, optimizer steps and .to() are all seen."""
 
-    def __init__(self, linears, derive=lambda weight, bias: (weight, bias)):
+    def __init__(self, linears, derive=None):
         self.linears = tuple(linears)
-        self.derive = derive
+        self.derive = concat if derive is None else derive  # a picklable callable: no lambda
         self.key = self.value = None
+
+    def __getstate__(self):  # the derived copy is rebuilt after unpickling, not saved
+        return dict(self.__dict__, key=None, value=None)
 
     def get(self):
         weights = [lin.weight for lin in self.linears]
@@ -36,30 +103,119 @@ class DerivedWeights:
         return self.value
 
 
-def _pack(weight, bias):
-    return ops.pack_linear_weight(weight), bias
+def concat(weight, bias):
+    """The concatenated weights and biases themselves."""
+    return weight, bias
+
+
+# ---- fp32 and bf16: our packed GEMM or oneDNN's prepacked one, whichever measures faster on this CPU --------
+
+_WINNER: dict[tuple[torch.dtype, int, int], str] = {}  # (dtype, in_features, out_features) -> "packed" | "onednn"
+# Below this many weights a GEMM takes microseconds and oneDNN's per-call set-up outweighs any gain: no contest.
+_MIN_ONEDNN_WEIGHT = 256 * 256
+
+
+def _onednn_available(dtype: torch.dtype) -> bool:
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    return dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def _onednn_pack(weight):
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+
+
+def _onednn_linear(x, weight, bias, activation):  # oneDNN's linear with bias + activation as post-ops
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, activation, [], "none" if activation == "gelu" else "")
+
+
+def _ours(dtype: torch.dtype, x, weight, bias, activation="gelu"):
+    """A call of our packed kernel for `dtype` on freshly packed weights (for the measurement)."""
+    if dtype == torch.bfloat16:
+        packed = ops.pack_linear_bf16(weight, vnni=use_matrix_unit("bf16"))
+        return lambda: ops.linear_bf16(x, packed, weight.shape[0], bias, activation)
+    panels = ops.pack_linear_weight(weight)
+    return lambda: ops.linear_packed(x, panels, weight.shape[0], bias, activation)
+
+
+def _interleaved_medians(candidates: dict, rounds: int = 5) -> dict[str, float]:
+    import time
+
+    samples = {name: [] for name in candidates}
+    for fn in candidates.values():
+        fn()  # warm-up: kernel generation, first touch of the output
+    for _ in range(rounds):
+        for name, fn in candidates.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: sorted(t)[rounds // 2] for name, t in samples.items()}
+
+
+def dense_kernel(dtype: torch.dtype, in_features: int, out_features: int, tokens: int = 128) -> str:
+    """"packed" (our linear_packed / linear_bf16) or "onednn" (oneDNN's prepacked linear with fused post-ops,
+    what torch's inductor freezing runs) for an fp32/bf16 GEMM of this shape, measured once per process at
+    first use on `tokens` random rows (interleaved medians of 5 calls). Which wins depends on the CPU and
+    shape, so neither is assumed: at the DistilBERT shapes on a Xeon with AVX-512 + AMX, oneDNN led in fp32 by
+    3-14% per GEMM, but with oneDNN capped to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2) linear_packed's AVX2 build led
+    by 4-16%; in bf16 oneDNN and brgemm traded places by up to 20% across shapes."""
+    key = (dtype, in_features, out_features)
+    if key not in _WINNER:
+        _WINNER[key] = "packed"
+        if _onednn_available(dtype) and in_features * out_features >= _MIN_ONEDNN_WEIGHT:
+            with torch.no_grad():
+                x = torch.randn(max(tokens, 1), in_features).to(dtype)
+                weight = torch.randn(out_features, in_features).to(dtype)
+                bias = torch.randn(out_features).to(dtype)
+                onednn = _onednn_pack(weight)
+                times = _interleaved_medians({"packed": _ours(dtype, x, weight, bias),
+                                              "onednn": lambda: _onednn_linear(x, onednn, bias, "gelu")})
+            _WINNER[key] = min(times, key=times.get)
+    return _WINNER[key]
+
+
+def pack_fp32(weight, bias):
+    """(kernel, weight packed for it, bias): dense_kernel's choice for this shape."""
+    if dense_kernel(torch.float32, weight.shape[1], weight.shape[0]) == "onednn":
+        return "onednn", _onednn_pack(weight), bias
+    return "packed", ops.pack_linear_weight(weight), bias
+
+
+def pack_bf16(weight, bias):
+    """(kernel, weight packed for it: oneDNN's, VNNI blocks on a matrix unit, else W^T; bias)."""
+    if dense_kernel(torch.bfloat16, weight.shape[1], weight.shape[0]) == "onednn":
+        return "onednn", _onednn_pack(weight), bias
+    return "packed", ops.pack_linear_bf16(weight, vnni=use_matrix_unit("bf16")), bias
 
 
 class DenseGemms:
     """The block's four GEMMs on its own (fp32/fp16/bf16) weights. Another implementation (int8, say)
     provides the same four methods and replaces `parts.gemms`.
 
-    fp32 on the C++ backend runs `linear_packed` on weights packed once (rebuilt when a weight changes), with
-    lin1's bias and activation in the GEMM's epilogue; other dtypes and backends run `linear` + `bias_act_`."""
+    fp32 and bf16 on the C++ backend run `linear_packed` / `linear_bf16` on weights packed once (rebuilt when
+    a weight changes), with the bias and lin1's activation in the GEMM's epilogue; fp16 and other backends run
+    `linear` + `bias_act_`."""
 
     def __init__(self, parts):
         self.parts = parts
         self.fused_qkv = DerivedWeights((parts.q, parts.k, parts.v))
-        self.packed = {name: DerivedWeights(linears, _pack) for name, linears in (
-            ("qkv", (parts.q, parts.k, parts.v)), ("out", (parts.out,)), ("lin1", (parts.lin1,)),
-            ("lin2", (parts.lin2,)))}
+        groups = (("qkv", (parts.q, parts.k, parts.v)), ("out", (parts.out,)), ("lin1", (parts.lin1,)),
+                  ("lin2", (parts.lin2,)))
+        self.packed = {name: DerivedWeights(linears, pack_fp32) for name, linears in groups}
+        self.packed_bf16 = {name: DerivedWeights(linears, pack_bf16) for name, linears in groups}
 
     @staticmethod
     def _use_packed(x) -> bool:
-        return not torch.compiler.is_compiling() and dispatch.has_kernel("linear_packed", x)
+        if torch.compiler.is_compiling():
+            return False
+        return dispatch.has_kernel("linear_bf16" if x.dtype == torch.bfloat16 else "linear_packed", x)
 
     def _packed(self, name, x, activation="none"):
-        packed, bias = self.packed[name].get()
+        kernel, packed, bias = (self.packed_bf16 if x.dtype == torch.bfloat16 else self.packed)[name].get()
+        if kernel == "onednn":
+            return _onednn_linear(x.contiguous(), packed, bias, activation)
+        if x.dtype == torch.bfloat16:
+            return ops.linear_bf16(x, packed, bias.shape[0], bias, activation)
         return ops.linear_packed(x, packed, bias.shape[0], bias, activation)
 
     def qkv(self, x):  # (tokens, dim) -> (tokens, 3*dim), bias included: one GEMM for q|k|v

@@ -200,3 +200,61 @@ def set_cpu_cache_limit(nbytes: int) -> None:
     if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
         raise ValueError(f"nbytes must be a non-negative int, got {nbytes!r}")
     _extension().cpu_cache_set_limit(nbytes)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GEMMs for the matrix units (bf16 and int8 on weights packed once; csrc/linear_bf16.cpp, linear_int8.cpp)
+
+
+def _check_packed(x, packed_weight, dtype, out_features, bias, bias_dtypes, activation) -> None:
+    if not isinstance(packed_weight, torch.Tensor) or packed_weight.dtype != dtype or packed_weight.dim() not in (2, 3):
+        raise ValueError(f"packed_weight must be a 2-D or 3-D {dtype} tensor from its pack op, got {_describe(packed_weight)}")
+    if isinstance(out_features, bool) or not isinstance(out_features, int) or out_features < 0:
+        raise ValueError(f"out_features must be a non-negative int, got {out_features!r}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.dtype not in bias_dtypes
+                             or tuple(bias.shape) != (out_features,)):
+        raise ValueError(f"bias must be None or a tensor of shape ({out_features},) and dtype in {bias_dtypes}, "
+                         f"got {_describe(bias)}")
+    if activation not in ("none",) + ACTIVATIONS:
+        raise ValueError(f"activation must be one of {('none',) + ACTIVATIONS}, got {activation!r}")
+    if packed_weight.device != x.device or (bias is not None and bias.device != x.device):
+        raise ValueError("x, packed_weight and bias must share a device")
+
+
+def pack_linear_bf16(weight, vnni: bool = False):
+    """weight (out_features, in_features) float -> the bf16 layout `linear_bf16` reads: vnni=True, the matrix
+    unit's VNNI blocks (ceil(out_features / 64), in_features rounded up to 2, 64), on CPUs with AMX only;
+    vnni=False, weight^T (in_features, out_features)."""
+    _check_float("weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be (out_features, in_features), got shape {tuple(weight.shape)}")
+    return _impl("pack_linear_bf16", weight.device)(weight, bool(vnni))
+
+
+def linear_bf16(x, packed_weight, out_features: int, bias=None, activation: str = "none"):
+    """bf16(activation(x @ weight^T + bias)), fp32 accumulation, bias + activation in the GEMM's epilogue.
+    x: (tokens, in_features) bf16; packed_weight: pack_linear_bf16(weight); bias: (out_features,) bf16/fp32."""
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.bfloat16 or x.dim() != 2:
+        raise TypeError(f"x must be a 2-D (tokens, in_features) bfloat16 tensor, got {_describe(x)}")
+    _check_packed(x, packed_weight, torch.bfloat16, out_features, bias, (torch.bfloat16, torch.float32), activation)
+    return _impl("linear_bf16", x.device)(x, packed_weight, out_features, bias, activation)
+
+
+def pack_linear_int8(weight, vnni: bool = False):
+    """weight (out_features, in_features) float -> (packed int8 weight, weight_scale (out_features,) fp32):
+    symmetric per output channel (scale = max|w[n]| / 127); packed as pack_linear_bf16 lays it out, VNNI
+    groups of 4 along in_features."""
+    _check_float("weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be (out_features, in_features), got shape {tuple(weight.shape)}")
+    return _impl("pack_linear_int8", weight.device)(weight, bool(vnni))
+
+
+def linear_int8(x, packed_weight, weight_scale, out_features: int, bias=None, activation: str = "none"):
+    """activation(q(x) @ q(W)^T * x_scale * weight_scale + bias) with per-token scales: each row of x is quantized
+    to int8 with its own scale (max|x[r]| / 127), the product accumulates in int32, the epilogue dequantizes.
+    x: (tokens, in_features) fp32; (packed_weight, weight_scale): pack_linear_int8(weight); bias fp32."""
+    _check_fp32_matrix("x", x)
+    _check_packed(x, packed_weight, torch.int8, out_features, bias, (torch.float32,), activation)
+    _check_fp32_vector("weight_scale", weight_scale, out_features, optional=False)
+    return _impl("linear_int8", x.device)(x, packed_weight, weight_scale, out_features, bias, activation)

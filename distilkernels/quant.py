@@ -4,16 +4,11 @@
     with torch.inference_mode():
         out = model(**batch)
 
-Weights are quantized per output channel (symmetric int8, scale = max|w| / 127) and prepacked for FBGEMM
-once; activations are quantized on the fly by `torch.ops.quantized.linear_dynamic` (uint8, 7-bit
-`reduce_range` as torch's own dynamic quantization does: FBGEMM's AVX2 path would saturate otherwise).
-Everything around the GEMMs (fused attention, add + LayerNorm, bias + GELU, padding removal) stays fp32.
-
-FBGEMM's dynamic linear quantizes a whole activation matrix with one scale. `activations="per_token"` (the
-default) gets one scale per token out of it anyway: each row is divided by its own max-abs before the GEMM
-and the GEMM's row multiplied back after it (the GEMM is linear, so only the rounding grid changes), at the
-cost of two passes over the activations (`ops.normalize_rows` and `ops.scale_rows_`, fused C++ loops).
-`activations="per_tensor"` skips them: one scale per call.
+Weights are quantized once per output channel (symmetric int8, scale = max|w| / 127) and packed for the
+int8 GEMM (`ops.pack_linear_int8`: brgemm's VNNI blocks on CPUs whose matrix unit takes int8, AMX; W^T for
+torch's int8 GEMM elsewhere). Activations get one scale per token (symmetric int8, max|x[r]| / 127), quantized
+in one pass inside `ops.linear_int8`, whose epilogue dequantizes and adds the bias (and lin1's activation).
+Everything around the GEMMs (fused attention, add + LayerNorm, padding removal) stays fp32.
 
 The fp32 parameters are left untouched (state_dict, saving and `PatchHandle.restore()` see the fp32 model);
 the int8 copies are rebuilt whenever a source parameter is replaced or modified in place. Where the stock HF
@@ -21,15 +16,14 @@ forward runs instead of the fused one (gradients needed, attention weights reque
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 
-from . import ops
-from .gemms import DerivedWeights
+from . import dispatch, ops
+from .gemms import DerivedWeights, use_matrix_unit
 from .modules import FusedBlock
 
-ACTIVATION_MODES = ("per_token", "per_tensor")
+# One scale per token: quantizing each row costs one fused pass, so a coarser per-tensor mode gains nothing.
+ACTIVATION_MODES = ("per_token",)
 _INT8_NAMES = ("int8", "qint8")
 
 
@@ -40,59 +34,42 @@ def _check_dtype(dtype) -> None:
                      "for bf16, convert the model (model.to(torch.bfloat16)) and patch it")
 
 
-def prepack(weight: torch.Tensor, bias: torch.Tensor | None):
-    """weight (out_features, in_features), bias (out_features,) or None -> FBGEMM packed int8 weight,
-    quantized per output channel, symmetric."""
-    weight = weight.detach().float()
-    scale = (weight.abs().amax(dim=1) / 127).clamp_min(1e-12).double()
-    zero_point = torch.zeros(weight.shape[0], dtype=torch.long)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*deprecated")
-        qweight = torch.quantize_per_channel(weight, scale, zero_point, 0, torch.qint8)
-    return torch.ops.quantized.linear_prepack(qweight, None if bias is None else bias.detach().float())
+class PackInt8:
+    """derive for DerivedWeights: (packed int8 weight, weight scales, fp32 bias), packed for this CPU."""
 
-
-def _packed(linears, with_bias: bool) -> DerivedWeights:
-    """int8 packing of cat(weights) (with cat(biases) when with_bias), and the fp32 cat(biases)."""
-    return DerivedWeights(linears, lambda weight, bias: (prepack(weight, bias if with_bias else None), bias))
+    def __call__(self, weight, bias):
+        vnni = use_matrix_unit("int8") and dispatch.has_kernel("pack_linear_int8", weight)
+        return (*ops.pack_linear_int8(weight, vnni=vnni), bias)
 
 
 class Int8Gemms:
-    """The block's four GEMMs as FBGEMM dynamic int8 linears; the same methods as gemms.DenseGemms.
-    Inputs and outputs are fp32 (tokens, features)."""
+    """The block's four GEMMs in int8 with per-token activation scales (`ops.linear_int8`); the same methods as
+    gemms.DenseGemms. Inputs and outputs are fp32 (tokens, features)."""
 
     def __init__(self, parts, activations: str = "per_token"):
         if activations not in ACTIVATION_MODES:
             raise ValueError(f"activations must be one of {ACTIVATION_MODES}, got {activations!r}")
         self.parts = parts
         self.activations = activations
-        per_tensor = activations == "per_tensor"  # per-token: bias added after the row rescale
-        self._qkv = _packed((parts.q, parts.k, parts.v), with_bias=per_tensor)
-        self._out = _packed((parts.out,), with_bias=per_tensor)
-        self._lin1 = _packed((parts.lin1,), with_bias=False)  # bias_act_ adds lin1's bias
-        self._lin2 = _packed((parts.lin2,), with_bias=per_tensor)
+        self.packed = {name: DerivedWeights(linears, PackInt8()) for name, linears in (
+            ("qkv", (parts.q, parts.k, parts.v)), ("out", (parts.out,)), ("lin1", (parts.lin1,)),
+            ("lin2", (parts.lin2,)))}
 
-    def _linear(self, x, packed: DerivedWeights, with_bias: bool = True):
-        weight, bias = packed.get()
-        if self.activations == "per_tensor":
-            return torch.ops.quantized.linear_dynamic(x, weight, True)
-        normalized, row_scale = ops.normalize_rows(x)  # every token's max-abs becomes 1
-        y = torch.ops.quantized.linear_dynamic(normalized, weight, True)
-        return ops.scale_rows_(y, row_scale, bias if with_bias else None)
+    def _linear(self, name, x, activation="none"):
+        packed, scale, bias = self.packed[name].get()
+        return ops.linear_int8(x, packed, scale, bias.shape[0], bias, activation)
 
     def qkv(self, x):  # (tokens, dim) -> (tokens, 3*dim), bias included
-        return self._linear(x, self._qkv)
+        return self._linear("qkv", x)
 
     def out(self, x):  # (tokens, dim) -> (tokens, dim), bias included
-        return self._linear(x, self._out)
+        return self._linear("out", x)
 
     def lin1_act(self, x, activation):  # (tokens, dim) -> activation(lin1(x)), (tokens, hidden_dim)
-        f = self._linear(x, self._lin1, with_bias=False)
-        ops.bias_act_(f, self.parts.lin1.bias, activation)
-        return f
+        return self._linear("lin1", x, activation)
 
     def lin2(self, x):  # (tokens, hidden_dim) -> (tokens, dim), bias included
-        return self._linear(x, self._lin2)
+        return self._linear("lin2", x)
 
 
 def _fused_blocks(model: torch.nn.Module) -> list[FusedBlock]:
@@ -106,7 +83,7 @@ def quantize(model: torch.nn.Module, dtype=torch.qint8, *, activations: str = "p
     model: an HF DistilBERT/BERT model or head (patched here if it is not yet: `distilkernels.patch(model)`),
     or one of distilkernels.models' classes; fp32 parameters on the CPU.
     dtype: torch.qint8 or "int8".
-    activations: "per_token" (one scale per token, default) or "per_tensor" (one scale per GEMM call).
+    activations: "per_token" (one scale per token; the only mode).
     Quantizing again replaces the int8 GEMMs (e.g. to switch `activations`); `PatchHandle.restore()` (or
     `model._distilkernels_patch.restore()`) puts the original fp32 modules back.
     """

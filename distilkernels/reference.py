@@ -88,3 +88,45 @@ def scale_rows_(y, scale, bias):
     y.mul_(scale[:, None])
     if bias is not None:
         y.add_(bias)
+
+
+def pack_linear_bf16(weight, vnni):
+    """weight (out_features, in_features) -> weight^T (in_features, out_features) bf16. The VNNI layout of the
+    matrix units (vnni=True) exists in the C++ backend only."""
+    if vnni:
+        raise ValueError("vnni=True (the matrix unit's layout) needs the C++ backend; use vnni=False")
+    return weight.to(torch.bfloat16).t().contiguous()
+
+
+def linear_bf16(x, packed_weight, out_features, bias, activation):
+    """bf16(activation(x @ weight^T + bias)) in fp32 math, from pack_linear_bf16(weight, vnni=False)."""
+    if packed_weight.dim() != 2:
+        raise ValueError("packed_weight in the VNNI layout needs the C++ backend")
+    y = x.float() @ packed_weight.float()
+    return activate(y if bias is None else y + bias.float(), activation).to(torch.bfloat16)
+
+
+def pack_linear_int8(weight, vnni):
+    """weight (out_features, in_features) -> (int8 weight^T (in_features, out_features), scale (out_features,)):
+    symmetric per output channel, scale = max(max|w[n]| / 127, 1e-12)."""
+    if vnni:
+        raise ValueError("vnni=True (the matrix unit's layout) needs the C++ backend; use vnni=False")
+    weight = weight.float()
+    scale = (weight.abs().amax(dim=1) / 127).clamp_min(1e-12)
+    return torch.round(weight / scale[:, None]).to(torch.int8).t().contiguous(), scale
+
+
+def quantize_rows(x):
+    """Per-token symmetric int8: x (rows, cols) fp32 -> (q int8, scale (rows,)), q = round(x * (1 / scale))."""
+    scale = (x.abs().amax(dim=1) / 127 if x.shape[1] else x.new_zeros(x.shape[:1])).clamp_min(1e-12)
+    return torch.round(x * (1.0 / scale)[:, None]).to(torch.int8), scale
+
+
+def linear_int8(x, packed_weight, weight_scale, out_features, bias, activation):
+    """activation(q(x) @ q(W)^T * x_scale * w_scale + bias), from pack_linear_int8(weight, vnni=False); the
+    integer product in fp64 (exact)."""
+    if packed_weight.dim() != 2:
+        raise ValueError("packed_weight in the VNNI layout needs the C++ backend")
+    q, x_scale = quantize_rows(x)
+    y = (q.double() @ packed_weight.double()).float() * (x_scale[:, None] * weight_scale)
+    return activate(y if bias is None else y + bias, activation)

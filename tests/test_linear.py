@@ -173,3 +173,210 @@ def test_linear_packed_bad_input():
         torch.ops.distilkernels.linear_packed(x, packed, 5, None, "tanh")
     with pytest.raises(RuntimeError, match="bias must be a 1-D tensor of size 5"):
         torch.ops.distilkernels.linear_packed(x, packed, 5, torch.randn(3), "none")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# linear_bf16 and linear_int8: the GEMMs for the CPU's matrix units (brgemm's VNNI layout where the CPU has
+# AMX, vnni=True; torch's bf16 / int8 GEMM on weight^T elsewhere, vnni=False: tested on every CPU)
+
+def _units(dtype):
+    from distilkernels._ext import load_extension
+
+    ext = load_extension()
+    return ext is not None and ext.matrix_unit_packs(dtype)
+
+
+LAYOUTS = [False, pytest.param(True, marks=pytest.mark.skipif(not _units("bf16"), reason="needs AMX (bf16)"))]
+LAYOUTS_INT8 = [False, pytest.param(True, marks=pytest.mark.skipif(not _units("int8"), reason="needs AMX (int8)"))]
+SHAPES = [(1, 8, 1), (7, 37, 129), (13, 33, 65), (64, 96, 64), (130, 200, 70), (65, 770, 3)]  # odd K, N, tails
+
+
+@pytest.mark.parametrize("activation", ["none", "gelu", "relu"])
+@pytest.mark.parametrize("bias_dtype", [None, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("tokens, in_features, out_features", SHAPES)
+@pytest.mark.parametrize("vnni", LAYOUTS)
+def test_linear_bf16_matches_fp64(tokens, in_features, out_features, bias_dtype, activation, vnni):
+    """Error vs an fp64 GEMM of the same bf16 inputs within 2x torch's bf16 linear + activation, or within two
+    bf16 roundings of the output (2 * 2^-9 relative), whichever is larger (torch can be exact by chance)."""
+    torch.manual_seed(0)
+    x = torch.randn(tokens, in_features).bfloat16()
+    weight = torch.randn(out_features, in_features).bfloat16()
+    bias = None if bias_dtype is None else torch.randn(out_features).to(bias_dtype)
+    got = ops.linear_bf16(x, ops.pack_linear_bf16(weight, vnni=vnni), out_features, bias, activation)
+    ref = reference.activate(F.linear(x.double(), weight.double(), None if bias is None else bias.double()),
+                             activation)
+    peer = reference.activate(F.linear(x, weight, None if bias is None else bias.bfloat16()), activation)
+    assert got.dtype == torch.bfloat16 and got.shape == (tokens, out_features)
+    err, peer_err = (got.double() - ref).abs().max().item(), (peer.double() - ref).abs().max().item()
+    assert err <= max(2 * peer_err, 2 ** -8 * ref.abs().max().item()), (err, peer_err)
+
+
+@pytest.mark.parametrize("vnni", LAYOUTS)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_linear_bf16_layouts_agree(vnni, threads):
+    """The packed layouts give the same result as the torch reference of the plain one, on 1 and 2 threads."""
+    torch.manual_seed(1)
+    x, weight, bias = torch.randn(200, 160).bfloat16(), torch.randn(300, 160).bfloat16(), torch.randn(300)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = ops.linear_bf16(x, ops.pack_linear_bf16(weight, vnni=vnni), 300, bias, "gelu")
+    finally:
+        torch.set_num_threads(previous)
+    ref = reference.linear_bf16(x, reference.pack_linear_bf16(weight, False), 300, bias, "gelu")
+    # both round one fp32 result to bf16 (the plain path twice): at most 2 bf16 ulps apart, 2^-7 relative
+    assert ((got.float() - ref.float()).abs() <= 2 ** -7 * ref.float().abs() + 1e-3).all()
+
+
+def test_linear_bf16_empty_and_zero_k():
+    bias = torch.randn(6).bfloat16()
+    packed = ops.pack_linear_bf16(torch.randn(6, 0), vnni=False)
+    assert torch.equal(ops.linear_bf16(torch.randn(3, 0).bfloat16(), packed, 6, bias, "relu"),
+                       F.relu(bias).expand(3, 6))
+    packed = ops.pack_linear_bf16(torch.randn(6, 4), vnni=False)
+    assert ops.linear_bf16(torch.randn(0, 4).bfloat16(), packed, 6, bias).shape == (0, 6)
+
+
+def test_linear_bf16_opcheck():
+    x, weight, bias = torch.randn(5, 12).bfloat16(), torch.randn(37, 12), torch.randn(37).bfloat16()
+    for vnni in (False, True) if _units("bf16") else (False,):
+        torch.library.opcheck(torch.ops.distilkernels.pack_linear_bf16.default, (weight, vnni))
+        packed = ops.pack_linear_bf16(weight, vnni)
+        for args in ((x, packed, 37, bias, "gelu"), (x, packed, 37, None, "none")):
+            torch.library.opcheck(torch.ops.distilkernels.linear_bf16.default, args)
+
+
+def test_linear_bf16_bad_input():
+    x, weight = torch.randn(3, 4).bfloat16(), torch.randn(5, 4)
+    packed = ops.pack_linear_bf16(weight)
+    with pytest.raises(TypeError, match="x must be a 2-D \\(tokens, in_features\\) bfloat16"):
+        ops.linear_bf16(x.float(), packed, 5)
+    with pytest.raises(ValueError, match="packed_weight must be a 2-D or 3-D torch.bfloat16"):
+        ops.linear_bf16(x, packed.float(), 5)
+    with pytest.raises(ValueError, match="bias must be None or a tensor of shape \\(5,\\)"):
+        ops.linear_bf16(x, packed, 5, torch.randn(4))
+    with pytest.raises(ValueError, match="activation must be one of"):
+        ops.linear_bf16(x, packed, 5, None, "tanh")
+    with pytest.raises(ValueError, match="weight must be \\(out_features, in_features\\)"):
+        ops.pack_linear_bf16(torch.randn(5))
+    # the C++ op checks on its own too
+    with pytest.raises(RuntimeError, match="packed_weight must be \\(in_features=6, out_features=5\\)"):
+        torch.ops.distilkernels.linear_bf16(torch.randn(3, 6).bfloat16(), packed, 5, None, "none")
+    with pytest.raises(RuntimeError, match="bias must be a 1-D tensor of size 5"):
+        torch.ops.distilkernels.linear_bf16(x, packed, 5, torch.randn(3), "none")
+    if _units("bf16"):
+        vnni = ops.pack_linear_bf16(weight, vnni=True)
+        with pytest.raises(RuntimeError, match="packed_weight must be \\(2, 4, 64\\) for out_features=70"):
+            torch.ops.distilkernels.linear_bf16(x, vnni, 70, None, "none")
+    else:
+        with pytest.raises(RuntimeError, match="vnni=True needs a CPU whose matrix unit takes bf16"):
+            torch.ops.distilkernels.pack_linear_bf16(weight, True)
+
+
+def _int8_peer(x, weight, bias):
+    """torch's own dynamic int8 linear (one activation scale per call), the accuracy a user has today."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notices
+        lin = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+        with torch.no_grad():
+            lin.weight.copy_(weight)
+            if bias is not None:
+                lin.bias.copy_(bias)
+        q = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear}, dtype=torch.qint8)
+        return q(x)
+
+
+@pytest.mark.parametrize("activation", ["none", "gelu", "relu"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("tokens, in_features, out_features", SHAPES)
+@pytest.mark.parametrize("vnni", LAYOUTS_INT8)
+def test_linear_int8_matches_reference(tokens, in_features, out_features, bias, activation, vnni):
+    """Against the torch reference of the same quantization (integer product exact in fp64): equal up to fp32
+    rounding of the dequantization and the GELU approximation (~1e-6 relative); against fp64 of the unquantized
+    inputs no worse than 2x torch's dynamic int8 linear."""
+    torch.manual_seed(0)
+    x = torch.randn(tokens, in_features) * torch.rand(tokens, 1) * 4  # tokens of different magnitudes
+    weight, b = torch.randn(out_features, in_features) * 0.1, (torch.randn(out_features) if bias else None)
+    packed, scale = ops.pack_linear_int8(weight, vnni=vnni)
+    got = ops.linear_int8(x, packed, scale, out_features, b, activation)
+    ref = reference.linear_int8(x, *reference.pack_linear_int8(weight, False), out_features, b, activation)
+    assert got.shape == (tokens, out_features) and got.dtype == torch.float32
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max().clamp_min(1)
+    exact = reference.activate(F.linear(x.double(), weight.double(), None if b is None else b.double()), activation)
+    peer = reference.activate(_int8_peer(x, weight, b).double(), activation)
+    assert (got.double() - exact).abs().max() <= 2 * (peer - exact).abs().max() + 1e-6
+
+
+@pytest.mark.parametrize("vnni", LAYOUTS_INT8)
+def test_linear_int8_zero_rows_and_empty(vnni):
+    x = torch.randn(4, 40)
+    x[1] = 0  # an all-zero token: its scale is clamped, its output is the bias
+    weight, bias = torch.randn(9, 40), torch.randn(9)
+    packed, scale = ops.pack_linear_int8(weight, vnni=vnni)
+    got = ops.linear_int8(x, packed, scale, 9, bias, "none")
+    assert torch.equal(got[1], bias) and torch.isfinite(got).all()
+    assert ops.linear_int8(torch.randn(0, 40), packed, scale, 9, bias).shape == (0, 9)
+    packed0, scale0 = ops.pack_linear_int8(torch.randn(9, 0), vnni=False)
+    assert torch.equal(ops.linear_int8(torch.randn(2, 0), packed0, scale0, 9, bias, "relu"), F.relu(bias).expand(2, 9))
+
+
+def test_linear_int8_opcheck():
+    x, weight, bias = torch.randn(5, 12), torch.randn(37, 12), torch.randn(37)
+    for vnni in (False, True) if _units("int8") else (False,):
+        torch.library.opcheck(torch.ops.distilkernels.pack_linear_int8.default, (weight, vnni))
+        packed, scale = ops.pack_linear_int8(weight, vnni)
+        for args in ((x, packed, scale, 37, bias, "gelu"), (x, packed, scale, 37, None, "none")):
+            torch.library.opcheck(torch.ops.distilkernels.linear_int8.default, args)
+
+
+def test_linear_int8_bad_input():
+    x, weight = torch.randn(3, 4), torch.randn(5, 4)
+    packed, scale = ops.pack_linear_int8(weight)
+    with pytest.raises(TypeError, match="x must be float32"):
+        ops.linear_int8(x.bfloat16(), packed, scale, 5)
+    with pytest.raises(ValueError, match="packed_weight must be a 2-D or 3-D torch.int8"):
+        ops.linear_int8(x, packed.float(), scale, 5)
+    with pytest.raises(ValueError, match="weight_scale must be a float32 tensor of shape \\(5,\\)"):
+        ops.linear_int8(x, packed, scale[:4], 5)
+    with pytest.raises(ValueError, match="bias must be None or a tensor of shape \\(5,\\)"):
+        ops.linear_int8(x, packed, scale, 5, torch.randn(5).bfloat16())
+    with pytest.raises(RuntimeError, match="packed_weight must be \\(in_features=6, out_features=5\\)"):
+        torch.ops.distilkernels.linear_int8(torch.randn(3, 6), packed, scale, 5, None, "none")
+    with pytest.raises(RuntimeError, match="weight_scale must be \\(out_features,\\) = \\(5,\\)"):
+        torch.ops.distilkernels.linear_int8(x, packed, scale[:3], 5, None, "none")
+    with pytest.raises(RuntimeError, match="activation must be"):
+        torch.ops.distilkernels.linear_int8(x, packed, scale, 5, None, "tanh")
+    if not _units("int8"):
+        with pytest.raises(RuntimeError, match="vnni=True needs a CPU whose matrix unit takes int8"):
+            torch.ops.distilkernels.pack_linear_int8(weight, True)
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+def test_bf16_int8_gemms_on_capped_isa(isa):
+    """The instruction-set branches of the epilogues (bf16 rounding, per-token quantization), forced through
+    DISTILKERNELS_ISA in a fresh process, against the torch reference."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "from distilkernels import ops, reference\n"
+        "torch.manual_seed(0)\n"
+        "x = torch.randn(70, 45) * 3; w = torch.randn(67, 45); b = torch.randn(67)\n"
+        "for vnni in (False, True) if ops._extension().matrix_unit_packs('bf16') else (False,):\n"
+        "    got = ops.linear_bf16(x.bfloat16(), ops.pack_linear_bf16(w, vnni), 67, b, 'gelu').float()\n"
+        "    ref = reference.linear_bf16(x.bfloat16(), reference.pack_linear_bf16(w, False), 67, b, 'gelu').float()\n"
+        "    assert ((got - ref).abs() <= 2 ** -7 * ref.abs() + 1e-3).all(), (vnni, (got - ref).abs().max())\n"
+        "    got = ops.linear_int8(x, *ops.pack_linear_int8(w, vnni), 67, b, 'relu')\n"
+        "    ref = reference.linear_int8(x, *reference.pack_linear_int8(w, False), 67, b, 'relu')\n"
+        "    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max(), (vnni, (got - ref).abs().max())\n"
+        "print(ops._extension().vector_isa())\n"
+    )
+    import os
+
+    result = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, DISTILKERNELS_ISA=isa),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-1] in (isa, "scalar")  # a CPU without AVX2 caps avx2 to scalar

@@ -1,0 +1,150 @@
+// bf16 linear on weights packed once: out = activation(x @ weight^T + bias), bf16 in and out, fp32 accumulate.
+//
+// On a CPU whose matrix unit takes bf16 (AMX; at::native::cpublas::could_pack(kBFloat16)), the weight is packed
+// into brgemm's VNNI blocks (brgemm_utils.h) and every 64 x 64 output tile is one brgemm call over the whole
+// in_features into an fp32 tile, whose epilogue adds the bias, applies the activation and rounds to bf16 once.
+// Elsewhere (no AMX: an AVX-512-BF16 or AVX2-only CPU) the weight is kept as plain W^T (in_features,
+// out_features) and the product is one call of brgemm's non-VNNI fallback over the whole matrix (per tile it
+// would pay that GEMM's set-up once per tile), followed by the same epilogue.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+
+#include "brgemm_utils.h"
+#include "checks.h"
+#include "cpu_cache.h"
+#include "cpu_kernels.h"
+
+namespace distilkernels {
+
+cpu::Activation parse_activation(c10::string_view activation);  // linear.cpp
+
+namespace {
+
+using brgemm::kBlockM;
+using brgemm::kBlockN;
+
+at::Tensor pack_linear_bf16_cpu(const at::Tensor& weight, bool vnni) {
+  check_cpu(weight, "weight");
+  check_float(weight, "weight");
+  TORCH_CHECK(weight.dim() == 2, "weight must be (out_features, in_features), got shape ", weight.sizes());
+  TORCH_CHECK(!vnni || brgemm::packs(at::kBFloat16),
+              "vnni=True needs a CPU whose matrix unit takes bf16 (AMX); pack with vnni=False on this CPU");
+  const auto wt = weight.to(at::kBFloat16).t();  // (in_features, out_features)
+  if (!vnni) return wt.contiguous();
+  const int64_t n = weight.size(0), k = weight.size(1);
+  const int64_t kp = round_up(k, brgemm::vnni_group(at::kBFloat16)), n_blocks = (n + kBlockN - 1) / kBlockN;
+  auto padded = at::zeros({kp, n_blocks * kBlockN}, wt.options());
+  padded.narrow(0, 0, k).narrow(1, 0, n).copy_(wt);
+  auto packed = at::empty({n_blocks, kp, kBlockN}, wt.options());
+  const auto* src = padded.const_data_ptr<at::BFloat16>();
+  auto* dst = packed.mutable_data_ptr<at::BFloat16>();
+  for (int64_t b = 0; b < n_blocks; ++b)
+    at::native::cpublas::pack(kp, kBlockN, n_blocks * kBlockN, kBlockN, at::kBFloat16, at::kBFloat16,
+                              src + b * kBlockN, dst + b * kp * kBlockN);
+  return packed;
+}
+
+// out[r, :] = bf16(act(acc[r, :] + bias)) for a (rows, cols) fp32 tile with row stride ld_acc.
+void epilogue(float* acc, int64_t ld_acc, int64_t rows, int64_t cols, const float* bias, cpu::Activation act,
+              at::BFloat16* out, int64_t ld_out) {
+  const auto& kern = cpu::kernels();
+  for (int64_t r = 0; r < rows; ++r) {
+    kern.bias_act_row(acc + r * ld_acc, bias, cols, act);
+    brgemm::store_bf16(acc + r * ld_acc, cols, out + r * ld_out);
+  }
+}
+
+void gemm_vnni(const at::BFloat16* a, int64_t tokens, int64_t kp, const at::BFloat16* wp, int64_t out_features,
+               const float* bias, cpu::Activation act, at::BFloat16* c) {
+  const int64_t m_blocks = (tokens + kBlockM - 1) / kBlockM, n_blocks = (out_features + kBlockN - 1) / kBlockN;
+  // Tile t = (n block, m block), m fastest: a thread's contiguous run of tiles streams each weight block once.
+  at::parallel_for(0, m_blocks * n_blocks, 1, [&](int64_t begin, int64_t end) {
+    brgemm::ReleaseGuard release;
+    alignas(64) float acc[kBlockM * kBlockN];
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t nb = t / m_blocks, m0 = (t % m_blocks) * kBlockM, n0 = nb * kBlockN;
+      const int64_t rows = std::min(kBlockM, tokens - m0), cols = std::min(kBlockN, out_features - n0);
+      at::native::cpublas::brgemm(rows, kBlockN, kp, /*ld_a=*/kp, /*ld_b=*/kBlockN, /*ld_c=*/kBlockN,
+                                  /*add_C=*/false, a + m0 * kp, wp + nb * kp * kBlockN, acc, /*is_vnni=*/true);
+      epilogue(acc, kBlockN, rows, cols, bias + n0, act, c + m0 * out_features + n0, out_features);
+    }
+  });
+}
+
+// Without the VNNI layout: brgemm's non-VNNI path, one call for the whole product (ATen's bf16 x bf16 -> fp32
+// GEMM: oneDNN where the CPU has AVX-512, ATen's own loop elsewhere), then the epilogue rounds once, by rows.
+void gemm_plain(const at::Tensor& x, const at::Tensor& wt, const float* bias, cpu::Activation act, at::Tensor& out) {
+  const int64_t tokens = x.size(0), k = x.size(1), n = wt.size(1);
+  auto acc = cached_empty({tokens, n}, x.options().dtype(at::kFloat));
+  float* c = acc.mutable_data_ptr<float>();
+  if (k == 0) {
+    acc.zero_();
+  } else {
+    at::native::cpublas::brgemm(tokens, n, k, /*ld_a=*/k, /*ld_b=*/n, /*ld_c=*/n, /*add_C=*/false,
+                                x.const_data_ptr<at::BFloat16>(), wt.const_data_ptr<at::BFloat16>(), c,
+                                /*is_vnni=*/false);
+  }
+  auto* o = out.mutable_data_ptr<at::BFloat16>();
+  at::parallel_for(0, tokens, row_grain(n), [&](int64_t begin, int64_t end) {
+    epilogue(c + begin * n, n, end - begin, n, bias, act, o + begin * n, n);
+  });
+}
+
+at::Tensor linear_bf16_cpu(const at::Tensor& x, const at::Tensor& packed_weight, int64_t out_features,
+                           const c10::optional<at::Tensor>& bias, c10::string_view activation) {
+  check_cpu(x, "x");
+  check_cpu(packed_weight, "packed_weight");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16, "x must be bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(packed_weight.scalar_type() == at::kBFloat16, "packed_weight must be bfloat16, got ",
+              packed_weight.scalar_type());
+  TORCH_CHECK(x.dim() == 2, "x must be (tokens, in_features), got shape ", x.sizes());
+  TORCH_CHECK(out_features >= 0, "out_features must be >= 0, got ", out_features);
+  const int64_t tokens = x.size(0), k = x.size(1);
+  const bool vnni = packed_weight.dim() == 3;
+  const int64_t kp = round_up(k, brgemm::vnni_group(at::kBFloat16));
+  if (vnni) {
+    TORCH_CHECK(brgemm::packs(at::kBFloat16), "packed_weight is in the matrix unit's VNNI layout, which this CPU "
+                "cannot run: pack it with pack_linear_bf16(weight, vnni=False)");
+    TORCH_CHECK(packed_weight.size(0) == (out_features + kBlockN - 1) / kBlockN && packed_weight.size(1) == kp &&
+                packed_weight.size(2) == kBlockN, "packed_weight must be (", (out_features + kBlockN - 1) / kBlockN,
+                ", ", kp, ", ", kBlockN, ") for out_features=", out_features, " and in_features=", k,
+                ", got shape ", packed_weight.sizes());
+  } else {
+    TORCH_CHECK(packed_weight.dim() == 2 && packed_weight.size(0) == k && packed_weight.size(1) == out_features,
+                "packed_weight must be (in_features=", k, ", out_features=", out_features,
+                ") from pack_linear_bf16(weight, vnni=False), or 3-D from vnni=True; got shape ",
+                packed_weight.sizes());
+  }
+  TORCH_CHECK(packed_weight.is_contiguous(), "packed_weight must be contiguous");
+  at::Tensor bias_f;
+  if (bias.has_value()) {
+    check_vector(*bias, "bias", out_features);
+    bias_f = bias->to(at::kFloat).contiguous();
+  } else {
+    bias_f = at::zeros({out_features}, x.options().dtype(at::kFloat));
+  }
+  const auto act = parse_activation(activation);
+  auto out = cached_empty({tokens, out_features}, x.options());
+  if (tokens == 0 || out_features == 0) return out;
+  if (k == 0 || !vnni) {
+    gemm_plain(x.contiguous(), vnni ? at::empty({0, out_features}, packed_weight.options()) : packed_weight,
+               bias_f.const_data_ptr<float>(), act, out);
+    return out;
+  }
+  // VNNI packs in_features in pairs: an odd in_features gets a zero column, as its packed weight has a zero row.
+  const auto a = kp == k ? x.contiguous() : at::constant_pad_nd(x, {0, kp - k});
+  gemm_vnni(a.const_data_ptr<at::BFloat16>(), tokens, kp, packed_weight.const_data_ptr<at::BFloat16>(),
+            out_features, bias_f.const_data_ptr<float>(), act, out.mutable_data_ptr<at::BFloat16>());
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(distilkernels, CPU, m) {
+  m.impl("pack_linear_bf16", &pack_linear_bf16_cpu);
+  m.impl("linear_bf16", &linear_bf16_cpu);
+}
+
+}  // namespace distilkernels

@@ -1,0 +1,192 @@
+// int8 linear with per-token activation scales: out = activation(dequant(q(x) @ q(W)^T) + bias), fp32 in/out.
+//
+// The weight is quantized once per output channel (symmetric int8, scale = max|w[n]| / 127). Each call
+// quantizes every row of x with its own scale (symmetric int8, max|x[r]| / 127) in one pass, multiplies in
+// int8 with int32 accumulation, and dequantizes (x scale * weight scale) + bias + activation in the epilogue.
+//
+// On a CPU whose matrix unit takes int8 (AMX; could_pack(kChar)) the weight is packed into brgemm's VNNI blocks
+// (brgemm_utils.h) and each 64 x 64 output tile is one s8 x s8 -> s32 brgemm call. Elsewhere the weight is
+// kept as plain W^T (in_features, out_features) int8 and the product is one at::_int_mm (oneDNN's int8 GEMM:
+// VNNI where the CPU has it), followed by the same epilogue.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "brgemm_utils.h"
+#include "checks.h"
+#include "cpu_cache.h"
+#include "cpu_kernels.h"
+
+namespace distilkernels {
+
+cpu::Activation parse_activation(c10::string_view activation);  // linear.cpp
+
+namespace {
+
+using brgemm::kBlockM;
+using brgemm::kBlockN;
+
+// A row whose max-abs is below this (all zeros, say) is quantized with this scale: its values round to 0.
+constexpr float kMinScale = 1e-12f;
+
+inline void quantize_loop(const float* x, int64_t n, float inv, int8_t* q) {
+  for (int64_t i = 0; i < n; ++i) q[i] = static_cast<int8_t>(__builtin_rintf(x[i] * inv));
+}
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void quantize_avx512(const float* x, int64_t n, float inv,
+                                                                            int8_t* q) {
+  quantize_loop(x, n, inv, q);
+}
+__attribute__((target("avx2"))) void quantize_avx2(const float* x, int64_t n, float inv, int8_t* q) {
+  quantize_loop(x, n, inv, q);
+}
+
+// q[i] = round(x[i] / scale) in [-127, 127], scale = max(max|x|, kMinScale * 127) / 127; returns scale.
+float quantize_row(const float* x, int64_t n, int8_t* q) {
+  const float scale = std::max(cpu::kernels().absmax(x, n) / 127.0f, kMinScale);
+  const float inv = 1.0f / scale;
+  switch (vec::isa()) {
+    case vec::Isa::kAvx512: quantize_avx512(x, n, inv, q); break;
+    case vec::Isa::kAvx2: quantize_avx2(x, n, inv, q); break;
+    default: quantize_loop(x, n, inv, q);
+  }
+  return scale;
+}
+
+std::tuple<at::Tensor, at::Tensor> pack_linear_int8_cpu(const at::Tensor& weight, bool vnni) {
+  check_cpu(weight, "weight");
+  check_float(weight, "weight");
+  TORCH_CHECK(weight.dim() == 2, "weight must be (out_features, in_features), got shape ", weight.sizes());
+  TORCH_CHECK(!vnni || brgemm::packs(at::kChar),
+              "vnni=True needs a CPU whose matrix unit takes int8 (AMX); pack with vnni=False on this CPU");
+  const auto w = weight.to(at::kFloat).contiguous();
+  const int64_t n = w.size(0), k = w.size(1);
+  const auto scale = k > 0 ? (w.abs().amax({1}) / 127.0).clamp_min(kMinScale).contiguous()  // (n,)
+                           : at::full({n}, kMinScale, w.options());
+  const auto q = at::round(w / scale.unsqueeze(1)).to(at::kChar);  // |q| <= 127
+  if (!vnni) return std::make_tuple(q.t().contiguous(), scale);
+  const int64_t kp = round_up(k, brgemm::vnni_group(at::kChar)), n_blocks = (n + kBlockN - 1) / kBlockN;
+  auto padded = at::zeros({kp, n_blocks * kBlockN}, q.options());
+  padded.narrow(0, 0, k).narrow(1, 0, n).copy_(q.t());
+  auto packed = at::empty({n_blocks, kp, kBlockN}, q.options());
+  const auto* src = padded.const_data_ptr<int8_t>();
+  auto* dst = packed.mutable_data_ptr<int8_t>();
+  for (int64_t b = 0; b < n_blocks; ++b)
+    at::native::cpublas::pack(kp, kBlockN, n_blocks * kBlockN, kBlockN, at::kChar, at::kChar, src + b * kBlockN,
+                              dst + b * kp * kBlockN);
+  return std::make_tuple(packed, scale);
+}
+
+// out[r, :] = act(acc[r, :] * x_scale[r] * w_scale + bias) for a (rows, cols) int32 tile with row stride ld_acc.
+void epilogue(const int32_t* acc, int64_t ld_acc, int64_t rows, int64_t cols, const float* x_scale,
+              const float* w_scale, const float* bias, cpu::Activation act, float* out, int64_t ld_out) {
+  const auto& kern = cpu::kernels();
+  for (int64_t r = 0; r < rows; ++r) {
+    float* o = out + r * ld_out;
+    const int32_t* a = acc + r * ld_acc;
+    for (int64_t j = 0; j < cols; ++j) o[j] = static_cast<float>(a[j]) * (x_scale[r] * w_scale[j]);
+    kern.bias_act_row(o, bias, cols, act);
+  }
+}
+
+void gemm_vnni(const int8_t* a, const float* x_scale, int64_t tokens, int64_t kp, const int8_t* wp,
+               const float* w_scale, int64_t out_features, const float* bias, cpu::Activation act, float* c) {
+  const int64_t m_blocks = (tokens + kBlockM - 1) / kBlockM, n_blocks = (out_features + kBlockN - 1) / kBlockN;
+  // Tile t = (n block, m block), m fastest: a thread's contiguous run of tiles streams each weight block once.
+  at::parallel_for(0, m_blocks * n_blocks, 1, [&](int64_t begin, int64_t end) {
+    brgemm::ReleaseGuard release;
+    alignas(64) int32_t acc[kBlockM * kBlockN];
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t nb = t / m_blocks, m0 = (t % m_blocks) * kBlockM, n0 = nb * kBlockN;
+      const int64_t rows = std::min(kBlockM, tokens - m0), cols = std::min(kBlockN, out_features - n0);
+      at::native::cpublas::brgemm(rows, kBlockN, kp, /*ld_a=*/kp, /*ld_b=*/kBlockN, /*ld_c=*/kBlockN,
+                                  /*add_C=*/false, a + m0 * kp, wp + nb * kp * kBlockN, acc, /*is_vnni=*/true);
+      epilogue(acc, kBlockN, rows, cols, x_scale + m0, w_scale + n0, bias + n0, act, c + m0 * out_features + n0,
+               out_features);
+    }
+  });
+}
+
+void check_args(const at::Tensor& x, const at::Tensor& packed_weight, const at::Tensor& weight_scale,
+                int64_t out_features, int64_t kp, bool vnni) {
+  const int64_t k = x.size(1);
+  if (vnni) {
+    TORCH_CHECK(brgemm::packs(at::kChar), "packed_weight is in the matrix unit's VNNI layout, which this CPU "
+                "cannot run: pack it with pack_linear_int8(weight, vnni=False)");
+    const int64_t n_blocks = (out_features + kBlockN - 1) / kBlockN;
+    TORCH_CHECK(packed_weight.size(0) == n_blocks && packed_weight.size(1) == kp && packed_weight.size(2) == kBlockN,
+                "packed_weight must be (", n_blocks, ", ", kp, ", ", kBlockN, ") for out_features=", out_features,
+                " and in_features=", k, ", got shape ", packed_weight.sizes());
+  } else {
+    TORCH_CHECK(packed_weight.dim() == 2 && packed_weight.size(0) == k && packed_weight.size(1) == out_features,
+                "packed_weight must be (in_features=", k, ", out_features=", out_features,
+                ") from pack_linear_int8(weight, vnni=False), or 3-D from vnni=True; got shape ",
+                packed_weight.sizes());
+  }
+  TORCH_CHECK(packed_weight.is_contiguous(), "packed_weight must be contiguous");
+  check_cpu(weight_scale, "weight_scale");
+  check_fp32(weight_scale, "weight_scale");
+  TORCH_CHECK(weight_scale.dim() == 1 && weight_scale.size(0) == out_features,
+              "weight_scale must be (out_features,) = (", out_features, ",), got shape ", weight_scale.sizes());
+}
+
+at::Tensor linear_int8_cpu(const at::Tensor& x, const at::Tensor& packed_weight, const at::Tensor& weight_scale,
+                           int64_t out_features, const c10::optional<at::Tensor>& bias, c10::string_view activation) {
+  check_cpu(x, "x");
+  check_cpu(packed_weight, "packed_weight");
+  check_fp32(x, "x");
+  TORCH_CHECK(packed_weight.scalar_type() == at::kChar, "packed_weight must be int8, got ",
+              packed_weight.scalar_type());
+  TORCH_CHECK(x.dim() == 2, "x must be (tokens, in_features), got shape ", x.sizes());
+  TORCH_CHECK(out_features >= 0, "out_features must be >= 0, got ", out_features);
+  const int64_t tokens = x.size(0), k = x.size(1);
+  const bool vnni = packed_weight.dim() == 3;
+  const int64_t kp = vnni ? round_up(k, brgemm::vnni_group(at::kChar)) : k;
+  check_args(x, packed_weight, weight_scale, out_features, kp, vnni);
+  at::Tensor bias_f;
+  if (bias.has_value()) {
+    check_fp32_vector(*bias, "bias", out_features);
+    bias_f = bias->contiguous();
+  } else {
+    bias_f = at::zeros({out_features}, x.options());
+  }
+  const auto act = parse_activation(activation);
+  auto out = cached_empty({tokens, out_features}, x.options());
+  if (tokens == 0 || out_features == 0) return out;
+  // Per-token quantization, one pass per row; VNNI's zero padding of in_features stays zero.
+  const auto xc = x.contiguous();
+  auto xq = (kp == k ? at::empty({tokens, kp}, x.options().dtype(at::kChar))
+                     : at::zeros({tokens, kp}, x.options().dtype(at::kChar)));
+  auto x_scale = at::empty({tokens}, x.options());
+  const float* xs_src = xc.const_data_ptr<float>();
+  auto* q = xq.mutable_data_ptr<int8_t>();
+  auto* xs = x_scale.mutable_data_ptr<float>();
+  at::parallel_for(0, tokens, row_grain(k), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) xs[r] = quantize_row(xs_src + r * k, k, q + r * kp);
+  });
+  const float* ws = weight_scale.const_data_ptr<float>();
+  const float* b = bias_f.const_data_ptr<float>();
+  float* c = out.mutable_data_ptr<float>();
+  if (vnni && k > 0) {
+    gemm_vnni(q, xs, tokens, kp, packed_weight.const_data_ptr<int8_t>(), ws, out_features, b, act, c);
+    return out;
+  }
+  const auto acc = k > 0 ? at::_int_mm(xq, packed_weight) : at::zeros({tokens, out_features}, xq.options().dtype(at::kInt));
+  const int32_t* a = acc.const_data_ptr<int32_t>();
+  at::parallel_for(0, tokens, row_grain(out_features), [&](int64_t begin, int64_t end) {
+    epilogue(a + begin * out_features, out_features, end - begin, out_features, xs + begin, ws, b, act,
+             c + begin * out_features, out_features);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(distilkernels, CPU, m) {
+  m.impl("pack_linear_int8", &pack_linear_int8_cpu);
+  m.impl("linear_int8", &linear_int8_cpu);
+}
+
+}  // namespace distilkernels
