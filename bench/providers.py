@@ -200,7 +200,6 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
     Provider("torch_int8_dynamic", _build_torch_int8, "int8"),
     Provider("onnxruntime_int8", _build_ort(int8=True), "int8"),
     Provider("distilkernels_int8", _build_ours_int8("per_token"), "int8"),
-    Provider("distilkernels_int8_per_tensor", _build_ours_int8("per_tensor"), "int8"),
 )}
 
 

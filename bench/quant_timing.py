@@ -40,7 +40,6 @@ LABELS = {
     "torch_int8_dynamic": "torch quantize_dynamic int8",
     "onnxruntime_int8": "ONNX Runtime int8",
     "distilkernels_int8": "ours int8 (per-token)",
-    "distilkernels_int8_per_tensor": "ours int8 (per-tensor)",
 }
 
 

@@ -1,4 +1,4 @@
-"""distilkernels: fused kernels for DistilBERT and BERT-family encoders.
+"""distilkernels: fused kernels for DistilBERT and BERT-family encoders (BERT, MiniLM, RoBERTa).
 
     import distilkernels
     handle = distilkernels.patch(model)   # fused C++ (CPU) / Triton (GPU) path, same results
@@ -6,7 +6,8 @@
     distilkernels.quantize(model)         # CPU int8 GEMMs (dynamic quantization) in the fused blocks
 
 Functional ops: `distilkernels.ops` (linear, pack_linear_weight / linear_packed, add_layer_norm, bias_act_,
-attention, varlen_attention, and normalize_rows / scale_rows_ for int8 per-token scaling; cpu_cache_stats,
+attention, varlen_attention, the matrix-unit GEMMs pack_linear_bf16 / linear_bf16 and pack_linear_int8 /
+linear_int8, and normalize_rows / scale_rows_ (per-token row scaling); cpu_cache_stats,
 empty_cpu_cache and set_cpu_cache_limit for the caching allocator behind the C++ ops' outputs).
 """
 from __future__ import annotations

@@ -57,7 +57,7 @@ def test_fp32_provider_matches_hf_eager(tiny_model, name, shape):
 
 @pytest.mark.parametrize("name", ["torch_bf16", "distilkernels_bf16", pytest.param("openvino_bf16", marks=requires_ov),
                                   "torch_int8_dynamic", pytest.param("onnxruntime_int8", marks=requires_ort),
-                                  "distilkernels_int8", "distilkernels_int8_per_tensor"])
+                                  "distilkernels_int8"])
 def test_low_precision_provider_passes_cosine_check(tiny_model, name):
     (row,) = _rows(tiny_model, [name], SHAPES[2])
     assert row["status"] == "ok", row
