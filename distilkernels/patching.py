@@ -159,7 +159,13 @@ def patch(model: torch.nn.Module, *, unpad: bool = True) -> PatchHandle:
     The fused path is for inference (torch.inference_mode()/no_grad()); when gradients are needed or
     dropout is active the stock HF computation runs. Patching twice returns the first handle.
     Returns a PatchHandle; `handle.restore()` puts back the original modules.
+    A sentence-transformers SentenceTransformer or CrossEncoder is accepted too: the HF encoder(s) inside it
+    are patched and one handle restores them all (see distilkernels/sentence_transformers.py).
     """
+    from . import sentence_transformers as st_wrappers
+
+    if st_wrappers.is_wrapper(model):
+        return st_wrappers.patch_wrapper(model, unpad=unpad)
     check_supported(model)
     existing = getattr(model, "_distilkernels_patch", None)
     if existing is not None and not existing.restored:
