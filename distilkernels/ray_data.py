@@ -167,6 +167,8 @@ def embed_dataset(ds, model_path, *, actors: int = 1, threads_per_actor: int = 1
 
     if not isinstance(actors, int) or actors < 1:
         raise ValueError(f"actors must be a positive int, got {actors!r}")
+    if "threads" in predictor_kwargs:
+        raise TypeError("embed_dataset() takes threads_per_actor=, not threads= (it also reserves the CPUs)")
     kwargs = dict(predictor_kwargs, threads=threads_per_actor)
     return ds.map_batches(SentenceEmbedder, fn_constructor_kwargs={"model_path": str(model_path), **kwargs},
                           batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),

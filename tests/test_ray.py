@@ -2,9 +2,12 @@
 starts itself (2 CPUs, no dashboard): same results as one process, ids kept, bad rows, a killed actor."""
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import pickle
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -138,6 +141,13 @@ def test_predictor_low_precision_holds_accuracy(reference):
         assert our_err <= 2 * torch_err, (dtype, our_err, torch_err)
 
 
+def test_embed_dataset_argument_errors():
+    with pytest.raises(ValueError, match="actors must be a positive int"):
+        embed_dataset(None, MINILM_DIR, actors=0)
+    with pytest.raises(TypeError, match="threads_per_actor"):
+        embed_dataset(None, MINILM_DIR, threads=2)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # On a local Ray cluster
 
@@ -214,3 +224,23 @@ def test_ray_actor_failure_is_retried_without_losing_rows(cluster, reference, tm
                          num_cpus=1).take_all()
     assert not marker.exists()  # an actor really died
     _check_rows(out, rows, reference)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The README's corpus table is the benchmark's own rendering of its committed JSON
+
+CORPUS_RUN = Path(__file__).resolve().parent.parent / "bench/results/corpus-2026-12-02"
+
+
+def test_readme_corpus_table_reproduced_from_results_json():
+    root = CORPUS_RUN.parent.parent.parent
+    spec = importlib.util.spec_from_file_location("corpus_bench", root / "bench" / "corpus_bench.py")
+    corpus_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(corpus_bench)
+    payload = json.loads((CORPUS_RUN / "results.json").read_text())
+    table = corpus_bench.markdown(payload)
+    assert len(table.splitlines()) == 2 + len(payload["results"])
+    readme = (root / "README.md").read_text()
+    for line in table.splitlines():
+        assert line in readme, line
+    assert payload["environment"]["cpu"] in readme
