@@ -75,12 +75,15 @@ def reference(embedder):
 
 
 @requires_minilm
-def test_predictor_matches_stock_sentence_transformers(embedder):
+def test_predictor_matches_stock_sentence_transformers(embedder, op_spy):
     from sentence_transformers import SentenceTransformer
 
     texts = [r["text"] for r in corpus()[:96]]
     stock = SentenceTransformer(str(MINILM_DIR), device="cpu").encode(texts, batch_size=32, convert_to_numpy=True)
     out = embedder({"id": np.arange(len(texts)), "text": np.array(texts, dtype=object)})
+    buckets = length_buckets(embedder.token_counts(texts), max_tokens=MAX_TOKENS, max_batch_size=256)
+    attention_calls = sum(n for (op, _), n in op_spy.items() if op in ("attention", "varlen_attention"))
+    assert len(buckets) > 1 and attention_calls == 6 * len(buckets)  # fused, one forward per bucket
     cos = (out["embedding"] * stock).sum(1) / np.linalg.norm(stock, axis=1) / np.linalg.norm(out["embedding"], axis=1)
     assert cos.min() >= 0.99999
     assert np.abs(out["embedding"] - stock).max() <= 1e-4

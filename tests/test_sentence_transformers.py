@@ -22,6 +22,11 @@ def _fused_blocks(model) -> int:
     return sum(isinstance(m, FusedBlock) for m in model.modules())
 
 
+def _attention_calls(op_spy) -> int:
+    """Fused attention calls so far: one per layer per forward when the fused path really runs."""
+    return sum(n for (op, _), n in op_spy.items() if op in ("attention", "varlen_attention"))
+
+
 def _encode(model, sentences):
     return model.encode(sentences, batch_size=32, convert_to_tensor=True, show_progress_bar=False)
 
@@ -32,7 +37,7 @@ def sentences():
 
 
 @requires_minilm
-def test_sentence_transformer_parity_and_restore(sentences):
+def test_sentence_transformer_parity_and_restore(sentences, op_spy):
     model = st.SentenceTransformer(str(MINILM_DIR), device="cpu")
     originals = list(model.modules())
     stock = _encode(model, sentences)
@@ -41,6 +46,7 @@ def test_sentence_transformer_parity_and_restore(sentences):
     assert handle.model is model and distilkernels.patch(model) is handle  # patching twice: the same handle
     assert _fused_blocks(model) == 6  # every BertLayer of the encoder runs fused
     patched = _encode(model, sentences)
+    assert _attention_calls(op_spy) == 6 * -(-len(sentences) // 32)  # 6 layers x encode()'s batches of 32
     cosine = torch.nn.functional.cosine_similarity(patched.double(), stock.double(), dim=1)
     assert cosine.min().item() >= 0.99999
     assert (patched - stock).abs().max().item() <= ATOL
@@ -49,7 +55,9 @@ def test_sentence_transformer_parity_and_restore(sentences):
     assert list(model.modules()) == originals and _fused_blocks(model) == 0
     assert not hasattr(model, "_distilkernels_patch")
     assert model[0].auto_model.config._attn_implementation == "sdpa"
+    calls = _attention_calls(op_spy)
     torch.testing.assert_close(_encode(model, sentences), stock, rtol=0, atol=0)  # the stock computation again
+    assert _attention_calls(op_spy) == calls
 
 
 @requires_minilm
@@ -62,7 +70,7 @@ def test_sentence_transformer_handle_as_context_manager(sentences):
 
 
 @requires_minilm
-def test_cross_encoder_parity_and_restore():
+def test_cross_encoder_parity_and_restore(op_spy):
     torch.manual_seed(0)  # the classifier head is new (random): seeded, and stock vs patched share it
     model = st.CrossEncoder(str(MINILM_DIR), num_labels=1, device="cpu", activation_fn=torch.nn.Identity())
     pairs = [(a, b) for a, b in zip(minilm_sentences()[:40], minilm_sentences()[40:80])]
@@ -72,6 +80,7 @@ def test_cross_encoder_parity_and_restore():
     assert [type(m).__name__ for m in hf_models(model)] == ["BertForSequenceClassification"]
     assert _fused_blocks(model) == 6
     patched = torch.as_tensor(model.predict(pairs, batch_size=16))
+    assert _attention_calls(op_spy) == 6 * 3  # 6 layers x 40 pairs in batches of 16
     assert (patched - stock).abs().max().item() <= ATOL * max(1.0, stock.abs().max().item())
 
     handle.restore()
