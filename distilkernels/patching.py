@@ -171,7 +171,13 @@ def patch(model: torch.nn.Module, *, unpad: bool = True, dtype=None) -> PatchHan
     ("sdpa", "eager" or "distilkernels"); where HF's own block code runs instead (see above, and attention
     weights requested), it runs the implementation the model names, so output_attentions works with "eager".
     Returns a PatchHandle; `handle.restore()` puts back the original modules.
+    A sentence-transformers SentenceTransformer or CrossEncoder is accepted too: the HF encoder(s) inside it
+    are patched and one handle restores them all (see distilkernels/sentence_transformers.py).
     """
+    from . import sentence_transformers as st_wrappers
+
+    if st_wrappers.is_wrapper(model):
+        return st_wrappers.patch_wrapper(model, unpad=unpad)
     check_supported(model)
     float_dtype, int8 = _resolve_dtype(dtype)
     if float_dtype is not None:

@@ -1,0 +1,106 @@
+"""sentence-transformers models on the fused kernels: `distilkernels.patch(SentenceTransformer(path))`.
+
+A `SentenceTransformer` or `CrossEncoder` is a `torch.nn.Sequential` of its own modules (Transformer,
+Pooling, Normalize, ...); the Hugging Face encoder sits inside the first one (`st[0].auto_model`). Patching
+the wrapper patches every supported HF model found inside it and returns one handle whose `restore()` puts
+all of them back. Tokenization, pooling, normalization and `encode()`'s own length sorting stay
+sentence-transformers' own: only the encoder's blocks change.
+
+sentence-transformers is optional (`pip install "distilkernels[sentence-transformers]"`); this module never
+imports it: a model can only be a SentenceTransformer if the package is already loaded.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+_WRAPPER_CLASSES = ("SentenceTransformer", "CrossEncoder", "SparseEncoder")
+
+
+def is_wrapper(model) -> bool:
+    """True for a sentence-transformers model (SentenceTransformer, CrossEncoder, SparseEncoder)."""
+    package = sys.modules.get("sentence_transformers")
+    if package is None:
+        return False
+    classes = tuple(c for c in (getattr(package, name, None) for name in _WRAPPER_CLASSES) if isinstance(c, type))
+    return isinstance(model, classes)
+
+
+def hf_models(wrapper: torch.nn.Module) -> list[torch.nn.Module]:
+    """The outermost supported HF models (DistilBERT/BERT families) inside a sentence-transformers model."""
+    from .patching import SUPPORTED_MODELS
+
+    supported = tuple(SUPPORTED_MODELS.values())
+    found: list[torch.nn.Module] = []
+    inside: set[int] = set()
+    for module in wrapper.modules():  # pre-order: a model comes before its own submodules
+        if id(module) in inside:
+            continue
+        if isinstance(module, supported):
+            found.append(module)
+            inside.update(id(m) for m in module.modules())
+    return found
+
+
+def _encoders_or_raise(wrapper) -> list[torch.nn.Module]:
+    from .patching import supported_names
+
+    models = hf_models(wrapper)
+    if not models:
+        inner = sorted({type(m).__name__ for m in wrapper.modules() if hasattr(m, "config")})
+        raise TypeError(f"distilkernels.patch() found no supported encoder inside this {type(wrapper).__name__}: "
+                        f"it supports {supported_names()}; the model holds {inner or 'no Hugging Face model'}")
+    return models
+
+
+@dataclass
+class WrapperPatchHandle:
+    """What patch() did to a sentence-transformers model: one PatchHandle per HF encoder inside it.
+    `.restore()` undoes all of them; usable as a context manager like PatchHandle."""
+
+    model: torch.nn.Module
+    handles: list = field(default_factory=list)
+    restored: bool = False
+
+    def restore(self) -> None:
+        if self.restored:
+            return
+        for handle in reversed(self.handles):
+            handle.restore()
+        self.restored = True
+        if getattr(self.model, "_distilkernels_patch", None) is self:
+            del self.model._distilkernels_patch
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.restore()
+
+
+def patch_wrapper(wrapper, *, unpad: bool = True) -> WrapperPatchHandle:
+    """Patch every supported HF encoder inside `wrapper` (a SentenceTransformer or CrossEncoder) in place.
+    Patching twice returns the first handle."""
+    from .patching import patch
+
+    existing = getattr(wrapper, "_distilkernels_patch", None)
+    if existing is not None and not existing.restored:
+        return existing
+    handle = WrapperPatchHandle(wrapper)
+    for model in _encoders_or_raise(wrapper):
+        handle.handles.append(patch(model, unpad=unpad))
+    wrapper._distilkernels_patch = handle
+    return handle
+
+
+def quantize_wrapper(wrapper, **kwargs) -> torch.nn.Module:
+    """`distilkernels.quantize` applied to every supported HF encoder inside `wrapper` (patched first if it
+    is not yet, through the wrapper so that one handle restores everything); returns `wrapper`."""
+    from .quant import quantize
+
+    patch_wrapper(wrapper)
+    for model in _encoders_or_raise(wrapper):
+        quantize(model, **kwargs)
+    return wrapper
