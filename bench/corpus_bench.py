@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import distilkernels  # noqa: E402
-from distilkernels import benchmarking  # noqa: E402
+from bench import environment, onnx_models  # noqa: E402
 from distilkernels.sentence_transformers import patch_wrapper, quantize_wrapper  # noqa: E402
 
 BATCH_SIZE = 64
@@ -171,8 +171,8 @@ def _swap_encoder(model, run):
 
 def build_onnxruntime(path):
     model = _st(path)
-    onnx_path, counts = benchmarking.optimized_onnx(model[0].auto_model, _example(model))
-    return _encoder(_swap_encoder(model, benchmarking.ort_runner(onnx_path, torch.get_num_threads())))
+    onnx_path, counts = onnx_models.fused_onnx(model[0].auto_model, _example(model))
+    return _encoder(_swap_encoder(model, onnx_models.ort_runner(onnx_path, torch.get_num_threads())))
 
 
 def build_openvino(path):
@@ -180,12 +180,8 @@ def build_openvino(path):
         import openvino as ov
     except ImportError as exc:
         raise Unavailable("openvino is not installed (pip install openvino)") from exc
-    import tempfile
-
     model = _st(path)
-    tmp = tempfile.mkdtemp(prefix="corpus-bench-ov-")
-    onnx_path = f"{tmp}/model.onnx"
-    benchmarking.export_onnx(model[0].auto_model, _example(model), onnx_path)
+    onnx_path = onnx_models.plain_onnx(model[0].auto_model, _example(model))
     compiled = ov.Core().compile_model(onnx_path, "CPU", {"INFERENCE_NUM_THREADS": torch.get_num_threads(),
                                                          "INFERENCE_PRECISION_HINT": "f32"})
 
@@ -341,8 +337,8 @@ def main(argv=None) -> None:
 
     texts, corpus_info = corpus(args.limit)
     corpus_info.update(length_stats(_st(args.model).tokenizer, texts, 256))
-    env = benchmarking.environment()
-    env["versions"].update({p: benchmarking._version(p) for p in ("sentence-transformers", "ray", "openvino")})
+    env = environment.environment()
+    env["versions"].update({p: environment.version(p) for p in ("sentence-transformers", "ray", "openvino")})
     env["DISTILKERNELS_ISA"] = os.environ.get("DISTILKERNELS_ISA")  # unset: the best the CPU has
     results = measure(args.model, texts, names, args.rounds, ray_actors, args.threads)
     payload = {"environment": env, "corpus": corpus_info, "batch_size": BATCH_SIZE, "rounds": args.rounds,

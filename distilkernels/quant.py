@@ -88,7 +88,10 @@ def quantize(model: torch.nn.Module, dtype=torch.qint8, *, activations: str = "p
     `model._distilkernels_patch.restore()`) puts the original fp32 modules back.
     """
     from .patching import check_supported, patch
+    from .sentence_transformers import is_wrapper, quantize_wrapper
 
+    if is_wrapper(model):  # a SentenceTransformer / CrossEncoder: the HF encoders inside it
+        return quantize_wrapper(model, dtype=dtype, activations=activations)
     _check_dtype(dtype)
     if activations not in ACTIVATION_MODES:
         raise ValueError(f"activations must be one of {ACTIVATION_MODES}, got {activations!r}")
