@@ -19,22 +19,22 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from ._common import INTERPRETING, block_size, count_launch
+from ._common import INTERPRETING, LaunchPlan, block_size, checked_grid, launch
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E), folded into qk_scale on the host
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # ln(2): ln(x) = log2(x) * LN2
 
 # A handful of tiles that suit head_dim <= 128 on Ampere/Hopper; BLOCK_N=32 keeps register use down
 # for head_dim 128. Tuned per (BLOCK_D, seqlen rounded up to a power of two, dtype).
-_CONFIGS = [
+_CONFIGS = tuple(
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
     for bm, bn, w, s in ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 2))
-]
+)
 # Under the interpreter autotuning would time every config on the CPU: one fixed tile instead, small
 # enough that the tests' short sequences still cross tile boundaries.
-_INTERPRETER_META = {"BLOCK_M": 32, "BLOCK_N": 32}
+_INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)
 
 
 @triton.jit
@@ -188,22 +188,6 @@ def _varlen_attention_fwd(
         )
 
 
-_attention_fwd_tuned = triton.autotune(configs=_CONFIGS, key=["BLOCK_D", "seqlen_pow2"])(_attention_fwd)
-_varlen_attention_fwd_tuned = triton.autotune(configs=_CONFIGS, key=["BLOCK_D", "max_seqlen_pow2"])(
-    _varlen_attention_fwd)
-
-
-def _launch(name: str, fixed, tuned, n_rows: int, n_programs_1: int, **kwargs) -> None:
-    """Launch `tuned` (autotuned) on a GPU, or `fixed` with one fixed tile under the interpreter, over a grid
-    (query tiles covering n_rows, n_programs_1)."""
-    count_launch(name)
-    if INTERPRETING:
-        grid = (triton.cdiv(n_rows, _INTERPRETER_META["BLOCK_M"]), n_programs_1)
-        wrap_triton(fixed)[grid](**kwargs, **_INTERPRETER_META)
-    else:
-        wrap_triton(tuned)[lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]), n_programs_1)](**kwargs)
-
-
 def _dot_meta(dtype: torch.dtype) -> dict:
     # fp32 inputs get true fp32 products ("ieee"), not TF32's 10-bit mantissa; fp16/bf16 dots are exact
     # products with fp32 accumulation either way
@@ -211,21 +195,27 @@ def _dot_meta(dtype: torch.dtype) -> dict:
             "DOT_IN_FP32": INTERPRETING and dtype == torch.bfloat16}
 
 
-@triton_op("distilkernels_triton::attention", mutates_args=())
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
-              softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """q, k, v: (batch, seqlen, n_heads, head_dim), unit last stride; key_padding_mask: (batch, seqlen) bool,
-    True = attend, or None. Returns out (batch, seqlen, n_heads, head_dim) contiguous and lse
-    (batch, n_heads, seqlen) fp32 (-inf, with out 0, for queries with no key to attend)."""
+def configs(dtype: torch.dtype, block_d: int) -> tuple:
+    """The tiles attention may pick for q.dtype `dtype` and head_dim padded to `block_d`."""
+    return _CONFIGS
+
+
+def _grid(n_rows: int, n_programs_1: int, what: str):
+    return lambda meta: checked_grid((triton.cdiv(n_rows, meta["BLOCK_M"]), n_programs_1), what)
+
+
+def attention_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+                   softmax_scale: float) -> tuple[Optional[LaunchPlan], torch.Tensor, torch.Tensor]:
+    """The launch of `attention` (None when there is nothing to compute) and its outputs out, lse."""
     batch, seqlen, n_heads, head_dim = q.shape
     out = torch.empty((batch, seqlen, n_heads, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, n_heads, seqlen), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
-        return out, lse.fill_(float("-inf"))
+        return None, out, lse.fill_(float("-inf"))
     has_mask = key_padding_mask is not None
     mask = key_padding_mask.view(torch.uint8) if has_mask else q  # q: a placeholder pointer, never read
-    _launch(
-        "attention", _attention_fwd, _attention_fwd_tuned, seqlen, batch * n_heads,
+    block_d = block_size(head_dim)
+    args = dict(
         q_ptr=q, k_ptr=k, v_ptr=v, mask_ptr=mask, out_ptr=out, lse_ptr=lse,
         stride_qb=q.stride(0), stride_qs=q.stride(1), stride_qh=q.stride(2),
         stride_kb=k.stride(0), stride_ks=k.stride(1), stride_kh=k.stride(2),
@@ -234,8 +224,49 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mas
         stride_ob=out.stride(0), stride_os=out.stride(1), stride_oh=out.stride(2),
         n_heads=n_heads, seqlen=seqlen, head_dim=head_dim, qk_scale=softmax_scale * LOG2E,
         seqlen_pow2=triton.next_power_of_2(seqlen),
-        HAS_MASK=has_mask, **_dot_meta(q.dtype), BLOCK_D=block_size(head_dim),
+        HAS_MASK=has_mask, **_dot_meta(q.dtype), BLOCK_D=block_d,
     )
+    plan = LaunchPlan("attention", _attention_fwd, args, configs(q.dtype, block_d), ("BLOCK_D", "seqlen_pow2"),
+                      _grid(seqlen, batch * n_heads, "attention"), _INTERPRETER_CONFIG)
+    return plan, out, lse
+
+
+def varlen_attention_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                          max_seqlen: int, softmax_scale: float
+                          ) -> tuple[Optional[LaunchPlan], torch.Tensor, torch.Tensor]:
+    """The launch of `varlen_attention` (None when there is nothing to compute) and its outputs out, lse."""
+    total_tokens, n_heads, head_dim = q.shape
+    batch = cu_seqlens.shape[0] - 1
+    out = torch.empty((total_tokens, n_heads, head_dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((n_heads, total_tokens), dtype=torch.float32, device=q.device)
+    if out.numel() == 0 or max_seqlen == 0:
+        return None, out, lse.fill_(float("-inf"))
+    block_d = block_size(head_dim)
+    args = dict(
+        q_ptr=q, k_ptr=k, v_ptr=v, cu_seqlens_ptr=cu_seqlens, out_ptr=out, lse_ptr=lse,
+        stride_qt=q.stride(0), stride_qh=q.stride(1),
+        stride_kt=k.stride(0), stride_kh=k.stride(1),
+        stride_vt=v.stride(0), stride_vh=v.stride(1),
+        stride_ot=out.stride(0), stride_oh=out.stride(1),
+        n_heads=n_heads, total_tokens=total_tokens, head_dim=head_dim, qk_scale=softmax_scale * LOG2E,
+        max_seqlen_pow2=triton.next_power_of_2(max_seqlen),
+        **_dot_meta(q.dtype), BLOCK_D=block_d,
+    )
+    plan = LaunchPlan("varlen_attention", _varlen_attention_fwd, args, configs(q.dtype, block_d),
+                      ("BLOCK_D", "max_seqlen_pow2"), _grid(max_seqlen, batch * n_heads, "varlen_attention"),
+                      _INTERPRETER_CONFIG)
+    return plan, out, lse
+
+
+@triton_op("distilkernels_triton::attention", mutates_args=())
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+              softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k, v: (batch, seqlen, n_heads, head_dim), unit last stride; key_padding_mask: (batch, seqlen) bool,
+    True = attend, or None. Returns out (batch, seqlen, n_heads, head_dim) contiguous and lse
+    (batch, n_heads, seqlen) fp32 (-inf, with out 0, for queries with no key to attend)."""
+    plan, out, lse = attention_plan(q, k, v, key_padding_mask, softmax_scale)
+    if plan is not None:
+        launch(plan)
     return out, lse
 
 
@@ -245,21 +276,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     """q, k, v: (total_tokens, n_heads, head_dim), unit last stride; cu_seqlens: (batch + 1,) int32 with a
     leading 0; max_seqlen: the longest sequence. Returns out (total_tokens, n_heads, head_dim) contiguous and
     lse (n_heads, total_tokens) fp32."""
-    total_tokens, n_heads, head_dim = q.shape
-    batch = cu_seqlens.shape[0] - 1
-    out = torch.empty((total_tokens, n_heads, head_dim), dtype=q.dtype, device=q.device)
-    lse = torch.empty((n_heads, total_tokens), dtype=torch.float32, device=q.device)
-    if out.numel() == 0 or max_seqlen == 0:
-        return out, lse.fill_(float("-inf"))
-    _launch(
-        "varlen_attention", _varlen_attention_fwd, _varlen_attention_fwd_tuned, max_seqlen, batch * n_heads,
-        q_ptr=q, k_ptr=k, v_ptr=v, cu_seqlens_ptr=cu_seqlens, out_ptr=out, lse_ptr=lse,
-        stride_qt=q.stride(0), stride_qh=q.stride(1),
-        stride_kt=k.stride(0), stride_kh=k.stride(1),
-        stride_vt=v.stride(0), stride_vh=v.stride(1),
-        stride_ot=out.stride(0), stride_oh=out.stride(1),
-        n_heads=n_heads, total_tokens=total_tokens, head_dim=head_dim, qk_scale=softmax_scale * LOG2E,
-        max_seqlen_pow2=triton.next_power_of_2(max_seqlen),
-        **_dot_meta(q.dtype), BLOCK_D=block_size(head_dim),
-    )
+    plan, out, lse = varlen_attention_plan(q, k, v, cu_seqlens, max_seqlen, softmax_scale)
+    if plan is not None:
+        launch(plan)
     return out, lse
