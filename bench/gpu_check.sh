@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# Everything about the Triton kernels that needs a CUDA GPU, in one call of at most ~9 minutes (a lent
+# Everything about the Triton kernels that needs a CUDA GPU, in one call of at most 9.5 minutes (a lent
 # machine gives 15 device-minutes, start-up included). Steps run most important first, each under its own
 # time limit, so a slow one cannot starve the rest:
 #   compile      tests/test_triton_compile.py: the AOT compile check (sm_80, sm_90) with this machine's triton,
 #                and one launch of 6,000 sequences x 12 heads (past CUDA's 65,535 on a grid's axes 1 and 2)
 #   triton_ops   tests/test_triton_ops.py on the GPU: compiled kernels against fp64 at DistilBERT's sizes
 #   timing       bench/triton_timing.py: attention vs torch SDPA, add_layer_norm and bias_act_ vs torch
-#   suite        the whole test suite (python -m pytest -q), as CI runs it, plus the benchmark suite
+#   suite        the whole test suite (python -m pytest -q), as CI runs it
+#   bench        the pytest-benchmark suite (quick grid) on the GPU
 # Results go under "$OUT" (default ./bench/out): STEP.log and STEP.xml (junit) per step, triton_timing.json,
-# nvidia-smi.txt, and gpu_check.json (device, versions, commit, each step's exit status and seconds).
+# bench.json, nvidia-smi.txt, and gpu_check.json (device, versions, commit, each step's status and seconds).
+# On the lent machine: run(command="bash bench/gpu_check.sh", timeout_s=600); OUT is set there.
 # Usage, from the repository root: bash bench/gpu_check.sh
 set -uo pipefail
 
@@ -36,11 +38,11 @@ nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 pytest_args=(-q -p no:cacheprovider)
 
 step compile 150 python -m pytest tests/test_triton_compile.py "${pytest_args[@]}" --junitxml="$OUT/compile.xml"
-step triton_ops 120 python -m pytest tests/test_triton_ops.py -k cuda "${pytest_args[@]}" \
+step triton_ops 110 python -m pytest tests/test_triton_ops.py -k cuda "${pytest_args[@]}" \
   --junitxml="$OUT/triton_ops.xml"
 step timing 90 python bench/triton_timing.py --out "$OUT/triton_timing.json"
-step suite 150 python -m pytest "${pytest_args[@]}" --junitxml="$OUT/suite.xml"
-step bench 40 python -m pytest bench "${pytest_args[@]}" --junitxml="$OUT/bench.xml"
+step suite 140 python -m pytest "${pytest_args[@]}" --junitxml="$OUT/suite.xml"
+step bench 60 python -m pytest bench --benchmark-only --benchmark-json="$OUT/bench.json" "${pytest_args[@]}"
 
 python - "$OUT/gpu_check.json" "$STATUS" <<'PY'
 import json, subprocess, sys
