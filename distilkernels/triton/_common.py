@@ -42,8 +42,11 @@ class LaunchPlan:
     name      the op, as counted in LAUNCHES
     kernel    the @triton.jit function
     args      every kernel argument by name, constexprs included, except the tile's (those of a config)
-    configs   the tiles (triton.Config) it may run with on a GPU; autotuned over `key` when more than one
-    key       argument names whose values pick the autotuned winner (tensor dtypes are added by Triton)
+    configs   the tiles (triton.Config) it may run with on a GPU
+    key       argument names whose values pick the autotuned winner among configs (Triton adds tensor dtypes);
+              empty: one config, launched directly. A keyed plan runs through triton.autotune even with one
+              config: the autotuner carries every Config field (maxnreg too, which torch.compile would take
+              for a kernel argument if passed as a launch keyword).
     grid      the config's kwargs -> grid (x[, y[, z]]); raises ValueError past CUDA's limits
     interpreter_config  the one tile used under TRITON_INTERPRET=1, where timing tiles would be meaningless
     """
@@ -76,18 +79,21 @@ def _tuned(plan: LaunchPlan):
 
 
 def config_kwargs(config) -> dict:
-    """A triton.Config as launch keywords: its constexprs plus num_warps and num_stages."""
-    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+    """A triton.Config as launch keywords: its constexprs plus num_warps, num_stages (and maxnreg if set)."""
+    kwargs = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+    if config.maxnreg is not None:
+        kwargs["maxnreg"] = config.maxnreg
+    return kwargs
 
 
 def launch(plan: LaunchPlan) -> None:
-    """Run `plan`: its one config, its autotuned configs on a GPU, or its interpreter tile on CPU tensors."""
+    """Run `plan`: autotuned over its configs, its one config, or its interpreter tile on CPU tensors."""
     count_launch(plan.name)
     if INTERPRETING and plan.interpreter_config is not None:
         meta = plan.interpreter_config.kwargs
         wrap_triton(plan.kernel)[plan.grid(meta)](**plan.args, **config_kwargs(plan.interpreter_config))
-    elif len(plan.configs) == 1:
-        config = plan.configs[0]
-        wrap_triton(plan.kernel)[plan.grid(config.kwargs)](**plan.args, **config_kwargs(config))
-    else:
+    elif plan.key:
         wrap_triton(_tuned(plan))[plan.grid](**plan.args)
+    else:
+        (config,) = plan.configs
+        wrap_triton(plan.kernel)[plan.grid(config.kwargs)](**plan.args, **config_kwargs(config))

@@ -26,12 +26,30 @@ from ._common import INTERPRETING, LaunchPlan, block_size, checked_grid, launch
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E), folded into qk_scale on the host
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # ln(2): ln(x) = log2(x) * LN2
 
-# A handful of tiles that suit head_dim <= 128 on Ampere/Hopper; BLOCK_N=32 keeps register use down
-# for head_dim 128. Tuned per (BLOCK_D, seqlen rounded up to a power of two, dtype).
-_CONFIGS = tuple(
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 2))
-)
+
+def _tiles(*tiles) -> tuple:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg]) tuples as triton.Configs."""
+    return tuple(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages,
+                               maxnreg=rest[0] if rest else None)
+                 for bm, bn, warps, stages, *rest in tiles)
+
+
+# Tiles per (dtype class, BLOCK_D), autotuned among on a GPU. Each one compiles for sm_80 and sm_90 with no
+# register spills and within the shared memory of both (163 KiB and 227 KiB per block), masked, unmasked and
+# varlen: tests/test_triton_compile.py checks every one, so a tile added here is checked too. What ptxas
+# makes of a tile is not monotone in its size (fp32 32x16 with 4 warps spills at head_dim 128 on sm_90, not
+# at 256): only that test tells. fp32 ("ieee" products) cannot use tensor cores: its dots are FMAs on
+# registers, which only narrow tiles fit (64x64 with 4 warps spills 7 KB per thread). Left to itself ptxas
+# keeps fp32 32x32 with 8 warps at 80 registers and spills 8 bytes (varlen, sm_80): maxnreg 128 lets it use
+# the registers instead. fp16 and bf16 share their tiles (same MMA shapes). BLOCK_D 16 and 32 use the 64 list.
+_CONFIGS = {
+    ("fp32", 64): _tiles((32, 32, 4, 2)),
+    ("fp32", 128): _tiles((32, 32, 8, 2, 128)),
+    ("fp32", 256): _tiles((32, 16, 8, 2), (16, 16, 4, 2)),
+    ("16-bit", 64): _tiles((128, 64, 8, 3), (64, 64, 4, 2)),
+    ("16-bit", 128): _tiles((128, 64, 8, 3), (64, 64, 4, 2)),
+    ("16-bit", 256): _tiles((64, 64, 8, 2), (64, 32, 8, 2)),
+}
 # Under the interpreter autotuning would time every config on the CPU: one fixed tile instead, small
 # enough that the tests' short sequences still cross tile boundaries.
 _INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)
@@ -111,6 +129,16 @@ def _attn_fwd_tile(
 
 
 @triton.jit
+def _tile_of_program(seqlen, BLOCK_M: tl.constexpr):
+    """(query tile, sequence * n_heads + head) of this program. The grid is one flat axis: CUDA takes
+    2**31 - 1 blocks on axis 0 but only 65,535 on axes 1 and 2, which batch * n_heads would pass from 5,462
+    sequences of 12 heads. The query tiles of one (sequence, head) are consecutive programs, so they run
+    together and share its keys and values in L2."""
+    n_m_tiles = tl.cdiv(seqlen, BLOCK_M)
+    return tl.program_id(0) % n_m_tiles, tl.program_id(0) // n_m_tiles
+
+
+@triton.jit
 def _attention_fwd(
     q_ptr, k_ptr, v_ptr,  # (batch, seqlen, n_heads, head_dim), any strides, unit last stride
     mask_ptr,  # (batch, seqlen) uint8, 1 = attend; unused if not HAS_MASK
@@ -131,10 +159,10 @@ def _attention_fwd(
     BLOCK_D: tl.constexpr,
 ):
     tl.static_assert(BLOCK_D >= 16)  # tl.dot needs every dimension >= 16
-    start_m = tl.program_id(0)
+    start_m, seq_head = _tile_of_program(seqlen, BLOCK_M)
     # batch * stride can pass 2**31 elements for large batches: the per-sequence offsets are int64
-    off_b = (tl.program_id(1) // n_heads).to(tl.int64)
-    off_h = (tl.program_id(1) % n_heads).to(tl.int64)
+    off_b = (seq_head // n_heads).to(tl.int64)
+    off_h = (seq_head % n_heads).to(tl.int64)
     _attn_fwd_tile(
         q_ptr + off_b * stride_qb + off_h * stride_qh,
         k_ptr + off_b * stride_kb + off_h * stride_kh,
@@ -160,6 +188,7 @@ def _varlen_attention_fwd(
     stride_vt, stride_vh,
     stride_ot, stride_oh,
     n_heads, total_tokens, head_dim, qk_scale,
+    max_seqlen,  # the longest sequence: the grid's query tiles per (sequence, head)
     max_seqlen_pow2,  # autotune key only
     DOT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
@@ -168,9 +197,9 @@ def _varlen_attention_fwd(
     BLOCK_D: tl.constexpr,
 ):
     tl.static_assert(BLOCK_D >= 16)  # tl.dot needs every dimension >= 16
-    start_m = tl.program_id(0)
-    seq = tl.program_id(1) // n_heads
-    off_h = (tl.program_id(1) % n_heads).to(tl.int64)
+    start_m, seq_head = _tile_of_program(max_seqlen, BLOCK_M)
+    seq = seq_head // n_heads
+    off_h = (seq_head % n_heads).to(tl.int64)
     seq_start = tl.load(cu_seqlens_ptr + seq).to(tl.int64)  # token index * stride can pass 2**31
     seqlen = (tl.load(cu_seqlens_ptr + seq + 1) - tl.load(cu_seqlens_ptr + seq)).to(tl.int32)
     if start_m * BLOCK_M < seqlen:  # the grid covers max_seqlen; shorter sequences leave tiles idle
@@ -196,12 +225,20 @@ def _dot_meta(dtype: torch.dtype) -> dict:
 
 
 def configs(dtype: torch.dtype, block_d: int) -> tuple:
-    """The tiles attention may pick for q.dtype `dtype` and head_dim padded to `block_d`."""
-    return _CONFIGS
+    """The tiles attention may pick for q.dtype `dtype` and head_dim padded to `block_d` (16 ... 256)."""
+    return _CONFIGS["fp32" if dtype == torch.float32 else "16-bit", max(block_d, 64)]
 
 
-def _grid(n_rows: int, n_programs_1: int, what: str):
-    return lambda meta: checked_grid((triton.cdiv(n_rows, meta["BLOCK_M"]), n_programs_1), what)
+# What picks the autotuned tile besides the sequence length and the tensors' dtypes (which Triton adds): all
+# that changes what the kernel compiles to. HAS_MASK adds a load per key tile (248 vs 191 registers for one
+# tile on sm_80); Triton compiles head_dim's divisibility by 16 into the address arithmetic. Every constexpr
+# but the tile's is here (tests/test_triton_compile.py checks).
+_KEY = ("BLOCK_D", "head_dim", "DOT_PRECISION", "DOT_IN_FP32")
+
+
+def _grid(n_rows: int, n_seq_heads: int, what: str):
+    """One flat axis of query tiles covering n_rows, for each of n_seq_heads (sequence, head) pairs."""
+    return lambda meta: checked_grid((triton.cdiv(n_rows, meta["BLOCK_M"]) * n_seq_heads,), what)
 
 
 def attention_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
@@ -226,8 +263,9 @@ def attention_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_paddin
         seqlen_pow2=triton.next_power_of_2(seqlen),
         HAS_MASK=has_mask, **_dot_meta(q.dtype), BLOCK_D=block_d,
     )
-    plan = LaunchPlan("attention", _attention_fwd, args, configs(q.dtype, block_d), ("BLOCK_D", "seqlen_pow2"),
-                      _grid(seqlen, batch * n_heads, "attention"), _INTERPRETER_CONFIG)
+    plan = LaunchPlan("attention", _attention_fwd, args, configs(q.dtype, block_d),
+                      _KEY + ("seqlen_pow2", "HAS_MASK"), _grid(seqlen, batch * n_heads, "attention"),
+                      _INTERPRETER_CONFIG)
     return plan, out, lse
 
 
@@ -249,11 +287,11 @@ def varlen_attention_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_
         stride_vt=v.stride(0), stride_vh=v.stride(1),
         stride_ot=out.stride(0), stride_oh=out.stride(1),
         n_heads=n_heads, total_tokens=total_tokens, head_dim=head_dim, qk_scale=softmax_scale * LOG2E,
-        max_seqlen_pow2=triton.next_power_of_2(max_seqlen),
+        max_seqlen=max_seqlen, max_seqlen_pow2=triton.next_power_of_2(max_seqlen),
         **_dot_meta(q.dtype), BLOCK_D=block_d,
     )
     plan = LaunchPlan("varlen_attention", _varlen_attention_fwd, args, configs(q.dtype, block_d),
-                      ("BLOCK_D", "max_seqlen_pow2"), _grid(max_seqlen, batch * n_heads, "varlen_attention"),
+                      _KEY + ("max_seqlen_pow2",), _grid(max_seqlen, batch * n_heads, "varlen_attention"),
                       _INTERPRETER_CONFIG)
     return plan, out, lse
 
