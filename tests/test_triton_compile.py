@@ -258,6 +258,29 @@ def test_grid_past_cuda_limit_is_a_clear_error():
         plan.grid(plan.configs[0].kwargs)
 
 
+def test_autotune_key_holds_every_constexpr():
+    """Two calls that compile differently must not share one autotuned winner: every constexpr argument of an
+    autotuned plan (HAS_MASK, BLOCK_D, ...) is in its key."""
+    pytest.importorskip("triton")
+    import inspect
+
+    import torch
+
+    from distilkernels.triton import attention
+
+    q = torch.empty(2, 100, 12, 64, dtype=torch.float16, device="meta")
+    mask = torch.ones(2, 100, dtype=torch.bool, device="meta")
+    cu_seqlens = torch.empty(3, dtype=torch.int32, device="meta")
+    plans = [attention.attention_plan(q, q, q, m, 0.125)[0] for m in (mask, None)]
+    plans.append(attention.varlen_attention_plan(q[0], q[0], q[0], cu_seqlens, 100, 0.125)[0])
+    for plan in plans:
+        parameters = inspect.signature(getattr(plan.kernel, "fn", plan.kernel)).parameters
+        constexprs = {name for name in plan.args if "constexpr" in str(parameters[name].annotation)}
+        assert constexprs and constexprs <= set(plan.key), (plan.name, constexprs - set(plan.key))
+    masked, unmasked = ([plan.args[k] for k in plan.key] for plan in plans[:2])
+    assert masked != unmasked
+
+
 @pytest.mark.requires_cuda
 @pytest.mark.parametrize("varlen", [False, True])
 def test_attention_launch_past_65535_sequence_heads(varlen):
