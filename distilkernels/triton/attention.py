@@ -28,23 +28,23 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # ln(2): ln(x) = log2(x) *
 
 
 def _tiles(*tiles) -> tuple:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg]) tuples as triton.Configs."""
-    return tuple(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages,
-                               maxnreg=rest[0] if rest else None)
-                 for bm, bn, warps, stages, *rest in tiles)
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) tuples as triton.Configs."""
+    return tuple(
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+        for bm, bn, warps, stages in tiles)
 
 
 # Tiles per (dtype class, BLOCK_D), autotuned among on a GPU. Each one compiles for sm_80 and sm_90 with no
 # register spills and within the shared memory of both (163 KiB and 227 KiB per block), masked, unmasked and
 # varlen: tests/test_triton_compile.py checks every one, so a tile added here is checked too. What ptxas
-# makes of a tile is not monotone in its size (fp32 32x16 with 4 warps spills at head_dim 128 on sm_90, not
-# at 256): only that test tells. fp32 ("ieee" products) cannot use tensor cores: its dots are FMAs on
-# registers, which only narrow tiles fit (64x64 with 4 warps spills 7 KB per thread). Left to itself ptxas
-# keeps fp32 32x32 with 8 warps at 80 registers and spills 8 bytes (varlen, sm_80): maxnreg 128 lets it use
-# the registers instead. fp16 and bf16 share their tiles (same MMA shapes). BLOCK_D 16 and 32 use the 64 list.
+# makes of a tile is not monotone in its size or register budget (fp32 32x32 with 8 warps spills 8 bytes in
+# varlen on sm_80; given maxnreg 128, on sm_90 instead): only that test tells. fp32 ("ieee" products) cannot
+# use tensor cores: its dots are FMAs on registers, which only narrow tiles fit (64x64 with 4 warps spills
+# 7 KB per thread on sm_80). In fp16/bf16 at head_dim 256 the 128-row tiles tried spill, or need 256 KiB with
+# 3 stages. fp16 and bf16 share their tiles (same MMA shapes). BLOCK_D 16 and 32 use the 64 list.
 _CONFIGS = {
     ("fp32", 64): _tiles((32, 32, 4, 2)),
-    ("fp32", 128): _tiles((32, 32, 8, 2, 128)),
+    ("fp32", 128): _tiles((32, 16, 8, 2), (16, 16, 4, 2)),
     ("fp32", 256): _tiles((32, 16, 8, 2), (16, 16, 4, 2)),
     ("16-bit", 64): _tiles((128, 64, 8, 3), (64, 64, 4, 2)),
     ("16-bit", 128): _tiles((128, 64, 8, 3), (64, 64, 4, 2)),
