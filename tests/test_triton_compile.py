@@ -11,10 +11,11 @@ The plans come from the launchers' own preparation (`attention_plan`, `add_layer
 CPU tensors shaped as a model passes them (q, k, v as views of one fused QKV projection), so what is compiled
 is what would run, argument specialization included. The interpreter must not be on while compiling, and
 tests/conftest.py turns it on for this process, so the compiling runs in worker processes
-(`python tests/test_triton_compile.py --shard I/N --out FILE`). Triton caches what it compiled (keyed by
-kernel source, target and options, under ~/.triton/cache): only the first run pays the ~2 s per compile.
+(`python tests/test_triton_compile.py --shard I/N --out FILE`, one per core). Triton caches what it compiled
+(keyed by the kernel's source, target and options; under ~/.triton/cache or TRITON_CACHE_DIR): only the
+first run after a kernel edit compiles all ~170 kernels (1-2 s each on an idle core); later runs read them.
 
-Representative subset, to keep the first run to a couple of minutes on 2 cores:
+Representative subset, to keep that first run to a few minutes on 2 cores:
 - attention head_dim 32 (all-MiniLM-L6-v2), 64 (BERT, DistilBERT), 128, 256 (the largest ops.attention takes):
   one per BLOCK_D but 16, which no model of the project has (head_dim <= 16);
 - add_layer_norm dim 768 (BERT-base) and 4096 (MAX_DIM, the widest row, 16 warps); bias_act_ at BERT's 3072.
