@@ -19,22 +19,40 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from ._common import INTERPRETING, block_size, count_launch
+from ._common import INTERPRETING, LaunchPlan, block_size, checked_grid, launch
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E), folded into qk_scale on the host
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # ln(2): ln(x) = log2(x) * LN2
 
-# A handful of tiles that suit head_dim <= 128 on Ampere/Hopper; BLOCK_N=32 keeps register use down
-# for head_dim 128. Tuned per (BLOCK_D, seqlen rounded up to a power of two, dtype).
-_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 2))
-]
+
+def _tiles(*tiles) -> tuple:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) tuples as triton.Configs."""
+    return tuple(
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+        for bm, bn, warps, stages in tiles)
+
+
+# Tiles per (dtype class, BLOCK_D), autotuned among on a GPU. Each one compiles for sm_80 and sm_90 with no
+# register spills and within the shared memory of both (163 KiB and 227 KiB per block), masked, unmasked and
+# varlen: tests/test_triton_compile.py checks every one, so a tile added here is checked too. What ptxas
+# makes of a tile is not monotone in its size or register budget (fp32 32x32 with 8 warps spills 8 bytes in
+# varlen on sm_80; given maxnreg 128, on sm_90 instead): only that test tells. fp32 ("ieee" products) cannot
+# use tensor cores: its dots are FMAs on registers, which only narrow tiles fit (64x64 with 4 warps spills
+# 7 KB per thread on sm_80). In fp16/bf16 at head_dim 256 the 128-row tiles tried spill, or need 256 KiB with
+# 3 stages. fp16 and bf16 share their tiles (same MMA shapes). BLOCK_D 16 and 32 use the 64 list.
+_CONFIGS = {
+    ("fp32", 64): _tiles((32, 32, 4, 2)),
+    ("fp32", 128): _tiles((32, 16, 8, 2), (16, 16, 4, 2)),
+    ("fp32", 256): _tiles((32, 16, 8, 2), (16, 16, 4, 2)),
+    ("16-bit", 64): _tiles((128, 64, 8, 3), (64, 64, 4, 2)),
+    ("16-bit", 128): _tiles((128, 64, 8, 3), (64, 64, 4, 2)),
+    ("16-bit", 256): _tiles((64, 64, 8, 2), (64, 32, 8, 2)),
+}
 # Under the interpreter autotuning would time every config on the CPU: one fixed tile instead, small
 # enough that the tests' short sequences still cross tile boundaries.
-_INTERPRETER_META = {"BLOCK_M": 32, "BLOCK_N": 32}
+_INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)
 
 
 @triton.jit
@@ -111,6 +129,16 @@ def _attn_fwd_tile(
 
 
 @triton.jit
+def _tile_of_program(seqlen, BLOCK_M: tl.constexpr):
+    """(query tile, sequence * n_heads + head) of this program. The grid is one flat axis: CUDA takes
+    2**31 - 1 blocks on axis 0 but only 65,535 on axes 1 and 2, which batch * n_heads would pass from 5,462
+    sequences of 12 heads. The query tiles of one (sequence, head) are consecutive programs, so they run
+    together and share its keys and values in L2."""
+    n_m_tiles = tl.cdiv(seqlen, BLOCK_M)
+    return tl.program_id(0) % n_m_tiles, tl.program_id(0) // n_m_tiles
+
+
+@triton.jit
 def _attention_fwd(
     q_ptr, k_ptr, v_ptr,  # (batch, seqlen, n_heads, head_dim), any strides, unit last stride
     mask_ptr,  # (batch, seqlen) uint8, 1 = attend; unused if not HAS_MASK
@@ -131,10 +159,10 @@ def _attention_fwd(
     BLOCK_D: tl.constexpr,
 ):
     tl.static_assert(BLOCK_D >= 16)  # tl.dot needs every dimension >= 16
-    start_m = tl.program_id(0)
+    start_m, seq_head = _tile_of_program(seqlen, BLOCK_M)
     # batch * stride can pass 2**31 elements for large batches: the per-sequence offsets are int64
-    off_b = (tl.program_id(1) // n_heads).to(tl.int64)
-    off_h = (tl.program_id(1) % n_heads).to(tl.int64)
+    off_b = (seq_head // n_heads).to(tl.int64)
+    off_h = (seq_head % n_heads).to(tl.int64)
     _attn_fwd_tile(
         q_ptr + off_b * stride_qb + off_h * stride_qh,
         k_ptr + off_b * stride_kb + off_h * stride_kh,
@@ -160,6 +188,7 @@ def _varlen_attention_fwd(
     stride_vt, stride_vh,
     stride_ot, stride_oh,
     n_heads, total_tokens, head_dim, qk_scale,
+    max_seqlen,  # the longest sequence: the grid's query tiles per (sequence, head)
     max_seqlen_pow2,  # autotune key only
     DOT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
@@ -168,9 +197,9 @@ def _varlen_attention_fwd(
     BLOCK_D: tl.constexpr,
 ):
     tl.static_assert(BLOCK_D >= 16)  # tl.dot needs every dimension >= 16
-    start_m = tl.program_id(0)
-    seq = tl.program_id(1) // n_heads
-    off_h = (tl.program_id(1) % n_heads).to(tl.int64)
+    start_m, seq_head = _tile_of_program(max_seqlen, BLOCK_M)
+    seq = seq_head // n_heads
+    off_h = (seq_head % n_heads).to(tl.int64)
     seq_start = tl.load(cu_seqlens_ptr + seq).to(tl.int64)  # token index * stride can pass 2**31
     seqlen = (tl.load(cu_seqlens_ptr + seq + 1) - tl.load(cu_seqlens_ptr + seq)).to(tl.int32)
     if start_m * BLOCK_M < seqlen:  # the grid covers max_seqlen; shorter sequences leave tiles idle
@@ -188,22 +217,6 @@ def _varlen_attention_fwd(
         )
 
 
-_attention_fwd_tuned = triton.autotune(configs=_CONFIGS, key=["BLOCK_D", "seqlen_pow2"])(_attention_fwd)
-_varlen_attention_fwd_tuned = triton.autotune(configs=_CONFIGS, key=["BLOCK_D", "max_seqlen_pow2"])(
-    _varlen_attention_fwd)
-
-
-def _launch(name: str, fixed, tuned, n_rows: int, n_programs_1: int, **kwargs) -> None:
-    """Launch `tuned` (autotuned) on a GPU, or `fixed` with one fixed tile under the interpreter, over a grid
-    (query tiles covering n_rows, n_programs_1)."""
-    count_launch(name)
-    if INTERPRETING:
-        grid = (triton.cdiv(n_rows, _INTERPRETER_META["BLOCK_M"]), n_programs_1)
-        wrap_triton(fixed)[grid](**kwargs, **_INTERPRETER_META)
-    else:
-        wrap_triton(tuned)[lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]), n_programs_1)](**kwargs)
-
-
 def _dot_meta(dtype: torch.dtype) -> dict:
     # fp32 inputs get true fp32 products ("ieee"), not TF32's 10-bit mantissa; fp16/bf16 dots are exact
     # products with fp32 accumulation either way
@@ -211,21 +224,35 @@ def _dot_meta(dtype: torch.dtype) -> dict:
             "DOT_IN_FP32": INTERPRETING and dtype == torch.bfloat16}
 
 
-@triton_op("distilkernels_triton::attention", mutates_args=())
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
-              softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """q, k, v: (batch, seqlen, n_heads, head_dim), unit last stride; key_padding_mask: (batch, seqlen) bool,
-    True = attend, or None. Returns out (batch, seqlen, n_heads, head_dim) contiguous and lse
-    (batch, n_heads, seqlen) fp32 (-inf, with out 0, for queries with no key to attend)."""
+def configs(dtype: torch.dtype, block_d: int) -> tuple:
+    """The tiles attention may pick for q.dtype `dtype` and head_dim padded to `block_d` (16 ... 256)."""
+    return _CONFIGS["fp32" if dtype == torch.float32 else "16-bit", max(block_d, 64)]
+
+
+# What picks the autotuned tile besides the sequence length and the tensors' dtypes (which Triton adds): all
+# that changes what the kernel compiles to. HAS_MASK adds a load per key tile (248 vs 191 registers for one
+# tile on sm_80); Triton compiles head_dim's divisibility by 16 into the address arithmetic. Every constexpr
+# but the tile's is here (tests/test_triton_compile.py checks).
+_KEY = ("BLOCK_D", "head_dim", "DOT_PRECISION", "DOT_IN_FP32")
+
+
+def _grid(n_rows: int, n_seq_heads: int, what: str):
+    """One flat axis of query tiles covering n_rows, for each of n_seq_heads (sequence, head) pairs."""
+    return lambda meta: checked_grid((triton.cdiv(n_rows, meta["BLOCK_M"]) * n_seq_heads,), what)
+
+
+def attention_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+                   softmax_scale: float) -> tuple[Optional[LaunchPlan], torch.Tensor, torch.Tensor]:
+    """The launch of `attention` (None when there is nothing to compute) and its outputs out, lse."""
     batch, seqlen, n_heads, head_dim = q.shape
     out = torch.empty((batch, seqlen, n_heads, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, n_heads, seqlen), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
-        return out, lse.fill_(float("-inf"))
+        return None, out, lse.fill_(float("-inf"))
     has_mask = key_padding_mask is not None
     mask = key_padding_mask.view(torch.uint8) if has_mask else q  # q: a placeholder pointer, never read
-    _launch(
-        "attention", _attention_fwd, _attention_fwd_tuned, seqlen, batch * n_heads,
+    block_d = block_size(head_dim)
+    args = dict(
         q_ptr=q, k_ptr=k, v_ptr=v, mask_ptr=mask, out_ptr=out, lse_ptr=lse,
         stride_qb=q.stride(0), stride_qs=q.stride(1), stride_qh=q.stride(2),
         stride_kb=k.stride(0), stride_ks=k.stride(1), stride_kh=k.stride(2),
@@ -234,8 +261,50 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mas
         stride_ob=out.stride(0), stride_os=out.stride(1), stride_oh=out.stride(2),
         n_heads=n_heads, seqlen=seqlen, head_dim=head_dim, qk_scale=softmax_scale * LOG2E,
         seqlen_pow2=triton.next_power_of_2(seqlen),
-        HAS_MASK=has_mask, **_dot_meta(q.dtype), BLOCK_D=block_size(head_dim),
+        HAS_MASK=has_mask, **_dot_meta(q.dtype), BLOCK_D=block_d,
     )
+    plan = LaunchPlan("attention", _attention_fwd, args, configs(q.dtype, block_d),
+                      _KEY + ("seqlen_pow2", "HAS_MASK"), _grid(seqlen, batch * n_heads, "attention"),
+                      _INTERPRETER_CONFIG)
+    return plan, out, lse
+
+
+def varlen_attention_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                          max_seqlen: int, softmax_scale: float
+                          ) -> tuple[Optional[LaunchPlan], torch.Tensor, torch.Tensor]:
+    """The launch of `varlen_attention` (None when there is nothing to compute) and its outputs out, lse."""
+    total_tokens, n_heads, head_dim = q.shape
+    batch = cu_seqlens.shape[0] - 1
+    out = torch.empty((total_tokens, n_heads, head_dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((n_heads, total_tokens), dtype=torch.float32, device=q.device)
+    if out.numel() == 0 or max_seqlen == 0:
+        return None, out, lse.fill_(float("-inf"))
+    block_d = block_size(head_dim)
+    args = dict(
+        q_ptr=q, k_ptr=k, v_ptr=v, cu_seqlens_ptr=cu_seqlens, out_ptr=out, lse_ptr=lse,
+        stride_qt=q.stride(0), stride_qh=q.stride(1),
+        stride_kt=k.stride(0), stride_kh=k.stride(1),
+        stride_vt=v.stride(0), stride_vh=v.stride(1),
+        stride_ot=out.stride(0), stride_oh=out.stride(1),
+        n_heads=n_heads, total_tokens=total_tokens, head_dim=head_dim, qk_scale=softmax_scale * LOG2E,
+        max_seqlen=max_seqlen, max_seqlen_pow2=triton.next_power_of_2(max_seqlen),
+        **_dot_meta(q.dtype), BLOCK_D=block_d,
+    )
+    plan = LaunchPlan("varlen_attention", _varlen_attention_fwd, args, configs(q.dtype, block_d),
+                      _KEY + ("max_seqlen_pow2",), _grid(max_seqlen, batch * n_heads, "varlen_attention"),
+                      _INTERPRETER_CONFIG)
+    return plan, out, lse
+
+
+@triton_op("distilkernels_triton::attention", mutates_args=())
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+              softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k, v: (batch, seqlen, n_heads, head_dim), unit last stride; key_padding_mask: (batch, seqlen) bool,
+    True = attend, or None. Returns out (batch, seqlen, n_heads, head_dim) contiguous and lse
+    (batch, n_heads, seqlen) fp32 (-inf, with out 0, for queries with no key to attend)."""
+    plan, out, lse = attention_plan(q, k, v, key_padding_mask, softmax_scale)
+    if plan is not None:
+        launch(plan)
     return out, lse
 
 
@@ -245,21 +314,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     """q, k, v: (total_tokens, n_heads, head_dim), unit last stride; cu_seqlens: (batch + 1,) int32 with a
     leading 0; max_seqlen: the longest sequence. Returns out (total_tokens, n_heads, head_dim) contiguous and
     lse (n_heads, total_tokens) fp32."""
-    total_tokens, n_heads, head_dim = q.shape
-    batch = cu_seqlens.shape[0] - 1
-    out = torch.empty((total_tokens, n_heads, head_dim), dtype=q.dtype, device=q.device)
-    lse = torch.empty((n_heads, total_tokens), dtype=torch.float32, device=q.device)
-    if out.numel() == 0 or max_seqlen == 0:
-        return out, lse.fill_(float("-inf"))
-    _launch(
-        "varlen_attention", _varlen_attention_fwd, _varlen_attention_fwd_tuned, max_seqlen, batch * n_heads,
-        q_ptr=q, k_ptr=k, v_ptr=v, cu_seqlens_ptr=cu_seqlens, out_ptr=out, lse_ptr=lse,
-        stride_qt=q.stride(0), stride_qh=q.stride(1),
-        stride_kt=k.stride(0), stride_kh=k.stride(1),
-        stride_vt=v.stride(0), stride_vh=v.stride(1),
-        stride_ot=out.stride(0), stride_oh=out.stride(1),
-        n_heads=n_heads, total_tokens=total_tokens, head_dim=head_dim, qk_scale=softmax_scale * LOG2E,
-        max_seqlen_pow2=triton.next_power_of_2(max_seqlen),
-        **_dot_meta(q.dtype), BLOCK_D=block_size(head_dim),
-    )
+    plan, out, lse = varlen_attention_plan(q, k, v, cu_seqlens, max_seqlen, softmax_scale)
+    if plan is not None:
+        launch(plan)
     return out, lse

@@ -7,12 +7,14 @@ DistilBERT's), "relu" is max(0, .).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from ._common import count_launch
+from ._common import LaunchPlan, checked_grid, launch
 
 ACTIVATIONS = {"gelu": 0, "relu": 1}  # activation name -> ACTIVATION constexpr
 BLOCK = 1024
@@ -38,16 +40,23 @@ def _bias_act_fwd(
     tl.store(x_ptr + offs, y.to(x_ptr.dtype.element_ty), mask=ok)
 
 
-@triton_op("distilkernels_triton::bias_act_", mutates_args={"x"})
-def bias_act_(x: torch.Tensor, bias: torch.Tensor, activation: str) -> None:
-    """In place: x = activation(x + bias). x: (..., hidden_dim) contiguous; bias: (hidden_dim,);
-    activation: "gelu" (exact, erf) or "relu"."""
+def bias_act_plan(x: torch.Tensor, bias: torch.Tensor, activation: str) -> Optional[LaunchPlan]:
+    """The launch of `bias_act_` (None when x is empty)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
     n_elements = x.numel()
     if n_elements == 0:
-        return
-    count_launch("bias_act_")
-    wrap_triton(_bias_act_fwd)[(triton.cdiv(n_elements, BLOCK),)](
-        x, bias, n_elements, x.shape[-1], ACTIVATION=ACTIVATIONS[activation], BLOCK=BLOCK, num_warps=4,
-    )
+        return None
+    args = dict(x_ptr=x, bias_ptr=bias, n_elements=n_elements, hidden_dim=x.shape[-1],
+                ACTIVATION=ACTIVATIONS[activation], BLOCK=BLOCK)
+    return LaunchPlan("bias_act_", _bias_act_fwd, args, (triton.Config({}, num_warps=4, num_stages=1),), (),
+                      lambda meta: checked_grid((triton.cdiv(n_elements, BLOCK),), "bias_act_"))
+
+
+@triton_op("distilkernels_triton::bias_act_", mutates_args={"x"})
+def bias_act_(x: torch.Tensor, bias: torch.Tensor, activation: str) -> None:
+    """In place: x = activation(x + bias). x: (..., hidden_dim) contiguous; bias: (hidden_dim,);
+    activation: "gelu" (exact, erf) or "relu"."""
+    plan = bias_act_plan(x, bias, activation)
+    if plan is not None:
+        launch(plan)

@@ -11,9 +11,9 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from ._common import block_size, count_launch
+from ._common import LaunchPlan, block_size, checked_grid, launch
 
 MAX_DIM = 4096  # one row per tile: wider rows would spill registers
 
@@ -58,11 +58,11 @@ def _num_warps(block: int) -> int:
     return 4 if block <= 1024 else 8 if block <= 2048 else 16
 
 
-@triton_op("distilkernels_triton::add_layer_norm", mutates_args=())
-def add_layer_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor,
-                   eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x, residual: (..., dim) (residual may be None); weight, bias: (dim,). Returns out like x (contiguous),
-    mean and rstd (x.shape[:-1]) fp32."""
+def add_layer_norm_plan(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor,
+                        bias: torch.Tensor, eps: float
+                        ) -> tuple[Optional[LaunchPlan], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The launch of `add_layer_norm` (None when there is nothing to compute) and its outputs out, mean, rstd
+    (flattened to rows)."""
     dim = x.shape[-1]
     if dim > MAX_DIM:
         raise ValueError(f"the Triton add_layer_norm handles dim <= {MAX_DIM}, got {dim}")
@@ -74,13 +74,27 @@ def add_layer_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: to
     out = torch.empty((n_rows, dim), dtype=x.dtype, device=x.device)
     mean = torch.empty((n_rows,), dtype=torch.float32, device=x.device)
     rstd = torch.empty((n_rows,), dtype=torch.float32, device=x.device)
-    if out.numel() > 0:
-        block = block_size(dim, minimum=1)
-        count_launch("add_layer_norm")
-        wrap_triton(_add_layer_norm_fwd)[(n_rows,)](
-            x2, r2 if r2 is not None else x2, weight, bias, out, mean, rstd,
-            x2.stride(0), r2.stride(0) if r2 is not None else 0, out.stride(0),
-            dim, eps,
-            HAS_RESIDUAL=r2 is not None, BLOCK=block, num_warps=_num_warps(block),
-        )
+    if out.numel() == 0:
+        return None, out, mean, rstd
+    block = block_size(dim, minimum=1)
+    args = dict(
+        x_ptr=x2, residual_ptr=r2 if r2 is not None else x2, weight_ptr=weight, bias_ptr=bias,
+        out_ptr=out, mean_ptr=mean, rstd_ptr=rstd,
+        stride_x_row=x2.stride(0), stride_r_row=r2.stride(0) if r2 is not None else 0, stride_out_row=out.stride(0),
+        dim=dim, eps=eps, HAS_RESIDUAL=r2 is not None, BLOCK=block,
+    )
+    config = triton.Config({}, num_warps=_num_warps(block), num_stages=1)
+    plan = LaunchPlan("add_layer_norm", _add_layer_norm_fwd, args, (config,), (),
+                      lambda meta: checked_grid((n_rows,), "add_layer_norm"))
+    return plan, out, mean, rstd
+
+
+@triton_op("distilkernels_triton::add_layer_norm", mutates_args=())
+def add_layer_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor,
+                   eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x, residual: (..., dim) (residual may be None); weight, bias: (dim,). Returns out like x (contiguous),
+    mean and rstd (x.shape[:-1]) fp32."""
+    plan, out, mean, rstd = add_layer_norm_plan(x, residual, weight, bias, eps)
+    if plan is not None:
+        launch(plan)
     return out.view(x.shape), mean.view(x.shape[:-1]), rstd.view(x.shape[:-1])
