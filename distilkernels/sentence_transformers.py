@@ -29,10 +29,10 @@ def is_wrapper(model) -> bool:
 
 
 def hf_models(wrapper: torch.nn.Module) -> list[torch.nn.Module]:
-    """The outermost supported HF models (DistilBERT/BERT families) inside a sentence-transformers model."""
-    from .patching import SUPPORTED_MODELS
+    """The outermost supported HF models (any family row of families.py) inside a sentence-transformers model."""
+    from .families import FAMILIES
 
-    supported = tuple(SUPPORTED_MODELS.values())
+    supported = tuple(family.pretrained for family in FAMILIES)
     found: list[torch.nn.Module] = []
     inside: set[int] = set()
     for module in wrapper.modules():  # pre-order: a model comes before its own submodules

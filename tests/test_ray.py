@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from distilkernels.ray_data import SentenceEmbedder, embed_dataset, length_buckets
-from test_bert import MINILM_DIR, minilm_sentences, requires_minilm
+from helpers import MINILM_DIR, minilm_sentences, requires_minilm
 
 pytest.importorskip("sentence_transformers", reason="needs the ray extra: pip install -e '.[ray]'")
 ray = pytest.importorskip("ray", reason="needs the ray extra: pip install -e '.[ray]'")

@@ -11,7 +11,7 @@ import transformers
 import distilkernels
 from distilkernels.modules import FusedBlock
 from distilkernels.sentence_transformers import hf_models, is_wrapper
-from test_bert import MINILM_DIR, minilm_sentences, requires_minilm, tiny_bert
+from helpers import MINILM_DIR, minilm_sentences, requires_minilm, tiny_bert
 
 st = pytest.importorskip("sentence_transformers", reason="needs the ray extra: pip install -e '.[ray]'")
 
@@ -90,15 +90,16 @@ def test_cross_encoder_parity_and_restore(op_spy):
 
 @requires_minilm
 def test_unsupported_encoder_inside_is_a_clear_error(tmp_path):
-    """A SentenceTransformer around an encoder distilkernels does not patch (here a tiny RoBERTa)."""
-    config = transformers.RobertaConfig(**tiny_bert(vocab_size=30522, max_position_embeddings=64).to_diff_dict())
-    transformers.RobertaModel(config).save_pretrained(tmp_path)
+    """A SentenceTransformer around an encoder distilkernels does not patch (here a tiny ELECTRA)."""
+    config = transformers.ElectraConfig(hidden_size=36, embedding_size=36, num_attention_heads=4, intermediate_size=37,
+                                        num_hidden_layers=2, vocab_size=30522, max_position_embeddings=64)
+    transformers.ElectraModel(config).save_pretrained(tmp_path)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         shutil.copy(MINILM_DIR / name, tmp_path / name)
     model = st.SentenceTransformer(modules=[st.models.Transformer(str(tmp_path)), st.models.Pooling(36)],
                                    device="cpu")
     assert is_wrapper(model)
-    with pytest.raises(TypeError, match="no supported encoder inside this SentenceTransformer.*RobertaModel"):
+    with pytest.raises(TypeError, match="no supported encoder inside this SentenceTransformer.*ElectraModel"):
         distilkernels.patch(model)
     assert not hasattr(model, "_distilkernels_patch")
 
