@@ -23,6 +23,26 @@ from distilkernels.families import by_name
 from helpers import holey_mask, make_model, model_inputs  # noqa: F401  (shared with the test files)
 
 
+def _machine_lines() -> list[str]:
+    """The CPU and the instruction set the C++ kernels run here (the ISA subprocess tests cover the lower ones)."""
+    from distilkernels import machine
+
+    ext = load_extension()
+    isa = ext.vector_isa() if ext is not None else f"none (C++ extension not loaded: {distilkernels._ext.extension_error()})"
+    return [f"distilkernels: cpu {machine.cpu_model()}; flags {' '.join(machine.isa_flags()) or 'none'}",
+            f"distilkernels: C++ kernels dispatch to {isa}; tests/ops/test_cpu_isa.py reruns them under the lower ISAs"]
+
+
+def pytest_report_header(config):
+    return _machine_lines()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Also at the end: `pytest -q` (the README's test command, what CI runs) prints no header."""
+    for line in _machine_lines():
+        terminalreporter.write_line(line)
+
+
 def pytest_collection_modifyitems(config, items):
     skip_ext = pytest.mark.skip(reason=f"C++ extension not loaded: {distilkernels._ext.extension_error()}")
     skip_cuda = pytest.mark.skip(reason="no CUDA device")
