@@ -36,8 +36,10 @@ def cmd_info(args) -> int:
     print(f"cpu features  {' '.join(machine.isa_flags()) or 'none of avx/avx512/amx/neon'}")
     units = machine.matrix_units()
     print(f"matrix units  bf16: {units['bf16']}, int8: {units['int8']}")
-    if hasattr(gemms, "precision_paths"):
-        print(f"gemm paths    {_flat(gemms.precision_paths())}")
+    paths = gemms.precision_paths()
+    print("gemm paths (CPU tensors):")
+    for precision in ("fp32", "bf16", "int8"):
+        print(f"  {precision:6s}{paths[precision]}")
     print("backends:")
     C = _ext.load_extension()
     if C is None:
