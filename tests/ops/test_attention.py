@@ -206,13 +206,14 @@ BF16_FLOOR = 1e-6
 # 67 roundings (~4e-6 relative) at the lse's magnitude, stricter than the fp32 tests' 128, where q/k/v
 # products themselves round.
 BF16_LSE_ULPS = 67
+NO_MATRIX_UNIT = "no AMX bf16 tiles, oneDNN or AVX-512 kernels here (DISTILKERNELS_ISA may cap the last)"
 
 
 @pytest.fixture(params=["matrix_unit", "fallback"])
 def bf16_path(request, monkeypatch):
     if request.param == "matrix_unit":
         if not matrix_unit_attention():
-            pytest.skip("this CPU has no AMX tiles: bf16 attention takes the fallback only")
+            pytest.skip(NO_MATRIX_UNIT + ": bf16 attention takes the fallback only")
         monkeypatch.delenv("DISTILKERNELS_AMX", raising=False)
     else:
         monkeypatch.setenv("DISTILKERNELS_AMX", "0")
@@ -306,7 +307,7 @@ def test_cpp_matrix_unit_path_is_taken(monkeypatch):
     0.05 (a few bf16 roundings of outputs of magnitude ~1) and 1e-4 on the lse (fp32 sums of the same
     products, in another order) say the two paths still compute the same thing."""
     if not matrix_unit_attention():
-        pytest.skip("this CPU has no AMX tiles")
+        pytest.skip(NO_MATRIX_UNIT)
     q, k, v = fused_qkv(2, 128, 4, 64, torch.bfloat16)
     monkeypatch.delenv("DISTILKERNELS_AMX", raising=False)
     amx_out, amx_lse = (t.clone() for t in OPS.attention(q, k, v, None, 0.125))
