@@ -199,8 +199,10 @@ def test_cpp_varlen_matches_padded():
 # Both paths run in one process: DISTILKERNELS_AMX=0 (read on every call) forces the fallback.
 
 # The bf16 bound is assert_lowp's 2x PyTorch's own bf16 error, with an absolute floor of 1e-6 instead of one
-# bf16 rounding: on these random inputs torch's bf16 attention always errs somewhere (its error is never 0),
-# so the floor only absorbs the fp64 comparison's own rounding, and a stricter floor keeps the test sharp.
+# bf16 rounding: both paths round an fp32 result once, so where torch is exact ours is too (seqlen 1: out = v,
+# error 0 on both sides), and elsewhere torch's error on random inputs is some bf16 rounding; the floor only
+# absorbs the fp64 comparison's own rounding. Measured: ours sits at 0.4-0.5 of the bound, and a one-ulp
+# (2^-7 relative) perturbation of the output exceeds it.
 BF16_FLOOR = 1e-6
 # lse in bf16: fp32 sums of exact bf16 products (no input rounding beyond bf16 itself), so fp32-level error:
 # 67 roundings (~4e-6 relative) at the lse's magnitude, stricter than the fp32 tests' 128, where q/k/v

@@ -124,8 +124,8 @@ def test_cpp_add_layer_norm_non_contiguous():
 @pytest.mark.parametrize("with_residual", [True, False])
 def test_cpp_add_layer_norm_bf16(dim, with_residual):
     """bf16 in and out, fp32 only in registers: output within 2x torch's bf16 LayerNorm error (floor 1e-6, not
-    one bf16 rounding: torch's error on 33 random rows is never 0, so the floor only absorbs the fp64
-    comparison); statistics are fp32 of an exact fp32 sum of two bf16 values, so fp32-level relative error:
+    one bf16 rounding: torch's error on 33 random rows of normalized values is some bf16 rounding, so the
+    floor only absorbs the fp64 comparison); statistics are fp32 of an exact fp32 sum of two bf16 values, so fp32-level relative error:
     1e-5 (~170 roundings) of the mean's magnitude (at least 1) and of rstd."""
     gen = torch.Generator().manual_seed(2)
     x = (torch.randn(33, dim, generator=gen) * 4 + 3).bfloat16()
