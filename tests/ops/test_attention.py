@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from distilkernels import ops, reference
 from helpers import (DTYPES, LOW_PRECISION, assert_lowp, cu_seqlens_of, fused_qkv, kernel_of, magnitude,
-                     make_mask, max_err, triton_kernel_runs, ulps)
+                     lowp_bound, make_mask, matrix_unit_attention, max_err, triton_kernel_runs, ulps)
 
 OPS = torch.ops.distilkernels
 requires_ext = pytest.mark.requires_ext
@@ -22,14 +22,14 @@ def fp32_out_bound(v: torch.Tensor) -> float:
     return ulps(128, magnitude(v))
 
 
-def check_lse(lse, ref_lse):
+def check_lse(lse, ref_lse, n_ulps=128):
     """-inf exactly where the reference has it (rows with no key); elsewhere the fp32 log-sum-exp of scores
     computed as for out: 128 roundings at the lse's magnitude (at least 1: log of a sum >= 1 term)."""
     finite = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse), finite), "rows without keys must have lse -inf, only them"
     assert (lse[~finite] == float("-inf")).all()
     if finite.any():
-        assert max_err(lse[finite], ref_lse[finite]) <= ulps(128, max(magnitude(ref_lse[finite]), 1.0))
+        assert max_err(lse[finite], ref_lse[finite]) <= ulps(n_ulps, max(magnitude(ref_lse[finite]), 1.0))
 
 
 def eager_attention(q, k, v, mask, scale):
@@ -192,6 +192,142 @@ def test_cpp_varlen_matches_padded():
     packed = [torch.cat([t[0, :40], t[1, :23]]) for t in (q, k, v)]
     vout, _ = OPS.varlen_attention(*packed, cu_seqlens_of(lengths), 40, 0.3)
     assert torch.equal(vout[:40], out[0]) and torch.equal(vout[40:], out[1, :23])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# cpp in bf16: the matrix unit (AMX through ATen's brgemm) and the blocked fallback an AVX2-only CPU takes.
+# Both paths run in one process: DISTILKERNELS_AMX=0 (read on every call) forces the fallback.
+
+# The bf16 bound is assert_lowp's 2x PyTorch's own bf16 error, with an absolute floor of 1e-6 instead of one
+# bf16 rounding: both paths round an fp32 result once, so where torch is exact ours is too (seqlen 1: out = v,
+# error 0 on both sides), and elsewhere torch's error on random inputs is some bf16 rounding; the floor only
+# absorbs the fp64 comparison's own rounding. Measured: ours sits at 0.4-0.5 of the bound, and a one-ulp
+# (2^-7 relative) perturbation of the output exceeds it.
+BF16_FLOOR = 1e-6
+# lse in bf16: fp32 sums of exact bf16 products (no input rounding beyond bf16 itself), so fp32-level error:
+# 67 roundings (~4e-6 relative) at the lse's magnitude, stricter than the fp32 tests' 128, where q/k/v
+# products themselves round.
+BF16_LSE_ULPS = 67
+NO_MATRIX_UNIT = "no AMX bf16 tiles, oneDNN or AVX-512 kernels here (DISTILKERNELS_ISA may cap the last)"
+
+
+@pytest.fixture(params=["matrix_unit", "fallback"])
+def bf16_path(request, monkeypatch):
+    if request.param == "matrix_unit":
+        if not matrix_unit_attention():
+            pytest.skip(NO_MATRIX_UNIT + ": bf16 attention takes the fallback only")
+        monkeypatch.delenv("DISTILKERNELS_AMX", raising=False)
+    else:
+        monkeypatch.setenv("DISTILKERNELS_AMX", "0")
+    return request.param
+
+
+def torch_bf16_attention(q, k, v, mask, scale):
+    """torch's own bf16 attention (SDPA); fully masked rows (NaN in torch, 0 in ours) are left out by the
+    callers through `keep`."""
+    sdpa_mask = None if mask is None else mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), attn_mask=sdpa_mask, scale=scale)
+    return out.transpose(1, 2)
+
+
+def assert_bf16_attention(out, ref_out, q, k, v, mask, scale):
+    """Every row of ours (fully masked ones included: 0 in both) within the bound from torch's attended rows."""
+    keep = mask.any(1) if mask is not None else slice(None)
+    bound = lowp_bound(out[keep], ref_out[keep], [torch_bf16_attention(q, k, v, mask, scale)[keep]],
+                       floor=BF16_FLOOR)
+    assert max_err(out, ref_out) <= bound
+
+
+@requires_ext
+@pytest.mark.parametrize("batch,seqlen,head_dim", [(1, 1, 64), (3, 7, 64), (2, 129, 64), (1, 300, 64),
+                                                   (2, 77, 32), (2, 50, 80), (1, 33, 8), (2, 20, 13)])
+@pytest.mark.parametrize("mask_kind", [None, "holey", "left", "right"])
+def test_cpp_attention_bf16(bf16_path, batch, seqlen, head_dim, mask_kind):
+    q, k, v = fused_qkv(batch, seqlen, 3, head_dim, torch.bfloat16)
+    mask = make_mask(mask_kind, batch, seqlen)
+    scale = head_dim ** -0.5
+    out, lse = OPS.attention(q, k, v, mask, scale)
+    ref_out, ref_lse = attention_ref64(q, k, v, mask, scale)
+    assert out.dtype == torch.bfloat16 and out.is_contiguous() and out.shape == q.shape
+    assert not out.isnan().any()
+    if mask is not None and not mask.any(1).all():
+        assert (out[~mask.any(1)] == 0).all()
+    assert_bf16_attention(out, ref_out, q, k, v, mask, scale)
+    check_lse(lse, ref_lse, BF16_LSE_ULPS)
+
+
+@requires_ext
+def test_cpp_attention_bf16_long_sequence(bf16_path):
+    """2048 keys (16 key blocks): the running max moves often under a sharp softmax."""
+    q, k, v = fused_qkv(1, 2048, 2, 64, torch.bfloat16)
+    q = q * 3
+    mask = make_mask("holey", 1, 2048)
+    out, lse = OPS.attention(q, k, v, mask, 0.125)
+    ref_out, ref_lse = attention_ref64(q, k, v, mask, 0.125)
+    assert_bf16_attention(out, ref_out, q, k, v, mask, 0.125)
+    check_lse(lse, ref_lse, BF16_LSE_ULPS)
+
+
+@requires_ext
+@pytest.mark.parametrize("lengths", [[1], [7, 0, 129], [64, 65, 3, 512], [16, 17, 128, 8, 100]])
+@pytest.mark.parametrize("head_dim", [8, 64])
+def test_cpp_varlen_attention_bf16(bf16_path, lengths, head_dim):
+    total, n_heads = sum(lengths), 3
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = torch.randn(total, 3, n_heads, head_dim, generator=gen).bfloat16().unbind(1)
+    cu = cu_seqlens_of(lengths)
+    scale = head_dim ** -0.5
+    out, lse = OPS.varlen_attention(q, k, v, cu, max(lengths), scale)
+    ref_out, ref_lse = reference.varlen_attention(q.double(), k.double(), v.double(), cu, max(lengths), scale)
+    assert out.shape == q.shape and lse.shape == (n_heads, total)
+    same_dtype = torch.zeros_like(q)  # torch's bf16 attention, sequence by sequence
+    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        if end > start:
+            same_dtype[start:end] = torch_bf16_attention(*(t[None, start:end] for t in (q, k, v)), None, scale)[0]
+    assert_lowp(out, ref_out, [same_dtype], floor=BF16_FLOOR)
+    check_lse(lse, ref_lse, BF16_LSE_ULPS)
+
+
+@requires_ext
+def test_cpp_varlen_matches_padded_bf16(bf16_path):
+    """One kernel core per path serves both ops: the same sequences padded into a batch give the same bits."""
+    lengths = [5, 70, 33]
+    q, k, v = fused_qkv(3, 70, 2, 64, torch.bfloat16, seed=3)
+    mask = torch.arange(70)[None, :] < torch.tensor(lengths)[:, None]
+    out, lse = OPS.attention(q, k, v, mask, 0.125)
+    cu = cu_seqlens_of(lengths)
+    packed = [torch.cat([t[b, :n] for b, n in enumerate(lengths)]) for t in (q, k, v)]
+    vout, vlse = OPS.varlen_attention(*packed, cu, 70, 0.125)
+    for b, n in enumerate(lengths):
+        assert torch.equal(out[b, :n], vout[cu[b]:cu[b + 1]])
+        assert torch.equal(lse[b, :, :n], vlse[:, cu[b]:cu[b + 1]])
+
+
+@requires_ext
+def test_cpp_matrix_unit_path_is_taken(monkeypatch):
+    """The two paths round differently (P in bf16 on the matrix unit): different bits show the switch works.
+    0.05 (a few bf16 roundings of outputs of magnitude ~1) and 1e-4 on the lse (fp32 sums of the same
+    products, in another order) say the two paths still compute the same thing."""
+    if not matrix_unit_attention():
+        pytest.skip(NO_MATRIX_UNIT)
+    q, k, v = fused_qkv(2, 128, 4, 64, torch.bfloat16)
+    monkeypatch.delenv("DISTILKERNELS_AMX", raising=False)
+    amx_out, amx_lse = (t.clone() for t in OPS.attention(q, k, v, None, 0.125))
+    monkeypatch.setenv("DISTILKERNELS_AMX", "0")
+    ref_out, ref_lse = OPS.attention(q, k, v, None, 0.125)
+    assert not torch.equal(amx_out, ref_out)
+    assert max_err(amx_out, ref_out) < 0.05 and max_err(amx_lse, ref_lse) < 1e-4
+
+
+@requires_ext
+def test_cpp_attention_fp16_unchanged_by_switch(monkeypatch):
+    """fp16 never takes the matrix-unit path: the switch does not change a bit."""
+    q, k, v = fused_qkv(2, 65, 2, 64, torch.float16)
+    monkeypatch.delenv("DISTILKERNELS_AMX", raising=False)
+    a = [t.clone() for t in OPS.attention(q, k, v, None, 0.125)]
+    monkeypatch.setenv("DISTILKERNELS_AMX", "0")
+    b = OPS.attention(q, k, v, None, 0.125)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 Each row is one fault. Through distilkernels.ops the checks run once, before dispatch, so every backend (cpp,
 triton, torch) must raise the same class with the same message. Rows marked `raw` also go to the C++ op
 directly (torch.ops.distilkernels.*): its TORCH_CHECK says the same thing, as RuntimeError. Rows not marked
-raw are faults the raw op cannot see as such (a meta tensor sends it to its fake kernel).
+raw are faults the raw op cannot see as such (a meta tensor sends it to its fake kernel), and the matrix-unit
+GEMMs' Python checks (their C++ ops word their own checks in their terms: tests/ops/test_linear.py).
 
 The edge cases that are not errors (zero tokens, zero batch, empty sequences) must give every backend the
 same fully written result: nothing uninitialized, no rows left unwritten.
@@ -37,6 +38,20 @@ def _q3():
 def _packed(weight):
     """pack_linear_weight's layout for this CPU (the C++ packer's panel width when the extension loaded)."""
     return OPS.pack_linear_weight(weight) if load_extension() is not None else reference.pack_linear_weight(weight)
+
+
+def _x_bf16():
+    return torch.randn(3, 4).bfloat16()
+
+
+def _plain_bf16():
+    """A (5, 4) weight in linear_bf16's plain layout (weight^T), which every backend and CPU reads."""
+    return reference.pack_linear_bf16(torch.randn(5, 4), False)
+
+
+def _plain_int8():
+    """(packed, weight_scale) of a (5, 4) weight in linear_int8's plain layout."""
+    return reference.pack_linear_int8(torch.randn(5, 4), False)
 
 
 def _cu(values):
@@ -149,6 +164,31 @@ ROWS = {
     "linear_packed-strided": ("linear_packed", lambda: (torch.randn(3, 4), _packed(torch.randn(5, 4))
                                                         .transpose(1, 2).contiguous().transpose(1, 2), 5, None, "none"),
                               ValueError, "packed_weight must be contiguous", True),
+    # pack_linear_bf16(weight), linear_bf16(x, packed_weight, out_features, bias, activation)
+    "pack_bf16-weight-1d": ("pack_linear_bf16", lambda: (torch.randn(5),),
+                            ValueError, r"weight must be \(out_features, in_features\)", False),
+    "linear_bf16-x-fp32": ("linear_bf16", lambda: (torch.randn(3, 4), _plain_bf16(), 5),
+                           TypeError, r"x must be a 2-D \(tokens, in_features\) bfloat16", False),
+    "linear_bf16-packed-dtype": ("linear_bf16", lambda: (_x_bf16(), _plain_bf16().float(), 5),
+                                 ValueError, "packed_weight must be a 2-D or 3-D torch.bfloat16", False),
+    "linear_bf16-bias-size": ("linear_bf16", lambda: (_x_bf16(), _plain_bf16(), 5, torch.randn(4)),
+                              ValueError, r"bias must be None or a tensor of shape \(5,\)", False),
+    "linear_bf16-activation": ("linear_bf16", lambda: (_x_bf16(), _plain_bf16(), 5, None, "tanh"),
+                               ValueError, "activation must be one of", False),
+    # pack_linear_int8(weight), linear_int8(x, packed_weight, weight_scale, out_features, bias, activation)
+    "pack_int8-weight-1d": ("pack_linear_int8", lambda: (torch.randn(5),),
+                            ValueError, r"weight must be \(out_features, in_features\)", False),
+    "linear_int8-x-bf16": ("linear_int8", lambda: (torch.randn(3, 4).bfloat16(), *_plain_int8(), 5),
+                           TypeError, "x must be float32", False),
+    "linear_int8-packed-dtype": ("linear_int8", lambda: (lambda p, s: (torch.randn(3, 4), p.float(), s, 5))(
+                                     *_plain_int8()),
+                                 ValueError, "packed_weight must be a 2-D or 3-D torch.int8", False),
+    "linear_int8-scale-size": ("linear_int8", lambda: (lambda p, s: (torch.randn(3, 4), p, s[:4], 5))(
+                                   *_plain_int8()),
+                               ValueError, r"weight_scale must be a float32 tensor of shape \(5,\)", False),
+    "linear_int8-bias-dtype": ("linear_int8", lambda: (torch.randn(3, 4), *_plain_int8(), 5,
+                                                       torch.randn(5).bfloat16()),
+                               ValueError, r"bias must be None or a tensor of shape \(5,\)", False),
     # normalize_rows(x), scale_rows_(y, scale, bias)
     "normalize-x-bf16": ("normalize_rows", lambda: (_x().bfloat16(),), TypeError, "x must be float32", True),
     "normalize-x-1d": ("normalize_rows", lambda: (_x()[0],), ValueError, r"x must be 2-D \(rows, cols\)", True),

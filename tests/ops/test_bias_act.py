@@ -85,6 +85,40 @@ def test_cpp_bias_act_low_precision(dtype, activation):
     assert_lowp(y, ref, [act(x + bias)])  # ours rounds once (fp32 math), torch rounds x + b too
 
 
+# bf16 with fp32 only in registers: within 2x torch's bf16 error with a floor of 1e-6 rather than one bf16
+# rounding. Ours rounds once (fp32 x + b, activation, one rounding to bf16); torch rounds x + b and then the
+# activation's result: where torch is exact (ReLU of a representable sum), ours is the same rounding, so the
+# floor only absorbs the fp64 comparison's own rounding.
+@requires_ext
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+@pytest.mark.parametrize("n", [1, 15, 17, 3072])
+def test_cpp_bias_act_bf16(activation, n):
+    gen = torch.Generator().manual_seed(4)
+    x, bias = (torch.randn(9, n, generator=gen) * 3).bfloat16(), torch.randn(n, generator=gen).bfloat16()
+    act = F.gelu if activation == "gelu" else torch.relu
+    ref = act(x.double() + bias.double())
+    y = x.clone()
+    OPS.bias_act_(y, bias, activation)
+    assert y.dtype == torch.bfloat16
+    assert_lowp(y, ref, [act(x + bias)], floor=1e-6)
+
+
+@requires_ext
+def test_cpp_bias_act_bf16_rounds_like_torch():
+    """relu(x + b) is exact in fp32 (a sum of two bf16 values), so the result is that sum rounded once to bf16:
+    bit for bit torch's rounding (to nearest, ties to even: such sums hit ties often), NaN and inf kept."""
+    gen = torch.Generator().manual_seed(6)
+    x = (torch.randn(4, 4099, generator=gen) * 10).bfloat16()
+    x[0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 3.0e38])
+    bias = (torch.randn(4099, generator=gen) * 10).bfloat16()
+    bias[3] = 3.0e38  # 3e38 + 3e38 overflows to inf
+    y = x.clone()
+    OPS.bias_act_(y, bias, "relu")
+    expected = (x.float() + bias.float()).relu().bfloat16()
+    assert torch.equal(y.view(torch.int16)[:, 1:], expected.view(torch.int16)[:, 1:])
+    assert y[0, 0].isnan()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # triton
 

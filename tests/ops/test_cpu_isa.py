@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from distilkernels._ext import load_extension
+from distilkernels.machine import isa_flags
 
 pytestmark = pytest.mark.requires_ext
 
@@ -25,14 +26,7 @@ OP_TEST_FILES = ("test_attention.py", "test_layer_norm.py", "test_bias_act.py", 
 
 
 def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    return set(isa_flags())
 
 
 def best_isa() -> str:
@@ -107,3 +101,39 @@ def test_parallel_threads_used():
     if torch.get_num_threads() < 2 or not ext.openmp_enabled():
         pytest.skip("needs >= 2 torch threads and an OpenMP build")
     assert ext.parallel_threads_used() == min(2, torch.get_num_threads())
+
+
+def test_bf16_kernels_on_avx2_and_scalar():
+    """The AVX2 and baseline builds of the bf16 row kernels, and the attention fallback an AVX2-only CPU takes,
+    in fresh processes capped by DISTILKERNELS_ISA: a quick check independent of the op files' rerun. Bounds:
+    2x torch's own bf16 error + 1e-6 (torch's error on these random inputs is never 0); ReLU bit for bit (one
+    rounding of an exact fp32 sum); the lse 1e-4 (fp32 sums of exact bf16 products, values ~10)."""
+    script = (
+        "import torch, torch.nn.functional as F\n"
+        "import distilkernels\n"
+        "from distilkernels import _C, reference\n"
+        "import sys\n"
+        "assert _C.vector_isa() == sys.argv[1], _C.vector_isa()\n"
+        "e = lambda a, b: (a.double() - b.double()).abs().max().item()\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "x = (torch.randn(5, 37, generator=g) * 3).bfloat16(); b = torch.randn(37, generator=g).bfloat16()\n"
+        "y = x.clone(); torch.ops.distilkernels.bias_act_(y, b, 'gelu')\n"
+        "r = F.gelu(x.double() + b.double())\n"
+        "assert e(y, r) <= 2 * e(F.gelu(x + b), r) + 1e-6\n"
+        "y = x.clone(); torch.ops.distilkernels.bias_act_(y, b, 'relu')\n"
+        "assert torch.equal(y, (x.float() + b.float()).relu().bfloat16())\n"
+        "o = torch.ops.distilkernels.add_layer_norm(x, x, b, b, 1e-5)[0]\n"
+        "r = reference.add_layer_norm(x.double(), x.double(), b.double(), b.double(), 1e-5)[0]\n"
+        "assert e(o, r) <= 2 * e(F.layer_norm(x + x, (37,), b, b, 1e-5), r) + 1e-6\n"
+        "q = torch.randn(2, 70, 2, 64, generator=g).bfloat16(); m = torch.rand(2, 70, generator=g) > 0.3\n"
+        "o, l = torch.ops.distilkernels.attention(q, q * 2, q + 1, m, 0.125)\n"
+        "r, rl = reference.attention(q.double(), (q * 2).double(), (q + 1).double(), m, 0.125)\n"
+        "t = F.scaled_dot_product_attention(q.transpose(1, 2), (q * 2).transpose(1, 2), (q + 1).transpose(1, 2),"
+        " attn_mask=m[:, None, None, :], scale=0.125).transpose(1, 2)\n"
+        "assert e(o, r) <= 2 * e(t, r) + 1e-6 and e(l, rl) < 1e-4\n"
+    )
+    for isa in ("avx2", "scalar") if {"avx2", "fma"} <= cpu_flags() else ("scalar",):
+        env = dict(os.environ, DISTILKERNELS_ISA=isa)
+        result = subprocess.run([sys.executable, "-c", script, isa], env=env, capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0, f"{isa}: {result.stderr[-2000:]}"

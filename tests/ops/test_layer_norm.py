@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from distilkernels import ops, reference
-from helpers import DTYPES, LOW_PRECISION, kernel_of, lowp_bound, magnitude, max_err, triton_kernel_runs, ulps
+from helpers import (DTYPES, LOW_PRECISION, assert_lowp, kernel_of, lowp_bound, magnitude, max_err,
+                     triton_kernel_runs, ulps)
 
 OPS = torch.ops.distilkernels
 requires_ext = pytest.mark.requires_ext
@@ -117,6 +118,29 @@ def test_cpp_add_layer_norm_non_contiguous():
     assert out.is_contiguous()
     # the fp32 sum h rounds once (1 ulp of |h|), then * rstd * |w|: 8 roundings at the output's magnitude
     assert max_err(out, ref) <= ulps(8, magnitude(ref))
+
+
+@requires_ext
+@pytest.mark.parametrize("dim", [1, 37, 768, 1024])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_cpp_add_layer_norm_bf16(dim, with_residual):
+    """bf16 in and out, fp32 only in registers: output within 2x torch's bf16 LayerNorm error, floor 1e-6 rather
+    than one bf16 rounding: ours rounds an fp32 result once, so where torch is exact ours is too (dim 1:
+    out = bias), and elsewhere torch's error is some bf16 rounding; the floor only absorbs the fp64 comparison.
+    Statistics are fp32 of an exact fp32 sum of two bf16 values, so fp32-level relative error: 1e-5 (~170
+    roundings) of the mean's magnitude (at least 1) and of rstd."""
+    gen = torch.Generator().manual_seed(2)
+    x = (torch.randn(33, dim, generator=gen) * 4 + 3).bfloat16()
+    residual = torch.randn(33, dim, generator=gen).bfloat16() if with_residual else None
+    weight, bias = torch.randn(dim, generator=gen).bfloat16(), torch.randn(dim, generator=gen).bfloat16()
+    out, mean, rstd = OPS.add_layer_norm(x, residual, weight, bias, 1e-5)
+    r64 = None if residual is None else residual.double()
+    ref, ref_mean, ref_rstd = reference.add_layer_norm(x.double(), r64, weight.double(), bias.double(), 1e-5)
+    h = x if residual is None else x + residual
+    assert out.dtype == torch.bfloat16 and mean.dtype == rstd.dtype == torch.float32
+    assert_lowp(out, ref, [F.layer_norm(h, (dim,), weight, bias, 1e-5)], floor=1e-6)
+    assert max_err(mean, ref_mean) <= 1e-5 * max(1.0, ref_mean.abs().max().item())
+    assert max_err(rstd, ref_rstd) <= 1e-5 * ref_rstd.abs().max().item()
 
 
 # ----------------------------------------------------------------------------------------------------------
