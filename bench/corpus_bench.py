@@ -46,7 +46,6 @@ sys.path.insert(0, str(ROOT))
 
 import distilkernels  # noqa: E402
 from bench import environment, onnx_models  # noqa: E402
-from distilkernels.sentence_transformers import patch_wrapper, quantize_wrapper  # noqa: E402
 
 BATCH_SIZE = 64
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z(\"'`])")
@@ -196,11 +195,11 @@ def build_patched(dtype):
     def build(path):
         model = _st(path)
         if dtype == "int8":
-            quantize_wrapper(model)
+            distilkernels.quantize(model)
         else:
             if dtype == "bf16":
                 model.to(torch.bfloat16)
-            patch_wrapper(model)
+            distilkernels.patch(model)
         return _encoder(model)
 
     return build

@@ -19,10 +19,9 @@ from ._ext import load_extension  # noqa: E402
 
 load_extension()
 
-from .patching import PatchHandle, patch  # noqa: E402
-from .quant import quantize  # noqa: E402
-from . import hf as _hf  # noqa: E402
+from .patching import PatchHandle, patch, quantize  # noqa: E402
+from . import hf_attention as _hf_attention  # noqa: E402
 
-_hf.register()
+_hf_attention.register()
 
 __all__ = ["ops", "patch", "PatchHandle", "quantize", "__version__"]

@@ -220,6 +220,10 @@ REPLACEMENTS: dict[type, type] = {
 }
 
 
+def supported_names() -> str:
+    return ", ".join(f"{family.pretrained.__name__} (and its subclasses)" for family in FAMILIES)
+
+
 def family_of(model) -> Family | None:
     """The row whose PreTrainedModel base `model` is an instance of, or None."""
     return next((family for family in FAMILIES if isinstance(model, family.pretrained)), None)

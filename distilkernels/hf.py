@@ -1,11 +1,6 @@
 """Hugging Face integration: the masks our fused blocks read, the state of HF's output capture, the labels
-watch, and `attn_implementation="distilkernels"`.
-
-Importing distilkernels registers, under one name, both
-  - an attention function (AttentionInterface): our fused attention kernel, and
-  - a mask function (AttentionMaskInterface): the 2-D (batch, seqlen) bool key-padding mask, None when nothing
-    is padded. Without a mask function of the same name HF would hand the attention None for padded
-    batches and padded rows would come out wrong, silently.
+watch, HF's eager attention math (for the fallbacks). `attn_implementation="distilkernels"` itself is in
+hf_attention.py (it asks modules.decide, which reads this module: kept apart so no import circles).
 
 Whatever attention implementation a config names, `key_padding_mask_of` recovers the (batch, kv_len) mask
 from it: our 2-D mask, sdpa's 4-D bool mask or eager's additive 4-D mask, as long as it is a pure key-padding
@@ -19,7 +14,6 @@ import inspect
 
 import torch
 
-from . import ops
 
 NAME = "distilkernels"
 ATTENTION_WEIGHTS = "attention weights requested"
@@ -142,52 +136,3 @@ def eager_attention(query, key, value, attention_mask, scaling, dropout=0.0, tra
     weights = torch.nn.functional.softmax(scores, dim=-1)
     weights = torch.nn.functional.dropout(weights, p=dropout, training=training)
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
-
-
-def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """AttentionInterface function. query: (batch, n_heads, q_len, head_dim), key/value (batch, n_heads,
-    kv_len, head_dim) views. Returns (out (batch, q_len, n_heads, head_dim), weights or None)."""
-    from .modules import decide  # the one place that decides fused vs stock
-
-    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    decision = decide("attention", module, query, attention_mask, kv_len=key.shape[2], attn_dropout=dropout)
-    if decision.path == "fused":
-        q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (batch, seqlen, n_heads, head_dim) views
-        return ops.attention(q, k, v, key_padding_mask=decision.mask, softmax_scale=scaling), None
-    if decision.reason == ATTENTION_WEIGHTS:
-        return eager_attention(query, key, value, attention_mask, scaling, dropout, module.training)
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    if attention_mask is not None and attention_mask.dim() == 2:  # our mask function's key-padding mask
-        attention_mask = attention_mask[:, None, None, :]
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                  is_causal=bool(getattr(module, "is_causal", False)))
-
-
-def mask_function(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
-                  attention_mask=None, **kwargs):
-    """AttentionMaskInterface function: the (batch, kv_length) bool key-padding mask, or None if no padding.
-    Any mask pattern other than plain bidirectional (causal, sliding windows) gets the sdpa mask instead."""
-    from transformers import masking_utils as mu
-
-    if mask_function is not None and mask_function is not mu.bidirectional_mask_function:
-        return mu.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-                            kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
-                            **kwargs)
-    if attention_mask is None:
-        return None
-    attention_mask = attention_mask[:, -kv_length:].bool()
-    # (a compiled or exported graph keeps the mask: the kernels take an all-True mask; no data-dependent branch)
-    if (attention_mask.shape[1] == kv_length and not torch.compiler.is_compiling() and not exporting()
-            and bool(attention_mask.all())):
-        return None
-    return attention_mask
-
-
-def register() -> None:
-    """Register `attn_implementation="distilkernels"` with transformers (idempotent)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    AttentionInterface.register(NAME, attention_forward)
-    AttentionMaskInterface.register(NAME, mask_function)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import transformers
 
-from . import hf
+from . import hf, hf_attention
 from .patching import install_input_checks, replace_modules
 
 
@@ -23,14 +23,14 @@ class _Optimized:
     """Mixin: swap in the fused modules right after HF builds the model."""
 
     def __init__(self, config, *args, **kwargs):
-        hf.register()
+        hf_attention.register()
         super().__init__(config, *args, **kwargs)
         replace_modules(self)
         install_input_checks(self)
 
     def _check_and_adjust_attn_implementation(self, attn_implementation, *args, **kwargs):
         if attn_implementation is None:
-            hf.register()
+            hf_attention.register()
             attn_implementation = hf.NAME
         return super()._check_and_adjust_attn_implementation(attn_implementation, *args, **kwargs)
 

@@ -16,17 +16,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import hf
-from .families import FAMILIES, REPLACEMENTS, family_of
+from . import hf, hf_attention
+from .families import FAMILIES, REPLACEMENTS, family_of, supported_names
 from .modules import FusedEncoder, path_stats
-from .quant import quantize
+from . import quant
 
 # The encoders inside every supported model, whose inputs patch() validates.
 BASE_MODELS: tuple[type, ...] = tuple(family.base_model for family in FAMILIES)
-
-
-def supported_names() -> str:
-    return ", ".join(f"{family.pretrained.__name__} (and its subclasses)" for family in FAMILIES)
 
 
 def check_supported(model) -> None:
@@ -177,14 +173,14 @@ def patch(model: torch.nn.Module, *, unpad: bool = True, dtype=None) -> PatchHan
     from . import sentence_transformers as st_wrappers
 
     if st_wrappers.is_wrapper(model):
-        return st_wrappers.patch_wrapper(model, unpad=unpad)
+        return st_wrappers.patch_wrapper(model, lambda encoder: patch(encoder, unpad=unpad, dtype=dtype))
     check_supported(model)
     float_dtype, int8 = _resolve_dtype(dtype)
     if float_dtype is not None:
         model.to(float_dtype)
     handle = getattr(model, "_distilkernels_patch", None)
     if handle is None or handle.restored:
-        hf.register()
+        hf_attention.register()
         handle = PatchHandle(model)
         handle.swaps = replace_modules(model, unpad=unpad)
         handle.hooks = install_input_checks(model)
@@ -192,3 +188,34 @@ def patch(model: torch.nn.Module, *, unpad: bool = True, dtype=None) -> PatchHan
     if int8:
         quantize(model)
     return handle
+
+
+def quantize(model: torch.nn.Module, dtype=torch.qint8, *, activations: str = "per_token") -> torch.nn.Module:
+    """Run the GEMMs of every fused encoder block of `model` in int8 (dynamic quantization, CPU); returns
+    `model`, changed in place.
+
+    model: an HF DistilBERT/BERT model or head (patched here if it is not yet: `distilkernels.patch(model)`),
+    or one of distilkernels.models' classes; fp32 parameters on the CPU.
+    dtype: torch.qint8 or "int8".
+    activations: "per_token" (one scale per token; the only mode).
+    Quantizing again replaces the int8 GEMMs (e.g. to switch `activations`); `PatchHandle.restore()` (or
+    `model._distilkernels_patch.restore()`) puts the original fp32 modules back.
+    """
+    from . import sentence_transformers as st_wrappers
+
+    if st_wrappers.is_wrapper(model):  # a SentenceTransformer / CrossEncoder: the HF encoders inside it
+        patch(model)  # one handle restores them all
+        for encoder in st_wrappers.encoders(model):
+            quantize(encoder, dtype, activations=activations)
+        return model
+    quant.check_dtype(dtype)
+    quant.check_activations(activations)
+    check_supported(model)
+    bad = {(p.dtype, p.device.type) for p in model.parameters()} - {(torch.float32, "cpu")}
+    if bad:
+        raise TypeError(f"distilkernels.quantize needs an fp32 model on the CPU, got parameters with "
+                        f"(dtype, device) {sorted(map(str, bad))}")
+    if not quant.fused_blocks(model):
+        patch(model)
+    quant.use_int8(model, activations)
+    return model

@@ -27,7 +27,7 @@ ACTIVATION_MODES = ("per_token",)
 _INT8_NAMES = ("int8", "qint8")
 
 
-def _check_dtype(dtype) -> None:
+def check_dtype(dtype) -> None:
     if dtype in (torch.qint8, torch.int8) or (isinstance(dtype, str) and dtype.lower() in _INT8_NAMES):
         return
     raise ValueError(f"distilkernels.quantize supports dtype=torch.qint8 (or \"int8\") only, got {dtype!r}; "
@@ -72,38 +72,20 @@ class Int8Gemms:
         return self._linear("lin2", x)
 
 
-def _fused_blocks(model: torch.nn.Module) -> list[FusedBlock]:
+def fused_blocks(model: torch.nn.Module) -> list[FusedBlock]:
     return [m for m in model.modules() if isinstance(m, FusedBlock)]
 
 
-def quantize(model: torch.nn.Module, dtype=torch.qint8, *, activations: str = "per_token") -> torch.nn.Module:
-    """Run the GEMMs of every fused encoder block of `model` in int8 (dynamic quantization, CPU); returns
-    `model`, changed in place.
-
-    model: an HF DistilBERT/BERT model or head (patched here if it is not yet: `distilkernels.patch(model)`),
-    or one of distilkernels.models' classes; fp32 parameters on the CPU.
-    dtype: torch.qint8 or "int8".
-    activations: "per_token" (one scale per token; the only mode).
-    Quantizing again replaces the int8 GEMMs (e.g. to switch `activations`); `PatchHandle.restore()` (or
-    `model._distilkernels_patch.restore()`) puts the original fp32 modules back.
-    """
-    from .patching import check_supported, patch
-    from .sentence_transformers import is_wrapper, quantize_wrapper
-
-    if is_wrapper(model):  # a SentenceTransformer / CrossEncoder: the HF encoders inside it
-        return quantize_wrapper(model, dtype=dtype, activations=activations)
-    _check_dtype(dtype)
-    if activations not in ACTIVATION_MODES:
-        raise ValueError(f"activations must be one of {ACTIVATION_MODES}, got {activations!r}")
-    check_supported(model)
-    bad = {(p.dtype, p.device.type) for p in model.parameters()} - {(torch.float32, "cpu")}
-    if bad:
-        raise TypeError(f"distilkernels.quantize needs an fp32 model on the CPU, got parameters with "
-                        f"(dtype, device) {sorted(map(str, bad))}")
-    if not _fused_blocks(model):
-        patch(model)
-    for block in _fused_blocks(model):
+def use_int8(model: torch.nn.Module, activations: str = "per_token") -> None:
+    """Every fused block of `model` (patched, fp32, CPU) runs its GEMMs in int8 from now on (see
+    distilkernels.quantize, the public entry point, in patching.py)."""
+    check_activations(activations)
+    for block in fused_blocks(model):
         current = block._parts.gemms
         if not (isinstance(current, Int8Gemms) and current.activations == activations):
             block._parts.gemms = Int8Gemms(block._parts, activations)
-    return model
+
+
+def check_activations(activations: str) -> None:
+    if activations not in ACTIVATION_MODES:
+        raise ValueError(f"activations must be one of {ACTIVATION_MODES}, got {activations!r}")

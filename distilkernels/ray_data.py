@@ -66,16 +66,16 @@ def load_patched(model_path: str, dtype="float32"):
     float32 (patched), bfloat16 (converted, then patched) or int8 (patched, GEMMs quantized)."""
     from sentence_transformers import SentenceTransformer
 
-    from . import sentence_transformers as st_wrappers
+    from .patching import patch, quantize
 
     dtype = _as_dtype(dtype)
     model = SentenceTransformer(str(model_path), device="cpu").eval()
     if dtype == "bfloat16":
         model.to(torch.bfloat16)
     if dtype == "int8":
-        st_wrappers.quantize_wrapper(model)
+        quantize(model)
     else:
-        st_wrappers.patch_wrapper(model)
+        patch(model)
     return model
 
 

@@ -44,8 +44,8 @@ def hf_models(wrapper: torch.nn.Module) -> list[torch.nn.Module]:
     return found
 
 
-def _encoders_or_raise(wrapper) -> list[torch.nn.Module]:
-    from .patching import supported_names
+def encoders(wrapper) -> list[torch.nn.Module]:
+    from .families import supported_names
 
     models = hf_models(wrapper)
     if not models:
@@ -80,27 +80,14 @@ class WrapperPatchHandle:
         self.restore()
 
 
-def patch_wrapper(wrapper, *, unpad: bool = True) -> WrapperPatchHandle:
-    """Patch every supported HF encoder inside `wrapper` (a SentenceTransformer or CrossEncoder) in place.
-    Patching twice returns the first handle."""
-    from .patching import patch
-
+def patch_wrapper(wrapper, patch_one) -> WrapperPatchHandle:
+    """`patch_one(encoder)` (distilkernels.patch with its options) on every supported HF encoder inside `wrapper`
+    (a SentenceTransformer or CrossEncoder), in place, under one handle. Patching twice returns the first handle."""
     existing = getattr(wrapper, "_distilkernels_patch", None)
     if existing is not None and not existing.restored:
         return existing
     handle = WrapperPatchHandle(wrapper)
-    for model in _encoders_or_raise(wrapper):
-        handle.handles.append(patch(model, unpad=unpad))
+    for model in encoders(wrapper):
+        handle.handles.append(patch_one(model))
     wrapper._distilkernels_patch = handle
     return handle
-
-
-def quantize_wrapper(wrapper, **kwargs) -> torch.nn.Module:
-    """`distilkernels.quantize` applied to every supported HF encoder inside `wrapper` (patched first if it
-    is not yet, through the wrapper so that one handle restores everything); returns `wrapper`."""
-    from .quant import quantize
-
-    patch_wrapper(wrapper)
-    for model in _encoders_or_raise(wrapper):
-        quantize(model, **kwargs)
-    return wrapper

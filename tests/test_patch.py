@@ -43,7 +43,7 @@ def test_set_attn_implementation_round_trip_on_patched_model(built_with, op_spy)
     model = make_model(cls, config, attn_implementation=built_with)
     mask = holey_mask(4, 11, seed=14)
     mask[:, 0] = 1
-    inputs = model_inputs(cls, config, 4, 11, mask)
+    inputs = model_inputs(cls, config, 4, 11, mask, with_labels=False)  # labels would keep the padded layout
     with torch.inference_mode():
         ref = stock(**inputs).logits[mask.bool()]
     handle = distilkernels.patch(model)
@@ -188,6 +188,7 @@ def test_patch_dtype_converts_and_patches(dtype, op_spy):
     floor of a few roundings of the dtype at the outputs' magnitude, for when torch's error happens to be tiny)."""
     config = tiny_config()
     mask = holey_mask(5, 12, seed=13)
+    mask[:, 0] = 1  # position 0 padded would keep the padded layout (pooled heads read it): test padding removal
     fp32 = make_model(transformers.DistilBertModel, config)
     model = make_model(transformers.DistilBertModel, config)
     inputs = model_inputs(transformers.DistilBertModel, config, 5, 12, mask, with_labels=False)

@@ -19,7 +19,9 @@ def distilbert(cls=transformers.DistilBertForSequenceClassification, **overrides
     kw = dict(vocab_size=99, dim=32, n_layers=LAYERS, n_heads=4, hidden_dim=37, max_position_embeddings=64)
     kw.update(overrides)
     torch.manual_seed(0)
-    return cls._from_config(transformers.DistilBertConfig(**kw), attn_implementation="eager").eval()
+    # attn_implementation="distilkernels": the attention function's own decisions are counted too (patch()
+    # leaves a model's attention implementation as it was built)
+    return cls._from_config(transformers.DistilBertConfig(**kw), attn_implementation="distilkernels").eval()
 
 
 def inputs(kind="right", batch=3, seqlen=8):
@@ -102,7 +104,7 @@ def test_decoder_reason():
     config = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4,
                                      intermediate_size=37, is_decoder=True, add_cross_attention=True)
     torch.manual_seed(0)
-    model = transformers.BertLMHeadModel(config).eval()
+    model = transformers.BertLMHeadModel._from_config(config, attn_implementation="distilkernels").eval()
     stats = run(model, encoder_hidden_states=torch.randn(3, 5, 32))
     assert stats["encoder.padded: " + modules.DECODER] == 1
     assert stats["block.stock: " + modules.DECODER] == LAYERS

@@ -74,11 +74,12 @@ def test_int8_tiny_holey_masks(activations, unpad, op_spy, int8_calls):
     config = tiny_config()
     model = make_model(transformers.DistilBertModel, config)
     mask = holey_mask(13, 7, seed=1)
+    mask[:, 0] = 1  # position 0 padded would keep the padded layout (pooled heads read it): test padding removal
     inputs = model_inputs(transformers.DistilBertModel, config, 13, 7, mask, with_labels=False)
     ref = hidden(model, inputs)
     peer = max_error(hidden(torch_int8(model), inputs), ref, mask)
     distilkernels.patch(model, unpad=unpad)
-    quant.quantize(model, activations=activations)
+    distilkernels.quantize(model, activations=activations)
     got = hidden(model, inputs)
     err = max_error(got, ref, mask)
     assert err <= max(RELATIVE * peer, FLOOR["int8"]), f"int8 {err:.3g} vs torch quantize_dynamic {peer:.3g}"
@@ -113,7 +114,7 @@ def test_int8_base_config_cosine(activations):
     inputs = model_inputs(transformers.DistilBertModel, config, 3, 40, mask, with_labels=False)
     ref = hidden(model, inputs)
     peer = min_token_cosine(hidden(torch_int8(model), inputs), ref, mask)
-    got = hidden(quant.quantize(model, "int8", activations=activations), inputs)
+    got = hidden(distilkernels.quantize(model, "int8", activations=activations), inputs)
     cos = min_token_cosine(got, ref, mask)
     assert cos >= MIN_COSINE, f"min token cosine {cos:.5f} (torch quantize_dynamic: {peer:.5f})"
     assert 1 - cos <= RELATIVE * (1 - peer), (cos, peer)
@@ -143,13 +144,13 @@ def test_int8_twice_restore_state_dict():
 def test_int8_follows_new_weights():
     """Loading other weights after quantize() repacks the int8 copies."""
     config = tiny_config()
-    model = quant.quantize(make_model(transformers.DistilBertModel, config, seed=0))
+    model = distilkernels.quantize(make_model(transformers.DistilBertModel, config, seed=0))
     other = make_model(transformers.DistilBertModel, config, seed=1)
     mask = holey_mask(4, 6)
     inputs = model_inputs(transformers.DistilBertModel, config, 4, 6, mask, with_labels=False)
     hidden(model, inputs)
     model.load_state_dict(other.state_dict())
-    expected = hidden(quant.quantize(copy.deepcopy(other)), inputs)
+    expected = hidden(distilkernels.quantize(copy.deepcopy(other)), inputs)
     assert torch.equal(hidden(model, inputs), expected)
 
 
@@ -189,6 +190,7 @@ def test_bf16_tiny_holey_masks(unpad, op_spy):
     config = tiny_config()
     model = make_model(transformers.DistilBertModel, config)
     mask = holey_mask(13, 7, seed=1)
+    mask[:, 0] = 1  # position 0 padded would keep the padded layout (pooled heads read it): test padding removal
     inputs = model_inputs(transformers.DistilBertModel, config, 13, 7, mask, with_labels=False)
     ref = hidden(model, inputs)
     model.to(torch.bfloat16)
