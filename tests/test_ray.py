@@ -232,7 +232,7 @@ def test_ray_actor_failure_is_retried_without_losing_rows(cluster, reference, tm
 # ------------------------------------------------------------------------------------------------------------
 # The README's corpus table is the benchmark's own rendering of its committed JSON
 
-CORPUS_RUN = Path(__file__).resolve().parent.parent / "bench/results/corpus-2026-12-02-repeat"
+CORPUS_RUN = Path(__file__).resolve().parent.parent / "bench/results/corpus-2026-12-02-quiet"
 
 
 def test_readme_corpus_table_reproduced_from_results_json():
