@@ -194,8 +194,9 @@ def quantize(model: torch.nn.Module, dtype=torch.qint8, *, activations: str = "p
     """Run the GEMMs of every fused encoder block of `model` in int8 (dynamic quantization, CPU); returns
     `model`, changed in place.
 
-    model: an HF DistilBERT/BERT model or head (patched here if it is not yet: `distilkernels.patch(model)`),
-    or one of distilkernels.models' classes; fp32 parameters on the CPU.
+    model: an HF DistilBERT/BERT/RoBERTa model or head (patched here if it is not yet: `distilkernels.patch(model)`),
+    one of distilkernels.models' classes, or a SentenceTransformer / CrossEncoder around one; fp32 parameters on
+    the CPU. The int8 GEMMs themselves are in quant.py.
     dtype: torch.qint8 or "int8".
     activations: "per_token" (one scale per token; the only mode).
     Quantizing again replaces the int8 GEMMs (e.g. to switch `activations`); `PatchHandle.restore()` (or

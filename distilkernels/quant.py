@@ -1,4 +1,5 @@
-"""`distilkernels.quantize(model)`: int8 dynamic quantization of the fused blocks' four GEMMs (CPU).
+"""The int8 GEMMs behind `distilkernels.quantize(model)` (the entry point is in patching.py, beside patch()):
+dynamic int8 quantization of the fused blocks' four GEMMs (CPU).
 
     model = distilkernels.quantize(model)          # patches first if needed; fp32 model, CPU
     with torch.inference_mode():
