@@ -1,6 +1,5 @@
 // Shared pieces of the GEMMs that run on the CPU's matrix units through ATen's brgemm (oneDNN's micro-kernels:
-// AMX tiles where the CPU has them): the output tiling, the weight-block layout, and the fp32 -> bf16 store of
-// an epilogue.
+// AMX tiles where the CPU has them): the output tiling and the weight-block layout.
 //
 // Layout of a weight packed for brgemm (pack_linear_bf16 / pack_linear_int8 with vnni=true): the weight
 // (out_features, in_features) is cut into blocks of kBlockN output columns, zero past out_features; each block
@@ -10,12 +9,8 @@
 
 #include <ATen/ATen.h>
 #include <ATen/native/CPUBlas.h>
-#include <c10/util/BFloat16.h>
 
 #include <cstdint>
-#include <cstring>
-
-#include "vec.h"
 
 namespace distilkernels {
 namespace brgemm {
@@ -37,35 +32,23 @@ struct ReleaseGuard {
   ~ReleaseGuard() { at::native::cpublas::brgemm_release(); }
 };
 
-// Rounds fp32 to bf16 (nearest even; NaN stays NaN) on 32-bit integer lanes, which the compiler vectorizes
-// for the target of the function it is inlined into.
-inline uint16_t to_bf16_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
-  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
-__attribute__((target("avx512f,avx512bw,avx512vl"))) inline void store_bf16_avx512(const float* src, int64_t n, c10::BFloat16* dst) {
-  auto* d = reinterpret_cast<uint16_t*>(dst);
-  for (int64_t i = 0; i < n; ++i) d[i] = to_bf16_bits(src[i]);
-}
-
-__attribute__((target("avx2"))) inline void store_bf16_avx2(const float* src, int64_t n, c10::BFloat16* dst) {
-  auto* d = reinterpret_cast<uint16_t*>(dst);
-  for (int64_t i = 0; i < n; ++i) d[i] = to_bf16_bits(src[i]);
-}
-
-// dst[i] = bf16(src[i]) for i < n, vectorized for this CPU's instruction set (vec::isa()).
-inline void store_bf16(const float* src, int64_t n, c10::BFloat16* dst) {
-  switch (vec::isa()) {
-    case vec::Isa::kAvx512: return store_bf16_avx512(src, n, dst);
-    case vec::Isa::kAvx2: return store_bf16_avx2(src, n, dst);
-    default: {
-      auto* d = reinterpret_cast<uint16_t*>(dst);
-      for (int64_t i = 0; i < n; ++i) d[i] = to_bf16_bits(src[i]);
-    }
-  }
+// wt (in_features, out_features) of bf16 or int8 -> the packed layout above: (n_blocks, in_features rounded up to
+// the VNNI group, kBlockN), zero past in_features and out_features.
+inline at::Tensor pack_blocks(const at::Tensor& wt) {
+  const auto dtype = wt.scalar_type();
+  const int64_t k = wt.size(0), n = wt.size(1);
+  const int64_t kp = (k + vnni_group(dtype) - 1) / vnni_group(dtype) * vnni_group(dtype);
+  const int64_t n_blocks = (n + kBlockN - 1) / kBlockN;
+  auto padded = at::zeros({kp, n_blocks * kBlockN}, wt.options());
+  padded.narrow(0, 0, k).narrow(1, 0, n).copy_(wt);
+  auto packed = at::empty({n_blocks, kp, kBlockN}, wt.options());
+  const auto* src = static_cast<const char*>(padded.const_data_ptr());
+  auto* dst = static_cast<char*>(packed.mutable_data_ptr());
+  const int64_t size = wt.element_size();
+  for (int64_t b = 0; b < n_blocks; ++b)
+    at::native::cpublas::pack(kp, kBlockN, n_blocks * kBlockN, kBlockN, dtype, dtype, src + b * kBlockN * size,
+                              dst + b * kp * kBlockN * size);
+  return packed;
 }
 
 }  // namespace brgemm

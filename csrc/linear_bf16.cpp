@@ -32,18 +32,7 @@ at::Tensor pack_linear_bf16_cpu(const at::Tensor& weight, bool vnni) {
   TORCH_CHECK(!vnni || brgemm::packs(at::kBFloat16),
               "vnni=True needs a CPU whose matrix unit takes bf16 (AMX); pack with vnni=False on this CPU");
   const auto wt = weight.to(at::kBFloat16).t();  // (in_features, out_features)
-  if (!vnni) return wt.contiguous();
-  const int64_t n = weight.size(0), k = weight.size(1);
-  const int64_t kp = round_up(k, brgemm::vnni_group(at::kBFloat16)), n_blocks = (n + kBlockN - 1) / kBlockN;
-  auto padded = at::zeros({kp, n_blocks * kBlockN}, wt.options());
-  padded.narrow(0, 0, k).narrow(1, 0, n).copy_(wt);
-  auto packed = at::empty({n_blocks, kp, kBlockN}, wt.options());
-  const auto* src = padded.const_data_ptr<at::BFloat16>();
-  auto* dst = packed.mutable_data_ptr<at::BFloat16>();
-  for (int64_t b = 0; b < n_blocks; ++b)
-    at::native::cpublas::pack(kp, kBlockN, n_blocks * kBlockN, kBlockN, at::kBFloat16, at::kBFloat16,
-                              src + b * kBlockN, dst + b * kp * kBlockN);
-  return packed;
+  return vnni ? brgemm::pack_blocks(wt) : wt.contiguous();
 }
 
 // out[r, :] = bf16(act(acc[r, :] + bias)) for a (rows, cols) fp32 tile with row stride ld_acc.
@@ -52,7 +41,7 @@ void epilogue(float* acc, int64_t ld_acc, int64_t rows, int64_t cols, const floa
   const auto& kern = cpu::kernels();
   for (int64_t r = 0; r < rows; ++r) {
     kern.bias_act_row(acc + r * ld_acc, bias, cols, act);
-    brgemm::store_bf16(acc + r * ld_acc, cols, out + r * ld_out);
+    kern.scale_to_bf16(acc + r * ld_acc, 1.0f, cols, reinterpret_cast<uint16_t*>(out + r * ld_out));
   }
 }
 

@@ -19,6 +19,7 @@
 #include "checks.h"
 #include "cpu_cache.h"
 #include "cpu_kernels.h"
+#include "vec.h"
 
 namespace distilkernels {
 
@@ -66,17 +67,7 @@ std::tuple<at::Tensor, at::Tensor> pack_linear_int8_cpu(const at::Tensor& weight
   const auto scale = k > 0 ? (w.abs().amax({1}) / 127.0).clamp_min(kMinScale).contiguous()  // (n,)
                            : at::full({n}, kMinScale, w.options());
   const auto q = at::round(w / scale.unsqueeze(1)).to(at::kChar);  // |q| <= 127
-  if (!vnni) return std::make_tuple(q.t().contiguous(), scale);
-  const int64_t kp = round_up(k, brgemm::vnni_group(at::kChar)), n_blocks = (n + kBlockN - 1) / kBlockN;
-  auto padded = at::zeros({kp, n_blocks * kBlockN}, q.options());
-  padded.narrow(0, 0, k).narrow(1, 0, n).copy_(q.t());
-  auto packed = at::empty({n_blocks, kp, kBlockN}, q.options());
-  const auto* src = padded.const_data_ptr<int8_t>();
-  auto* dst = packed.mutable_data_ptr<int8_t>();
-  for (int64_t b = 0; b < n_blocks; ++b)
-    at::native::cpublas::pack(kp, kBlockN, n_blocks * kBlockN, kBlockN, at::kChar, at::kChar, src + b * kBlockN,
-                              dst + b * kp * kBlockN);
-  return std::make_tuple(packed, scale);
+  return std::make_tuple(vnni ? brgemm::pack_blocks(q.t()) : q.t().contiguous(), scale);
 }
 
 // out[r, :] = act(acc[r, :] * x_scale[r] * w_scale + bias) for a (rows, cols) int32 tile with row stride ld_acc.
