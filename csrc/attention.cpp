@@ -82,13 +82,7 @@ void attend_block(const Problem& p, const T* q, T* out, float* lse, int64_t s, i
   const int64_t d_n = p.head_dim, rows = std::min(kQueryBlock, seg.n_q - q0);
   T* out_rows = out + seg.out_off + h * L.out_head + q0 * L.out_row;
   float* lse_rows = lse + seg.lse_off + h * L.lse_head + q0;
-  if (seg.n_keys == 0) {  // nothing to attend: zeros, lse -inf
-    for (int64_t i = 0; i < rows; ++i) {
-      std::fill(out_rows + i * L.out_row, out_rows + i * L.out_row + d_n, static_cast<T>(0.0f));
-      lse_rows[i] = -std::numeric_limits<float>::infinity();
-    }
-    return;
-  }
+  if (seg.n_keys == 0) return attn::write_unattended(out_rows, L.out_row, lse_rows, rows, d_n);
   const float q_scale = p.softmax_scale * kLog2e;
   const T* q_rows = q + seg.q_off + h * L.q_head + q0 * L.q_row;
   for (int64_t i = 0; i < rows; ++i)

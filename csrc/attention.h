@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <limits>
 #include <vector>
 
 namespace distilkernels {
@@ -72,6 +73,15 @@ inline Plan plan_tasks(const Problem& p, int64_t query_block) {
     plan.part_begin[t] = std::lower_bound(cost_end.begin(), cost_end.end(), total * t / n_parts) - cost_end.begin();
   plan.part_begin[0] = 0;
   return plan;
+}
+
+// The rows of a query block whose segment has no key to attend: zeros out, lse -inf (both cores).
+template <typename T>
+void write_unattended(T* out_rows, int64_t out_row, float* lse_rows, int64_t rows, int64_t head_dim) {
+  for (int64_t i = 0; i < rows; ++i) {
+    std::fill(out_rows + i * out_row, out_rows + i * out_row + head_dim, static_cast<T>(0.0f));
+    lse_rows[i] = -std::numeric_limits<float>::infinity();
+  }
 }
 
 // Whether attention in `dtype` runs on the matrix unit: bf16 on a CPU where ATen's brgemm packs bf16 for AMX

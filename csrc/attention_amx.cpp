@@ -115,13 +115,7 @@ void attend_block(const Problem& p, const bf16* q, bf16* out, float* lse, int64_
   const int64_t d_n = p.head_dim, rows = std::min(kQueryBlock, seg.n_q - q0);
   bf16* out_rows = out + seg.out_off + h * L.out_head + q0 * L.out_row;
   float* lse_rows = lse + seg.lse_off + h * L.lse_head + q0;
-  if (seg.n_keys == 0) {  // nothing to attend: zeros, lse -inf
-    for (int64_t i = 0; i < rows; ++i) {
-      std::fill(out_rows + i * L.out_row, out_rows + i * L.out_row + d_n, bf16(0.0f));
-      lse_rows[i] = -std::numeric_limits<float>::infinity();
-    }
-    return;
-  }
+  if (seg.n_keys == 0) return write_unattended(out_rows, L.out_row, lse_rows, rows, d_n);
   const bf16* q_rows = q + seg.q_off + h * L.q_head + q0 * L.q_row;
   for (int64_t i = 0; i < rows; ++i) std::memcpy(sc.qb.data() + i * sc.dk, q_rows + i * L.q_row, d_n * sizeof(bf16));
   std::fill(sc.row_max.begin(), sc.row_max.end(), -std::numeric_limits<float>::infinity());
