@@ -39,14 +39,12 @@ def use_matrix_unit(dtype: str) -> bool:
 
 
 def cpu_flags() -> set[str]:
-    """The CPU's matrix/vector flags that decide the GEMM paths (from /proc/cpuinfo; empty where unreadable)."""
+    """The CPU's matrix/vector flags that decide the GEMM paths (distilkernels.machine reads them; empty where
+    /proc/cpuinfo cannot be read)."""
+    from .machine import isa_flags
+
     wanted = {"avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8"}
-    try:
-        with open("/proc/cpuinfo") as f:
-            line = next((ln for ln in f if ln.startswith("flags")), "")
-    except OSError:
-        return set()
-    return wanted & set(line.split(":", 1)[-1].split())
+    return wanted & set(isa_flags())
 
 
 def precision_paths() -> dict[str, str]:
