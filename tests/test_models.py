@@ -10,7 +10,7 @@ import transformers
 from distilkernels import models
 
 from conftest import tiny_config
-from helpers import assert_parity, holey_mask, make_model, model_inputs
+from helpers import assert_parity, holey_mask, make_model, model_inputs, op_count
 
 
 def test_set_attn_implementation_with_padding(op_spy):
@@ -23,7 +23,7 @@ def test_set_attn_implementation_with_padding(op_spy):
         model.set_attn_implementation("distilkernels")
         got = model(**inputs)
     assert_parity(transformers.DistilBertForTokenClassification, ref, got, mask, unpad=False)
-    assert sum(v for (op, _), v in op_spy.items() if op == "attention") == config.n_layers
+    assert op_count(op_spy, "attention") == config.n_layers
 
 
 def test_output_attentions_computed_on_request():

@@ -16,7 +16,7 @@ from distilkernels.gemms import DenseGemms
 from distilkernels.modules import FusedBlock
 
 from conftest import base_config, holey_mask, make_model, model_inputs, tiny_config
-from helpers import MINILM_DIR, mean_pool, minilm_sentences, requires_minilm, tiny_bert
+from helpers import MINILM_DIR, mean_pool, minilm_sentences, op_count, requires_minilm, tiny_bert
 
 pytestmark = pytest.mark.requires_ext
 
@@ -85,7 +85,7 @@ def test_int8_tiny_holey_masks(activations, unpad, op_spy, int8_calls):
     assert err <= max(RELATIVE * peer, FLOOR["int8"]), f"int8 {err:.3g} vs torch quantize_dynamic {peer:.3g}"
     assert err > 0  # really quantized
     assert int8_calls == [activations] * 4 * config.n_layers
-    varlen = sum(v for (op, _), v in op_spy.items() if op == "varlen_attention")
+    varlen = op_count(op_spy, "varlen_attention")
     assert varlen == (config.n_layers if unpad else 0)
 
 
@@ -200,8 +200,8 @@ def test_bf16_tiny_holey_masks(unpad, op_spy):
     assert got.dtype == torch.bfloat16
     peer, err = max_error(plain, ref, mask), max_error(got, ref, mask)
     assert err <= max(RELATIVE * peer, FLOOR["bf16"]), f"bf16 {err:.3g} vs plain torch bf16 {peer:.3g}"
-    assert sum(v for (op, _), v in op_spy.items() if op == "add_layer_norm") == 2 * config.n_layers
-    varlen = sum(v for (op, _), v in op_spy.items() if op == "varlen_attention")
+    assert op_count(op_spy, "add_layer_norm") == 2 * config.n_layers
+    varlen = op_count(op_spy, "varlen_attention")
     assert varlen == (config.n_layers if unpad else 0)
 
 
@@ -227,7 +227,7 @@ def test_bf16_optimized_class(tmp_path, op_spy):
     mask = holey_mask(4, 6)
     out = hidden(model, model_inputs(transformers.DistilBertModel, config, 4, 6, mask, with_labels=False))
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
-    assert sum(v for (op, _), v in op_spy.items() if op == "varlen_attention") == config.n_layers
+    assert op_count(op_spy, "varlen_attention") == config.n_layers
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -325,7 +325,7 @@ def test_forced_fallback_path_matches_matrix_unit(precision, monkeypatch, op_spy
             kernel, packed, _ = block_gemms.packed_bf16["qkv"].value
             assert kernel == "packed"  # tiny weights: no oneDNN contest (gemms._MIN_ONEDNN_WEIGHT)
         assert packed.dim() == (3 if setting == "on" and gemms.use_matrix_unit(precision) else 2)
-    calls = sum(v for (op, _), v in op_spy.items() if op == f"linear_{precision}")
+    calls = op_count(op_spy, f"linear_{precision}")
     assert calls == 2 * 4 * config.n_layers
     if precision == "int8":
         assert torch.allclose(outs["on"], outs["off"], atol=1e-4, rtol=1e-4)
