@@ -62,7 +62,8 @@ def precision_paths() -> dict[str, str]:
         got = sorted({k for (d, *_), k in _WINNER.items() if d == dtype})
         return f"; chosen so far: {', '.join(got)}" if got else "; chosen per shape at first use"
 
-    onednn = " or oneDNN's prepacked linear, whichever measures faster per shape"
+    onednn = (" or oneDNN's prepacked linear, whichever measures faster per shape (oneDNN: rows in chunks of "
+              f"{_CHUNK_ROWS} where that measures faster per bucket of rows)")
     paths["fp32"] = f"distilkernels linear_packed ({ext.vector_isa()}){onednn}{chosen(torch.float32)}"
     bf16 = ("linear_bf16: brgemm on AMX (oneDNN micro-kernel), weights packed once (VNNI)" if use_matrix_unit("bf16")
             else "linear_bf16: brgemm's plain bf16 GEMM on weights transposed once")
@@ -123,8 +124,42 @@ def _onednn_pack(weight):
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
 
 
-def _onednn_linear(x, weight, bias, activation):  # oneDNN's linear with bias + activation as post-ops
+def _onednn_call(x, weight, bias, activation):  # oneDNN's linear with bias + activation as post-ops
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, activation, [], "none" if activation == "gelu" else "")
+
+
+# oneDNN picks its blocking from the number of rows, and some row counts fall off a cliff: in bf16 on a 2-core
+# AMX Xeon, out_features=768 ran at 1.1-1.4 TFLOP/s with 512-1024 rows in one call but 2.1 in calls of 256 rows
+# (2.4-2.7 again at 2048), while q|k|v and lin1 ran fastest in one call. So above _CHUNK_ROWS rows, whether to
+# feed the rows in chunks of _CHUNK_ROWS is measured once per process per (dtype, shape, power-of-two bucket of
+# rows), on the first real call of that bucket (its own inputs, interleaved medians of 3 calls each).
+_CHUNK_ROWS = 256
+_ROW_CHUNK: dict[tuple[torch.dtype, int, int, int], int] = {}  # -> rows per call; 0 = all rows in one call
+
+
+def _onednn_chunked(x, weight, bias, activation, rows: int):
+    if rows == 0 or x.shape[0] <= rows:
+        return _onednn_call(x, weight, bias, activation)
+    return torch.cat([_onednn_call(part, weight, bias, activation) for part in x.split(rows)])
+
+
+def onednn_row_chunk(x, weight, bias, activation) -> int:
+    """Rows per oneDNN call for x on this packed weight (out_features, in_features) (see _CHUNK_ROWS), measured
+    at the first call of its bucket."""
+    tokens = x.shape[0]
+    if tokens <= _CHUNK_ROWS:
+        return 0
+    key = (x.dtype, x.shape[1], weight.shape[0], 1 << (tokens - 1).bit_length())
+    if key not in _ROW_CHUNK:
+        _ROW_CHUNK[key] = 0
+        times = _interleaved_medians({rows: functools.partial(_onednn_chunked, x, weight, bias, activation, rows)
+                                      for rows in (0, _CHUNK_ROWS)}, rounds=3)
+        _ROW_CHUNK[key] = min(times, key=times.get)
+    return _ROW_CHUNK[key]
+
+
+def _onednn_linear(x, weight, bias, activation):
+    return _onednn_chunked(x, weight, bias, activation, onednn_row_chunk(x, weight, bias, activation))
 
 
 def _ours(dtype: torch.dtype, x, weight, bias, activation="gelu"):
