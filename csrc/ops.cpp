@@ -28,6 +28,10 @@ TORCH_LIBRARY(distilkernels, m) {
   // linear_packed: out = activation(x @ weight^T + bias), activation in {"none", "gelu" (exact erf), "relu"}.
   m.def("pack_linear_weight(Tensor weight) -> Tensor");
   m.def("linear_packed(Tensor x, Tensor packed_weight, int out_features, Tensor? bias, str activation) -> Tensor");
+  // The same on MKL's packed-weight GEMM (csrc/linear_mkl.cpp; torch builds that link MKL): pack_linear_mkl(weight
+  // (out_features, in_features) fp32) -> MKL's opaque packing as a 1-D fp32 tensor, used where it was made.
+  m.def("pack_linear_mkl(Tensor weight) -> Tensor");
+  m.def("linear_mkl(Tensor x, Tensor packed_weight, int out_features, Tensor? bias, str activation) -> Tensor");
   // In place: x = activation(x + bias), activation in {"gelu" (exact erf), "relu"}.
   //   x: (..., hidden_dim) contiguous; bias: (hidden_dim,)
   m.def("bias_act_(Tensor(a!) x, Tensor bias, str activation) -> ()");
@@ -62,6 +66,11 @@ TORCH_LIBRARY(distilkernels, m) {
   m.def("linear_int8(Tensor x, Tensor packed_weight, Tensor weight_scale, int out_features, Tensor? bias,"
         " str activation) -> Tensor");
 }
+
+namespace distilkernels {
+bool mkl_packs();  // linear_mkl.cpp
+int64_t mkl_packed_floats(int64_t n, int64_t k);
+}  // namespace distilkernels
 
 namespace {
 
@@ -101,6 +110,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     TORCH_CHECK(dtype == "bf16" || dtype == "int8", "dtype must be \"bf16\" or \"int8\", got \"", dtype, "\"");
     return distilkernels::brgemm::packs(dtype == "bf16" ? at::kBFloat16 : at::kChar);
   }, pybind11::arg("dtype"), "Whether brgemm runs packed (VNNI) weights of this dtype on this CPU's matrix unit");
+  m.def("mkl_packs", &distilkernels::mkl_packs, "Whether this torch build exports MKL's packed fp32 GEMM");
+  m.def("mkl_packed_floats", &distilkernels::mkl_packed_floats, pybind11::arg("out_features"),
+        pybind11::arg("in_features"), "Length of pack_linear_mkl's output for a weight of this shape");
   m.def("openmp_enabled", []() {
 #ifdef _OPENMP
     return true;

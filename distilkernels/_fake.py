@@ -22,6 +22,18 @@ def _linear_packed_fake(x, packed_weight, out_features, bias, activation):
     return x.new_empty((x.shape[0], out_features))
 
 
+@torch.library.register_fake("distilkernels::pack_linear_mkl")
+def _pack_linear_mkl_fake(weight):
+    from distilkernels._C import mkl_packed_floats
+
+    return weight.new_empty((mkl_packed_floats(weight.shape[0], weight.shape[1]),))
+
+
+@torch.library.register_fake("distilkernels::linear_mkl")
+def _linear_mkl_fake(x, packed_weight, out_features, bias, activation):
+    return x.new_empty((x.shape[0], out_features))
+
+
 @torch.library.register_fake("distilkernels::add_layer_norm")
 def _add_layer_norm_fake(x, residual, weight, bias, eps):
     stats = x.new_empty(x.shape[:-1], dtype=torch.float32)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -62,12 +63,19 @@ def precision_paths() -> dict[str, str]:
         got = sorted({k for (d, *_), k in _WINNER.items() if d == dtype})
         return f"; chosen so far: {', '.join(got)}" if got else "; chosen per shape at first use"
 
-    onednn = (" or oneDNN's prepacked linear, whichever measures faster per shape (oneDNN: rows in chunks of "
-              f"{_CHUNK_ROWS} where that measures faster per bucket of rows)")
-    paths["fp32"] = f"distilkernels linear_packed ({ext.vector_isa()}){onednn}{chosen(torch.float32)}"
+    chunks = f" (oneDNN: rows in chunks of {_CHUNK_ROWS} where that measures faster per bucket of rows)"
+    libraries = {dtype: [label for name, label in (("onednn", "oneDNN's prepacked linear"), ("mkl", "MKL's packed GEMM"))
+                         if _KERNELS[name].available(dtype)] for dtype in (torch.float32, torch.bfloat16)}
+
+    def contest(dtype):
+        if not libraries[dtype]:
+            return ""
+        return f" or {' or '.join(libraries[dtype])}, whichever measures faster per shape{chunks}"
+
+    paths["fp32"] = f"distilkernels linear_packed ({ext.vector_isa()}){contest(torch.float32)}{chosen(torch.float32)}"
     bf16 = ("linear_bf16: brgemm on AMX (oneDNN micro-kernel), weights packed once (VNNI)" if use_matrix_unit("bf16")
             else "linear_bf16: brgemm's plain bf16 GEMM on weights transposed once")
-    paths["bf16"] = bf16 + (onednn if _onednn_available(torch.bfloat16) else "") + chosen(torch.bfloat16)
+    paths["bf16"] = bf16 + contest(torch.bfloat16) + chosen(torch.bfloat16)
     paths["int8"] = ("brgemm s8 x s8 -> s32 on AMX, weights packed once (VNNI), per-token scales, fused epilogue"
                      if use_matrix_unit("int8") else
                      "torch _int_mm (oneDNN int8 GEMM, VNNI where present), per-token scales, fused epilogue")
@@ -107,11 +115,28 @@ def concat(weight, bias):
     return weight, bias
 
 
-# ---- fp32 and bf16: our packed GEMM or oneDNN's prepacked one, whichever measures faster on this CPU --------
+# ---- fp32 and bf16: our packed GEMM, oneDNN's or MKL's prepacked one, whichever measures faster ----------
 
-_WINNER: dict[tuple[torch.dtype, int, int], str] = {}  # (dtype, in_features, out_features) -> "packed" | "onednn"
-# Below this many weights a GEMM takes microseconds and oneDNN's per-call set-up outweighs any gain: no contest.
-_MIN_ONEDNN_WEIGHT = 256 * 256
+# Below this many weights a GEMM takes microseconds and a library's per-call set-up outweighs any gain: no contest.
+_MIN_CONTEST_WEIGHT = 256 * 256
+
+
+class _Kernel(NamedTuple):
+    available: Callable[[torch.dtype], bool]
+    pack: Callable  # weight (out_features, in_features) -> the packed weight this kernel reads
+    call: Callable  # (x, packed, out_features, bias, activation) -> activation(x @ weight^T + bias)
+
+
+def _ours_pack(weight):
+    if weight.dtype == torch.bfloat16:
+        return ops.pack_linear_bf16(weight, vnni=use_matrix_unit("bf16"))
+    return ops.pack_linear_weight(weight)
+
+
+def _ours_call(x, packed, out_features, bias, activation):
+    if x.dtype == torch.bfloat16:
+        return ops.linear_bf16(x, packed, out_features, bias, activation)
+    return ops.linear_packed(x, packed, out_features, bias, activation)
 
 
 def _onednn_available(dtype: torch.dtype) -> bool:
@@ -126,6 +151,21 @@ def _onednn_pack(weight):
 
 def _onednn_call(x, weight, bias, activation):  # oneDNN's linear with bias + activation as post-ops
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, activation, [], "none" if activation == "gelu" else "")
+
+
+def _mkl_available(dtype: torch.dtype) -> bool:
+    from ._ext import load_extension
+
+    ext = load_extension()
+    return dtype == torch.float32 and ext is not None and ext.mkl_packs()
+
+
+def _mkl_pack(weight):
+    return torch.ops.distilkernels.pack_linear_mkl(weight.detach())
+
+
+def _mkl_call(x, packed, out_features, bias, activation):  # csrc/linear_mkl.cpp
+    return torch.ops.distilkernels.linear_mkl(x.contiguous(), packed, out_features, bias, activation)
 
 
 # oneDNN picks its blocking from the number of rows, and some row counts fall off a cliff: in bf16 on a 2-core
@@ -158,20 +198,19 @@ def onednn_row_chunk(x, weight, bias, activation) -> int:
     return _ROW_CHUNK[key]
 
 
-def _onednn_linear(x, weight, bias, activation):
-    return _onednn_chunked(x, weight, bias, activation, onednn_row_chunk(x, weight, bias, activation))
+def _onednn_linear(x, packed, out_features, bias, activation):
+    return _onednn_chunked(x, packed, bias, activation, onednn_row_chunk(x, packed, bias, activation))
 
 
-def _ours(dtype: torch.dtype, x, weight, bias, activation="gelu"):
-    """A call of our packed kernel for `dtype` on freshly packed weights (for the measurement)."""
-    if dtype == torch.bfloat16:
-        packed = ops.pack_linear_bf16(weight, vnni=use_matrix_unit("bf16"))
-        return lambda: ops.linear_bf16(x, packed, weight.shape[0], bias, activation)
-    panels = ops.pack_linear_weight(weight)
-    return lambda: ops.linear_packed(x, panels, weight.shape[0], bias, activation)
+_KERNELS: dict[str, _Kernel] = {
+    "packed": _Kernel(lambda dtype: True, _ours_pack, _ours_call),  # linear_packed (fp32) / linear_bf16
+    "onednn": _Kernel(_onednn_available, _onednn_pack, _onednn_linear),  # what inductor freezing runs for bf16
+    "mkl": _Kernel(_mkl_available, _mkl_pack, _mkl_call),  # what inductor freezing runs for fp32
+}
+_WINNER: dict[tuple[torch.dtype, int, int], str] = {}  # (dtype, in_features, out_features) -> a _KERNELS name
 
 
-def _interleaved_medians(candidates: dict, rounds: int = 5) -> dict[str, float]:
+def _interleaved_medians(candidates: dict, rounds: int = 5) -> dict:
     import time
 
     samples = {name: [] for name in candidates}
@@ -185,40 +224,51 @@ def _interleaved_medians(candidates: dict, rounds: int = 5) -> dict[str, float]:
     return {name: sorted(t)[rounds // 2] for name, t in samples.items()}
 
 
+def _agrees(got, want, in_features: int) -> bool:
+    """A candidate's output is our kernel's up to GEMM rounding: ~sqrt(K) roundings of the dtype at the output's
+    magnitude, with a 100x margin for any blocking order (a wrong kernel is off by O(magnitude))."""
+    eps = torch.finfo(want.dtype).eps
+    scale = max(1.0, want.float().abs().max().item())
+    return bool((got.float() - want.float()).abs().max().item() <= 100 * eps * in_features ** 0.5 * scale)
+
+
 def dense_kernel(dtype: torch.dtype, in_features: int, out_features: int, tokens: int = 128) -> str:
-    """"packed" (our linear_packed / linear_bf16) or "onednn" (oneDNN's prepacked linear with fused post-ops,
-    what torch's inductor freezing runs) for an fp32/bf16 GEMM of this shape, measured once per process at
-    first use on `tokens` random rows (interleaved medians of 5 calls). Which wins depends on the CPU and
-    shape, so neither is assumed: at the DistilBERT shapes on a Xeon with AVX-512 + AMX, oneDNN led in fp32 by
-    3-14% per GEMM, but with oneDNN capped to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2) linear_packed's AVX2 build led
-    by 4-16%; in bf16 oneDNN and brgemm traded places by up to 20% across shapes."""
+    """The _KERNELS entry for an fp32/bf16 GEMM of this shape: "packed" (our linear_packed / linear_bf16),
+    "onednn" (oneDNN's prepacked linear, fused post-ops) or "mkl" (MKL's packed GEMM, fp32), measured once per
+    process at first use on `tokens` random rows (interleaved medians of 5 calls), among the kernels this
+    torch build has that compute what ours computes (checked on another row count first). Which wins depends
+    on the CPU and shape, so none is assumed: at the DistilBERT shapes on a Xeon with AVX-512 + AMX, oneDNN led
+    ours in fp32 by 3-14% per GEMM, and MKL led oneDNN in the model by ~9% at 1 x 128 (weights streamed from
+    memory); with oneDNN capped to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2) linear_packed's AVX2 build led oneDNN by
+    4-16%; in bf16 oneDNN and brgemm traded places by up to 20% across shapes."""
     key = (dtype, in_features, out_features)
     if key not in _WINNER:
         _WINNER[key] = "packed"
-        if _onednn_available(dtype) and in_features * out_features >= _MIN_ONEDNN_WEIGHT:
+        if in_features * out_features >= _MIN_CONTEST_WEIGHT:
             with torch.no_grad():
                 x = torch.randn(max(tokens, 1), in_features).to(dtype)
                 weight = torch.randn(out_features, in_features).to(dtype)
                 bias = torch.randn(out_features).to(dtype)
-                onednn = _onednn_pack(weight)
-                times = _interleaved_medians({"packed": _ours(dtype, x, weight, bias),
-                                              "onednn": lambda: _onednn_linear(x, onednn, bias, "gelu")})
+                check_rows = x[: max(1, tokens // 3)]
+                calls = {}
+                for name, kernel in _KERNELS.items():
+                    if not kernel.available(dtype):
+                        continue
+                    packed = kernel.pack(weight)
+                    run = functools.partial(kernel.call, packed=packed, out_features=out_features, bias=bias,
+                                            activation="gelu")
+                    if name != "packed" and not _agrees(run(check_rows), calls["packed"](check_rows), in_features):
+                        continue
+                    calls[name] = run
+                times = _interleaved_medians({name: functools.partial(run, x) for name, run in calls.items()})
             _WINNER[key] = min(times, key=times.get)
     return _WINNER[key]
 
 
-def pack_fp32(weight, bias):
-    """(kernel, weight packed for it, bias): dense_kernel's choice for this shape."""
-    if dense_kernel(torch.float32, weight.shape[1], weight.shape[0]) == "onednn":
-        return "onednn", _onednn_pack(weight), bias
-    return "packed", ops.pack_linear_weight(weight), bias
-
-
-def pack_bf16(weight, bias):
-    """(kernel, weight packed for it: oneDNN's, VNNI blocks on a matrix unit, else W^T; bias)."""
-    if dense_kernel(torch.bfloat16, weight.shape[1], weight.shape[0]) == "onednn":
-        return "onednn", _onednn_pack(weight), bias
-    return "packed", ops.pack_linear_bf16(weight, vnni=use_matrix_unit("bf16")), bias
+def pack_dense(weight, bias):
+    """(kernel name, weight packed for it, bias): dense_kernel's choice for this shape and dtype."""
+    name = dense_kernel(weight.dtype, weight.shape[1], weight.shape[0])
+    return name, _KERNELS[name].pack(weight), bias
 
 
 class DenseGemms:
@@ -234,8 +284,8 @@ class DenseGemms:
         self.fused_qkv = DerivedWeights((parts.q, parts.k, parts.v))
         groups = (("qkv", (parts.q, parts.k, parts.v)), ("out", (parts.out,)), ("lin1", (parts.lin1,)),
                   ("lin2", (parts.lin2,)))
-        self.packed = {name: DerivedWeights(linears, pack_fp32) for name, linears in groups}
-        self.packed_bf16 = {name: DerivedWeights(linears, pack_bf16) for name, linears in groups}
+        self.packed = {name: DerivedWeights(linears, pack_dense) for name, linears in groups}
+        self.packed_bf16 = {name: DerivedWeights(linears, pack_dense) for name, linears in groups}
 
     @staticmethod
     def _use_packed(x) -> bool:
@@ -245,11 +295,7 @@ class DenseGemms:
 
     def _packed(self, name, x, activation="none"):
         kernel, packed, bias = (self.packed_bf16 if x.dtype == torch.bfloat16 else self.packed)[name].get()
-        if kernel == "onednn":
-            return _onednn_linear(x.contiguous(), packed, bias, activation)
-        if x.dtype == torch.bfloat16:
-            return ops.linear_bf16(x, packed, bias.shape[0], bias, activation)
-        return ops.linear_packed(x, packed, bias.shape[0], bias, activation)
+        return _KERNELS[kernel].call(x, packed, bias.shape[0], bias, activation)
 
     def qkv(self, x):  # (tokens, dim) -> (tokens, 3*dim), bias included: one GEMM for q|k|v
         if self._use_packed(x):

@@ -16,8 +16,7 @@ from distilkernels.gemms import DenseGemms
 from distilkernels.modules import FusedBlock
 
 from conftest import base_config, holey_mask, make_model, model_inputs, tiny_config
-from helpers import (MINILM_DIR, lowp_bound, magnitude, max_err, mean_pool, minilm_sentences, op_count,
-                     requires_minilm, tiny_bert)
+from helpers import MINILM_DIR, mean_pool, minilm_sentences, op_count, requires_minilm, tiny_bert
 
 pytestmark = pytest.mark.requires_ext
 
@@ -324,7 +323,7 @@ def test_forced_fallback_path_matches_matrix_unit(precision, monkeypatch, op_spy
             packed = block_gemms.packed["qkv"].value[0]
         else:
             kernel, packed, _ = block_gemms.packed_bf16["qkv"].value
-            assert kernel == "packed"  # tiny weights: no oneDNN contest (gemms._MIN_ONEDNN_WEIGHT)
+            assert kernel == "packed"  # tiny weights: no contest (gemms._MIN_CONTEST_WEIGHT)
         assert packed.dim() == (3 if setting == "on" and gemms.use_matrix_unit(precision) else 2)
     calls = op_count(op_spy, f"linear_{precision}")
     assert calls == 2 * 4 * config.n_layers
@@ -364,32 +363,3 @@ def test_precision_paths_report_this_cpu():
     assert ("brgemm on AMX" in paths["bf16"]) == gemms.use_matrix_unit("bf16")
     assert paths["fp32"].startswith("distilkernels linear_packed")
     assert ("brgemm" in paths["int8"]) == gemms.use_matrix_unit("int8")
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_onednn_rows_in_chunks(dtype, monkeypatch):
-    """oneDNN's linear fed in row chunks (gemms._CHUNK_ROWS) computes what one call computes: each output row
-    depends on its own input row only, so the chunked and whole results agree to one rounding of the output
-    dtype (oneDNN may pick another K blocking per row count), and both are within torch's own error in that
-    dtype of an fp64 reference. The chunk choice is made once per bucket of rows, and only above the chunk."""
-    if not gemms._onednn_available(dtype):
-        pytest.skip("oneDNN's prepacked linear is not available in this torch build")
-    torch.manual_seed(0)
-    x = torch.randn(gemms._CHUNK_ROWS * 2 + 37, 320).to(dtype)
-    weight, bias = torch.randn(300, 320).to(dtype), torch.randn(300).to(dtype)
-    packed = gemms._onednn_pack(weight)
-    ref = torch.nn.functional.gelu(torch.nn.functional.linear(x.double(), weight.double(), bias.double()))
-    whole = gemms._onednn_chunked(x, packed, bias, "gelu", 0)
-    chunked = gemms._onednn_chunked(x, packed, bias, "gelu", gemms._CHUNK_ROWS)
-    torch_same = torch.nn.functional.gelu(torch.nn.functional.linear(x, weight, bias))
-    floor = 1e-5 * 320 ** 0.5 * magnitude(ref) if dtype == torch.float32 else None  # test_linear's fp32 bound
-    for got in (whole, chunked):
-        assert got.shape == ref.shape
-        assert max_err(got, ref) <= lowp_bound(got, ref, [torch_same], floor=floor)
-    monkeypatch.setattr(gemms, "_ROW_CHUNK", {})
-    assert gemms.onednn_row_chunk(x[: gemms._CHUNK_ROWS], packed, bias, "gelu") == 0  # no contest, no entry
-    assert gemms._ROW_CHUNK == {}
-    assert gemms.onednn_row_chunk(x, packed, bias, "gelu") in (0, gemms._CHUNK_ROWS)
-    assert list(gemms._ROW_CHUNK) == [(dtype, 320, 300, 1024)]
-    gemms.onednn_row_chunk(x[:600], packed, bias, "gelu")  # same bucket: measured once
-    assert len(gemms._ROW_CHUNK) == 1

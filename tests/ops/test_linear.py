@@ -9,6 +9,8 @@ magnitude (at least 1). Low precision: helpers' rule, 2x torch's own error in th
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -376,3 +378,76 @@ def test_bf16_int8_gemms_on_capped_isa(isa):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split()[-1] in (isa, "scalar")  # a CPU without AVX2 caps avx2 to scalar
+
+
+# ----------------------------------------------------------------------------------------------------------
+# linear_mkl (MKL's packed GEMM, one of the kernels distilkernels.gemms measures; internal op)
+
+
+def _mkl_or_skip():
+    from distilkernels._C import mkl_packs
+
+    if not mkl_packs():
+        pytest.skip("this torch build does not export MKL's packed GEMM")
+
+
+@pytest.mark.parametrize("activation", ["none", "gelu", "relu"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("tokens, in_features, out_features", [
+    (1, 8, 1), (37, 37, 129), (128, 64, 200), (300, 800, 64), (1100, 96, 77),  # row counts on both sides of 128
+])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_linear_mkl_matches_fp64(tokens, in_features, out_features, bias, activation, threads):
+    """The weight is packed once (for 128 rows, MKL's hint) and used for every row count."""
+    _mkl_or_skip()
+    torch.manual_seed(0)
+    x, weight = torch.randn(tokens, in_features), torch.randn(out_features, in_features)
+    b = torch.randn(out_features) if bias else None
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        packed = torch.ops.distilkernels.pack_linear_mkl(weight)
+        got = torch.ops.distilkernels.linear_mkl(x, packed, out_features, b, activation)
+        again = torch.ops.distilkernels.linear_mkl(x[:5], packed, out_features, b, activation)
+    finally:
+        torch.set_num_threads(previous)
+    ref = reference.activate(F.linear(x.double(), weight.double(), None if b is None else b.double()), activation)
+    assert got.shape == (tokens, out_features) and got.is_contiguous()
+    assert max_err(got, ref) <= fp32_gemm_bound(ref, in_features)
+    assert max_err(again, ref[:5]) <= fp32_gemm_bound(ref, in_features)
+
+
+def test_linear_mkl_fake_and_empty():
+    """The fake kernels give the real shapes (opcheck runs ops on copies of their inputs, which an MKL packing
+    refuses: see test_linear_mkl_bad_input)."""
+    _mkl_or_skip()
+    x, weight, bias = torch.randn(5, 12), torch.randn(37, 12), torch.randn(37)
+    packed = torch.ops.distilkernels.pack_linear_mkl(weight)
+    torch.library.opcheck(torch.ops.distilkernels.pack_linear_mkl.default, (weight,), test_utils=("test_faketensor",))
+    meta = torch.ops.distilkernels.linear_mkl(x.to("meta"), packed.to("meta"), 37, bias.to("meta"), "gelu")
+    assert meta.shape == torch.ops.distilkernels.linear_mkl(x, packed, 37, bias, "gelu").shape == (5, 37)
+    assert torch.ops.distilkernels.linear_mkl(torch.randn(0, 12), packed, 37, bias, "gelu").shape == (0, 37)
+
+
+def test_linear_mkl_bad_input():
+    _mkl_or_skip()
+    x, weight = torch.randn(3, 4), torch.randn(5, 4)
+    packed = torch.ops.distilkernels.pack_linear_mkl(weight)
+    linear_mkl = torch.ops.distilkernels.linear_mkl
+    with pytest.raises(RuntimeError, match="pack_linear_mkl\\(weight\\) of a \\(6, 4\\) weight.*from a \\(5, 4\\)"):
+        linear_mkl(x, packed, 6, None, "none")
+    with pytest.raises(RuntimeError, match="of a \\(5, 7\\) weight"):
+        linear_mkl(torch.randn(3, 7), packed, 5, None, "none")
+    with pytest.raises(RuntimeError, match="x must be float32"):
+        linear_mkl(x.double(), packed, 5, None, "none")
+    with pytest.raises(RuntimeError, match="bias"):
+        linear_mkl(x, packed, 5, torch.randn(4), "none")
+    with pytest.raises(RuntimeError, match="activation must be one of"):
+        linear_mkl(x, packed, 5, None, "tanh")
+    for copied in (packed.clone(), copy.deepcopy(packed), torch.empty(packed.numel() + 1)[1:].copy_(packed)):
+        with pytest.raises(RuntimeError, match="cannot be moved or copied"):  # MKL itself would crash
+            linear_mkl(x, copied, 5, None, "none")
+    with pytest.raises(RuntimeError, match="weight must be float32"):
+        torch.ops.distilkernels.pack_linear_mkl(weight.double())
+    with pytest.raises(RuntimeError, match="both > 0"):
+        torch.ops.distilkernels.pack_linear_mkl(torch.randn(5, 0))

@@ -1,0 +1,74 @@
+"""The GEMM kernels a fused block's dense (fp32/bf16) GEMMs choose from (distilkernels.gemms): our packed
+kernels, oneDNN's prepacked linear (whole or in row chunks) and MKL's packed GEMM. Which one runs is measured
+per CPU, so every one of them must give HF's result wherever it can be chosen: each is forced in turn here, on
+weights large enough to enter the contest."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+
+import distilkernels
+from distilkernels import gemms
+
+from conftest import base_config
+from helpers import holey_mask, lowp_bound, magnitude, make_model, max_err, model_inputs
+
+pytestmark = pytest.mark.requires_ext
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_onednn_rows_in_chunks(dtype, monkeypatch):
+    """oneDNN's linear fed in row chunks (gemms._CHUNK_ROWS) computes what one call computes: each output row
+    depends on its own input row only, so the chunked and whole results agree to one rounding of the output
+    dtype (oneDNN may pick another K blocking per row count), and both are within torch's own error in that
+    dtype of an fp64 reference. The chunk choice is made once per bucket of rows, and only above the chunk."""
+    if not gemms._onednn_available(dtype):
+        pytest.skip("oneDNN's prepacked linear is not available in this torch build")
+    torch.manual_seed(0)
+    x = torch.randn(gemms._CHUNK_ROWS * 2 + 37, 320).to(dtype)
+    weight, bias = torch.randn(300, 320).to(dtype), torch.randn(300).to(dtype)
+    packed = gemms._onednn_pack(weight)
+    ref = torch.nn.functional.gelu(torch.nn.functional.linear(x.double(), weight.double(), bias.double()))
+    whole = gemms._onednn_chunked(x, packed, bias, "gelu", 0)
+    chunked = gemms._onednn_chunked(x, packed, bias, "gelu", gemms._CHUNK_ROWS)
+    torch_same = torch.nn.functional.gelu(torch.nn.functional.linear(x, weight, bias))
+    floor = 1e-5 * 320 ** 0.5 * magnitude(ref) if dtype == torch.float32 else None  # test_linear's fp32 bound
+    for got in (whole, chunked):
+        assert got.shape == ref.shape
+        assert max_err(got, ref) <= lowp_bound(got, ref, [torch_same], floor=floor)
+    monkeypatch.setattr(gemms, "_ROW_CHUNK", {})
+    assert gemms.onednn_row_chunk(x[: gemms._CHUNK_ROWS], packed, bias, "gelu") == 0  # no contest, no entry
+    assert gemms._ROW_CHUNK == {}
+    assert gemms.onednn_row_chunk(x, packed, bias, "gelu") in (0, gemms._CHUNK_ROWS)
+    assert list(gemms._ROW_CHUNK) == [(dtype, 320, 300, 1024)]
+    gemms.onednn_row_chunk(x[:600], packed, bias, "gelu")  # same bucket: measured once
+    assert len(gemms._ROW_CHUNK) == 1
+
+
+
+@pytest.mark.parametrize("kernel", sorted(gemms._KERNELS))
+def test_every_contest_kernel_matches_hf_fp32(kernel, monkeypatch):
+    """distilbert-base's shapes (2 layers), a holey batch of > _CHUNK_ROWS real tokens (so oneDNN's row chunks are
+    contested too), each kernel forced for every GEMM: HF fp32's values on real tokens to 1e-4."""
+    if not gemms._KERNELS[kernel].available(torch.float32):
+        pytest.skip(f"{kernel} is not available in this torch build")
+    config = base_config(n_layers=2)
+    model = make_model(transformers.DistilBertModel, config)
+    mask = holey_mask(4, 120, seed=3)
+    inputs = model_inputs(transformers.DistilBertModel, config, 4, 120, mask, with_labels=False)
+    with torch.inference_mode():
+        ref = model(**inputs).last_hidden_state
+    shapes = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]
+    monkeypatch.setattr(gemms, "_WINNER", {(torch.float32, k, n): kernel for k, n in shapes})
+    monkeypatch.setattr(gemms, "_ROW_CHUNK", {})
+    patched = copy.deepcopy(model)
+    distilkernels.patch(patched)
+    with torch.inference_mode():
+        got = patched(**inputs).last_hidden_state
+    gemm = next(b for b in patched.modules() if hasattr(b, "_parts"))._parts.gemms
+    assert gemm.packed["lin1"].value[0] == kernel  # the forced kernel ran
+    valid = mask.bool()
+    assert (got[valid] - ref[valid]).abs().max().item() <= 1e-4
