@@ -80,7 +80,7 @@ class _Lazy:
 
 
 def _cpp(op: str) -> Callable:
-    return lambda *args: getattr(torch.ops.distilkernels, op)(*args)
+    return lambda *args: getattr(torch.ops.distilkernels, op).default(*args)
 
 
 # (op, backend) -> callable with the op's positional signature (see csrc/ops.cpp for the schemas).

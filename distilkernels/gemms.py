@@ -134,9 +134,9 @@ def _ours_pack(weight):
 
 
 def _ours_call(x, packed, out_features, bias, activation):
-    if x.dtype == torch.bfloat16:
-        return ops.linear_bf16(x, packed, out_features, bias, activation)
-    return ops.linear_packed(x, packed, out_features, bias, activation)
+    # The C++ ops' table entries (DenseGemms runs packed kernels on the C++ backend only): checks in C++ only.
+    op = "linear_bf16" if x.dtype == torch.bfloat16 else "linear_packed"
+    return dispatch.implementation(op, "cpp")(x, packed, out_features, bias, activation)
 
 
 def _onednn_available(dtype: torch.dtype) -> bool:

@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import ops
+from . import dispatch, ops
 from . import hf
 from .gemms import DenseGemms
 from .padding import pad, unpad, unpad_info
@@ -237,16 +237,28 @@ class FusedBlock:
         """x: (tokens, dim). Padded layout: tokens = batch * seqlen with an optional key_padding_mask
         (batch, seqlen). Packed layout: cu_seqlens (batch + 1,) int32 and max_seqlen. Returns (tokens, dim)."""
         p = self._parts
+        cpp = dispatch.backend_for(x.device) == "cpp"
         qkv = p.gemms.qkv(x)  # (tokens, 3*dim)
         if cu_seqlens is None:
             q, k, v = qkv.view(batch, seqlen, 3, p.n_heads, p.head_dim).unbind(2)
-            ctx = ops.attention(q, k, v, key_padding_mask=key_padding_mask, softmax_scale=p.scaling)
+            ctx = (dispatch.implementation("attention", "cpp")(q, k, v, key_padding_mask, p.scaling)[0] if cpp
+                   else ops.attention(q, k, v, key_padding_mask=key_padding_mask, softmax_scale=p.scaling))
         else:
             q, k, v = qkv.view(-1, 3, p.n_heads, p.head_dim).unbind(1)
-            ctx = ops.varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale=p.scaling)
-        h = ops.add_layer_norm(p.gemms.out(ctx.view(x.shape)), x, p.ln1.weight, p.ln1.bias, p.ln1.eps)
+            ctx = (dispatch.implementation("varlen_attention", "cpp")(q, k, v, cu_seqlens, max_seqlen, p.scaling)[0]
+                   if cpp else ops.varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale=p.scaling))
+        h = _add_layer_norm(cpp, p.gemms.out(ctx.view(x.shape)), x, p.ln1)
         f = p.gemms.lin1_act(h, p.act)
-        return ops.add_layer_norm(p.gemms.lin2(f), h, p.ln2.weight, p.ln2.bias, p.ln2.eps)
+        return _add_layer_norm(cpp, p.gemms.lin2(f), h, p.ln2)
+
+
+# The blocks build their ops' arguments themselves, well-formed by construction: on the C++ backend they call
+# the C++ ops' table entries directly (the ops check their arguments in C++) rather than the public ops, whose
+# Python checks cost ~200 us per distilbert forward (~2% at 1 x 128 in bf16 on 2 cores).
+def _add_layer_norm(cpp: bool, x, residual, ln):
+    if cpp:
+        return dispatch.implementation("add_layer_norm", "cpp")(x, residual, ln.weight, ln.bias, ln.eps)[0]
+    return ops.add_layer_norm(x, residual, ln.weight, ln.bias, ln.eps)
 
 
 class FusedEncoder:
