@@ -117,15 +117,12 @@ def _build_ours(dtype):
     return build
 
 
-def _build_ours_int8(activations: str):
-    def build(model, example):
-        import distilkernels
+def _build_ours_int8(model, example):
+    import distilkernels
 
-        _cpu_only(model, "distilkernels.quantize")
-        quantized = distilkernels.quantize(copy.deepcopy(model).eval(), activations=activations)
-        return Built(module_runner(quantized), f"distilkernels.quantize(deep copy, activations={activations!r})")
-
-    return build
+    _cpu_only(model, "distilkernels.quantize")
+    quantized = distilkernels.quantize(copy.deepcopy(model).eval())
+    return Built(module_runner(quantized), "distilkernels.quantize(deep copy): int8, per-token activation scales")
 
 
 def _build_optimized(model, example):
@@ -199,7 +196,7 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
     Provider("distilkernels_bf16", _build_ours(torch.bfloat16), "bf16"),
     Provider("torch_int8_dynamic", _build_torch_int8, "int8"),
     Provider("onnxruntime_int8", _build_ort(int8=True), "int8"),
-    Provider("distilkernels_int8", _build_ours_int8("per_token"), "int8"),
+    Provider("distilkernels_int8", _build_ours_int8, "int8"),
 )}
 
 

@@ -162,3 +162,18 @@ def check_cu_seqlens(cu_seqlens, max_seqlen, total: int, q: torch.Tensor) -> int
     if longest > max_seqlen:
         raise ValueError(f"max_seqlen must be >= the longest sequence ({longest}), got {max_seqlen}")
     return max_seqlen
+
+
+def check_packed(x, packed_weight, dtype, out_features, bias, bias_dtypes, activations: tuple, activation) -> None:
+    """The arguments of the matrix-unit GEMMs (linear_bf16, linear_int8) besides x."""
+    if not isinstance(packed_weight, torch.Tensor) or packed_weight.dtype != dtype or packed_weight.dim() not in (2, 3):
+        raise ValueError(f"packed_weight must be a 2-D or 3-D {dtype} tensor from its pack op, got {describe(packed_weight)}")
+    if isinstance(out_features, bool) or not isinstance(out_features, int) or out_features < 0:
+        raise ValueError(f"out_features must be a non-negative int, got {out_features!r}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.dtype not in bias_dtypes
+                             or tuple(bias.shape) != (out_features,)):
+        raise ValueError(f"bias must be None or a tensor of shape ({out_features},) and dtype in {bias_dtypes}, "
+                         f"got {describe(bias)}")
+    check_activation(activation, activations)
+    if packed_weight.device != x.device or (bias is not None and bias.device != x.device):
+        raise ValueError("x, packed_weight and bias must share a device")

@@ -20,6 +20,7 @@ from ._checks import (FLOAT_DTYPES as _FLOAT_DTYPES, check_activation as _check_
                       check_float as _check_float, check_fp32 as _check_fp32,
                       check_fp32_matrix as _check_fp32_matrix, check_fp32_vector as _check_fp32_vector,
                       check_key_padding_mask as _check_key_padding_mask, check_last_dim as _check_last_dim,
+                      check_packed as _check_packed,
                       check_qkv as _check_qkv, check_same as _check_same, check_vector as _check_vector,
                       describe as _describe)
 from ._ext import extension_error, load_extension
@@ -206,21 +207,6 @@ def set_cpu_cache_limit(nbytes: int) -> None:
 # GEMMs for the matrix units (bf16 and int8 on weights packed once; csrc/linear_bf16.cpp, linear_int8.cpp)
 
 
-def _check_packed(x, packed_weight, dtype, out_features, bias, bias_dtypes, activation) -> None:
-    if not isinstance(packed_weight, torch.Tensor) or packed_weight.dtype != dtype or packed_weight.dim() not in (2, 3):
-        raise ValueError(f"packed_weight must be a 2-D or 3-D {dtype} tensor from its pack op, got {_describe(packed_weight)}")
-    if isinstance(out_features, bool) or not isinstance(out_features, int) or out_features < 0:
-        raise ValueError(f"out_features must be a non-negative int, got {out_features!r}")
-    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.dtype not in bias_dtypes
-                             or tuple(bias.shape) != (out_features,)):
-        raise ValueError(f"bias must be None or a tensor of shape ({out_features},) and dtype in {bias_dtypes}, "
-                         f"got {_describe(bias)}")
-    if activation not in ("none",) + ACTIVATIONS:
-        raise ValueError(f"activation must be one of {('none',) + ACTIVATIONS}, got {activation!r}")
-    if packed_weight.device != x.device or (bias is not None and bias.device != x.device):
-        raise ValueError("x, packed_weight and bias must share a device")
-
-
 def pack_linear_bf16(weight, vnni: bool = False):
     """weight (out_features, in_features) float -> the bf16 layout `linear_bf16` reads: vnni=True, the matrix
     unit's VNNI blocks (ceil(out_features / 64), in_features rounded up to 2, 64), on CPUs with AMX only;
@@ -236,7 +222,8 @@ def linear_bf16(x, packed_weight, out_features: int, bias=None, activation: str 
     x: (tokens, in_features) bf16; packed_weight: pack_linear_bf16(weight); bias: (out_features,) bf16/fp32."""
     if not isinstance(x, torch.Tensor) or x.dtype != torch.bfloat16 or x.dim() != 2:
         raise TypeError(f"x must be a 2-D (tokens, in_features) bfloat16 tensor, got {_describe(x)}")
-    _check_packed(x, packed_weight, torch.bfloat16, out_features, bias, (torch.bfloat16, torch.float32), activation)
+    _check_packed(x, packed_weight, torch.bfloat16, out_features, bias, (torch.bfloat16, torch.float32),
+                  ("none",) + ACTIVATIONS, activation)
     return _impl("linear_bf16", x.device)(x, packed_weight, out_features, bias, activation)
 
 
@@ -255,6 +242,7 @@ def linear_int8(x, packed_weight, weight_scale, out_features: int, bias=None, ac
     to int8 with its own scale (max|x[r]| / 127), the product accumulates in int32, the epilogue dequantizes.
     x: (tokens, in_features) fp32; (packed_weight, weight_scale): pack_linear_int8(weight); bias fp32."""
     _check_fp32_matrix("x", x)
-    _check_packed(x, packed_weight, torch.int8, out_features, bias, (torch.float32,), activation)
+    _check_packed(x, packed_weight, torch.int8, out_features, bias, (torch.float32,), ("none",) + ACTIVATIONS,
+                  activation)
     _check_fp32_vector("weight_scale", weight_scale, out_features, optional=False)
     return _impl("linear_int8", x.device)(x, packed_weight, weight_scale, out_features, bias, activation)
