@@ -4,11 +4,11 @@
 // Same segments and task split as the blocked core (attention.h). Per (segment, head), a thread gathers the
 // attended keys once and packs them in the VNNI layout brgemm's B operand wants (pairs along K in one 32-bit
 // word): K^T by chunks of keys, V by key block (cpublas::pack), zero past the last key and past head_dim.
-// Per query block: Q is copied to a zero-padded bf16 block, then per key block
+// Per query block (Q read in place), per key block
 //   scores = Q K^T                      brgemm, bf16 x bf16 -> fp32
 //   P = bf16(exp2(scores * c - max))    one online-softmax step, c = scale * log2 e: row max, row sum and the
 //                                       acc rescale in fp32, P zero past the last key
-//   acc += P V                          brgemm, fp32 accumulators
+//   acc += P V                          brgemm, fp32 accumulators (acc = P V on the first key block)
 // and out = bf16(acc / row_sum). P is rounded to bf16 before the second GEMM, as in torch's own bf16 flash
 // attention; the statistics (row max, row sum, lse) never leave fp32.
 #include <ATen/Parallel.h>
@@ -45,7 +45,7 @@ struct AmxScratch {
   std::vector<bf16> kt_packed;      // keys [j0, j0 + kChunk) packed at j0 * dk: (dk, chunk width) VNNI
   std::vector<bf16> v_plain;        // key block at kb * dv: (kKeyBlock, dv), zero past head_dim / last key
   std::vector<bf16> v_packed;       // key block at kb * dv, its column chunk e at + e * kChunk * kKeyBlock
-  std::vector<bf16> qb;             // (kQueryBlock, dk): one query block, zero past head_dim
+  std::vector<bf16> qb;             // (kQueryBlock, dk): a query block of odd head_dim, zero past it
   std::vector<float> scores;        // (kQueryBlock, kKeyBlock)
   std::vector<bf16> pb;             // (kQueryBlock, kKeyBlock): P in bf16, zero past the last key
   std::vector<float> acc;           // (kQueryBlock, dv)
@@ -116,18 +116,25 @@ void attend_block(const Problem& p, const bf16* q, bf16* out, float* lse, int64_
   bf16* out_rows = out + seg.out_off + h * L.out_head + q0 * L.out_row;
   float* lse_rows = lse + seg.lse_off + h * L.lse_head + q0;
   if (seg.n_keys == 0) return write_unattended(out_rows, L.out_row, lse_rows, rows, d_n);
+  // Q is brgemm's A operand in place (row stride q_row) unless head_dim is odd: then a copy with a zero pad
+  // column makes K a whole number of VNNI pairs.
   const bf16* q_rows = q + seg.q_off + h * L.q_head + q0 * L.q_row;
-  for (int64_t i = 0; i < rows; ++i) std::memcpy(sc.qb.data() + i * sc.dk, q_rows + i * L.q_row, d_n * sizeof(bf16));
+  const bf16* a = q_rows;
+  int64_t lda = L.q_row;
+  if (sc.dk != d_n) {
+    for (int64_t i = 0; i < rows; ++i) std::memcpy(sc.qb.data() + i * sc.dk, q_rows + i * L.q_row, d_n * sizeof(bf16));
+    a = sc.qb.data();
+    lda = sc.dk;
+  }
   std::fill(sc.row_max.begin(), sc.row_max.end(), -std::numeric_limits<float>::infinity());
   std::fill(sc.row_sum.begin(), sc.row_sum.end(), 0.0f);
-  std::fill(sc.acc.begin(), sc.acc.begin() + rows * sc.dv, 0.0f);
   const float q_scale = p.softmax_scale * kLog2e;
 
   for (int64_t kb = 0; kb < seg.n_keys; kb += kKeyBlock) {
     const int64_t nk = std::min(kKeyBlock, seg.n_keys - kb), nkp = round_up(nk, kPad);
     for (int64_t c = 0; c < nkp; c += kChunk) {  // scores of zero pad keys are 0 and never read
       const int64_t w = std::min(kChunk, nkp - c);
-      cpublas::brgemm(rows, w, sc.dk, sc.dk, w, kKeyBlock, /*add_C=*/false, sc.qb.data(),
+      cpublas::brgemm(rows, w, sc.dk, lda, w, kKeyBlock, /*add_C=*/false, a,
                       sc.kt_packed.data() + (kb + c) * sc.dk, sc.scores.data() + c);
     }
     kern.softmax_update_bf16(sc.scores.data(), kKeyBlock, rows, nk, nkp, q_scale, sc.row_max.data(),
@@ -135,7 +142,7 @@ void attend_block(const Problem& p, const bf16* q, bf16* out, float* lse, int64_
                              reinterpret_cast<uint16_t*>(sc.pb.data()), kKeyBlock);
     for (int64_t e = 0; e < sc.dv; e += kChunk) {
       const int64_t w = std::min(kChunk, sc.dv - e);
-      cpublas::brgemm(rows, w, nkp, kKeyBlock, w, sc.dv, /*add_C=*/true, sc.pb.data(),
+      cpublas::brgemm(rows, w, nkp, kKeyBlock, w, sc.dv, /*add_C=*/kb > 0, sc.pb.data(),
                       sc.v_packed.data() + kb * sc.dv + e * kKeyBlock, sc.acc.data() + e);
     }
   }
