@@ -145,12 +145,13 @@ void pack_keys(const Problem& p, const bf16* k, const bf16* v, int64_t s, int64_
     }
   }
   // V by key block and column chunk (cpublas::pack). A contiguous run of whole kPad keys of a head_dim that
-  // needs no pad is packed where it lies; otherwise it is gathered into v_plain, zero-padded, first.
+  // needs no pad, in rows that do not overlap, is packed where it lies; otherwise it is gathered into
+  // v_plain, zero-padded, first.
   for (int64_t kb = 0; kb < n; kb += sc.kw) {
     const int64_t nk = std::min(sc.kw, n - kb), nkp = round_up(nk, kPad);
     const bf16* vp = vbase + seg.key_row(kb) * L.v_row;
     int64_t ldv = L.v_row;
-    if (seg.keys != nullptr || nk != nkp || d_n != sc.dv) {
+    if (seg.keys != nullptr || nk != nkp || d_n != sc.dv || L.v_row < d_n) {
       bf16* plain = sc.v_plain.data();
       for (int64_t j = 0; j < nk; ++j)
         std::memcpy(plain + j * sc.dv, vbase + seg.key_row(kb + j) * L.v_row, d_n * sizeof(bf16));
@@ -176,12 +177,13 @@ void attend_block(const Problem& p, const bf16* q, bf16* out, float* lse, int64_
   bf16* out_rows = out + seg.out_off + h * L.out_head + q0 * L.out_row;
   float* lse_rows = lse + seg.lse_off + h * L.lse_head + q0;
   if (seg.n_keys == 0) return write_unattended(out_rows, L.out_row, lse_rows, rows, d_n);
-  // Q is brgemm's A operand in place (row stride q_row) unless head_dim is odd: then a copy with a zero pad
-  // column makes K a whole number of VNNI pairs.
+  // Q is brgemm's A operand in place (row stride q_row) unless head_dim is odd (a copy with a zero pad column
+  // makes K a whole number of VNNI pairs) or rows overlap (a stride below head_dim, which oneDNN does not
+  // promise to take).
   const bf16* q_rows = q + seg.q_off + h * L.q_head + q0 * L.q_row;
   const bf16* a = q_rows;
   int64_t lda = L.q_row;
-  if (sc.dk != d_n) {
+  if (sc.dk != d_n || L.q_row < d_n) {
     for (int64_t i = 0; i < rows; ++i) std::memcpy(sc.qb.data() + i * sc.dk, q_rows + i * L.q_row, d_n * sizeof(bf16));
     a = sc.qb.data();
     lda = sc.dk;

@@ -297,6 +297,21 @@ def test_cpp_attention_bf16_strided_and_contiguous_agree(bf16_path, seqlen):
 
 
 @requires_ext
+@pytest.mark.parametrize("row_stride", [0, 32])
+def test_cpp_attention_bf16_overlapping_rows(bf16_path, row_stride):
+    """q and v whose token rows overlap (a broadcast row, a stride below head_dim) give the bits of their
+    contiguous copies: such rows are copied before the matrix unit reads them."""
+    g = torch.Generator().manual_seed(6)
+    base = torch.randn(4096, generator=g).bfloat16()
+    q = base.as_strided((2, 40, 3, 64), (7, row_stride, 64, 1))
+    v = base[100:].as_strided((2, 40, 3, 64), (5, row_stride, 64, 1))
+    k = torch.randn(2, 40, 3, 64, generator=g).bfloat16()
+    strided = OPS.attention(q, k, v, None, 0.125)
+    dense = OPS.attention(q.contiguous(), k, v.contiguous(), None, 0.125)
+    assert torch.equal(strided[0], dense[0]) and torch.equal(strided[1], dense[1])
+
+
+@requires_ext
 @pytest.mark.parametrize("lengths", [[1], [7, 0, 129], [64, 65, 3, 512], [16, 17, 128, 8, 100]])
 @pytest.mark.parametrize("head_dim", [8, 64])
 def test_cpp_varlen_attention_bf16(bf16_path, lengths, head_dim):
