@@ -35,8 +35,9 @@ using bf16 = at::BFloat16;
 
 constexpr int64_t kQueryBlock = 64;  // brgemm M; 64-row tiles ran faster than 32-row ones (AMX_NOTES.md)
 // Keys per online-softmax step (fewer, longer rows amortize the per-row max/sum reductions and the acc
-// rescale). Measured at 1 thread, 8 x 512 tokens: 128 keys 23.4 ms, 256 and 512 keys 15-19 ms. Short
-// sequences use blocks just wide enough for their keys (AmxScratch::kw).
+// rescale). Measured at 1 thread, 8 x 512 tokens: 128 keys 23.4 ms, 256 and 512 keys 15-19 ms (the two
+// alike within the noise; 512 keeps such a sequence in one block). Short sequences use blocks just wide
+// enough for their keys (AmxScratch::kw).
 constexpr int64_t kKeyBlock = 512;
 // oneDNN's packed B operand is blocked by columns: its leading dimension is 16, 32, 48 or 64. Every brgemm
 // therefore covers at most kChunk output columns, and key and head_dim counts are padded to kPad (zeros).
@@ -76,7 +77,9 @@ struct AmxScratch {
   }
 };
 
-// GCC 12's AVX-512 headers trip -Wmaybe-uninitialized on their own _mm512_undefined_* placeholders.
+// The packing helpers below are compiled for AVX-512 by target attributes: this core runs only where the
+// vector kernels run AVX-512 (use_matrix_unit). GCC 12's AVX-512 headers trip -Wmaybe-uninitialized on their
+// own _mm512_undefined_* placeholders.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -117,7 +120,7 @@ __attribute__((target("avx512f,avx512bw"))) void pack_kt16(const bf16* const src
     for (int j = 0; j < 16; ++j)
       r[j] = src[j] ? _mm512_maskz_loadu_epi16(mask, src[j] + 2 * w0) : _mm512_setzero_si512();
     transpose16x16_words(r);
-    for (int64_t c = 0; c < std::min<int64_t>(16, (halves + 1) / 2); ++c) _mm512_storeu_si512(kt + (w0 + c) * ldkt, r[c]);
+    for (int64_t c = 0; c < (halves + 1) / 2; ++c) _mm512_storeu_si512(kt + (w0 + c) * ldkt, r[c]);
   }
 }
 
