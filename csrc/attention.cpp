@@ -130,9 +130,17 @@ void attention_core(const Problem& p, const T* q, const T* k, const T* v, T* out
   });
 }
 
+// Below this many keys in its longest segment a call takes the blocked core even where the matrix unit
+// serves its dtype: the matrix unit's fixed cost per (segment, head) (packing, tile configurations, keys
+// padded to 16) is then most of the work. Measured (bf16, 12 heads of 64, 1 thread, us per call, matrix unit
+// vs blocked): 1 x 8 tokens 29 vs 18; 1 x 16: 26 vs 29; 32 x 16: 663 vs 809; 1 x 64: 62 vs 160.
+constexpr int64_t kMatrixUnitMinKeys = 16;
+
 void run_core(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
               at::Tensor& lse) {
-  if (attn::use_matrix_unit(q.scalar_type())) {
+  int64_t max_keys = 0;
+  for (const Segment& seg : p.segments) max_keys = std::max(max_keys, seg.n_keys);
+  if (max_keys >= kMatrixUnitMinKeys && attn::use_matrix_unit(q.scalar_type())) {
     attn::attention_amx(p, q.const_data_ptr<at::BFloat16>(), k.const_data_ptr<at::BFloat16>(),
                         v.const_data_ptr<at::BFloat16>(), out.mutable_data_ptr<at::BFloat16>(),
                         lse.mutable_data_ptr<float>());

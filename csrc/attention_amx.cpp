@@ -4,15 +4,16 @@
 // Same segments and task split as the blocked core (attention.h). Per (segment, head), a thread gathers the
 // attended keys once and packs them in the VNNI layout brgemm's B operand wants (pairs along K in one 32-bit
 // word): K^T by chunks of keys, V by key block (cpublas::pack), zero past the last key and past head_dim.
-// Per query block: Q is copied to a zero-padded bf16 block, then per key block
+// Per query block (Q read in place), per key block
 //   scores = Q K^T                      brgemm, bf16 x bf16 -> fp32
 //   P = bf16(exp2(scores * c - max))    one online-softmax step, c = scale * log2 e: row max, row sum and the
 //                                       acc rescale in fp32, P zero past the last key
-//   acc += P V                          brgemm, fp32 accumulators
+//   acc += P V                          brgemm, fp32 accumulators (acc = P V on the first key block)
 // and out = bf16(acc / row_sum). P is rounded to bf16 before the second GEMM, as in torch's own bf16 flash
 // attention; the statistics (row max, row sum, lse) never leave fp32.
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
+#include <immintrin.h>
 
 #include <cmath>
 #include <cstdlib>
@@ -33,40 +34,97 @@ namespace cpublas = at::native::cpublas;
 using bf16 = at::BFloat16;
 
 constexpr int64_t kQueryBlock = 64;  // brgemm M; 64-row tiles ran faster than 32-row ones (AMX_NOTES.md)
-constexpr int64_t kKeyBlock = 128;   // keys per online-softmax step; a (64, 128) fp32 score block is 32 KiB
+// Keys per online-softmax step (fewer, longer rows amortize the per-row max/sum reductions and the acc
+// rescale). Measured at 1 thread, 8 x 512 tokens: 128 keys 23.4 ms, 256 and 512 keys 15-19 ms (the two
+// alike within the noise; 512 keeps such a sequence in one block). Short sequences use blocks just wide
+// enough for their keys (AmxScratch::kw).
+constexpr int64_t kKeyBlock = 512;
 // oneDNN's packed B operand is blocked by columns: its leading dimension is 16, 32, 48 or 64. Every brgemm
 // therefore covers at most kChunk output columns, and key and head_dim counts are padded to kPad (zeros).
 constexpr int64_t kChunk = 64;
 constexpr int64_t kPad = 16;
+// A segment with more than kKeyBlock keys steps through whole K^T chunks; fewer keys take one block.
 static_assert(kKeyBlock % kChunk == 0, "key blocks are whole chunks");
 
 struct AmxScratch {
   int64_t dk, dv;                   // head_dim padded to a VNNI pair (K of Q K^T) and to kPad (N of P V)
+  int64_t kw;                       // keys per block: kKeyBlock, or fewer when no segment has that many
   std::vector<bf16> kt_packed;      // keys [j0, j0 + kChunk) packed at j0 * dk: (dk, chunk width) VNNI
-  std::vector<bf16> v_plain;        // key block at kb * dv: (kKeyBlock, dv), zero past head_dim / last key
-  std::vector<bf16> v_packed;       // key block at kb * dv, its column chunk e at + e * kChunk * kKeyBlock
-  std::vector<bf16> qb;             // (kQueryBlock, dk): one query block, zero past head_dim
-  std::vector<float> scores;        // (kQueryBlock, kKeyBlock)
-  std::vector<bf16> pb;             // (kQueryBlock, kKeyBlock): P in bf16, zero past the last key
+  std::vector<bf16> v_plain;        // (kw, dv): a key block gathered, zero past head_dim / last key
+  std::vector<bf16> v_packed;       // key block at kb * dv, its column chunk e at + e * kw
+  std::vector<bf16> qb;             // (kQueryBlock, dk): a query block of odd head_dim, zero past it
+  std::vector<float> scores;        // (kQueryBlock, kw)
+  std::vector<bf16> pb;             // (kQueryBlock, kw): P in bf16, zero past the last key
   std::vector<float> acc;           // (kQueryBlock, dv)
   std::vector<float> row_max, row_sum;
   int64_t seg = -1, head = -1;
 
   AmxScratch(int64_t head_dim, int64_t max_keys)
-      : dk(round_up(head_dim, 2)), dv(round_up(head_dim, kPad)) {
-    const int64_t key_rows = std::max<int64_t>(1, round_up(max_keys, kKeyBlock));
+      : dk(round_up(head_dim, 2)),
+        dv(round_up(head_dim, kPad)),
+        kw(std::min(kKeyBlock, round_up(std::max<int64_t>(max_keys, 1), kPad))) {
+    const int64_t key_rows = round_up(std::max<int64_t>(max_keys, 1), kw);
     // Value-initialized (zero): the pad columns of qb and v_plain are never written after this.
-    kt_packed.resize(key_rows * dk);
-    v_plain.resize(key_rows * dv);
+    kt_packed.resize(round_up(key_rows, kChunk) * dk);
+    v_plain.resize(kw * dv);
     v_packed.resize(key_rows * dv);
     qb.resize(kQueryBlock * dk);
-    scores.resize(kQueryBlock * kKeyBlock);
-    pb.resize(kQueryBlock * kKeyBlock);
+    scores.resize(kQueryBlock * kw);
+    pb.resize(kQueryBlock * kw);
     acc.resize(kQueryBlock * dv);
     row_max.resize(kQueryBlock);
     row_sum.resize(kQueryBlock);
   }
 };
+
+// The packing helpers below are compiled for AVX-512 by target attributes: this core runs only where the
+// vector kernels run AVX-512 (use_matrix_unit). GCC 12's AVX-512 headers trip -Wmaybe-uninitialized on their
+// own _mm512_undefined_* placeholders.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// Transposes 16 x 16 32-bit words: rows r[i] in, columns out in r[i]. Lane-local unpacks pair rows, then
+// 128-bit lane shuffles gather each column's four 4-word pieces.
+__attribute__((target("avx512f"))) inline void transpose16x16_words(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // r[i + c]: column 4 * lane + c of rows i..i + 3, in each 128-bit lane
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {  // lanes (0, 2) and (1, 3) of row groups (0-3, 4-7) and (8-11, 12-15)
+    t[c] = _mm512_shuffle_i32x4(r[c], r[c + 4], 0x88);
+    t[c + 4] = _mm512_shuffle_i32x4(r[c], r[c + 4], 0xdd);
+    t[c + 8] = _mm512_shuffle_i32x4(r[c + 8], r[c + 12], 0x88);
+    t[c + 12] = _mm512_shuffle_i32x4(r[c + 8], r[c + 12], 0xdd);
+  }
+  for (int c = 0; c < 8; ++c) {  // column c from (t[c], t[c + 8]) lanes 0, 2; column c + 8 from lanes 1, 3
+    r[c] = _mm512_shuffle_i32x4(t[c], t[c + 8], 0x88);
+    r[c + 8] = _mm512_shuffle_i32x4(t[c], t[c + 8], 0xdd);
+  }
+}
+
+// K^T of 16 keys (rows src[0..keys), null past the last key: zeros) in the VNNI layout: word (p, j) of
+// kt (row stride ldkt words) holds (K[j, 2p], K[j, 2p + 1]). An odd head_dim's last word is (K[j, d - 1], 0).
+__attribute__((target("avx512f,avx512bw"))) void pack_kt16(const bf16* const src[16], int64_t head_dim,
+                                                             uint32_t* kt, int64_t ldkt) {
+  for (int64_t w0 = 0; 2 * w0 < head_dim; w0 += 16) {
+    const int64_t halves = std::min<int64_t>(32, head_dim - 2 * w0);
+    const __mmask32 mask = halves == 32 ? ~__mmask32{0} : (__mmask32{1} << halves) - 1;
+    __m512i r[16];
+    for (int j = 0; j < 16; ++j)
+      r[j] = src[j] ? _mm512_maskz_loadu_epi16(mask, src[j] + 2 * w0) : _mm512_setzero_si512();
+    transpose16x16_words(r);
+    for (int64_t c = 0; c < (halves + 1) / 2; ++c) _mm512_storeu_si512(kt + (w0 + c) * ldkt, r[c]);
+  }
+}
+
+#pragma GCC diagnostic pop
 
 // Gathers and packs the attended keys of (segment s, head h): K^T by chunks of keys, V by key block and
 // column chunk.
@@ -76,31 +134,37 @@ void pack_keys(const Problem& p, const bf16* k, const bf16* v, int64_t s, int64_
   const int64_t d_n = p.head_dim, n = seg.n_keys;
   const bf16* kbase = k + seg.k_off + h * L.k_head;
   const bf16* vbase = v + seg.v_off + h * L.v_head;
-  const bf16 zero(0.0f);
   // K^T goes straight to the VNNI layout, (dk / 2, ncp) 32-bit words per chunk: word (p, j) holds
   // (K[j, 2p], K[j, 2p + 1]), the pair of K^T rows 2p, 2p + 1 at column j. A key's pairs are whole 32-bit
-  // words of its row, so the transpose moves words, not halves.
-  const int64_t pairs = sc.dk / 2, whole = d_n / 2;
+  // words of its row, so the transpose moves words, 16 keys x 16 words at a time.
   for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
     const int64_t nc = std::min(kChunk, n - j0), ncp = round_up(nc, kPad);
     auto* kt = reinterpret_cast<uint32_t*>(sc.kt_packed.data() + j0 * sc.dk);
-    for (int64_t j = 0; j < nc; ++j) {
-      const bf16* src = kbase + seg.key_row(j0 + j) * L.k_row;
-      for (int64_t w = 0; w < whole; ++w) std::memcpy(kt + w * ncp + j, src + 2 * w, sizeof(uint32_t));
-      if (whole < pairs) kt[whole * ncp + j] = src[d_n - 1].x;  // odd head_dim: (last value, 0)
+    for (int64_t jj = 0; jj < ncp; jj += 16) {
+      const bf16* rows[16];
+      for (int64_t j = 0; j < 16; ++j)
+        rows[j] = jj + j < nc ? kbase + seg.key_row(j0 + jj + j) * L.k_row : nullptr;
+      pack_kt16(rows, d_n, kt + jj, ncp);
     }
-    for (int64_t w = 0; w < pairs; ++w) std::fill(kt + w * ncp + nc, kt + (w + 1) * ncp, uint32_t{0});
   }
-  for (int64_t kb = 0; kb < n; kb += kKeyBlock) {
-    const int64_t nk = std::min(kKeyBlock, n - kb), nkp = round_up(nk, kPad);
-    bf16* vp = sc.v_plain.data() + kb * sc.dv;
-    for (int64_t j = 0; j < nk; ++j)
-      std::memcpy(vp + j * sc.dv, vbase + seg.key_row(kb + j) * L.v_row, d_n * sizeof(bf16));
-    std::fill(vp + nk * sc.dv, vp + nkp * sc.dv, zero);
+  // V by key block and column chunk (cpublas::pack). A contiguous run of whole kPad keys of a head_dim that
+  // needs no pad, in rows that do not overlap, is packed where it lies; otherwise it is gathered into
+  // v_plain, zero-padded, first.
+  for (int64_t kb = 0; kb < n; kb += sc.kw) {
+    const int64_t nk = std::min(sc.kw, n - kb), nkp = round_up(nk, kPad);
+    const bf16* vp = vbase + seg.key_row(kb) * L.v_row;
+    int64_t ldv = L.v_row;
+    if (seg.keys != nullptr || nk != nkp || d_n != sc.dv || L.v_row < d_n) {
+      bf16* plain = sc.v_plain.data();
+      for (int64_t j = 0; j < nk; ++j)
+        std::memcpy(plain + j * sc.dv, vbase + seg.key_row(kb + j) * L.v_row, d_n * sizeof(bf16));
+      std::fill(plain + nk * sc.dv, plain + nkp * sc.dv, bf16(0.0f));
+      vp = plain;
+      ldv = sc.dv;
+    }
     for (int64_t e = 0; e < sc.dv; e += kChunk) {
       const int64_t w = std::min(kChunk, sc.dv - e);
-      cpublas::pack(nkp, w, sc.dv, w, at::kBFloat16, at::kBFloat16, vp + e,
-                    sc.v_packed.data() + kb * sc.dv + e * kKeyBlock);
+      cpublas::pack(nkp, w, ldv, w, at::kBFloat16, at::kBFloat16, vp + e, sc.v_packed.data() + kb * sc.dv + e * sc.kw);
     }
   }
   sc.seg = s;
@@ -116,27 +180,35 @@ void attend_block(const Problem& p, const bf16* q, bf16* out, float* lse, int64_
   bf16* out_rows = out + seg.out_off + h * L.out_head + q0 * L.out_row;
   float* lse_rows = lse + seg.lse_off + h * L.lse_head + q0;
   if (seg.n_keys == 0) return write_unattended(out_rows, L.out_row, lse_rows, rows, d_n);
+  // Q is brgemm's A operand in place (row stride q_row) unless head_dim is odd (a copy with a zero pad column
+  // makes K a whole number of VNNI pairs) or rows overlap (a stride below head_dim, which oneDNN does not
+  // promise to take).
   const bf16* q_rows = q + seg.q_off + h * L.q_head + q0 * L.q_row;
-  for (int64_t i = 0; i < rows; ++i) std::memcpy(sc.qb.data() + i * sc.dk, q_rows + i * L.q_row, d_n * sizeof(bf16));
+  const bf16* a = q_rows;
+  int64_t lda = L.q_row;
+  if (sc.dk != d_n || L.q_row < d_n) {
+    for (int64_t i = 0; i < rows; ++i) std::memcpy(sc.qb.data() + i * sc.dk, q_rows + i * L.q_row, d_n * sizeof(bf16));
+    a = sc.qb.data();
+    lda = sc.dk;
+  }
   std::fill(sc.row_max.begin(), sc.row_max.end(), -std::numeric_limits<float>::infinity());
   std::fill(sc.row_sum.begin(), sc.row_sum.end(), 0.0f);
-  std::fill(sc.acc.begin(), sc.acc.begin() + rows * sc.dv, 0.0f);
   const float q_scale = p.softmax_scale * kLog2e;
 
-  for (int64_t kb = 0; kb < seg.n_keys; kb += kKeyBlock) {
-    const int64_t nk = std::min(kKeyBlock, seg.n_keys - kb), nkp = round_up(nk, kPad);
+  for (int64_t kb = 0; kb < seg.n_keys; kb += sc.kw) {
+    const int64_t nk = std::min(sc.kw, seg.n_keys - kb), nkp = round_up(nk, kPad);
     for (int64_t c = 0; c < nkp; c += kChunk) {  // scores of zero pad keys are 0 and never read
       const int64_t w = std::min(kChunk, nkp - c);
-      cpublas::brgemm(rows, w, sc.dk, sc.dk, w, kKeyBlock, /*add_C=*/false, sc.qb.data(),
+      cpublas::brgemm(rows, w, sc.dk, lda, w, sc.kw, /*add_C=*/false, a,
                       sc.kt_packed.data() + (kb + c) * sc.dk, sc.scores.data() + c);
     }
-    kern.softmax_update_bf16(sc.scores.data(), kKeyBlock, rows, nk, nkp, q_scale, sc.row_max.data(),
+    kern.softmax_update_bf16(sc.scores.data(), sc.kw, rows, nk, nkp, q_scale, sc.row_max.data(),
                              sc.row_sum.data(), sc.acc.data(), sc.dv, sc.dv,
-                             reinterpret_cast<uint16_t*>(sc.pb.data()), kKeyBlock);
+                             reinterpret_cast<uint16_t*>(sc.pb.data()), sc.kw);
     for (int64_t e = 0; e < sc.dv; e += kChunk) {
       const int64_t w = std::min(kChunk, sc.dv - e);
-      cpublas::brgemm(rows, w, nkp, kKeyBlock, w, sc.dv, /*add_C=*/true, sc.pb.data(),
-                      sc.v_packed.data() + kb * sc.dv + e * kKeyBlock, sc.acc.data() + e);
+      cpublas::brgemm(rows, w, nkp, sc.kw, w, sc.dv, /*add_C=*/kb > 0, sc.pb.data(),
+                      sc.v_packed.data() + kb * sc.dv + e * sc.kw, sc.acc.data() + e);
     }
   }
 

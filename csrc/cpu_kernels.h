@@ -55,7 +55,9 @@ struct Kernels {
   void (*scale_to_bf16)(const float* x, float scale, int64_t n, uint16_t* y);
   // softmax_update on raw scores s * scale (scaled in registers, s is read only), writing the probabilities
   // as bf16 to p[i, :n] (stride ldp) and zeros to p[i, n:n_pad); row_max, row_sum (of the fp32 values) and
-  // acc as in softmax_update.
+  // acc as in softmax_update, except that rows seeing their first block (row_max -inf on entry) leave acc
+  // untouched: the caller writes those rows afresh. The probabilities' exp2 is accurate to bf16's needs
+  // (exp2_bf16 in cpu_kernels_impl.h), not to fp32's.
   void (*softmax_update_bf16)(const float* s, int64_t lds, int64_t m, int64_t n, int64_t n_pad, float scale,
                               float* row_max, float* row_sum, float* acc, int64_t ldacc, int64_t acc_n,
                               uint16_t* p, int64_t ldp);

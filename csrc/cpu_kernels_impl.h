@@ -528,39 +528,97 @@ void scale_to_bf16(const float* x, float factor, int64_t n, uint16_t* y) {
   for (; i < n; ++i) store_bf16_1(y + i, x[i] * factor);
 }
 
-void softmax_update_bf16(const float* s, int64_t lds, int64_t m, int64_t n, int64_t n_pad, float scale,
-                         float* row_max, float* row_sum, float* acc, int64_t ldacc, int64_t acc_n, uint16_t* p,
-                         int64_t ldp) {
+// 2^x for the probabilities of softmax_update_bf16, which are rounded to bf16 (relative error up to 2^-8)
+// right after: 2^floor(x) times a degree-5 minimax fit of 2^f on f = x - floor(x) in [0, 1). Relative error
+// <= 7.5e-8 in exact arithmetic, <= 1.5e-7 evaluated in fp32: ~10^4 times below the bf16 rounding, and the
+// row sums built from these values (the logsumexp) stay at a few fp32 roundings. The degree-7 exp2_approx
+// keeps the fp32 paths at full precision.
+template <class T>
+DK_INLINE T exp2_bf16_poly(T f) {
+  T p = splat(1.877576695e-03f, f);
+  p = vfma(p, f, splat(8.989340626e-03f, f));
+  p = vfma(p, f, splat(5.582631752e-02f, f));
+  p = vfma(p, f, splat(2.401536107e-01f, f));
+  p = vfma(p, f, splat(6.931530833e-01f, f));
+  return vfma(p, f, splat(9.999999404e-01f, f));
+}
+DK_INLINE float vfloor(float x) { return __builtin_floorf(x); }
+#if DK_ISA_LEVEL == 1
+DK_INLINE V vfloor(V x) { return _mm256_floor_ps(x); }
+#endif
+// Inputs below -127 give 0 (x is s * scale - row max, so <= 0 up to an ulp).
+template <class T>
+DK_INLINE T exp2_bf16(T x) {
+  x = vmax(x, splat(-127.0f, x));
+  const T n = vfloor(x);
+  return exp2_bf16_poly(x - n) * vpow2i(n);
+}
+#if DK_ISA_LEVEL == 2
+// vreduceps gives x - floor(x) in one instruction (imm 0x09: keep 0 fraction bits, round down, no
+// precision exception) and vscalefps multiplies by 2^floor(x) itself, flushing any x below -150 to 0.
+DK_INLINE V exp2_bf16(V x) { return _mm512_scalef_ps(exp2_bf16_poly(_mm512_reduce_ps(x, 0x09)), x); }
+#endif
+
+// softmax_update_bf16's body; kNative: stores through AVX512-BF16's vcvtne2ps2bf16 (round to nearest even,
+// fp32 denormals, below 2^-126 and far below any probability that matters, read as zero), written as inline
+// assembly so that no other code is compiled for AVX512-BF16; only CPUs that have it run that variant.
+template <bool kNative>
+DK_INLINE void softmax_update_bf16_rows(const float* s, int64_t lds, int64_t m, int64_t n, int64_t n_pad,
+                                        float scale, float* row_max, float* row_sum, float* acc, int64_t ldacc,
+                                        int64_t acc_n, uint16_t* p, int64_t ldp) {
   const V z = splat(0.0f, V());
   const V vscale = splat(scale, z);
-  const int64_t vec_end = n - n % kW;
+  const int64_t pair_end = n - n % (2 * kW), vec_end = n - n % kW;
   for (int64_t i = 0; i < m; ++i) {
     const float* row = s + i * lds;
     uint16_t* prow = p + i * ldp;
+    // max(s * scale) is scale * max(s) for scale >= 0 (rounding is monotonic): the multiply leaves the loop.
+    const bool pos = scale >= 0.0f;
     V vmx = splat(-__builtin_inff(), z);
     int64_t j = 0;
-    for (; j < vec_end; j += kW) vmx = vmax(vmx, vload(row + j) * vscale);
+    for (; j < vec_end; j += kW) vmx = vmax(vmx, pos ? vload(row + j) : vload(row + j) * vscale);
     float mx = hmax(vmx);
+    if (pos) mx *= scale;
     for (; j < n; ++j) mx = vmax(mx, row[j] * scale);
     const float new_max = vmax(row_max[i], mx);
-    const V vnew = splat(new_max, z);
-    V vsum = z;
-    for (j = 0; j < vec_end; j += kW) {
-      const V e = exp2_approx(vload(row + j) * vscale - vnew);
-      store_bf16(prow + j, e);
-      vsum = vsum + e;
+    const V vneg = splat(-new_max, z);
+    V sum0 = z, sum1 = z;
+    for (j = 0; j < pair_end; j += 2 * kW) {  // x = s * scale - max in one rounding
+      const V e0 = exp2_bf16(vfma(vload(row + j), vscale, vneg));
+      const V e1 = exp2_bf16(vfma(vload(row + j + kW), vscale, vneg));
+#if DK_ISA_LEVEL == 2
+      if constexpr (kNative) {
+        __m512i packed;  // e0 in the low 16 halves, e1 in the high ones
+        asm("vcvtne2ps2bf16 %2, %1, %0" : "=v"(packed) : "v"(e1), "v"(e0));
+        _mm512_storeu_si512(prow + j, packed);
+      } else {
+        store_bf16(prow + j, e0);
+        store_bf16(prow + j + kW, e1);
+      }
+#else
+      store_bf16(prow + j, e0);
+      store_bf16(prow + j + kW, e1);
+#endif
+      sum0 = sum0 + e0;
+      sum1 = sum1 + e1;
     }
-    float sum = hsum(vsum);
+    for (; j < vec_end; j += kW) {
+      const V e = exp2_bf16(vfma(vload(row + j), vscale, vneg));
+      store_bf16(prow + j, e);
+      sum0 = sum0 + e;
+    }
+    float sum = hsum(sum0 + sum1);
     for (; j < n; ++j) {
-      const float e = exp2_approx(row[j] * scale - new_max);
+      const float e = exp2_bf16(vfma(row[j], scale, -new_max));
       store_bf16_1(prow + j, e);
       sum += e;
     }
     for (; j < n_pad; ++j) prow[j] = 0;
+    const bool seen = row_max[i] != -__builtin_inff();
     const float alpha = exp2_approx(row_max[i] - new_max);  // 0 on the first block (old max -inf)
     row_sum[i] = row_sum[i] * alpha + sum;
     row_max[i] = new_max;
-    if (alpha != 1.0f) {
+    if (seen && alpha != 1.0f) {
       const V valpha = splat(alpha, z);
       float* acc_row = acc + i * ldacc;
       for (int64_t d = 0; d < acc_n; d += kW) vstore(acc_row + d, vload(acc_row + d) * valpha);
@@ -568,9 +626,31 @@ void softmax_update_bf16(const float* s, int64_t lds, int64_t m, int64_t n, int6
   }
 }
 
+void softmax_update_bf16(const float* s, int64_t lds, int64_t m, int64_t n, int64_t n_pad, float scale,
+                         float* row_max, float* row_sum, float* acc, int64_t ldacc, int64_t acc_n, uint16_t* p,
+                         int64_t ldp) {
+  softmax_update_bf16_rows<false>(s, lds, m, n, n_pad, scale, row_max, row_sum, acc, ldacc, acc_n, p, ldp);
+}
+
+#if DK_ISA_LEVEL == 2
+void softmax_update_bf16_native(const float* s, int64_t lds, int64_t m, int64_t n, int64_t n_pad, float scale,
+                                float* row_max, float* row_sum, float* acc, int64_t ldacc, int64_t acc_n,
+                                uint16_t* p, int64_t ldp) {
+  softmax_update_bf16_rows<true>(s, lds, m, n, n_pad, scale, row_max, row_sum, acc, ldacc, acc_n, p, ldp);
+}
+
+// The AVX-512 table takes the native conversion where the CPU has AVX512-BF16 (every CPU with AMX tiles).
+inline auto pick_softmax_update_bf16() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512bf16") ? softmax_update_bf16_native : softmax_update_bf16;
+}
+#else
+inline auto pick_softmax_update_bf16() { return softmax_update_bf16; }
+#endif
+
 const Kernels table = {kW,      kPanel, add_layer_norm_row, bias_act_row, gemm, linear_panels, softmax_update, scale,
                        absmax, scale_add, bias_act_row_bf16, add_layer_norm_row_bf16, scale_to_bf16,
-                       softmax_update_bf16};
+                       pick_softmax_update_bf16()};
 
 #undef DK_INLINE
 

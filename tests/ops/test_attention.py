@@ -196,7 +196,8 @@ def test_cpp_varlen_matches_padded():
 
 # ----------------------------------------------------------------------------------------------------------
 # cpp in bf16: the matrix unit (AMX through ATen's brgemm) and the blocked fallback an AVX2-only CPU takes.
-# Both paths run in one process: DISTILKERNELS_AMX=0 (read on every call) forces the fallback.
+# Both paths run in one process: DISTILKERNELS_AMX=0 (read on every call) forces the fallback. Calls with
+# fewer than 16 keys in their longest segment take the fallback on both (test_cpp_matrix_unit_min_keys).
 
 # The bf16 bound is assert_lowp's 2x PyTorch's own bf16 error, with an absolute floor of 1e-6 instead of one
 # bf16 rounding: both paths round an fp32 result once, so where torch is exact ours is too (seqlen 1: out = v,
@@ -269,6 +270,48 @@ def test_cpp_attention_bf16_long_sequence(bf16_path):
 
 
 @requires_ext
+@pytest.mark.parametrize("seqlen", [520, 600, 1040])
+@pytest.mark.parametrize("head_dim", [64, 80, 13])
+@pytest.mark.parametrize("mask_kind", [None, "holey"])
+def test_cpp_attention_bf16_key_blocks(bf16_path, seqlen, head_dim, mask_kind):
+    """More keys than one 512-key block of the matrix unit: a last block of 8 (whole 16-key rows of V read in
+    place when unmasked), 88 (padded) or 16 keys; head_dim 80 packs V in two column chunks, 13 pads K and V."""
+    q, k, v = fused_qkv(1, seqlen, 2, head_dim, torch.bfloat16, seed=seqlen)
+    mask = make_mask(mask_kind, 1, seqlen)
+    scale = head_dim ** -0.5
+    out, lse = OPS.attention(q, k, v, mask, scale)
+    ref_out, ref_lse = attention_ref64(q, k, v, mask, scale)
+    assert_bf16_attention(out, ref_out, q, k, v, mask, scale)
+    check_lse(lse, ref_lse, BF16_LSE_ULPS)
+
+
+@requires_ext
+@pytest.mark.parametrize("seqlen", [33, 530])
+def test_cpp_attention_bf16_strided_and_contiguous_agree(bf16_path, seqlen):
+    """Q read in place and V packed in place (strided views of a fused projection) give the bits that
+    contiguous copies give."""
+    q, k, v = fused_qkv(3, seqlen, 2, 64, torch.bfloat16, seed=4)
+    strided = OPS.attention(q, k, v, None, 0.125)
+    dense = OPS.attention(q.contiguous(), k.contiguous(), v.contiguous(), None, 0.125)
+    assert torch.equal(strided[0], dense[0]) and torch.equal(strided[1], dense[1])
+
+
+@requires_ext
+@pytest.mark.parametrize("row_stride", [0, 32])
+def test_cpp_attention_bf16_overlapping_rows(bf16_path, row_stride):
+    """q and v whose token rows overlap (a broadcast row, a stride below head_dim) give the bits of their
+    contiguous copies: such rows are copied before the matrix unit reads them."""
+    g = torch.Generator().manual_seed(6)
+    base = torch.randn(4096, generator=g).bfloat16()
+    q = base.as_strided((2, 40, 3, 64), (7, row_stride, 64, 1))
+    v = base[100:].as_strided((2, 40, 3, 64), (5, row_stride, 64, 1))
+    k = torch.randn(2, 40, 3, 64, generator=g).bfloat16()
+    strided = OPS.attention(q, k, v, None, 0.125)
+    dense = OPS.attention(q.contiguous(), k, v.contiguous(), None, 0.125)
+    assert torch.equal(strided[0], dense[0]) and torch.equal(strided[1], dense[1])
+
+
+@requires_ext
 @pytest.mark.parametrize("lengths", [[1], [7, 0, 129], [64, 65, 3, 512], [16, 17, 128, 8, 100]])
 @pytest.mark.parametrize("head_dim", [8, 64])
 def test_cpp_varlen_attention_bf16(bf16_path, lengths, head_dim):
@@ -317,6 +360,21 @@ def test_cpp_matrix_unit_path_is_taken(monkeypatch):
     ref_out, ref_lse = OPS.attention(q, k, v, None, 0.125)
     assert not torch.equal(amx_out, ref_out)
     assert max_err(amx_out, ref_out) < 0.05 and max_err(amx_lse, ref_lse) < 1e-4
+
+
+@requires_ext
+@pytest.mark.parametrize("seqlen,matrix_unit", [(15, False), (16, True)])
+def test_cpp_matrix_unit_min_keys(monkeypatch, seqlen, matrix_unit):
+    """Calls whose longest segment has fewer than 16 keys take the blocked core (same bits with the switch on
+    or off); from 16 keys on the matrix unit (different rounding of P)."""
+    if not matrix_unit_attention():
+        pytest.skip(NO_MATRIX_UNIT)
+    q, k, v = fused_qkv(2, seqlen, 3, 64, torch.bfloat16)
+    monkeypatch.delenv("DISTILKERNELS_AMX", raising=False)
+    default = OPS.attention(q, k, v, None, 0.125)[0].clone()
+    monkeypatch.setenv("DISTILKERNELS_AMX", "0")
+    blocked = OPS.attention(q, k, v, None, 0.125)[0]
+    assert torch.equal(default, blocked) != matrix_unit
 
 
 @requires_ext
