@@ -1,11 +1,14 @@
 """Honest wall-clock timing shared by `python -m distilkernels demo` and the benchmark harness (bench/).
 
 Several callables are timed side by side: warm-up calls first, then rounds in which every callable runs once,
-in an order that rotates each round so none always follows another (caches, turbo and a noisy neighbour hit
-all of them alike). Report the median of the rounds, with the interquartile range as the noise.
+in an order shuffled anew each round (seeded, so runs repeat) so none always follows the same one: what the
+previous callable left in the caches, and a noisy neighbour, hit all of them alike. (Rotating one fixed order
+would not do: each callable would keep its predecessor in all but one round of n.) Report the median of the
+rounds, with the interquartile range as the noise.
 """
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from typing import Callable
@@ -43,7 +46,9 @@ def time_interleaved(runs: dict[str, Callable[[], object]], device="cpu", rounds
     for r in range(rounds):
         if r >= min_rounds and time.perf_counter() - start > budget_s:
             break
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        order = list(names)
+        random.Random(r).shuffle(order)
+        for name in order:
             samples[name].append(time_call(runs[name], device))
     return samples
 
