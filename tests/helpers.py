@@ -136,6 +136,17 @@ def cu_seqlens_of(lengths, device="cpu") -> torch.Tensor:
 
 
 @contextlib.contextmanager
+def num_threads(n: int):
+    """torch's intra-op threads set to n inside the block, restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
 def triton_kernel_runs(name: str):
     """Dispatch to the Triton backend, and fail unless the kernel behind op `name` was launched."""
     from distilkernels.triton import _common

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from distilkernels import ops, reference
-from helpers import assert_lowp, lowp_bound, magnitude, max_err, ulps
+from helpers import assert_lowp, lowp_bound, magnitude, max_err, num_threads, ulps
 
 pytestmark = pytest.mark.requires_ext
 
@@ -28,17 +28,13 @@ pytestmark = pytest.mark.requires_ext
 @pytest.mark.parametrize("threads", [1, 2])
 def test_linear_matches_torch(tokens, in_features, out_features, bias, threads):
     torch.manual_seed(0)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         x = torch.randn(tokens, in_features)
         weight = torch.randn(out_features, in_features)
         b = torch.randn(out_features) if bias else None
         with ops.force_backend("cpp"):
             got = ops.linear(x, weight, b)
         ref = torch.nn.functional.linear(x.double(), weight.double(), None if b is None else b.double())
-    finally:
-        torch.set_num_threads(previous)
     assert max_err(got, ref) <= fp32_gemm_bound(ref, in_features)
 
 
@@ -53,14 +49,10 @@ def test_linear_low_precision(tokens, dtype):
     """bf16/fp16 with bias: error vs fp64 within 2x that of torch's own linear in the same dtype."""
     torch.manual_seed(0)
     x, weight, bias = torch.randn(tokens, 96), torch.randn(2304 // 8, 96), torch.randn(2304 // 8)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with num_threads(2):
         with ops.force_backend("cpp"):
             got = ops.linear(x.to(dtype), weight.to(dtype), bias.to(dtype))
         same_dtype = torch.nn.functional.linear(x.to(dtype), weight.to(dtype), bias.to(dtype))
-    finally:
-        torch.set_num_threads(previous)
     ref = torch.nn.functional.linear(*(t.to(dtype).double() for t in (x, weight, bias)))
     assert got.dtype == dtype
     # floor: 1e-6 of the output's magnitude (~17 fp32 roundings), far below one bf16/fp16 rounding: torch's own
@@ -114,14 +106,10 @@ def test_linear_packed_matches_fp64(tokens, in_features, out_features, bias, act
     torch.manual_seed(0)
     x, weight = torch.randn(tokens, in_features), torch.randn(out_features, in_features)
     b = torch.randn(out_features) if bias else None
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         with ops.force_backend("cpp"):
             packed = ops.pack_linear_weight(weight)
             got = ops.linear_packed(x, packed, out_features, b, activation)
-    finally:
-        torch.set_num_threads(previous)
     ref = reference.activate(F.linear(x.double(), weight.double(), None if b is None else b.double()), activation)
     assert got.shape == (tokens, out_features) and got.is_contiguous()
     assert max_err(got, ref) <= fp32_gemm_bound(ref, in_features)
@@ -232,12 +220,8 @@ def test_linear_bf16_layouts_agree(vnni, threads):
     """The packed layouts give the same result as the torch reference of the plain one, on 1 and 2 threads."""
     torch.manual_seed(1)
     x, weight, bias = torch.randn(200, 160).bfloat16(), torch.randn(300, 160).bfloat16(), torch.randn(300)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         got = ops.linear_bf16(x, ops.pack_linear_bf16(weight, vnni=vnni), 300, bias, "gelu")
-    finally:
-        torch.set_num_threads(previous)
     ref = reference.linear_bf16(x, reference.pack_linear_bf16(weight, False), 300, bias, "gelu")
     # both round one fp32 result to bf16 (the plain path twice): at most 2 bf16 ulps apart, 2^-7 relative
     assert ((got.float() - ref.float()).abs() <= 2 ** -7 * ref.float().abs() + 1e-3).all()
@@ -403,14 +387,10 @@ def test_linear_mkl_matches_fp64(tokens, in_features, out_features, bias, activa
     torch.manual_seed(0)
     x, weight = torch.randn(tokens, in_features), torch.randn(out_features, in_features)
     b = torch.randn(out_features) if bias else None
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         packed = torch.ops.distilkernels.pack_linear_mkl(weight)
         got = torch.ops.distilkernels.linear_mkl(x, packed, out_features, b, activation)
         again = torch.ops.distilkernels.linear_mkl(x[:5], packed, out_features, b, activation)
-    finally:
-        torch.set_num_threads(previous)
     ref = reference.activate(F.linear(x.double(), weight.double(), None if b is None else b.double()), activation)
     assert got.shape == (tokens, out_features) and got.is_contiguous()
     assert max_err(got, ref) <= fp32_gemm_bound(ref, in_features)
