@@ -207,7 +207,7 @@ _KERNELS: dict[str, _Kernel] = {
     "onednn": _Kernel(_onednn_available, _onednn_pack, _onednn_linear),  # what inductor freezing runs for bf16
     "mkl": _Kernel(_mkl_available, _mkl_pack, _mkl_call),  # what inductor freezing runs for fp32
 }
-_WINNER: dict[tuple[torch.dtype, int, int], str] = {}  # (dtype, in_features, out_features) -> a _KERNELS name
+_WINNER: dict[tuple[torch.dtype, int, int, str], str] = {}  # (dtype, in, out features, activation) -> name
 
 
 def _interleaved_medians(candidates: dict, rounds: int = 5) -> dict:
@@ -232,42 +232,52 @@ def _agrees(got, want, in_features: int) -> bool:
     return bool((got.float() - want.float()).abs().max().item() <= 100 * eps * in_features ** 0.5 * scale)
 
 
-def dense_kernel(dtype: torch.dtype, in_features: int, out_features: int, tokens: int = 128) -> str:
-    """The _KERNELS entry for an fp32/bf16 GEMM of this shape: "packed" (our linear_packed / linear_bf16),
-    "onednn" (oneDNN's prepacked linear, fused post-ops) or "mkl" (MKL's packed GEMM, fp32), measured once per
-    process at first use on `tokens` random rows (interleaved medians of 5 calls), among the kernels this
-    torch build has that compute what ours computes (checked on another row count first). Which wins depends
+# Row counts the contest runs at: one sequence, and a batch of eight (the README's 1x128 and 8x128).
+_CONTEST_ROWS = (128, 1024)
+
+
+def dense_kernel(dtype: torch.dtype, in_features: int, out_features: int, activation: str = "none") -> str:
+    """The _KERNELS entry for an fp32/bf16 GEMM of this shape and epilogue activation: "packed" (our
+    linear_packed / linear_bf16), "onednn" (oneDNN's prepacked linear, fused post-ops) or "mkl" (MKL's packed
+    GEMM, fp32), measured once per process at first use, among the kernels this torch build has that compute
+    what ours computes (checked on another row count first). Each runs on random inputs of every row count in
+    _CONTEST_ROWS (interleaved medians of 5 calls); the winner has the least sum of its times relative to the
+    fastest at each row count, since the weight format is chosen once for every batch size. Which wins depends
     on the CPU and shape, so none is assumed: at the DistilBERT shapes on a Xeon with AVX-512 + AMX, oneDNN led
     ours in fp32 by 3-14% per GEMM, and MKL led oneDNN in the model by ~9% at 1 x 128 (weights streamed from
     memory); with oneDNN capped to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2) linear_packed's AVX2 build led oneDNN by
-    4-16%; in bf16 oneDNN and brgemm traded places by up to 20% across shapes."""
-    key = (dtype, in_features, out_features)
+    4-16%; in bf16 oneDNN and brgemm traded places by up to 20% across shapes and row counts."""
+    key = (dtype, in_features, out_features, activation)
     if key not in _WINNER:
         _WINNER[key] = "packed"
         if in_features * out_features >= _MIN_CONTEST_WEIGHT:
             with torch.no_grad():
-                x = torch.randn(max(tokens, 1), in_features).to(dtype)
                 weight = torch.randn(out_features, in_features).to(dtype)
                 bias = torch.randn(out_features).to(dtype)
-                check_rows = x[: max(1, tokens // 3)]
+                inputs = [torch.randn(rows, in_features).to(dtype) for rows in _CONTEST_ROWS]
+                check_rows = inputs[0][: _CONTEST_ROWS[0] // 3]
                 calls = {}
                 for name, kernel in _KERNELS.items():
                     if not kernel.available(dtype):
                         continue
                     packed = kernel.pack(weight)
                     run = functools.partial(kernel.call, packed=packed, out_features=out_features, bias=bias,
-                                            activation="gelu")
+                                            activation=activation)
                     if name != "packed" and not _agrees(run(check_rows), calls["packed"](check_rows), in_features):
                         continue
                     calls[name] = run
-                times = _interleaved_medians({name: functools.partial(run, x) for name, run in calls.items()})
-            _WINNER[key] = min(times, key=times.get)
+                score = dict.fromkeys(calls, 0.0)
+                for x in inputs:
+                    times = _interleaved_medians({name: functools.partial(run, x) for name, run in calls.items()})
+                    for name, t in times.items():
+                        score[name] += t / min(times.values())
+            _WINNER[key] = min(score, key=score.get)
     return _WINNER[key]
 
 
-def pack_dense(weight, bias):
-    """(kernel name, weight packed for it, bias): dense_kernel's choice for this shape and dtype."""
-    name = dense_kernel(weight.dtype, weight.shape[1], weight.shape[0])
+def pack_dense(weight, bias, activation: str = "none"):
+    """(kernel name, weight packed for it, bias): dense_kernel's choice for this shape, dtype and activation."""
+    name = dense_kernel(weight.dtype, weight.shape[1], weight.shape[0], activation)
     return name, _KERNELS[name].pack(weight), bias
 
 
@@ -282,10 +292,13 @@ class DenseGemms:
     def __init__(self, parts):
         self.parts = parts
         self.fused_qkv = DerivedWeights((parts.q, parts.k, parts.v))
-        groups = (("qkv", (parts.q, parts.k, parts.v)), ("out", (parts.out,)), ("lin1", (parts.lin1,)),
-                  ("lin2", (parts.lin2,)))
-        self.packed = {name: DerivedWeights(linears, pack_dense) for name, linears in groups}
-        self.packed_bf16 = {name: DerivedWeights(linears, pack_dense) for name, linears in groups}
+        groups = (("qkv", (parts.q, parts.k, parts.v), "none"), ("out", (parts.out,), "none"),
+                  ("lin1", (parts.lin1,), parts.act or "none"), ("lin2", (parts.lin2,), "none"))
+        # (the contest times each GEMM with the activation its epilogue applies: lin1's only)
+        self.packed = {name: DerivedWeights(linears, functools.partial(pack_dense, activation=act))
+                       for name, linears, act in groups}
+        self.packed_bf16 = {name: DerivedWeights(linears, functools.partial(pack_dense, activation=act))
+                            for name, linears, act in groups}
 
     @staticmethod
     def _use_packed(x) -> bool:

@@ -67,7 +67,7 @@ def test_every_contest_kernel_matches_hf(kernel, dtype, monkeypatch):
         model.float()
         torch_same = copy.deepcopy(model).to(dtype)(**inputs).last_hidden_state[valid]
     shapes = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]
-    monkeypatch.setattr(gemms, "_WINNER", {(dtype, k, n): kernel for k, n in shapes})
+    monkeypatch.setattr(gemms, "_WINNER", {(dtype, k, n, act): kernel for k, n in shapes for act in ("none", "gelu")})
     monkeypatch.setattr(gemms, "_ROW_CHUNK", {})
     patched = copy.deepcopy(model).to(dtype)
     distilkernels.patch(patched)
