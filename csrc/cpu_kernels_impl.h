@@ -449,13 +449,16 @@ DK_INLINE V load_bf16(const uint16_t* p) {
   const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
-DK_INLINE void store_bf16(uint16_t* p, V x) {
+DK_INLINE __m256i to_bf16_bits(V x) {
   const __m512i bits = _mm512_castps_si512(x);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
   __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
   r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), r, _mm512_set1_epi32(0x7FC0));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+  return _mm512_cvtepi32_epi16(r);
 }
+DK_INLINE void store_bf16(uint16_t* p, V x) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bf16_bits(x)); }
+// The lanes of `lanes` only (a row's tail of fewer than 16 values).
+DK_INLINE void store_bf16_lanes(uint16_t* p, V x, __mmask16 lanes) { _mm256_mask_storeu_epi16(p, lanes, to_bf16_bits(x)); }
 #elif DK_ISA_LEVEL == 1
 DK_INLINE V load_bf16(const uint16_t* p) {
   const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -589,6 +592,16 @@ DK_INLINE void softmax_update_bf16_rows(const float* s, int64_t lds, int64_t m, 
     V vmx = splat(-__builtin_inff(), z);
     int64_t j = 0;
     for (; j < vec_end; j += kW) vmx = vmax(vmx, pos ? vload(row + j) : vload(row + j) * vscale);
+#if DK_ISA_LEVEL == 2
+    // A row's tail of fewer than 16 keys in one masked vector (scalar exps cost as much as the rest of a
+    // 90-key row): the masked-off lanes keep the running max here, and give 0 in the exp pass below.
+    const __mmask16 tail = static_cast<__mmask16>((1u << (n - vec_end)) - 1u);
+    if (tail != 0) {
+      const V t = _mm512_maskz_loadu_ps(tail, row + j);
+      vmx = _mm512_mask_max_ps(vmx, tail, vmx, pos ? t : t * vscale);
+      j = n;
+    }
+#endif
     float mx = hmax(vmx);
     if (pos) mx *= scale;
     for (; j < n; ++j) mx = vmax(mx, row[j] * scale);
@@ -619,6 +632,14 @@ DK_INLINE void softmax_update_bf16_rows(const float* s, int64_t lds, int64_t m, 
       store_bf16(prow + j, e);
       sum0 = sum0 + e;
     }
+#if DK_ISA_LEVEL == 2
+    if (tail != 0) {
+      const V e = _mm512_maskz_mov_ps(tail, exp2_bf16(vfma(_mm512_maskz_loadu_ps(tail, row + j), vscale, vneg)));
+      store_bf16_lanes(prow + j, e, tail);
+      sum0 = sum0 + e;
+      j = n;
+    }
+#endif
     float sum = hsum(sum0 + sum1);
     for (; j < n; ++j) {
       const float e = exp2_bf16(vfma(row[j], scale, -new_max));
