@@ -370,6 +370,14 @@ void softmax_update(float* s, int64_t lds, int64_t m, int64_t n, float* row_max,
     V vmx = splat(-__builtin_inff(), z);
     int64_t j = 0;
     for (; j < vec_end; j += kW) vmx = vmax(vmx, vload(row + j));
+#if DK_ISA_LEVEL == 2
+    // A row's tail of fewer than 16 keys in one masked vector, as in softmax_update_bf16.
+    const __mmask16 tail = static_cast<__mmask16>((1u << (n - vec_end)) - 1u);
+    if (tail != 0) {
+      vmx = _mm512_mask_max_ps(vmx, tail, vmx, _mm512_maskz_loadu_ps(tail, row + j));
+      j = n;
+    }
+#endif
     float mx = hmax(vmx);
     for (; j < n; ++j) mx = vmax(mx, row[j]);
     const float new_max = vmax(row_max[i], mx);
@@ -380,6 +388,14 @@ void softmax_update(float* s, int64_t lds, int64_t m, int64_t n, float* row_max,
       vstore(row + j, p);
       vsum = vsum + p;
     }
+#if DK_ISA_LEVEL == 2
+    if (tail != 0) {
+      const V p = _mm512_maskz_mov_ps(tail, exp2_approx(_mm512_maskz_loadu_ps(tail, row + j) - vnew));
+      _mm512_mask_storeu_ps(row + j, tail, p);
+      vsum = vsum + p;
+      j = n;
+    }
+#endif
     float sum = hsum(vsum);
     for (; j < n; ++j) {
       row[j] = exp2_approx(row[j] - new_max);
