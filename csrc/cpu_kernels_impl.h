@@ -56,6 +56,8 @@ DK_INLINE V vpow2i(V n) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(biased, 23));
 }
 DK_INLINE float hsum(V v) { return _mm512_reduce_add_ps(v); }
+// The lanes of a row's last `count` (< kW) values, for masked loads and stores of a tail; 0 when count is 0.
+DK_INLINE __mmask16 tail_lanes(int64_t count) { return static_cast<__mmask16>((1u << count) - 1u); }
 DK_INLINE float hmax(V v) { return _mm512_reduce_max_ps(v); }
 constexpr int kGemmRows = 8;  // 8 x 2 accumulators of 32 registers
 
@@ -372,7 +374,7 @@ void softmax_update(float* s, int64_t lds, int64_t m, int64_t n, float* row_max,
     for (; j < vec_end; j += kW) vmx = vmax(vmx, vload(row + j));
 #if DK_ISA_LEVEL == 2
     // A row's tail of fewer than 16 keys in one masked vector, as in softmax_update_bf16.
-    const __mmask16 tail = static_cast<__mmask16>((1u << (n - vec_end)) - 1u);
+    const __mmask16 tail = tail_lanes(n - vec_end);
     if (tail != 0) {
       vmx = _mm512_mask_max_ps(vmx, tail, vmx, _mm512_maskz_loadu_ps(tail, row + j));
       j = n;
@@ -611,7 +613,7 @@ DK_INLINE void softmax_update_bf16_rows(const float* s, int64_t lds, int64_t m, 
 #if DK_ISA_LEVEL == 2
     // A row's tail of fewer than 16 keys in one masked vector (scalar exps cost as much as the rest of a
     // 90-key row): the masked-off lanes keep the running max here, and give 0 in the exp pass below.
-    const __mmask16 tail = static_cast<__mmask16>((1u << (n - vec_end)) - 1u);
+    const __mmask16 tail = tail_lanes(n - vec_end);
     if (tail != 0) {
       const V t = _mm512_maskz_loadu_ps(tail, row + j);
       vmx = _mm512_mask_max_ps(vmx, tail, vmx, pos ? t : t * vscale);

@@ -10,7 +10,7 @@
 // The symbols are declared weak: where torch was built without MKL they resolve to null and mkl_packs() is
 // false. MKL sizes the packed B the same for every row count m (cblas_sgemm_pack_get_size); the weight is
 // packed with m = kPackRows and used for any number of rows (tests/ops/test_linear.py checks 1..1100 rows
-// against fp64, and gemms.py checks the kernel against oneDNN's before it is chosen).
+// against fp64, and gemms.py checks the kernel against our own before it enters the contest).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

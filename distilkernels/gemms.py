@@ -63,14 +63,13 @@ def precision_paths() -> dict[str, str]:
         got = sorted({k for (d, *_), k in _WINNER.items() if d == dtype})
         return f"; chosen so far: {', '.join(got)}" if got else "; chosen per shape at first use"
 
-    chunks = f" (oneDNN: rows in chunks of {_CHUNK_ROWS} where that measures faster per bucket of rows)"
-    libraries = {dtype: [label for name, label in (("onednn", "oneDNN's prepacked linear"), ("mkl", "MKL's packed GEMM"))
-                         if _KERNELS[name].available(dtype)] for dtype in (torch.float32, torch.bfloat16)}
+    onednn = (f"oneDNN's prepacked linear (rows in chunks of {_CHUNK_ROWS} where that measures faster per bucket "
+              "of rows)")
+    labels = {"onednn": onednn, "mkl": "MKL's packed GEMM"}
 
     def contest(dtype):
-        if not libraries[dtype]:
-            return ""
-        return f" or {' or '.join(libraries[dtype])}, whichever measures faster per shape{chunks}"
+        libraries = [label for name, label in labels.items() if _KERNELS[name].available(dtype)]
+        return f" or {' or '.join(libraries)}, whichever measures faster per shape" if libraries else ""
 
     paths["fp32"] = f"distilkernels linear_packed ({ext.vector_isa()}){contest(torch.float32)}{chosen(torch.float32)}"
     bf16 = ("linear_bf16: brgemm on AMX (oneDNN micro-kernel), weights packed once (VNNI)" if use_matrix_unit("bf16")
@@ -199,6 +198,7 @@ def onednn_row_chunk(x, weight, bias, activation) -> int:
 
 
 def _onednn_linear(x, packed, out_features, bias, activation):
+    x = x.contiguous()
     return _onednn_chunked(x, packed, bias, activation, onednn_row_chunk(x, packed, bias, activation))
 
 
@@ -294,11 +294,10 @@ class DenseGemms:
         self.fused_qkv = DerivedWeights((parts.q, parts.k, parts.v))
         groups = (("qkv", (parts.q, parts.k, parts.v), "none"), ("out", (parts.out,), "none"),
                   ("lin1", (parts.lin1,), parts.act or "none"), ("lin2", (parts.lin2,), "none"))
-        # (the contest times each GEMM with the activation its epilogue applies: lin1's only)
+        # Packed for the weights' own dtype (fp32 or bf16: a dtype change repacks); the contest times each GEMM
+        # with the activation its epilogue applies (lin1's only).
         self.packed = {name: DerivedWeights(linears, functools.partial(pack_dense, activation=act))
                        for name, linears, act in groups}
-        self.packed_bf16 = {name: DerivedWeights(linears, functools.partial(pack_dense, activation=act))
-                            for name, linears, act in groups}
 
     @staticmethod
     def _use_packed(x) -> bool:
@@ -307,7 +306,7 @@ class DenseGemms:
         return dispatch.has_kernel("linear_bf16" if x.dtype == torch.bfloat16 else "linear_packed", x)
 
     def _packed(self, name, x, activation="none"):
-        kernel, packed, bias = (self.packed_bf16 if x.dtype == torch.bfloat16 else self.packed)[name].get()
+        kernel, packed, bias = self.packed[name].get()
         return _KERNELS[kernel].call(x, packed, bias.shape[0], bias, activation)
 
     def qkv(self, x):  # (tokens, dim) -> (tokens, 3*dim), bias included: one GEMM for q|k|v

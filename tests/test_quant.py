@@ -322,7 +322,7 @@ def test_forced_fallback_path_matches_matrix_unit(precision, monkeypatch, op_spy
         if precision == "int8":
             packed = block_gemms.packed["qkv"].value[0]
         else:
-            kernel, packed, _ = block_gemms.packed_bf16["qkv"].value
+            kernel, packed, _ = block_gemms.packed["qkv"].value
             assert kernel == "packed"  # tiny weights: no contest (gemms._MIN_CONTEST_WEIGHT)
         assert packed.dim() == (3 if setting == "on" and gemms.use_matrix_unit(precision) else 2)
     calls = op_count(op_spy, f"linear_{precision}")
@@ -349,7 +349,7 @@ def test_gemms_pickle(precision):
     with torch.inference_mode():
         before = [block_gemms.qkv(x), block_gemms.lin1_act(x, "gelu")]
         loaded = pickle.loads(pickle.dumps(block_gemms))
-        derived = loaded.packed_bf16 if precision == "bf16" else loaded.packed
+        derived = loaded.packed
         assert all(d.value is None and d.key is None for d in derived.values())  # packed copies not saved
         after = [loaded.qkv(x), loaded.lin1_act(x, "gelu")]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
