@@ -124,6 +124,7 @@ void attention_core(const Problem& p, const T* q, const T* k, const T* v, T* out
     Scratch sc(width, p.head_dim, plan.max_keys);
     for (int64_t i = plan.part_begin[begin]; i < plan.part_begin[end]; ++i) {
       const attn::Task& t = plan.tasks[i];
+      attn::prefetch_next(p, plan, i, plan.part_begin[end], kQueryBlock, q, k, v);
       if ((t.seg != sc.seg || t.head != sc.head) && p.segments[t.seg].n_keys > 0) pack_keys(p, k, v, t.seg, t.head, sc);
       attend_block(p, q, out, lse, t.seg, t.head, t.q0, sc);
     }

@@ -75,6 +75,46 @@ inline Plan plan_tasks(const Problem& p, int64_t query_block) {
   return plan;
 }
 
+// Software prefetch into L2 of what a thread's next tasks read: at task i of its run [.., end), the query
+// rows of task i + 1, and, when task i starts a new (segment, head), the key and value rows of the next
+// (segment, head) in the run. A head's rows sit one token apart in the fused q|k|v output (3 * dim elements:
+// 9 KiB in fp32 for distilbert-base), a stride that leaves each row on its own page, where the hardware
+// prefetchers do not follow; without this each row is a cache miss when the GEMM that wrote q|k|v has moved
+// on. In distilbert-base bf16 at 8 x 128 tokens (2 threads) the attention calls went from 1.49-1.53 to
+// 1.32-1.42 ms.
+template <typename T>
+inline void prefetch_rows(const T* base, int64_t row_stride, int64_t rows, int64_t row_elems,
+                          const Segment* keys_of = nullptr) {
+  const int64_t bytes = row_elems * static_cast<int64_t>(sizeof(T));
+  for (int64_t j = 0; j < rows; ++j) {
+    const char* row = reinterpret_cast<const char*>(base + (keys_of ? keys_of->key_row(j) : j) * row_stride);
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b, 0, 2);
+    __builtin_prefetch(row + bytes - 1, 0, 2);  // a row that does not start on a line ends one line further
+  }
+}
+
+template <typename T>
+void prefetch_next(const Problem& p, const Plan& plan, int64_t i, int64_t end, int64_t query_block, const T* q,
+                   const T* k, const T* v) {
+  const Layout& L = p.layout;
+  const Task& t = plan.tasks[i];
+  if (i + 1 < end) {
+    const Task& n = plan.tasks[i + 1];
+    const Segment& seg = p.segments[n.seg];
+    prefetch_rows(q + seg.q_off + n.head * L.q_head + n.q0 * L.q_row, L.q_row,
+                  std::min(query_block, seg.n_q - n.q0), p.head_dim);
+  }
+  if (i > 0 && plan.tasks[i - 1].seg == t.seg && plan.tasks[i - 1].head == t.head) return;  // not a new head
+  for (int64_t j = i + 1; j < end; ++j) {
+    const Task& n = plan.tasks[j];
+    if (n.seg == t.seg && n.head == t.head) continue;
+    const Segment& seg = p.segments[n.seg];
+    prefetch_rows(k + seg.k_off + n.head * L.k_head, L.k_row, seg.n_keys, p.head_dim, &seg);
+    prefetch_rows(v + seg.v_off + n.head * L.v_head, L.v_row, seg.n_keys, p.head_dim, &seg);
+    return;
+  }
+}
+
 // The rows of a query block whose segment has no key to attend: zeros out, lse -inf (both cores).
 template <typename T>
 void write_unattended(T* out_rows, int64_t out_row, float* lse_rows, int64_t rows, int64_t head_dim) {

@@ -124,10 +124,10 @@ DK_INLINE T exp2_approx(T x) {
 
 #if DK_ISA_LEVEL == 2
 // The same 2^x in fewer instructions where AVX-512 has them: vreduceps gives f = x - floor(x) in [0, 1) (imm
-// 0x09: keep no fraction bits, round down, no precision exception) and vscalefps multiplies by 2^floor(x),
-// flushing x below -150 to 0 itself; 2^f is a degree-6 relative least-squares fit on [0, 1] (relative error
-// 1.9e-9 in exact arithmetic, <= 8.4e-8 evaluated in fp32: under 1.5 roundings, as the degree-7 form above).
-// 8 instructions against 15; the GELU epilogue and the fp32 softmax both run it.
+// 0x09: keep no fraction bits, round down, no precision exception), 2^f is a degree-6 relative least-squares
+// fit on [0, 1] (relative error 1.9e-9 in exact arithmetic, <= 8.4e-8 evaluated in fp32: under 1.5 roundings,
+// as the degree-7 form above) and vscalefps multiplies it by 2^floor(x). 9 instructions against 15; the GELU
+// epilogue and the fp32 softmax both run it.
 DK_INLINE V exp2_approx(V x) {
   const V f = _mm512_reduce_ps(x, 0x09);
   V p = splat(2.1702254890e-04f, f);
@@ -137,7 +137,9 @@ DK_INLINE V exp2_approx(V x) {
   p = vfma(p, f, splat(2.4022983015e-01f, f));
   p = vfma(p, f, splat(6.9314700365e-01f, f));
   p = vfma(p, f, splat(1.0f, f));
-  return _mm512_scalef_ps(p, x);
+  // 0 below x = -126, as the generic form gives below -127, rather than a denormal: producing one costs a
+  // microcode assist (3x slower softmax on scores that spread past 2^126).
+  return _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(x, splat(-126.0f, f), _CMP_GE_OQ), p, x);
 }
 #endif
 
@@ -610,8 +612,12 @@ DK_INLINE T exp2_bf16(T x) {
 }
 #if DK_ISA_LEVEL == 2
 // vreduceps gives x - floor(x) in one instruction (imm 0x09: keep 0 fraction bits, round down, no
-// precision exception) and vscalefps multiplies by 2^floor(x) itself, flushing any x below -150 to 0.
-DK_INLINE V exp2_bf16(V x) { return _mm512_scalef_ps(exp2_bf16_poly(_mm512_reduce_ps(x, 0x09)), x); }
+// precision exception) and vscalefps multiplies by 2^floor(x) itself.
+DK_INLINE V exp2_bf16(V x) {
+  // Below x = -126 the result is 0, not a denormal (see exp2_approx).
+  return _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_GE_OQ),
+                                exp2_bf16_poly(_mm512_reduce_ps(x, 0x09)), x);
+}
 #endif
 
 // softmax_update_bf16's body; kNative: stores through AVX512-BF16's vcvtne2ps2bf16 (round to nearest even,
