@@ -1,17 +1,20 @@
 """Two checkouts of distilkernels timed side by side in one run: "did this change make the model slower?".
 
-    python bench/ab_checkouts.py --before ../old-checkout --after . --shapes mixed16x128,1x128 --threads 2
+    python bench/ab_checkouts.py --before ../old-checkout --after . --shapes mixed16x128,1x128 --threads 2 \
+        --dtype bf16
 
 Each checkout gets its own worker process (PYTHONPATH = that checkout, its extension built in place) that
 builds the same random-init distilbert-base (fixed seed) and the same batch, patches it, and waits. The parent
-then runs interleaved rounds: every round times one forward of HF sdpa and of each checkout's patched model,
-in a rotating order, so drifts of a shared machine hit all of them alike. Reports medians and ratios.
+then runs interleaved rounds: every round times one forward of HF sdpa (fp32) and of each checkout's patched
+model (fp32, bf16 or int8: `--dtype`), in a shuffled order (seeded), so drifts of a shared machine hit all of
+them alike. Reports medians and ratios.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -22,6 +25,7 @@ import json, sys, time, torch, transformers
 torch.set_num_threads(int(sys.argv[1]))
 import distilkernels
 batch, seqlen, lo = (int(v) for v in sys.argv[2:5])
+dtype = sys.argv[5]
 torch.manual_seed(0)
 stock = transformers.DistilBertModel(transformers.DistilBertConfig()).eval()
 stock.set_attn_implementation("sdpa")
@@ -32,12 +36,15 @@ mask = (torch.arange(seqlen)[None, :] < lengths[:, None]).long()
 ids = ids * mask
 import copy
 patched = copy.deepcopy(stock)
-distilkernels.patch(patched)
+if dtype == "int8":
+    distilkernels.quantize(patched)
+else:
+    distilkernels.patch(patched, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
 models = {"hf_sdpa": stock, "patched": patched}
 with torch.inference_mode():
     ref = stock(input_ids=ids, attention_mask=mask).last_hidden_state
     got = patched(input_ids=ids, attention_mask=mask).last_hidden_state
-    err = (got - ref)[mask.bool()].abs().max().item()
+    err = (got.float() - ref)[mask.bool()].abs().max().item()
     print(json.dumps({"ready": distilkernels.__file__, "max_abs_err": err}), flush=True)
     for line in sys.stdin:
         model = models[line.strip()]
@@ -55,9 +62,9 @@ def _shape(name: str) -> tuple[int, int, int]:
 
 
 class Worker:
-    def __init__(self, checkout: Path, threads: int, shape: tuple[int, int, int]):
+    def __init__(self, checkout: Path, threads: int, shape: tuple[int, int, int], dtype: str):
         env = dict(os.environ, PYTHONPATH=str(checkout.resolve()), HF_HUB_OFFLINE="1")
-        self.proc = subprocess.Popen([sys.executable, "-c", WORKER, str(threads), *map(str, shape)], env=env,
+        self.proc = subprocess.Popen([sys.executable, "-c", WORKER, str(threads), *map(str, shape), dtype], env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/")
         self.info = json.loads(self.proc.stdout.readline())
 
@@ -71,20 +78,22 @@ class Worker:
         self.proc.wait()
 
 
-def run_shape(before: Path, after: Path, shape_name: str, threads: int, rounds: int) -> dict:
+def run_shape(before: Path, after: Path, shape_name: str, threads: int, rounds: int, dtype: str = "fp32") -> dict:
     shape = _shape(shape_name)
-    workers = {"before": Worker(before, threads, shape), "after": Worker(after, threads, shape)}
+    workers = {"before": Worker(before, threads, shape, dtype), "after": Worker(after, threads, shape, dtype)}
     order = [("after", "hf_sdpa"), ("before", "patched"), ("after", "patched")]
     samples = {f"{w}:{m}": [] for w, m in order}
     for w, m in order:  # warm-up
         workers[w].time(m)
-    for r in range(rounds):
-        for w, m in order[r % len(order):] + order[:r % len(order)]:
+    shuffle = random.Random(0).shuffle
+    for _ in range(rounds):
+        shuffle(round_order := list(order))
+        for w, m in round_order:
             samples[f"{w}:{m}"].append(workers[w].time(m))
     for w in workers.values():
         w.close()
     med = {k: statistics.median(v) for k, v in samples.items()}
-    return {"shape": shape_name, "samples_ms": samples, "median_ms": med,
+    return {"shape": shape_name, "dtype": dtype, "samples_ms": samples, "median_ms": med,
             "max_abs_err": {k: w.info["max_abs_err"] for k, w in workers.items()},
             "speedup_vs_hf_sdpa": {k: med["after:hf_sdpa"] / med[f"{k}:patched"] for k in workers},
             "after_over_before": med["before:patched"] / med["after:patched"]}
@@ -97,6 +106,8 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", default="mixed16x128")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "int8"), default="fp32",
+                        help="the patched models' precision (HF sdpa stays fp32)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -104,10 +115,10 @@ def main(argv=None) -> int:
 
     results = {"environment": environment(), "before": str(args.before), "after": str(args.after), "shapes": []}
     for name in args.shapes.split(","):
-        row = run_shape(args.before, args.after, name, args.threads, args.rounds)
+        row = run_shape(args.before, args.after, name, args.threads, args.rounds, args.dtype)
         results["shapes"].append(row)
         m = row["median_ms"]
-        print(f"{name:12s} HF sdpa {m['after:hf_sdpa']:8.1f} ms | before {m['before:patched']:8.1f} ms "
+        print(f"{name:12s} {args.dtype} HF sdpa {m['after:hf_sdpa']:8.1f} ms | before {m['before:patched']:8.1f} ms "
               f"({row['speedup_vs_hf_sdpa']['before']:.2f}x) | after {m['after:patched']:8.1f} ms "
               f"({row['speedup_vs_hf_sdpa']['after']:.2f}x) | after/before speed {row['after_over_before']:.3f}",
               flush=True)

@@ -8,8 +8,10 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 
+#include <algorithm>
 #include <cstdint>
 
 namespace distilkernels {
@@ -31,6 +33,23 @@ inline int64_t vnni_group(at::ScalarType dtype) { return dtype == at::kBFloat16 
 struct ReleaseGuard {
   ~ReleaseGuard() { at::native::cpublas::brgemm_release(); }
 };
+
+// Calls tile(nb, m0, rows) for every output tile of a (tokens x n_blocks * kBlockN) GEMM on a packed weight,
+// split over threads. Tile t = (n block, m block), m fastest: a thread's contiguous run of tiles streams each
+// weight block once. (Prefetching the next weight block into L2 before its first tile, issued all at once or
+// one block ahead, measured no faster: with 128 rows the weights stream from memory at ~10 GB/s per core either
+// way, near the 11-13 GB/s a plain read of a large buffer reaches per core on the 2-core AMX Xeon.)
+template <class Tile>
+void for_each_tile(int64_t tokens, int64_t n_blocks, const Tile& tile) {
+  const int64_t m_blocks = (tokens + kBlockM - 1) / kBlockM;
+  at::parallel_for(0, m_blocks * n_blocks, 1, [&](int64_t begin, int64_t end) {
+    ReleaseGuard release;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t nb = t / m_blocks, mb = t % m_blocks;
+      tile(nb, mb * kBlockM, std::min(kBlockM, tokens - mb * kBlockM));
+    }
+  });
+}
 
 // wt (in_features, out_features) of bf16 or int8 -> the packed layout above: (n_blocks, in_features rounded up to
 // the VNNI group, kBlockN), zero past in_features and out_features.

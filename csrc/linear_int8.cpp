@@ -84,19 +84,15 @@ void epilogue(const int32_t* acc, int64_t ld_acc, int64_t rows, int64_t cols, co
 
 void gemm_vnni(const int8_t* a, const float* x_scale, int64_t tokens, int64_t kp, const int8_t* wp,
                const float* w_scale, int64_t out_features, const float* bias, cpu::Activation act, float* c) {
-  const int64_t m_blocks = (tokens + kBlockM - 1) / kBlockM, n_blocks = (out_features + kBlockN - 1) / kBlockN;
-  // Tile t = (n block, m block), m fastest: a thread's contiguous run of tiles streams each weight block once.
-  at::parallel_for(0, m_blocks * n_blocks, 1, [&](int64_t begin, int64_t end) {
-    brgemm::ReleaseGuard release;
+  const int64_t n_blocks = (out_features + kBlockN - 1) / kBlockN;
+  const int64_t block = kp * kBlockN;
+  brgemm::for_each_tile(tokens, n_blocks, [&](int64_t nb, int64_t m0, int64_t rows) {
     alignas(64) int32_t acc[kBlockM * kBlockN];
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t nb = t / m_blocks, m0 = (t % m_blocks) * kBlockM, n0 = nb * kBlockN;
-      const int64_t rows = std::min(kBlockM, tokens - m0), cols = std::min(kBlockN, out_features - n0);
-      at::native::cpublas::brgemm(rows, kBlockN, kp, /*ld_a=*/kp, /*ld_b=*/kBlockN, /*ld_c=*/kBlockN,
-                                  /*add_C=*/false, a + m0 * kp, wp + nb * kp * kBlockN, acc, /*is_vnni=*/true);
-      epilogue(acc, kBlockN, rows, cols, x_scale + m0, w_scale + n0, bias + n0, act, c + m0 * out_features + n0,
-               out_features);
-    }
+    const int64_t n0 = nb * kBlockN, cols = std::min(kBlockN, out_features - n0);
+    at::native::cpublas::brgemm(rows, kBlockN, kp, /*ld_a=*/kp, /*ld_b=*/kBlockN, /*ld_c=*/kBlockN,
+                                /*add_C=*/false, a + m0 * kp, wp + nb * block, acc, /*is_vnni=*/true);
+    epilogue(acc, kBlockN, rows, cols, x_scale + m0, w_scale + n0, bias + n0, act, c + m0 * out_features + n0,
+             out_features);
   });
 }
 
