@@ -15,6 +15,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <string>
 
@@ -112,12 +113,32 @@ at::Tensor linear_mkl_cpu(const at::Tensor& x, const at::Tensor& packed_weight, 
   if (tokens == 0) return out;
   const auto xc = x.contiguous();
   float* c = out.mutable_data_ptr<float>();
-  cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, tokens, out_features, k, xc.const_data_ptr<float>(), k,
-                      packed_weight.const_data_ptr<float>() + kHeader, out_features, 0.0f, c, out_features);
-  if (!bias.has_value() && act == cpu::Activation::kNone) return out;
+  const float* a = xc.const_data_ptr<float>();
+  const float* w = packed_weight.const_data_ptr<float>() + kHeader;
+  const bool epilogue = bias.has_value() || act != cpu::Activation::kNone;
   const auto bc = bias.has_value() ? bias->contiguous() : at::zeros({out_features}, x.options());
   const float* b = bc.const_data_ptr<float>();
   const auto& kern = cpu::kernels();
+  const int64_t threads = at::get_num_threads();
+  static const int64_t split_min = [] { const char* e = std::getenv("DK_SPLIT_MIN"); return e ? std::atoll(e) : 256; }();
+  static const int64_t chunk_rows = [] { const char* e = std::getenv("DK_CHUNK"); return e ? std::atoll(e) : 128; }();
+  if (threads > 1 && tokens >= split_min * threads) {
+    // Each thread: its own rows, MKL single-threaded (inside a parallel region), chunk by chunk, each chunk's
+    // epilogue applied while the chunk is still in this core's L2.
+    at::parallel_for(0, tokens, (tokens + threads - 1) / threads, [&](int64_t begin, int64_t end) {
+      for (int64_t r0 = begin; r0 < end; r0 += chunk_rows) {
+        const int64_t rows = std::min(chunk_rows, end - r0);
+        cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, rows, out_features, k, a + r0 * k, k, w, out_features,
+                            0.0f, c + r0 * out_features, out_features);
+        if (epilogue)
+          for (int64_t r = r0; r < r0 + rows; ++r) kern.bias_act_row(c + r * out_features, b, out_features, act);
+      }
+    });
+    return out;
+  }
+  cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, tokens, out_features, k, a, k, w, out_features, 0.0f, c,
+                      out_features);
+  if (!epilogue) return out;
   at::parallel_for(0, tokens, row_grain(out_features), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) kern.bias_act_row(c + r * out_features, b, out_features, act);
   });

@@ -136,6 +136,32 @@ def test_cpp_attention_long_sequence():
     check_lse(lse, ref_lse)
 
 
+def widely_spread_qkv(dtype, seqlen=96, head_dim=16):
+    """Integer q and k (exact in fp32 and bf16, and so are their dot products) whose scores in a row spread over
+    ~190 natural-log units: past 2^126 in the kernels' log2 units, where exp2 must give exactly 0, not a
+    denormal (nor NaN); v in [-1, 1]. Each row's max score is exact, so the kernels' error stays at rounding."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randint(-3, 4, (1, seqlen, 2, head_dim), generator=g).float()
+    k = torch.randint(-3, 4, (1, seqlen, 2, head_dim), generator=g).float()
+    k[:, ::3] *= -3  # every third key far below the others for some queries, far above for the rest
+    v = torch.rand(1, seqlen, 2, head_dim, generator=g) * 2 - 1
+    return (t.to(dtype) for t in (q, k, v))
+
+
+@requires_ext
+@pytest.mark.parametrize("mask_kind", [None, "holey"])
+def test_cpp_attention_fp32_widely_spread_scores(mask_kind):
+    q, k, v = widely_spread_qkv(torch.float32)
+    mask = make_mask(mask_kind, 1, q.shape[1])
+    out, lse = OPS.attention(q, k, v, mask, 1.0)
+    ref_out, ref_lse = attention_ref64(q, k, v, mask, 1.0)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double())
+    assert (scores.amax(-1) - scores.amin(-1)).max() > 130, "the scores must spread past 2^126 in log2 units"
+    assert not out.isnan().any()
+    assert max_err(out, ref_out) <= fp32_out_bound(v)
+    check_lse(lse, ref_lse)
+
+
 @requires_ext
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
 @pytest.mark.parametrize("head_dim", [8, 64])
@@ -254,6 +280,16 @@ def test_cpp_attention_bf16(bf16_path, batch, seqlen, head_dim, mask_kind):
     if mask is not None and not mask.any(1).all():
         assert (out[~mask.any(1)] == 0).all()
     assert_bf16_attention(out, ref_out, q, k, v, mask, scale)
+    check_lse(lse, ref_lse, BF16_LSE_ULPS)
+
+
+@requires_ext
+def test_cpp_attention_bf16_widely_spread_scores(bf16_path):
+    q, k, v = widely_spread_qkv(torch.bfloat16)
+    out, lse = OPS.attention(q, k, v, None, 1.0)
+    ref_out, ref_lse = attention_ref64(q, k, v, None, 1.0)
+    assert not out.isnan().any()
+    assert_bf16_attention(out, ref_out, q, k, v, None, 1.0)
     check_lse(lse, ref_lse, BF16_LSE_ULPS)
 
 

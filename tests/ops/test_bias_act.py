@@ -73,6 +73,23 @@ def test_cpp_gelu_wide_range():
 
 
 @requires_ext
+def test_cpp_gelu_tiny_and_clamped_inputs():
+    """Inputs whose erf argument is clamped (below 2^-60, or past 9.5 * sqrt2 = 13.4), denormals, signed zeros
+    and infinities: gelu(y) ~ y / 2 near 0, 0 far below it and y far above; +inf at +inf (torch 2.13 gives NaN
+    there) and NaN at -inf, where y * Phi(y) is -inf * 0 (as in torch)."""
+    x = torch.tensor([0.0, -0.0, 1e-40, -1e-40, 1e-30, -1e-30, 2.0 ** -61, -(2.0 ** -61), 12.8, -12.8, 13.5,
+                      -13.5, 30.0, -30.0, 1e30, -1e30, float("inf"), float("-inf")])
+    y = x.clone()
+    OPS.bias_act_(y, torch.zeros(x.numel()), "gelu")
+    want = F.gelu(x.double())
+    tiny, moderate = x.abs() < 1e-20, (x.abs() >= 1e-20) & (x.abs() < 100)
+    assert max_err(y[tiny], want[tiny]) <= fp32_bound(x[tiny])  # bound at 1e-30: relative accuracy kept
+    assert max_err(y[moderate], want[moderate]) <= fp32_bound(x[moderate])
+    assert y[14] == 1e30 and y[15] == 0 and y[16] == float("inf") and y[17].isnan()
+    assert torch.equal(y[:16].isnan(), torch.zeros(16, dtype=torch.bool))
+
+
+@requires_ext
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
 @pytest.mark.parametrize("activation", ["gelu", "relu"])
 def test_cpp_bias_act_low_precision(dtype, activation):
