@@ -1,9 +1,15 @@
 """Plain PyTorch implementations of every op: the `torch` backend, and the reference the kernels are
-tested against. They favour clarity over speed (fp32 math, explicit masks)."""
+tested against. They favour clarity over speed (fp32 math, explicit masks; fp64 math on fp64 inputs, which
+only the tests' fp64 references pass)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+
+def _math_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp32 for fp32/fp16/bf16 tensors, fp64 for fp64 ones (the tests' fp64 references must not round to fp32)."""
+    return torch.promote_types(x.dtype, torch.float32)
 
 
 def linear(x, weight, bias):
@@ -34,30 +40,35 @@ def linear_packed(x, packed_weight, out_features, bias, activation):
 
 
 def add_layer_norm(x, residual, weight, bias, eps):
-    """(x + residual) -> LayerNorm over the last dim, statistics in fp32. Returns (out, mean, rstd)."""
-    h = x.float() if residual is None else x.float() + residual.float()
+    """(x + residual) -> LayerNorm over the last dim, statistics in fp32 (fp64 for fp64 inputs). Returns (out,
+    mean, rstd)."""
+    acc = _math_dtype(x)
+    h = x.to(acc) if residual is None else x.to(acc) + residual.to(acc)
     mean = h.mean(dim=-1)
     var = h.var(dim=-1, unbiased=False)
     rstd = torch.rsqrt(var + eps)
-    out = (h - mean.unsqueeze(-1)) * rstd.unsqueeze(-1) * weight.float() + bias.float()
+    out = (h - mean.unsqueeze(-1)) * rstd.unsqueeze(-1) * weight.to(acc) + bias.to(acc)
     return out.to(x.dtype), mean, rstd
 
 
 def bias_act_(x, bias, activation):
     """In place: x = activation(x + bias)."""
-    y = x.float() + bias.float()
+    acc = _math_dtype(x)
+    y = x.to(acc) + bias.to(acc)
     x.copy_(activate(y, activation))
 
 
 def attention(q, k, v, key_padding_mask, softmax_scale):
     """q, k, v: (batch, seqlen, n_heads, head_dim); key_padding_mask: (batch, seqlen) bool or None.
-    Returns out (batch, seqlen, n_heads, head_dim) and lse (batch, n_heads, seqlen), fp32 math."""
-    qf, kf, vf = (t.float().transpose(1, 2) for t in (q, k, v))  # (batch, n_heads, seqlen, head_dim)
+    Returns out (batch, seqlen, n_heads, head_dim) and lse (batch, n_heads, seqlen), fp32 math (fp64 for fp64
+    inputs: the tests' fp64 references)."""
+    acc = _math_dtype(q)
+    qf, kf, vf = (t.to(acc).transpose(1, 2) for t in (q, k, v))  # (batch, n_heads, seqlen, head_dim)
     scores = torch.matmul(qf, kf.transpose(-1, -2)) * softmax_scale
     if key_padding_mask is not None:
         scores = scores.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # -inf where no key is attended
-    probs = torch.exp(scores - lse.unsqueeze(-1).clamp_min(torch.finfo(torch.float32).min))
+    probs = torch.exp(scores - lse.unsqueeze(-1).clamp_min(torch.finfo(acc).min))
     probs = torch.nan_to_num(probs, nan=0.0)
     out = torch.matmul(probs, vf).transpose(1, 2).contiguous()
     return out.to(q.dtype), lse
@@ -67,7 +78,7 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale):
     """q, k, v: (total_tokens, n_heads, head_dim); cu_seqlens: (batch + 1,) int32.
     Returns out (total_tokens, n_heads, head_dim) and lse (n_heads, total_tokens)."""
     out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=_math_dtype(q), device=q.device)
     bounds = cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end > start:

@@ -56,6 +56,16 @@ def check(out, mean, rstd, x, residual, weight, bias, eps, interpreter=False):
     assert max_err(rstd / rstd64, torch.ones_like(rstd64)) <= rstd_rel
 
 
+def test_fp64_reference_is_fp64():
+    """The fp64 reference computes in fp64 (statistics included), not in fp32 as it does for fp32/fp16/bf16."""
+    g = torch.Generator().manual_seed(11)
+    x, r = (torch.randn(5, 37, generator=g, dtype=torch.float64) + 100 for _ in range(2))
+    w, b = torch.randn(37, generator=g, dtype=torch.float64), torch.randn(37, generator=g, dtype=torch.float64)
+    out, mean, rstd = reference.add_layer_norm(x, r, w, b, 1e-5)
+    assert out.dtype == mean.dtype == rstd.dtype == torch.float64
+    assert max_err(out, F.layer_norm(x + r, (37,), w, b, 1e-5)) <= 1e-12
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_residual", [True, False])
 def test_add_layer_norm_backends(backend, with_residual, dtype):
