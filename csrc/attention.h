@@ -69,9 +69,16 @@ inline Plan plan_tasks(const Problem& p, int64_t query_block) {
   if (n_tasks == 0) return plan;
   const int64_t n_parts = std::min<int64_t>(at::get_num_threads(), n_tasks);
   plan.part_begin.assign(n_parts + 1, n_tasks);
-  for (int64_t t = 0; t < n_parts; ++t)
-    plan.part_begin[t] = std::lower_bound(cost_end.begin(), cost_end.end(), total * t / n_parts) - cost_end.begin();
   plan.part_begin[0] = 0;
+  for (int64_t t = 1; t < n_parts; ++t) {
+    // Part t starts where the running cost of the parts before it is closest to t / n_parts of the total: after
+    // task i, the first to reach that share, or at it when stopping short is closer.
+    const double target = total * t / n_parts;
+    const int64_t i = std::lower_bound(cost_end.begin(), cost_end.end(), target) - cost_end.begin();
+    const double before = i > 0 ? cost_end[i - 1] : 0.0;
+    const int64_t split = i < n_tasks && cost_end[i] - target <= target - before ? i + 1 : i;
+    plan.part_begin[t] = std::max(plan.part_begin[t - 1], std::min(split, n_tasks));
+  }
   return plan;
 }
 
