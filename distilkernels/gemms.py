@@ -118,6 +118,11 @@ def concat(weight, bias):
 
 # Below this many weights a GEMM takes microseconds and a library's per-call set-up outweighs any gain: no contest.
 _MIN_CONTEST_WEIGHT = 256 * 256
+# A measured choice (a library kernel over ours, row chunks over one call) is taken only when it is faster by
+# more than this fraction; closer than that, the default stays. The choices are made once per process from a
+# few calls, and on a shared machine near-ties flipped from one process to the next (in bf16, oneDNN's and our
+# 768 x 768 GEMM; oneDNN's row chunks), which made whole runs differ by up to 15% at 8 x 128.
+_MARGIN = 0.05
 
 
 class _Kernel(NamedTuple):
@@ -171,7 +176,8 @@ def _mkl_call(x, packed, out_features, bias, activation):  # csrc/linear_mkl.cpp
 # AMX Xeon, out_features=768 ran at 1.1-1.4 TFLOP/s with 512-1024 rows in one call but 2.1 in calls of 256 rows
 # (2.4-2.7 again at 2048), while q|k|v and lin1 ran fastest in one call. So above _CHUNK_ROWS rows, whether to
 # feed the rows in chunks of _CHUNK_ROWS is measured once per process per (dtype, shape, power-of-two bucket of
-# rows), on the first real call of that bucket (its own inputs, interleaved medians of 3 calls each).
+# rows), on the first real call of that bucket (its own inputs, interleaved medians of 5 calls each); chunks are
+# taken when _MARGIN faster.
 _CHUNK_ROWS = 256
 _ROW_CHUNK: dict[tuple[torch.dtype, int, int, int], int] = {}  # -> rows per call; 0 = all rows in one call
 
@@ -192,8 +198,8 @@ def onednn_row_chunk(x, weight, bias, activation) -> int:
     if key not in _ROW_CHUNK:
         _ROW_CHUNK[key] = 0
         times = _interleaved_medians({rows: functools.partial(_onednn_chunked, x, weight, bias, activation, rows)
-                                      for rows in (0, _CHUNK_ROWS)}, rounds=3)
-        _ROW_CHUNK[key] = min(times, key=times.get)
+                                      for rows in (0, _CHUNK_ROWS)}, rounds=5)
+        _ROW_CHUNK[key] = _CHUNK_ROWS if times[_CHUNK_ROWS] < (1 - _MARGIN) * times[0] else 0
     return _ROW_CHUNK[key]
 
 
@@ -242,7 +248,8 @@ def dense_kernel(dtype: torch.dtype, in_features: int, out_features: int, activa
     GEMM, fp32), measured once per process at first use, among the kernels this torch build has that compute
     what ours computes (checked on another row count first). Each runs on random inputs of every row count in
     _CONTEST_ROWS (interleaved medians of 5 calls); the winner has the least sum of its times relative to the
-    fastest at each row count, since the weight format is chosen once for every batch size. Which wins depends
+    fastest at each row count, since the weight format is chosen once for every batch size, if that sum is
+    _MARGIN below ours (else ours). Which wins depends
     on the CPU and shape, so none is assumed: at the DistilBERT shapes on a Xeon with AVX-512 + AMX, oneDNN led
     ours in fp32 by 3-14% per GEMM, and MKL led oneDNN in the model by ~9% at 1 x 128 (weights streamed from
     memory); with oneDNN capped to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2) linear_packed's AVX2 build led oneDNN by
@@ -271,7 +278,8 @@ def dense_kernel(dtype: torch.dtype, in_features: int, out_features: int, activa
                     times = _interleaved_medians({name: functools.partial(run, x) for name, run in calls.items()})
                     for name, t in times.items():
                         score[name] += t / min(times.values())
-            _WINNER[key] = min(score, key=score.get)
+                best = min(score, key=score.get)
+                _WINNER[key] = best if score[best] < (1 - _MARGIN) * score["packed"] else "packed"
     return _WINNER[key]
 
 
