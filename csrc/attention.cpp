@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -38,12 +39,14 @@ struct Scratch {
   std::vector<float> scores;   // (kQueryBlock, kKeyBlock)
   std::vector<float> acc;      // (kQueryBlock, dpad)
   std::vector<float> row_max, row_sum;  // (kQueryBlock,)
+  std::vector<const float*> rows;       // (max_keys,): the current head's key rows (fp32 inputs)
   int64_t seg = -1, head = -1;
 
   Scratch(int64_t width, int64_t head_dim, int64_t max_keys)
       : width(width), head_dim(head_dim), dpad(round_up(head_dim, width)), ldkt(round_up(std::max<int64_t>(max_keys, 1), width)),
         kt(head_dim * ldkt), vp(std::max<int64_t>(max_keys, 1) * dpad, 0.0f), qp(kQueryBlock * head_dim),
-        scores(kQueryBlock * kKeyBlock), acc(kQueryBlock * dpad), row_max(kQueryBlock), row_sum(kQueryBlock) {}
+        scores(kQueryBlock * kKeyBlock), acc(kQueryBlock * dpad), row_max(kQueryBlock), row_sum(kQueryBlock),
+        rows(std::max<int64_t>(max_keys, 1)) {}
 };
 
 template <typename T>
@@ -54,21 +57,28 @@ void pack_keys(const Problem& p, const T* k, const T* v, int64_t s, int64_t h, S
   const T* kbase = k + seg.k_off + h * L.k_head;
   const T* vbase = v + seg.v_off + h * L.v_head;
   auto row_of = [&](int64_t j) { return seg.key_row(j); };
-  // Transpose K in tiles of 8 keys so the strided writes land in a few cache lines at a time.
-  for (int64_t j0 = 0; j0 < n; j0 += 8) {
-    const int64_t j1 = std::min(j0 + 8, n);
-    for (int64_t d = 0; d < d_n; ++d)
-      for (int64_t j = j0; j < j1; ++j) sc.kt[d * sc.ldkt + j] = static_cast<float>(kbase[row_of(j) * L.k_row + d]);
+  if constexpr (std::is_same_v<T, float>) {  // the vector kernels: K^T by register-block transposes, V by rows
+    const auto& kern = cpu::kernels();
+    for (int64_t j = 0; j < n; ++j) sc.rows[j] = kbase + row_of(j) * L.k_row;
+    kern.transpose_rows(sc.rows.data(), n, d_n, sc.kt.data(), sc.ldkt);
+    for (int64_t j = 0; j < n; ++j) std::memcpy(sc.vp.data() + j * sc.dpad, vbase + row_of(j) * L.v_row, d_n * sizeof(float));
+  } else {
+    // Transpose K in tiles of 8 keys so the strided writes land in a few cache lines at a time.
+    for (int64_t j0 = 0; j0 < n; j0 += 8) {
+      const int64_t j1 = std::min(j0 + 8, n);
+      for (int64_t d = 0; d < d_n; ++d)
+        for (int64_t j = j0; j < j1; ++j) sc.kt[d * sc.ldkt + j] = static_cast<float>(kbase[row_of(j) * L.k_row + d]);
+    }
+    // V is packed too, even when it could be read in place: its rows sit 3 * dim apart in the fused q|k|v
+    // output (9 KiB for distilbert-base), a stride that maps a block's rows onto a few L1 sets.
+    for (int64_t j = 0; j < n; ++j) {
+      const T* src = vbase + row_of(j) * L.v_row;
+      float* dst = sc.vp.data() + j * sc.dpad;
+      for (int64_t d = 0; d < d_n; ++d) dst[d] = static_cast<float>(src[d]);
+    }
   }
   for (int64_t d = 0; d < d_n; ++d)
     std::fill(sc.kt.begin() + d * sc.ldkt + n, sc.kt.begin() + (d + 1) * sc.ldkt, 0.0f);
-  // V is packed too, even when it could be read in place: its rows sit 3 * dim apart in the fused q|k|v
-  // output (9 KiB for distilbert-base), a stride that maps a block's rows onto a few L1 sets.
-  for (int64_t j = 0; j < n; ++j) {
-    const T* src = vbase + row_of(j) * L.v_row;
-    float* dst = sc.vp.data() + j * sc.dpad;
-    for (int64_t d = 0; d < d_n; ++d) dst[d] = static_cast<float>(src[d]);
-  }
   sc.seg = s;
   sc.head = h;
 }
@@ -85,8 +95,13 @@ void attend_block(const Problem& p, const T* q, T* out, float* lse, int64_t s, i
   if (seg.n_keys == 0) return attn::write_unattended(out_rows, L.out_row, lse_rows, rows, d_n);
   const float q_scale = p.softmax_scale * kLog2e;
   const T* q_rows = q + seg.q_off + h * L.q_head + q0 * L.q_row;
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t d = 0; d < d_n; ++d) sc.qp[i * d_n + d] = static_cast<float>(q_rows[i * L.q_row + d]) * q_scale;
+  for (int64_t i = 0; i < rows; ++i) {
+    if constexpr (std::is_same_v<T, float>) {
+      kern.scale(q_rows + i * L.q_row, q_scale, d_n, sc.qp.data() + i * d_n);
+    } else {
+      for (int64_t d = 0; d < d_n; ++d) sc.qp[i * d_n + d] = static_cast<float>(q_rows[i * L.q_row + d]) * q_scale;
+    }
+  }
   std::fill(sc.row_max.begin(), sc.row_max.end(), -std::numeric_limits<float>::infinity());
   std::fill(sc.row_sum.begin(), sc.row_sum.end(), 0.0f);
   std::fill(sc.acc.begin(), sc.acc.begin() + rows * sc.dpad, 0.0f);

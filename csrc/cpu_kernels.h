@@ -41,6 +41,8 @@ struct Kernels {
   float (*absmax)(const float* x, int64_t n);
   // In place: y = y * scale + bias.  y, bias: (n,)
   void (*scale_add)(float* y, float scale, const float* bias, int64_t n);
+  // dst[d * ld + j] = rows[j][d] for j < n, d < dim: n rows, each given by a pointer, transposed.
+  void (*transpose_rows)(const float* const* rows, int64_t n, int64_t dim, float* dst, int64_t ld);
 
   // bf16 rows (raw bits), fp32 only in registers: loads widen exactly, stores round to nearest even with NaN
   // -> 0x7FC0, bit for bit what c10::BFloat16 does.

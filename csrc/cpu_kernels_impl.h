@@ -474,6 +474,72 @@ void scale(const float* x, float factor, int64_t n, float* y) {
   for (; i < n; ++i) y[i] = x[i] * factor;
 }
 
+// In-register transposes of a square block of vectors: r[i] = row i in, column i out.
+#if DK_ISA_LEVEL == 2
+DK_INLINE __m512 unpack_pd(__m512 a, __m512 b, bool hi) {
+  const __m512d x = _mm512_castps_pd(a), y = _mm512_castps_pd(b);
+  return _mm512_castpd_ps(hi ? _mm512_unpackhi_pd(x, y) : _mm512_unpacklo_pd(x, y));
+}
+DK_INLINE void transpose_block(V r[16]) {
+  V t[16];
+  for (int i = 0; i < 8; ++i) {  // lane L of t[2i] / t[2i+1]: columns 4L, 4L+1 / 4L+2, 4L+3 of rows 2i, 2i+1
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i)  // lane L of r[4i + c]: column 4L + c of rows 4i..4i+3
+    for (int c = 0; c < 4; ++c) r[4 * i + c] = unpack_pd(t[4 * i + c / 2], t[4 * i + 2 + c / 2], c % 2);
+  for (int c = 0; c < 4; ++c) {  // 128-bit lanes regrouped twice: 0x88 takes lanes 0, 2 of each, 0xdd lanes 1, 3
+    t[c] = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88);
+    t[4 + c] = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xdd);
+    t[8 + c] = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x88);
+    t[12 + c] = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xdd);
+  }
+  for (int c = 0; c < 4; ++c) {
+    r[c] = _mm512_shuffle_f32x4(t[c], t[8 + c], 0x88);
+    r[8 + c] = _mm512_shuffle_f32x4(t[c], t[8 + c], 0xdd);
+    r[4 + c] = _mm512_shuffle_f32x4(t[4 + c], t[12 + c], 0x88);
+    r[12 + c] = _mm512_shuffle_f32x4(t[4 + c], t[12 + c], 0xdd);
+  }
+}
+#elif DK_ISA_LEVEL == 1
+DK_INLINE void transpose_block(V r[8]) {
+  V t[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i)
+    for (int c = 0; c < 4; ++c) {
+      const __m256d x = _mm256_castps_pd(t[4 * i + c / 2]), y = _mm256_castps_pd(t[4 * i + 2 + c / 2]);
+      r[4 * i + c] = _mm256_castpd_ps(c % 2 ? _mm256_unpackhi_pd(x, y) : _mm256_unpacklo_pd(x, y));
+    }
+  for (int c = 0; c < 4; ++c) {
+    t[c] = _mm256_permute2f128_ps(r[c], r[4 + c], 0x20);
+    t[4 + c] = _mm256_permute2f128_ps(r[c], r[4 + c], 0x31);
+  }
+  for (int c = 0; c < 8; ++c) r[c] = t[c];
+}
+#endif
+
+void transpose_rows(const float* const* rows, int64_t n, int64_t dim, float* dst, int64_t ld) {
+  int64_t j0 = 0;
+#if DK_ISA_LEVEL >= 1
+  for (; j0 + kW <= n; j0 += kW) {
+    int64_t d0 = 0;
+    for (; d0 + kW <= dim; d0 += kW) {
+      V r[kW];
+      for (int i = 0; i < kW; ++i) r[i] = vload(rows[j0 + i] + d0);
+      transpose_block(r);
+      for (int c = 0; c < kW; ++c) vstore(dst + (d0 + c) * ld + j0, r[c]);
+    }
+    for (; d0 < dim; ++d0)
+      for (int i = 0; i < kW; ++i) dst[d0 * ld + j0 + i] = rows[j0 + i][d0];
+  }
+#endif
+  for (; j0 < n; ++j0)
+    for (int64_t d = 0; d < dim; ++d) dst[d * ld + j0] = rows[j0][d];
+}
+
 float absmax(const float* x, int64_t n) {
   const V z = splat(0.0f, V());
   const int64_t vec_end = n - n % kW;
@@ -756,7 +822,7 @@ inline auto pick_softmax_update_bf16() { return softmax_update_bf16; }
 #endif
 
 const Kernels table = {kW,      kPanel, add_layer_norm_row, bias_act_row, gemm, linear_panels, softmax_update, scale,
-                       absmax, scale_add, bias_act_row_bf16, add_layer_norm_row_bf16, scale_to_bf16,
+                       absmax, scale_add, transpose_rows, bias_act_row_bf16, add_layer_norm_row_bf16, scale_to_bf16,
                        pick_softmax_update_bf16()};
 
 #undef DK_INLINE
