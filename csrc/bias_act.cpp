@@ -50,9 +50,9 @@ void bias_act_cpu(const at::Tensor& x, const at::Tensor& bias, c10::string_view 
     TORCH_CHECK(false, "activation must be one of ('gelu', 'relu'), got '", std::string(activation), "'");
 
   const int64_t hidden_dim = x.size(-1);
-  const at::Tensor b32 = bias.to(at::kFloat).contiguous();
+  const Fp32Values b32(bias, hidden_dim);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bias_act_", [&] {
-    bias_act_rows<scalar_t>(x.mutable_data_ptr<scalar_t>(), b32.const_data_ptr<float>(), x.numel() / hidden_dim,
+    bias_act_rows<scalar_t>(x.mutable_data_ptr<scalar_t>(), b32.data(), x.numel() / hidden_dim,
                             hidden_dim, act);
   });
 }

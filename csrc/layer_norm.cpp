@@ -65,8 +65,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_cpu(const at::Tens
 
   const at::Tensor x_c = x.contiguous();
   const at::Tensor res_c = residual.has_value() ? residual->contiguous() : at::Tensor();
-  const at::Tensor w32 = weight.to(at::kFloat).contiguous();
-  const at::Tensor b32 = bias.to(at::kFloat).contiguous();
+  const Fp32Values w32(weight, dim), b32(bias, dim);
   at::Tensor out = cached_empty(x_c.sizes(), x_c.options());
   const auto stats_shape = x.sizes().slice(0, x.dim() - 1);
   at::Tensor mean = cached_empty(stats_shape, x.options().dtype(at::kFloat));
@@ -76,7 +75,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_cpu(const at::Tens
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "add_layer_norm", [&] {
     add_layer_norm_rows<scalar_t>(x_c.const_data_ptr<scalar_t>(),
                                   res_c.defined() ? res_c.const_data_ptr<scalar_t>() : nullptr,
-                                  w32.const_data_ptr<float>(), b32.const_data_ptr<float>(), static_cast<float>(eps),
+                                  w32.data(), b32.data(), static_cast<float>(eps),
                                   rows, dim, out.mutable_data_ptr<scalar_t>(), mean.mutable_data_ptr<float>(),
                                   rstd.mutable_data_ptr<float>());
   });

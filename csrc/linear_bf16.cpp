@@ -103,25 +103,20 @@ at::Tensor linear_bf16_cpu(const at::Tensor& x, const at::Tensor& packed_weight,
                 packed_weight.sizes());
   }
   TORCH_CHECK(packed_weight.is_contiguous(), "packed_weight must be contiguous");
-  at::Tensor bias_f;
-  if (bias.has_value()) {
-    check_vector(*bias, "bias", out_features);
-    bias_f = bias->to(at::kFloat).contiguous();
-  } else {
-    bias_f = at::zeros({out_features}, x.options().dtype(at::kFloat));
-  }
+  if (bias.has_value()) check_vector(*bias, "bias", out_features);
+  const Fp32Values bias_f(bias, out_features);
   const auto act = parse_activation(activation);
   auto out = cached_empty({tokens, out_features}, x.options());
   if (tokens == 0 || out_features == 0) return out;
   if (k == 0 || !vnni) {
     gemm_plain(x.contiguous(), vnni ? at::empty({0, out_features}, packed_weight.options()) : packed_weight,
-               bias_f.const_data_ptr<float>(), act, out);
+               bias_f.data(), act, out);
     return out;
   }
   // VNNI packs in_features in pairs: an odd in_features gets a zero column, as its packed weight has a zero row.
   const auto a = kp == k ? x.contiguous() : at::constant_pad_nd(x, {0, kp - k});
   gemm_vnni(a.const_data_ptr<at::BFloat16>(), tokens, kp, packed_weight.const_data_ptr<at::BFloat16>(),
-            out_features, bias_f.const_data_ptr<float>(), act, out.mutable_data_ptr<at::BFloat16>());
+            out_features, bias_f.data(), act, out.mutable_data_ptr<at::BFloat16>());
   return out;
 }
 
