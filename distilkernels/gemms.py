@@ -69,7 +69,8 @@ def precision_paths() -> dict[str, str]:
 
     def contest(dtype):
         libraries = [label for name, label in labels.items() if _KERNELS[name].available(dtype)]
-        return f" or {' or '.join(libraries)}, whichever measures faster per shape" if libraries else ""
+        return (f" or {' or '.join(libraries)}, whichever measures faster per shape (a library kernel only when "
+                f"{_MARGIN:.0%} faster than ours)" if libraries else "")
 
     paths["fp32"] = f"distilkernels linear_packed ({ext.vector_isa()}){contest(torch.float32)}{chosen(torch.float32)}"
     bf16 = ("linear_bf16: brgemm on AMX (oneDNN micro-kernel), weights packed once (VNNI)" if use_matrix_unit("bf16")
