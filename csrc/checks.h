@@ -45,8 +45,8 @@ inline void check_fp32_vector(const at::Tensor& t, const char* name, int64_t siz
 
 // The fp32 values of a parameter vector checked by check_vector (fp32, fp16 or bf16), for the kernels' fp32
 // arguments: the tensor's own data when it is contiguous fp32, else a converted copy, or n zeros when there is
-// no tensor. Not a tensor op: a bf16 LayerNorm weight or bias went through Tensor::to() on every call, ~8 us
-// each with the dispatcher and the allocation (~3% of a bf16 distilbert-base forward at 1 x 128).
+// no tensor. Not a tensor op: a bf16 LayerNorm weight or bias went through Tensor::to() on every call, with the
+// dispatcher and an allocation (bf16 add_layer_norm at 128 x 768 rows: 23.5 -> 21.5 us per call without it).
 class Fp32Values {
  public:
   Fp32Values(const c10::optional<at::Tensor>& t, int64_t n) {
