@@ -36,16 +36,19 @@ ids = torch.randint(1, 30522, (batch, seqlen), generator=g)
 mask = (torch.arange(seqlen)[None, :] < lengths[:, None]).long()
 ids = ids * mask
 import copy
-patched = copy.deepcopy(stock)
-if dtype == "int8":
-    distilkernels.quantize(patched)
-else:
-    distilkernels.patch(patched, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
-models = {"hf_sdpa": stock, "patched": patched}
+models = {"hf_sdpa": stock}  # dtype "none": the HF sdpa worker, nothing patched
+if dtype != "none":
+    models["patched"] = patched = copy.deepcopy(stock)
+    if dtype == "int8":
+        distilkernels.quantize(patched)
+    else:
+        distilkernels.patch(patched, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
 with torch.inference_mode():
-    ref = stock(input_ids=ids, attention_mask=mask).last_hidden_state
-    got = patched(input_ids=ids, attention_mask=mask).last_hidden_state
-    err = (got.float() - ref)[mask.bool()].abs().max().item()
+    err = None
+    if "patched" in models:
+        ref = stock(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = patched(input_ids=ids, attention_mask=mask).last_hidden_state
+        err = (got.float() - ref)[mask.bool()].abs().max().item()
     print(json.dumps({"ready": distilkernels.__file__, "max_abs_err": err}), flush=True)
     for line in sys.stdin:
         model = models[line.strip()]
@@ -91,7 +94,7 @@ def run_shape(before: Path, after: Path, shape_name: str, threads: int, rounds: 
     shape = _shape(shape_name)
     # HF sdpa runs in a worker of its own, so that each worker runs once a round: no checkout's worker is
     # busier (its code and data warmer) than the other's.
-    workers = {"hf": Worker(after, threads, shape, dtype), "before": Worker(before, threads, shape, dtype),
+    workers = {"hf": Worker(after, threads, shape, "none"), "before": Worker(before, threads, shape, dtype),
                "after": Worker(after, threads, shape, dtype)}
     order = [("hf", "hf_sdpa"), ("before", "patched"), ("after", "patched")]
     samples = {f"{w}:{m}": [] for w, m in order}

@@ -57,6 +57,8 @@ void pack_keys(const Problem& p, const T* k, const T* v, int64_t s, int64_t h, S
   const T* kbase = k + seg.k_off + h * L.k_head;
   const T* vbase = v + seg.v_off + h * L.v_head;
   auto row_of = [&](int64_t j) { return seg.key_row(j); };
+  // V is packed too, even when it could be read in place: its rows sit 3 * dim apart in the fused q|k|v
+  // output (9 KiB for distilbert-base), a stride that maps a block's rows onto a few L1 sets.
   if constexpr (std::is_same_v<T, float>) {  // the vector kernels: K^T by register-block transposes, V by rows
     const auto& kern = cpu::kernels();
     for (int64_t j = 0; j < n; ++j) sc.rows[j] = kbase + row_of(j) * L.k_row;
@@ -69,8 +71,6 @@ void pack_keys(const Problem& p, const T* k, const T* v, int64_t s, int64_t h, S
       for (int64_t d = 0; d < d_n; ++d)
         for (int64_t j = j0; j < j1; ++j) sc.kt[d * sc.ldkt + j] = static_cast<float>(kbase[row_of(j) * L.k_row + d]);
     }
-    // V is packed too, even when it could be read in place: its rows sit 3 * dim apart in the fused q|k|v
-    // output (9 KiB for distilbert-base), a stride that maps a block's rows onto a few L1 sets.
     for (int64_t j = 0; j < n; ++j) {
       const T* src = vbase + row_of(j) * L.v_row;
       float* dst = sc.vp.data() + j * sc.dpad;

@@ -123,23 +123,29 @@ DK_INLINE T exp2_approx(T x) {
 }
 
 #if DK_ISA_LEVEL == 2
-// The same 2^x in fewer instructions where AVX-512 has them: vreduceps gives f = x - floor(x) in [0, 1) (imm
-// 0x09: keep no fraction bits, round down, no precision exception), 2^f is a degree-6 relative least-squares
-// fit on [0, 1] (relative error 1.9e-9 in exact arithmetic, <= 8.4e-8 evaluated in fp32: under 1.5 roundings,
-// as the degree-7 form above) and vscalefps multiplies it by 2^floor(x). 9 instructions against 15; the GELU
-// epilogue and the fp32 softmax both run it.
+// 2^x as poly(f) * 2^floor(x), in the instructions AVX-512 has for it: vreduceps gives f = x - floor(x) in
+// [0, 1) (imm 0x09: keep no fraction bits, round down, no precision exception) and vscalefps multiplies by
+// 2^floor(x). Below x = -126 the result is 0 (the generic form gives 0 below -127) rather than a denormal:
+// producing one costs a microcode assist (3x slower softmax on scores that spread past 2^126).
+template <class Poly>
+DK_INLINE V exp2_scalef(V x, Poly poly) {
+  return _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(x, splat(-126.0f, x), _CMP_GE_OQ), poly(_mm512_reduce_ps(x, 0x09)),
+                                x);
+}
+
+// The same 2^x as exp2_approx's generic form in 9 instructions against 15: 2^f is a degree-6 relative
+// least-squares fit on [0, 1] (relative error 1.9e-9 in exact arithmetic, <= 8.4e-8 evaluated in fp32: under
+// 1.5 roundings, as the degree-7 form above). The GELU epilogue and the fp32 softmax both run it.
 DK_INLINE V exp2_approx(V x) {
-  const V f = _mm512_reduce_ps(x, 0x09);
-  V p = splat(2.1702254890e-04f, f);
-  p = vfma(p, f, splat(1.2439688435e-03f, f));
-  p = vfma(p, f, splat(9.6788406372e-03f, f));
-  p = vfma(p, f, splat(5.5483341217e-02f, f));
-  p = vfma(p, f, splat(2.4022983015e-01f, f));
-  p = vfma(p, f, splat(6.9314700365e-01f, f));
-  p = vfma(p, f, splat(1.0f, f));
-  // 0 below x = -126, as the generic form gives below -127, rather than a denormal: producing one costs a
-  // microcode assist (3x slower softmax on scores that spread past 2^126).
-  return _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(x, splat(-126.0f, f), _CMP_GE_OQ), p, x);
+  return exp2_scalef(x, [](V f) {
+    V p = splat(2.1702254890e-04f, f);
+    p = vfma(p, f, splat(1.2439688435e-03f, f));
+    p = vfma(p, f, splat(9.6788406372e-03f, f));
+    p = vfma(p, f, splat(5.5483341217e-02f, f));
+    p = vfma(p, f, splat(2.4022983015e-01f, f));
+    p = vfma(p, f, splat(6.9314700365e-01f, f));
+    return vfma(p, f, splat(1.0f, f));
+  });
 }
 #endif
 
@@ -391,8 +397,8 @@ void linear_panels_impl(int64_t m, int64_t k, const float* a, int64_t lda, const
         const int64_t tiles = (mc + kGemmRows - 1) / kGemmRows, per_tile = (next_lines + tiles - 1) / tiles;
         for (int64_t i = 0; i < mc; i += kGemmRows) {
           const int rows = static_cast<int>(mc - i < kGemmRows ? mc - i : kGemmRows);
-          const int64_t first = i / kGemmRows * per_tile;
-          const Prefetch pf{next + first * 64, first < next_lines ? (next_lines - first < per_tile ? next_lines - first : per_tile) : 0};
+          const int64_t first = i / kGemmRows * per_tile, left = next_lines - first;
+          const Prefetch pf{next + first * 64, left <= 0 ? 0 : left < per_tile ? left : per_tile};
           gemm_tile_rows<2>(rows, kc, a + (i0 + i) * lda + k0, lda, panel, kPanel, cp + i * ldcp, ldcp, k0 > 0, pf);
           if (last) epilogue_rows(rows, cols, bias == nullptr ? nullptr : bias + n0, cp + i * ldcp, ldcp, act);
         }
@@ -705,13 +711,7 @@ DK_INLINE T exp2_bf16(T x) {
   return exp2_bf16_poly(x - n) * vpow2i(n);
 }
 #if DK_ISA_LEVEL == 2
-// vreduceps gives x - floor(x) in one instruction (imm 0x09: keep 0 fraction bits, round down, no
-// precision exception) and vscalefps multiplies by 2^floor(x) itself.
-DK_INLINE V exp2_bf16(V x) {
-  // Below x = -126 the result is 0, not a denormal (see exp2_approx).
-  return _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_GE_OQ),
-                                exp2_bf16_poly(_mm512_reduce_ps(x, 0x09)), x);
-}
+DK_INLINE V exp2_bf16(V x) { return exp2_scalef(x, [](V f) { return exp2_bf16_poly(f); }); }
 #endif
 
 // softmax_update_bf16's body; kNative: stores through AVX512-BF16's vcvtne2ps2bf16 (round to nearest even,

@@ -132,13 +132,8 @@ at::Tensor linear_int8_cpu(const at::Tensor& x, const at::Tensor& packed_weight,
   const bool vnni = packed_weight.dim() == 3;
   const int64_t kp = vnni ? round_up(k, brgemm::vnni_group(at::kChar)) : k;
   check_args(x, packed_weight, weight_scale, out_features, kp, vnni);
-  at::Tensor bias_f;
-  if (bias.has_value()) {
-    check_fp32_vector(*bias, "bias", out_features);
-    bias_f = bias->contiguous();
-  } else {
-    bias_f = at::zeros({out_features}, x.options());
-  }
+  if (bias.has_value()) check_fp32_vector(*bias, "bias", out_features);
+  const Fp32Values bias_f(bias, out_features);
   const auto act = parse_activation(activation);
   auto out = cached_empty({tokens, out_features}, x.options());
   if (tokens == 0 || out_features == 0) return out;
@@ -154,7 +149,7 @@ at::Tensor linear_int8_cpu(const at::Tensor& x, const at::Tensor& packed_weight,
     for (int64_t r = begin; r < end; ++r) xs[r] = quantize_row(xs_src + r * k, k, q + r * kp);
   });
   const float* ws = weight_scale.const_data_ptr<float>();
-  const float* b = bias_f.const_data_ptr<float>();
+  const float* b = bias_f.data();
   float* c = out.mutable_data_ptr<float>();
   if (vnni && k > 0) {
     gemm_vnni(q, xs, tokens, kp, packed_weight.const_data_ptr<int8_t>(), ws, out_features, b, act, c);

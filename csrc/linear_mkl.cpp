@@ -120,10 +120,12 @@ at::Tensor linear_mkl_cpu(const at::Tensor& x, const at::Tensor& packed_weight, 
   float* c = out.mutable_data_ptr<float>();
   const float* a = xc.const_data_ptr<float>();
   const float* w = packed_weight.const_data_ptr<float>() + kHeader;
-  const bool epilogue = bias.has_value() || act != cpu::Activation::kNone;
-  const auto bc = bias.has_value() ? bias->contiguous() : at::zeros({out_features}, x.options());
-  const float* b = bc.const_data_ptr<float>();
+  const bool has_epilogue = bias.has_value() || act != cpu::Activation::kNone;
+  const Fp32Values b(bias, out_features);
   const auto& kern = cpu::kernels();
+  auto epilogue = [&](int64_t r0, int64_t r1) {  // rows [r0, r1): bias + activation
+    for (int64_t r = r0; r < r1; ++r) kern.bias_act_row(c + r * out_features, b.data(), out_features, act);
+  };
   const int64_t threads = at::get_num_threads();
   if (threads > 1 && tokens >= kSplitRows * threads) {
     // Each thread takes its own rows and runs MKL single-threaded on them (MKL inside a parallel region), in
@@ -133,18 +135,14 @@ at::Tensor linear_mkl_cpu(const at::Tensor& x, const at::Tensor& packed_weight, 
         const int64_t rows = std::min(kSplitRows, end - r0);
         cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, rows, out_features, k, a + r0 * k, k, w, out_features,
                             0.0f, c + r0 * out_features, out_features);
-        if (epilogue)
-          for (int64_t r = r0; r < r0 + rows; ++r) kern.bias_act_row(c + r * out_features, b, out_features, act);
+        if (has_epilogue) epilogue(r0, r0 + rows);
       }
     });
     return out;
   }
   cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, tokens, out_features, k, a, k, w, out_features, 0.0f, c,
                       out_features);
-  if (!epilogue) return out;
-  at::parallel_for(0, tokens, row_grain(out_features), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) kern.bias_act_row(c + r * out_features, b, out_features, act);
-  });
+  if (has_epilogue) at::parallel_for(0, tokens, row_grain(out_features), epilogue);
   return out;
 }
 
