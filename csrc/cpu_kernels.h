@@ -63,6 +63,15 @@ struct Kernels {
   void (*softmax_update_bf16)(const float* s, int64_t lds, int64_t m, int64_t n, int64_t n_pad, float scale,
                               float* row_max, float* row_sum, float* acc, int64_t ldacc, int64_t acc_n,
                               uint16_t* p, int64_t ldp);
+  // A GEMM's bf16 epilogue: out[r, j] = bf16(act(acc[r, j] + bias[j])) for r < rows, j < cols.
+  //   acc: (rows, cols) fp32 row stride ld_acc; bias: (cols,); out: (rows, cols) bf16 row stride ld_out.
+  void (*bias_act_to_bf16)(const float* acc, int64_t ld_acc, int64_t rows, int64_t cols, const float* bias,
+                           Activation act, uint16_t* out, int64_t ld_out);
+  // An int8 GEMM's epilogue: out[r, j] = act(float(acc[r, j]) * (row_scale[r] * col_scale[j]) + bias[j]).
+  //   acc: (rows, cols) int32 row stride ld_acc; row_scale: (rows,); col_scale, bias: (cols,); out: (rows, cols)
+  //   row stride ld_out.
+  void (*dequant_bias_act)(const int32_t* acc, int64_t ld_acc, int64_t rows, int64_t cols, const float* row_scale,
+                           const float* col_scale, const float* bias, Activation act, float* out, int64_t ld_out);
 };
 
 const Kernels& kernels();

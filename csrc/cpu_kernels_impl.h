@@ -39,6 +39,7 @@ DK_INLINE float hmax(float x) { return x; }
 using V = __m512;
 constexpr int64_t kW = 16;
 DK_INLINE V vload(const float* p) { return _mm512_loadu_ps(p); }
+DK_INLINE V vload_i32(const int32_t* p) { return _mm512_cvtepi32_ps(_mm512_loadu_si512(p)); }
 DK_INLINE void vstore(float* p, V v) { _mm512_storeu_ps(p, v); }
 DK_INLINE V splat(float x, V) { return _mm512_set1_ps(x); }
 DK_INLINE V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
@@ -65,6 +66,7 @@ constexpr int kGemmRows = 8;  // 8 x 2 accumulators of 32 registers
 using V = __m256;
 constexpr int64_t kW = 8;
 DK_INLINE V vload(const float* p) { return _mm256_loadu_ps(p); }
+DK_INLINE V vload_i32(const int32_t* p) { return _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
 DK_INLINE void vstore(float* p, V v) { _mm256_storeu_ps(p, v); }
 DK_INLINE V splat(float x, V) { return _mm256_set1_ps(x); }
 DK_INLINE V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
@@ -97,6 +99,7 @@ constexpr int kGemmRows = 6;  // 6 x 2 accumulators + 2 loads + 1 broadcast of 1
 using V = float;
 constexpr int64_t kW = 1;
 DK_INLINE V vload(const float* p) { return *p; }
+DK_INLINE V vload_i32(const int32_t* p) { return static_cast<float>(*p); }
 DK_INLINE void vstore(float* p, V v) { *p = v; }
 constexpr int kGemmRows = 4;
 #endif
@@ -685,6 +688,82 @@ void scale_to_bf16(const float* x, float factor, int64_t n, uint16_t* y) {
   for (; i < n; ++i) store_bf16_1(y + i, x[i] * factor);
 }
 
+// One call per output tile (a call per row cost as much as the arithmetic at 64 columns); four vectors per step,
+// as in bias_act_loop.
+template <class Act>
+DK_INLINE void bias_act_to_bf16_loop(const float* acc, int64_t ld_acc, int64_t rows, int64_t cols,
+                                     const float* bias, uint16_t* out, int64_t ld_out, Act act) {
+  const int64_t vec_end = cols - cols % kW;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* x = acc + r * ld_acc;
+    uint16_t* y = out + r * ld_out;
+    int64_t i = 0;
+    for (; i + 4 * kW <= vec_end; i += 4 * kW) {
+      const V y0 = act(vload(x + i) + vload(bias + i));
+      const V y1 = act(vload(x + i + kW) + vload(bias + i + kW));
+      const V y2 = act(vload(x + i + 2 * kW) + vload(bias + i + 2 * kW));
+      const V y3 = act(vload(x + i + 3 * kW) + vload(bias + i + 3 * kW));
+      store_bf16(y + i, y0);
+      store_bf16(y + i + kW, y1);
+      store_bf16(y + i + 2 * kW, y2);
+      store_bf16(y + i + 3 * kW, y3);
+    }
+    for (; i < vec_end; i += kW) store_bf16(y + i, act(vload(x + i) + vload(bias + i)));
+    for (; i < cols; ++i) store_bf16_1(y + i, act(x[i] + bias[i]));
+  }
+}
+
+void bias_act_to_bf16(const float* acc, int64_t ld_acc, int64_t rows, int64_t cols, const float* bias,
+                      Activation act, uint16_t* out, int64_t ld_out) {
+  switch (act) {
+    case Activation::kGelu:
+      return bias_act_to_bf16_loop(acc, ld_acc, rows, cols, bias, out, ld_out, [](auto y) { return gelu(y); });
+    case Activation::kRelu:
+      return bias_act_to_bf16_loop(acc, ld_acc, rows, cols, bias, out, ld_out, [](auto y) { return relu(y); });
+    default:
+      return bias_act_to_bf16_loop(acc, ld_acc, rows, cols, bias, out, ld_out, [](auto y) { return y; });
+  }
+}
+
+template <class Act>
+DK_INLINE void dequant_bias_act_loop(const int32_t* acc, int64_t ld_acc, int64_t rows, int64_t cols,
+                                     const float* row_scale, const float* col_scale, const float* bias, float* out,
+                                     int64_t ld_out, Act act) {
+  const int64_t vec_end = cols - cols % kW;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int32_t* x = acc + r * ld_acc;
+    float* y = out + r * ld_out;
+    const float rs = row_scale[r];
+    const V vrs = splat(rs, V());
+    auto one = [&](int64_t i) { return act(vload_i32(x + i) * (vrs * vload(col_scale + i)) + vload(bias + i)); };
+    int64_t i = 0;
+    for (; i + 4 * kW <= vec_end; i += 4 * kW) {
+      const V y0 = one(i), y1 = one(i + kW), y2 = one(i + 2 * kW), y3 = one(i + 3 * kW);
+      vstore(y + i, y0);
+      vstore(y + i + kW, y1);
+      vstore(y + i + 2 * kW, y2);
+      vstore(y + i + 3 * kW, y3);
+    }
+    for (; i < vec_end; i += kW) vstore(y + i, one(i));
+    for (; i < cols; ++i) y[i] = act(static_cast<float>(x[i]) * (rs * col_scale[i]) + bias[i]);
+  }
+}
+
+void dequant_bias_act(const int32_t* acc, int64_t ld_acc, int64_t rows, int64_t cols, const float* row_scale,
+                      const float* col_scale, const float* bias, Activation act, float* out, int64_t ld_out) {
+  switch (act) {
+    case Activation::kGelu:
+      return dequant_bias_act_loop(acc, ld_acc, rows, cols, row_scale, col_scale, bias, out, ld_out,
+                                   [](auto y) { return gelu(y); });
+    case Activation::kRelu:
+      return dequant_bias_act_loop(acc, ld_acc, rows, cols, row_scale, col_scale, bias, out, ld_out,
+                                   [](auto y) { return relu(y); });
+    default:
+      return dequant_bias_act_loop(acc, ld_acc, rows, cols, row_scale, col_scale, bias, out, ld_out,
+                                   [](auto y) { return y; });
+  }
+}
+
 // 2^x for the probabilities of softmax_update_bf16, which are rounded to bf16 (relative error up to 2^-8)
 // right after: 2^floor(x) times a degree-5 minimax fit of 2^f on f = x - floor(x) in [0, 1). Relative error
 // <= 7.5e-8 in exact arithmetic, <= 1.5e-7 evaluated in fp32: ~10^4 times below the bf16 rounding, and the
@@ -823,7 +902,7 @@ inline auto pick_softmax_update_bf16() { return softmax_update_bf16; }
 
 const Kernels table = {kW,      kPanel, add_layer_norm_row, bias_act_row, gemm, linear_panels, softmax_update, scale,
                        absmax, scale_add, transpose_rows, bias_act_row_bf16, add_layer_norm_row_bf16, scale_to_bf16,
-                       pick_softmax_update_bf16()};
+                       pick_softmax_update_bf16(), bias_act_to_bf16, dequant_bias_act};
 
 #undef DK_INLINE
 

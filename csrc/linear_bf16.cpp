@@ -1,8 +1,9 @@
 // bf16 linear on weights packed once: out = activation(x @ weight^T + bias), bf16 in and out, fp32 accumulate.
 //
 // On a CPU whose matrix unit takes bf16 (AMX; at::native::cpublas::could_pack(kBFloat16)), the weight is packed
-// into brgemm's VNNI blocks (brgemm_utils.h) and every 64 x 64 output tile is one brgemm call over the whole
-// in_features into an fp32 tile, whose epilogue adds the bias, applies the activation and rounds to bf16 once.
+// into brgemm's VNNI blocks (brgemm_utils.h) and every 64 x 64 output tile is computed over the whole in_features
+// into an fp32 tile, whose epilogue adds the bias, applies the activation and rounds to bf16 once. The tile is
+// computed by our AMX loop (amx_tiles.h) where in_features is a multiple of 32, else by one brgemm call.
 // Elsewhere (no AMX: an AVX-512-BF16 or AVX2-only CPU) the weight is kept as plain W^T (in_features,
 // out_features) and the product is one call of brgemm's non-VNNI fallback over the whole matrix (per tile it
 // would pay that GEMM's set-up once per tile), followed by the same epilogue.
@@ -11,6 +12,7 @@
 #include <torch/library.h>
 
 
+#include "amx_tiles.h"
 #include "brgemm_utils.h"
 #include "checks.h"
 #include "cpu_cache.h"
@@ -36,13 +38,9 @@ at::Tensor pack_linear_bf16_cpu(const at::Tensor& weight, bool vnni) {
 }
 
 // out[r, :] = bf16(act(acc[r, :] + bias)) for a (rows, cols) fp32 tile with row stride ld_acc.
-void epilogue(float* acc, int64_t ld_acc, int64_t rows, int64_t cols, const float* bias, cpu::Activation act,
+void epilogue(const float* acc, int64_t ld_acc, int64_t rows, int64_t cols, const float* bias, cpu::Activation act,
               at::BFloat16* out, int64_t ld_out) {
-  const auto& kern = cpu::kernels();
-  for (int64_t r = 0; r < rows; ++r) {
-    kern.bias_act_row(acc + r * ld_acc, bias, cols, act);
-    kern.scale_to_bf16(acc + r * ld_acc, 1.0f, cols, reinterpret_cast<uint16_t*>(out + r * ld_out));
-  }
+  cpu::kernels().bias_act_to_bf16(acc, ld_acc, rows, cols, bias, act, reinterpret_cast<uint16_t*>(out), ld_out);
 }
 
 void gemm_vnni(const at::BFloat16* a, int64_t tokens, int64_t kp, const at::BFloat16* wp, int64_t out_features,
@@ -57,6 +55,7 @@ void gemm_vnni(const at::BFloat16* a, int64_t tokens, int64_t kp, const at::BFlo
     epilogue(acc, kBlockN, rows, cols, bias + n0, act, c + m0 * out_features + n0, out_features);
   });
 }
+
 
 // Without the VNNI layout: brgemm's non-VNNI path, one call for the whole product (ATen's bf16 x bf16 -> fp32
 // GEMM: oneDNN where the CPU has AVX-512, ATen's own loop elsewhere), then the epilogue rounds once, by rows.
@@ -115,6 +114,18 @@ at::Tensor linear_bf16_cpu(const at::Tensor& x, const at::Tensor& packed_weight,
   }
   // VNNI packs in_features in pairs: an odd in_features gets a zero column, as its packed weight has a zero row.
   const auto a = kp == k ? x.contiguous() : at::constant_pad_nd(x, {0, kp - k});
+  if (kp % 32 == 0 && amx::ready()) {
+    const float* b = bias_f.data();
+    auto* c = out.mutable_data_ptr<at::BFloat16>();
+    amx::gemm<amx::Kind::kBf16>(a.const_data_ptr(), tokens, kp * 2, packed_weight.const_data_ptr(),
+                                (out_features + kBlockN - 1) / kBlockN,
+                                [&](int64_t nb, int64_t m0, int64_t rows, const void* acc) {
+      const int64_t n0 = nb * kBlockN, cols = std::min(kBlockN, out_features - n0);
+      epilogue(static_cast<const float*>(acc), kBlockN, rows, cols, b + n0, act, c + m0 * out_features + n0,
+               out_features);
+    });
+    return out;
+  }
   gemm_vnni(a.const_data_ptr<at::BFloat16>(), tokens, kp, packed_weight.const_data_ptr<at::BFloat16>(),
             out_features, bias_f.data(), act, out.mutable_data_ptr<at::BFloat16>());
   return out;

@@ -5,7 +5,8 @@
 // int8 with int32 accumulation, and dequantizes (x scale * weight scale) + bias + activation in the epilogue.
 //
 // On a CPU whose matrix unit takes int8 (AMX; could_pack(kChar)) the weight is packed into brgemm's VNNI blocks
-// (brgemm_utils.h) and each 64 x 64 output tile is one s8 x s8 -> s32 brgemm call. Elsewhere the weight is
+// (brgemm_utils.h) and each 64 x 64 output tile is computed by our AMX loop (amx_tiles.h) where in_features is a
+// multiple of 64, else by one s8 x s8 -> s32 brgemm call. Elsewhere the weight is
 // kept as plain W^T (in_features, out_features) int8 and the product is one at::_int_mm (oneDNN's int8 GEMM:
 // VNNI where the CPU has it), followed by the same epilogue.
 #include <ATen/ATen.h>
@@ -15,6 +16,7 @@
 #include <cmath>
 #include <vector>
 
+#include "amx_tiles.h"
 #include "brgemm_utils.h"
 #include "checks.h"
 #include "cpu_cache.h"
@@ -73,13 +75,7 @@ std::tuple<at::Tensor, at::Tensor> pack_linear_int8_cpu(const at::Tensor& weight
 // out[r, :] = act(acc[r, :] * x_scale[r] * w_scale + bias) for a (rows, cols) int32 tile with row stride ld_acc.
 void epilogue(const int32_t* acc, int64_t ld_acc, int64_t rows, int64_t cols, const float* x_scale,
               const float* w_scale, const float* bias, cpu::Activation act, float* out, int64_t ld_out) {
-  const auto& kern = cpu::kernels();
-  for (int64_t r = 0; r < rows; ++r) {
-    float* o = out + r * ld_out;
-    const int32_t* a = acc + r * ld_acc;
-    for (int64_t j = 0; j < cols; ++j) o[j] = static_cast<float>(a[j]) * (x_scale[r] * w_scale[j]);
-    kern.bias_act_row(o, bias, cols, act);
-  }
+  cpu::kernels().dequant_bias_act(acc, ld_acc, rows, cols, x_scale, w_scale, bias, act, out, ld_out);
 }
 
 void gemm_vnni(const int8_t* a, const float* x_scale, int64_t tokens, int64_t kp, const int8_t* wp,
@@ -151,6 +147,16 @@ at::Tensor linear_int8_cpu(const at::Tensor& x, const at::Tensor& packed_weight,
   const float* ws = weight_scale.const_data_ptr<float>();
   const float* b = bias_f.data();
   float* c = out.mutable_data_ptr<float>();
+  if (vnni && k > 0 && kp % 64 == 0 && amx::ready()) {
+    const int8_t* wq = packed_weight.const_data_ptr<int8_t>();
+    amx::gemm<amx::Kind::kInt8>(q, tokens, kp, wq, (out_features + kBlockN - 1) / kBlockN,
+                                [&](int64_t nb, int64_t m0, int64_t rows, const void* acc) {
+      const int64_t n0 = nb * kBlockN, cols = std::min(kBlockN, out_features - n0);
+      epilogue(static_cast<const int32_t*>(acc), kBlockN, rows, cols, xs + m0, ws + n0, b + n0, act,
+               c + m0 * out_features + n0, out_features);
+    });
+    return out;
+  }
   if (vnni && k > 0) {
     gemm_vnni(q, xs, tokens, kp, packed_weight.const_data_ptr<int8_t>(), ws, out_features, b, act, c);
     return out;

@@ -50,7 +50,7 @@ _ROWS: dict[str, _Row] = {
     "varlen_attention": _Row(_FLOATS, "attention"),
     "normalize_rows": _Row(_FP32),
     "scale_rows_": _Row(_FP32),
-    # GEMMs for the CPU's matrix units (brgemm on AMX); on a GPU torch's (cuBLAS) run
+    # GEMMs for the CPU's matrix units (AMX tiles); on a GPU torch's (cuBLAS) run
     "pack_linear_bf16": _Row(_FLOATS),
     "linear_bf16": _Row((torch.bfloat16,)),
     "pack_linear_int8": _Row(_FP32),

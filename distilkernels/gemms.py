@@ -5,8 +5,9 @@ weights derived from the block's parameters (a fused q|k|v concatenation, packed
 methods in int8. Which kernel each one uses for a given tensor is decided here, in one place, and
 `precision_paths()` says which one this CPU takes per precision.
 
-Matrix units: where the CPU's matrix unit takes bf16 / int8 (AMX), the bf16 and int8 GEMMs run ATen's brgemm
-(oneDNN's micro-kernels) on weights packed once into VNNI blocks; elsewhere they run torch's bf16 GEMM /
+Matrix units: where the CPU's matrix unit takes bf16 / int8 (AMX), the bf16 and int8 GEMMs run our AMX tile
+loop (csrc/amx_tiles.h; ATen's brgemm, oneDNN's micro-kernels, at in_features it does not take) on weights
+packed once into VNNI blocks; elsewhere they run torch's bf16 GEMM /
 int8 GEMM (oneDNN) on weights transposed once, with the same epilogue. `DISTILKERNELS_MATRIX_UNITS=off`
 (read at each packing) forces the second path, to test it on a CPU that has AMX.
 """
@@ -73,10 +74,12 @@ def precision_paths() -> dict[str, str]:
                 f"{_MARGIN:.0%} faster than ours)" if libraries else "")
 
     paths["fp32"] = f"distilkernels linear_packed ({ext.vector_isa()}){contest(torch.float32)}{chosen(torch.float32)}"
-    bf16 = ("linear_bf16: brgemm on AMX (oneDNN micro-kernel), weights packed once (VNNI)" if use_matrix_unit("bf16")
+    bf16 = ("linear_bf16: AMX tiles (our tile loop, which prefetches the next weight block; brgemm where "
+            "in_features % 32 != 0), weights packed once (VNNI)" if use_matrix_unit("bf16")
             else "linear_bf16: brgemm's plain bf16 GEMM on weights transposed once")
     paths["bf16"] = bf16 + contest(torch.bfloat16) + chosen(torch.bfloat16)
-    paths["int8"] = ("brgemm s8 x s8 -> s32 on AMX, weights packed once (VNNI), per-token scales, fused epilogue"
+    paths["int8"] = ("s8 x s8 -> s32 on AMX tiles (our tile loop; brgemm where in_features % 64 != 0), weights "
+                     "packed once (VNNI), per-token scales, fused epilogue"
                      if use_matrix_unit("int8") else
                      "torch _int_mm (oneDNN int8 GEMM, VNNI where present), per-token scales, fused epilogue")
     return paths

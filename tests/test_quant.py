@@ -284,7 +284,7 @@ def test_minilm_int8(minilm, activations):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The GEMM paths: matrix unit (brgemm on AMX) or the fallback every x86 CPU runs, and pickling
+# The GEMM paths: matrix unit (AMX tiles) or the fallback every x86 CPU runs, and pickling
 
 
 def _blocks(model):
@@ -360,6 +360,6 @@ def test_precision_paths_report_this_cpu():
     assert set(paths) == {"matrix_units", "vector_units", "fp32", "bf16", "int8"}
     flags = gemms.cpu_flags()
     assert ("amx_bf16" in paths["matrix_units"]) == ("amx_bf16" in flags)
-    assert ("brgemm on AMX" in paths["bf16"]) == gemms.use_matrix_unit("bf16")
+    assert ("AMX tiles" in paths["bf16"]) == gemms.use_matrix_unit("bf16")
     assert paths["fp32"].startswith("distilkernels linear_packed")
-    assert ("brgemm" in paths["int8"]) == gemms.use_matrix_unit("int8")
+    assert ("AMX tiles" in paths["int8"]) == gemms.use_matrix_unit("int8")

@@ -190,7 +190,11 @@ def _units(dtype):
 
 LAYOUTS = [False, pytest.param(True, marks=pytest.mark.skipif(not _units("bf16"), reason="needs AMX (bf16)"))]
 LAYOUTS_INT8 = [False, pytest.param(True, marks=pytest.mark.skipif(not _units("int8"), reason="needs AMX (int8)"))]
-SHAPES = [(1, 8, 1), (7, 37, 129), (13, 33, 65), (64, 96, 64), (130, 200, 70), (65, 770, 3)]  # odd K, N, tails
+# Odd K, N, tails. On AMX, in_features a multiple of 32 takes our tile loop (csrc/linear_bf16.cpp), the others
+# brgemm: 16-row groups full, partial (17, 33) and odd in number (130 = 64 + 64 + 2), several weight blocks per
+# thread (prefetched ahead) and a partial last block (129, 200).
+SHAPES = [(1, 8, 1), (7, 37, 129), (13, 33, 65), (64, 96, 64), (130, 200, 70), (65, 770, 3), (17, 64, 130),
+          (130, 160, 200), (33, 768, 129)]
 
 
 @pytest.mark.parametrize("activation", ["none", "gelu", "relu"])
@@ -346,7 +350,7 @@ def test_bf16_int8_gemms_on_capped_isa(isa):
         "import torch\n"
         "from distilkernels import ops, reference\n"
         "torch.manual_seed(0)\n"
-        "x = torch.randn(70, 45) * 3; w = torch.randn(67, 45); b = torch.randn(67)\n"
+        "x = torch.randn(70, 64) * 3; w = torch.randn(67, 64); b = torch.randn(67)\n"
         "for vnni in (False, True) if ops._extension().matrix_unit_packs('bf16') else (False,):\n"
         "    got = ops.linear_bf16(x.bfloat16(), ops.pack_linear_bf16(w, vnni), 67, b, 'gelu').float()\n"
         "    ref = reference.linear_bf16(x.bfloat16(), reference.pack_linear_bf16(w, False), 67, b, 'gelu').float()\n"
