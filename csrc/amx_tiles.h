@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -55,6 +56,13 @@ inline bool ready() {
     return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
   }();
   return ok;
+}
+
+// Whether the GEMMs take this loop now: ready(), and DISTILKERNELS_AMX (read on every call, as the AMX attention
+// reads it) is not "0", which sends them to brgemm.
+inline bool enabled() {
+  const char* flag = std::getenv("DISTILKERNELS_AMX");
+  return ready() && !(flag != nullptr && flag[0] == '0' && flag[1] == '\0');
 }
 
 struct alignas(64) TileConfig {
@@ -132,7 +140,7 @@ DK_AMX_TARGET inline void half_block(const char* a0, const char* a1, int64_t lda
 // For every 64 x 64 output tile of x (tokens, k_bytes per row, row stride k_bytes) @ a packed weight of n_blocks
 // blocks, split over threads as brgemm::for_each_tile splits them: computes the tile into a (64, 64) buffer of
 // 4-byte accumulators (fp32 for kBf16, int32 for kInt8) and calls epilogue(nb, m0, rows, const void* acc). k_bytes must
-// be a multiple of 64 (bf16: in_features % 32 == 0; int8: % 64 == 0) and ready() true.
+// be a multiple of 64 (bf16: in_features % 32 == 0; int8: % 64 == 0) and enabled() true.
 template <Kind kKind, class Epilogue>
 void gemm(const void* x, int64_t tokens, int64_t k_bytes, const void* packed, int64_t n_blocks,
           const Epilogue& epilogue) {
@@ -187,6 +195,7 @@ void gemm(const void* x, int64_t tokens, int64_t k_bytes, const void* packed, in
 #else
 
 inline bool ready() { return false; }
+inline bool enabled() { return false; }
 template <Kind kKind, class Epilogue>
 void gemm(const void*, int64_t, int64_t, const void*, int64_t, const Epilogue&) {}
 

@@ -114,7 +114,7 @@ at::Tensor linear_bf16_cpu(const at::Tensor& x, const at::Tensor& packed_weight,
   }
   // VNNI packs in_features in pairs: an odd in_features gets a zero column, as its packed weight has a zero row.
   const auto a = kp == k ? x.contiguous() : at::constant_pad_nd(x, {0, kp - k});
-  if (kp % 32 == 0 && amx::ready()) {
+  if (kp % 32 == 0 && amx::enabled()) {
     const float* b = bias_f.data();
     auto* c = out.mutable_data_ptr<at::BFloat16>();
     amx::gemm<amx::Kind::kBf16>(a.const_data_ptr(), tokens, kp * 2, packed_weight.const_data_ptr(),

@@ -147,7 +147,7 @@ at::Tensor linear_int8_cpu(const at::Tensor& x, const at::Tensor& packed_weight,
   const float* ws = weight_scale.const_data_ptr<float>();
   const float* b = bias_f.data();
   float* c = out.mutable_data_ptr<float>();
-  if (vnni && k > 0 && kp % 64 == 0 && amx::ready()) {
+  if (vnni && k > 0 && kp % 64 == 0 && amx::enabled()) {
     const int8_t* wq = packed_weight.const_data_ptr<int8_t>();
     amx::gemm<amx::Kind::kInt8>(q, tokens, kp, wq, (out_features + kBlockN - 1) / kBlockN,
                                 [&](int64_t nb, int64_t m0, int64_t rows, const void* acc) {

@@ -435,3 +435,23 @@ def test_linear_mkl_bad_input():
         torch.ops.distilkernels.pack_linear_mkl(weight.double())
     with pytest.raises(RuntimeError, match="both > 0"):
         torch.ops.distilkernels.pack_linear_mkl(torch.randn(5, 0))
+
+
+@pytest.mark.skipif(not (_units("bf16") and _units("int8")), reason="needs AMX (bf16 and int8)")
+@pytest.mark.parametrize("tokens, in_features, out_features", [(1, 64, 64), (17, 128, 130), (130, 192, 200),
+                                                               (200, 768, 129)])
+def test_amx_tile_loop_matches_brgemm(monkeypatch, tokens, in_features, out_features):
+    """Our AMX tile loop (csrc/amx_tiles.h) accumulates in brgemm's order: on the same packed weights both give
+    the same bits, with bf16 (in_features % 32 == 0) and int8 (% 64 == 0) inputs; DISTILKERNELS_AMX=0, read
+    on every call, sends the GEMMs to brgemm."""
+    torch.manual_seed(2)
+    x, weight, bias = torch.randn(tokens, in_features), torch.randn(out_features, in_features), torch.randn(out_features)
+    packed_bf16 = ops.pack_linear_bf16(weight, vnni=True)
+    packed_int8 = ops.pack_linear_int8(weight, vnni=True)
+    outs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("DISTILKERNELS_AMX", flag)
+        outs[flag] = (ops.linear_bf16(x.bfloat16(), packed_bf16, out_features, bias, "gelu"),
+                      ops.linear_int8(x, *packed_int8, out_features, bias, "relu"))
+    assert torch.equal(outs["1"][0], outs["0"][0])
+    assert torch.equal(outs["1"][1], outs["0"][1])
