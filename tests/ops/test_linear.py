@@ -192,9 +192,9 @@ LAYOUTS = [False, pytest.param(True, marks=pytest.mark.skipif(not _units("bf16")
 LAYOUTS_INT8 = [False, pytest.param(True, marks=pytest.mark.skipif(not _units("int8"), reason="needs AMX (int8)"))]
 # Odd K, N, tails. On AMX, in_features a multiple of 32 takes our tile loop (csrc/linear_bf16.cpp), the others
 # brgemm: 16-row groups full, partial (17, 33) and odd in number (130 = 64 + 64 + 2), several weight blocks per
-# thread (prefetched ahead) and a partial last block (129, 200).
+# thread (prefetched ahead), a partial last block (129, 200), superblocks of 256 rows, the last one partial (300).
 SHAPES = [(1, 8, 1), (7, 37, 129), (13, 33, 65), (64, 96, 64), (130, 200, 70), (65, 770, 3), (17, 64, 130),
-          (130, 160, 200), (33, 768, 129)]
+          (130, 160, 200), (33, 768, 129), (300, 128, 130)]
 
 
 @pytest.mark.parametrize("activation", ["none", "gelu", "relu"])
@@ -439,7 +439,8 @@ def test_linear_mkl_bad_input():
 
 @pytest.mark.skipif(not (_units("bf16") and _units("int8")), reason="needs AMX (bf16 and int8)")
 @pytest.mark.parametrize("tokens, in_features, out_features", [(1, 64, 64), (17, 128, 130), (130, 192, 200),
-                                                               (200, 768, 129)])
+                                                               (200, 768, 129), (300, 64, 130), (600, 256, 200),
+                                                               (530, 2304, 70)])
 def test_amx_tile_loop_matches_brgemm(monkeypatch, tokens, in_features, out_features):
     """Our AMX tile loop (csrc/amx_tiles.h) accumulates in brgemm's order: on the same packed weights both give
     the same bits, with bf16 (in_features % 32 == 0) and int8 (% 64 == 0) inputs; DISTILKERNELS_AMX=0, read
