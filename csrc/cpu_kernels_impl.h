@@ -157,13 +157,15 @@ DK_INLINE V exp2_approx(V x) {
 // <= 3e-7, largest near 0 where gelu multiplies it by |y| / 2). Negative y use Phi(y) = erfc(|y| / sqrt2) / 2
 // directly, so the tail keeps its relative accuracy. x = |y| / sqrt2 is clamped to [2^-60, 9.5]: from below so
 // that x^2, exp2's input, is never a denormal number (denormals cost microcode assists: AVX-512's vreduceps
-// takes one per denormal input, and repeated GELUs of small values ran 13x slower); from above so that exp2's
-// input is below -126, where exp2_approx gives exactly 0 (Phi(-|y|) = 0 past |y| ~ 13, as in fp32 itself).
+// takes one per denormal input, and repeated GELUs of small values ran 13x slower); from above at 9.1, where
+// erfc(x) / 2 ~ 2^-125 and Phi(-|y|) is 0 to fp32's normal range (|y| > 12.9): past it exp2's input is set
+// below -126, where exp2_approx gives exactly 0. (Clamped at 9.5 alone, x in [9.1, 9.4] gave denormal
+// products exp2 * Q / 2, and lin1 outputs spread to |y| ~ 13 ran the epilogue 2-3x slower.)
 template <class T>
 DK_INLINE T gelu(T y) {
   const T z = splat(0.0f, y);
   const T half = splat(0.5f, z);
-  const T ax = vmin(vmax(vabs(y) * splat(0.70710678118654752f, z), splat(0x1p-60f, z)), splat(9.5f, z));
+  const T ax = vmin(vmax(vabs(y) * splat(0.70710678118654752f, z), splat(0x1p-60f, z)), splat(9.1f, z));
   const T t = vrcp(vfma(half, ax, splat(1.0f, z))) - half;
   T q = splat(0.10158848762512207f, z);
   q = vfma(q, t, splat(-0.313117116689682f, z));
@@ -172,7 +174,8 @@ DK_INLINE T gelu(T y) {
   q = vfma(q, t, splat(0.9671090841293335f, z));
   q = vfma(q, t, splat(0.8543526530265808f, z));
   q = vfma(q, t, splat(0.2553957998752594f, z));
-  const T half_erfc = exp2_approx(ax * ax * splat(-1.4426950408889634f, z)) * q * half;
+  const T e = vselect_lt(ax, splat(9.1f, z), ax * ax * splat(-1.4426950408889634f, z), splat(-200.0f, z));
+  const T half_erfc = exp2_approx(e) * q * half;
   return y * vselect_lt(y, z, half_erfc, splat(1.0f, z) - half_erfc);
 }
 
