@@ -14,6 +14,7 @@ int8 GEMM (oneDNN) on weights transposed once, with the same epilogue. `DISTILKE
 from __future__ import annotations
 
 import functools
+import math
 import os
 from typing import Callable, NamedTuple
 
@@ -61,7 +62,7 @@ def precision_paths() -> dict[str, str]:
     if ext is None:
         return dict(paths, fp32="torch linear (C++ extension not loaded)", bf16="torch linear", int8="reference")
     def chosen(dtype):
-        got = sorted({k for (d, *_), k in _WINNER.items() if d == dtype})
+        got = sorted({k for (d, *_), ks in _WINNER.items() if d == dtype for k in ks})
         return f"; chosen so far: {', '.join(got)}" if got else "; chosen per shape at first use"
 
     onednn = (f"oneDNN's prepacked linear (rows in chunks of {_CHUNK_ROWS} where that measures faster per bucket "
@@ -70,7 +71,7 @@ def precision_paths() -> dict[str, str]:
 
     def contest(dtype):
         libraries = [label for name, label in labels.items() if _KERNELS[name].available(dtype)]
-        return (f" or {' or '.join(libraries)}, whichever measures faster per shape (a library kernel only when "
+        return (f" or {' or '.join(libraries)}, whichever measures faster per shape and row count (a library kernel only when "
                 f"{_MARGIN:.0%} faster than ours)" if libraries else "")
 
     paths["fp32"] = f"distilkernels linear_packed ({ext.vector_isa()}){contest(torch.float32)}{chosen(torch.float32)}"
@@ -217,7 +218,8 @@ _KERNELS: dict[str, _Kernel] = {
     "onednn": _Kernel(_onednn_available, _onednn_pack, _onednn_linear),  # what inductor freezing runs for bf16
     "mkl": _Kernel(_mkl_available, _mkl_pack, _mkl_call),  # what inductor freezing runs for fp32
 }
-_WINNER: dict[tuple[torch.dtype, int, int, str], str] = {}  # (dtype, in, out features, activation) -> name
+# (dtype, in, out features, activation) -> the winner at each of _CONTEST_ROWS
+_WINNER: dict[tuple[torch.dtype, int, int, str], tuple[str, ...]] = {}
 
 
 def _interleaved_medians(candidates: dict, rounds: int = 5) -> dict:
@@ -266,52 +268,57 @@ _CONTEST_BYTES = 64 << 20
 _CONTEST_MAX_COPIES = 64
 
 
-def dense_kernel(dtype: torch.dtype, in_features: int, out_features: int, activation: str = "none") -> str:
-    """The _KERNELS entry for an fp32/bf16 GEMM of this shape and epilogue activation: "packed" (our
-    linear_packed / linear_bf16), "onednn" (oneDNN's prepacked linear, fused post-ops) or "mkl" (MKL's packed
-    GEMM, fp32), measured once per process at first use, among the kernels this torch build has that compute
-    what ours computes (checked on another row count first). Each runs on random inputs of every row count in
-    _CONTEST_ROWS (interleaved medians of 5 calls), on packed copies of the weight filling _CONTEST_BYTES, so
-    that, as in a forward, the weight comes from beyond the cache; the winner has the least sum of its times relative to the
-    fastest at each row count, since the weight format is chosen once for every batch size, if that sum is
-    _MARGIN below ours (else ours). Which wins depends
-    on the CPU and shape, so none is assumed: at the DistilBERT shapes on a Xeon with AVX-512 + AMX, oneDNN led
-    ours in fp32 by 3-14% per GEMM, and MKL led oneDNN in the model by ~9% at 1 x 128 (weights streamed from
-    memory); with oneDNN capped to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2) linear_packed's AVX2 build led oneDNN by
-    4-16%; in bf16 oneDNN and brgemm traded places by up to 20% across shapes and row counts."""
+def dense_kernel(dtype: torch.dtype, in_features: int, out_features: int, activation: str = "none",
+                 rows: int = _CONTEST_ROWS[0]) -> str:
+    """The _KERNELS entry for an fp32/bf16 GEMM of this shape and epilogue activation on `rows` rows: "packed"
+    (our linear_packed / linear_bf16), "onednn" (oneDNN's prepacked linear, fused post-ops) or "mkl" (MKL's
+    packed GEMM, fp32), measured once per process at first use, among the kernels this torch build has that
+    compute what ours computes (checked on another row count first). Each runs on random inputs of every row
+    count in _CONTEST_ROWS (interleaved medians of 5 calls), on packed copies of the weight filling
+    _CONTEST_BYTES, so that, as in a forward, the weight comes from beyond the cache. Each row count gets its own
+    winner, which must be _MARGIN faster than ours (else ours), and a call takes the winner of the contest row
+    count nearest its own (in ratio): one sequence and a batch differ, e.g. bf16 on the AMX Xeon, where our AMX
+    loop ran q|k|v 1.3x faster than oneDNN at 128 rows with the weights streaming from memory and oneDNN ran it
+    1.15-1.2x faster at 1024-1268 rows. Which wins depends on the CPU and shape, so none is assumed: at the
+    DistilBERT shapes on that Xeon, oneDNN led ours in fp32 by 3-14% per GEMM, and MKL led oneDNN in the model by
+    ~9% at 1 x 128 (weights streamed from memory); with oneDNN capped to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2)
+    linear_packed's AVX2 build led oneDNN by 4-16%."""
     key = (dtype, in_features, out_features, activation)
     if key not in _WINNER:
-        _WINNER[key] = "packed"
+        _WINNER[key] = ("packed",) * len(_CONTEST_ROWS)
         if in_features * out_features >= _MIN_CONTEST_WEIGHT:
-            with torch.no_grad():
-                weight = torch.randn(out_features, in_features).to(dtype)
-                bias = torch.randn(out_features).to(dtype)
-                inputs = [torch.randn(rows, in_features).to(dtype) for rows in _CONTEST_ROWS]
-                check_rows = inputs[0][: _CONTEST_ROWS[0] // 3]
-                calls = {}
-                copies = min(_CONTEST_MAX_COPIES, -(-_CONTEST_BYTES // (weight.numel() * weight.element_size())))
-                for name, kernel in _KERNELS.items():
-                    if not kernel.available(dtype):
-                        continue
-                    run = _Rotating(kernel, [kernel.pack(weight) for _ in range(copies)], out_features, bias,
-                                    activation)
-                    if name != "packed" and not _agrees(run(check_rows), calls["packed"](check_rows), in_features):
-                        continue
-                    calls[name] = run
-                score = dict.fromkeys(calls, 0.0)
-                for x in inputs:
-                    times = _interleaved_medians({name: functools.partial(run, x) for name, run in calls.items()})
-                    for name, t in times.items():
-                        score[name] += t / min(times.values())
-                best = min(score, key=score.get)
-                _WINNER[key] = best if score[best] < (1 - _MARGIN) * score["packed"] else "packed"
-    return _WINNER[key]
+            _WINNER[key] = _contest(dtype, in_features, out_features, activation)
+    winners = _WINNER[key]
+    bucket = min(range(len(_CONTEST_ROWS)), key=lambda i: abs(math.log(max(rows, 1) / _CONTEST_ROWS[i])))
+    return winners[bucket]
 
 
-def pack_dense(weight, bias, activation: str = "none"):
-    """(kernel name, weight packed for it, bias): dense_kernel's choice for this shape, dtype and activation."""
-    name = dense_kernel(weight.dtype, weight.shape[1], weight.shape[0], activation)
-    return name, _KERNELS[name].pack(weight), bias
+def _contest(dtype, in_features, out_features, activation) -> tuple[str, ...]:
+    with torch.no_grad():
+        weight = torch.randn(out_features, in_features).to(dtype)
+        bias = torch.randn(out_features).to(dtype)
+        inputs = [torch.randn(rows, in_features).to(dtype) for rows in _CONTEST_ROWS]
+        check_rows = inputs[0][: _CONTEST_ROWS[0] // 3]
+        calls = {}
+        copies = min(_CONTEST_MAX_COPIES, -(-_CONTEST_BYTES // (weight.numel() * weight.element_size())))
+        for name, kernel in _KERNELS.items():
+            if not kernel.available(dtype):
+                continue
+            run = _Rotating(kernel, [kernel.pack(weight) for _ in range(copies)], out_features, bias, activation)
+            if name != "packed" and not _agrees(run(check_rows), calls["packed"](check_rows), in_features):
+                continue
+            calls[name] = run
+        winners = []
+        for x in inputs:
+            times = _interleaved_medians({name: functools.partial(run, x) for name, run in calls.items()})
+            best = min(times, key=times.get)
+            winners.append(best if times[best] < (1 - _MARGIN) * times["packed"] else "packed")
+        return tuple(winners)
+
+
+def pack_dense(weight, bias, activation: str = "none", kernel: str = "packed"):
+    """(kernel name, weight packed for it, bias)."""
+    return kernel, _KERNELS[kernel].pack(weight), bias
 
 
 class DenseGemms:
@@ -328,9 +335,12 @@ class DenseGemms:
         groups = (("qkv", (parts.q, parts.k, parts.v), "none"), ("out", (parts.out,), "none"),
                   ("lin1", (parts.lin1,), parts.act or "none"), ("lin2", (parts.lin2,), "none"))
         # Packed for the weights' own dtype (fp32 or bf16: a dtype change repacks); the contest times each GEMM
-        # with the activation its epilogue applies (lin1's only).
-        self.packed = {name: DerivedWeights(linears, functools.partial(pack_dense, activation=act))
-                       for name, linears, act in groups}
+        # with the activation its epilogue applies (lin1's only). A GEMM is packed for each kernel its calls have
+        # taken (dense_kernel: per row count), on first use: two packings only where one sequence and a batch
+        # have different winners and both kinds of call have run.
+        self.groups = {name: (linears, act) for name, linears, act in groups}
+        self.packed = {name: {} for name in self.groups}  # name -> {kernel: DerivedWeights}
+        self.packed_dtype = None
 
     @staticmethod
     def _use_packed(x) -> bool:
@@ -339,7 +349,17 @@ class DenseGemms:
         return dispatch.has_kernel("linear_bf16" if x.dtype == torch.bfloat16 else "linear_packed", x)
 
     def _packed(self, name, x, activation="none"):
-        kernel, packed, bias = self.packed[name].get()
+        linears, act = self.groups[name]
+        weight = linears[0].weight
+        if weight.dtype != self.packed_dtype:  # packings for another dtype are dropped, not kept alive
+            self.packed = {group: {} for group in self.groups}
+            self.packed_dtype = weight.dtype
+        out_features = sum(lin.weight.shape[0] for lin in linears)
+        kernel = dense_kernel(weight.dtype, weight.shape[1], out_features, act, x.shape[0])
+        packs = self.packed[name]
+        if kernel not in packs:
+            packs[kernel] = DerivedWeights(linears, functools.partial(pack_dense, activation=act, kernel=kernel))
+        kernel, packed, bias = packs[kernel].get()
         return _KERNELS[kernel].call(x, packed, bias.shape[0], bias, activation)
 
     def qkv(self, x):  # (tokens, dim) -> (tokens, 3*dim), bias included: one GEMM for q|k|v

@@ -67,16 +67,43 @@ def test_every_contest_kernel_matches_hf(kernel, dtype, monkeypatch):
         model.float()
         torch_same = copy.deepcopy(model).to(dtype)(**inputs).last_hidden_state[valid]
     shapes = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]
-    monkeypatch.setattr(gemms, "_WINNER", {(dtype, k, n, act): kernel for k, n in shapes for act in ("none", "gelu")})
+    forced = (kernel,) * len(gemms._CONTEST_ROWS)
+    monkeypatch.setattr(gemms, "_WINNER", {(dtype, k, n, act): forced for k, n in shapes for act in ("none", "gelu")})
     monkeypatch.setattr(gemms, "_ROW_CHUNK", {})
     patched = copy.deepcopy(model).to(dtype)
     distilkernels.patch(patched)
     with torch.inference_mode():
         got = patched(**inputs).last_hidden_state[valid]
     gemm = next(b for b in patched.modules() if hasattr(b, "_parts"))._parts.gemms
-    derived = gemm.packed
-    assert derived["lin1"].value[0] == kernel  # the forced kernel ran
+    assert list(gemm.packed["lin1"]) == [kernel] and gemm.packed["lin1"][kernel].value[0] == kernel  # it ran
     if dtype == torch.float32:
         assert max_err(got, ref) <= 1e-4
     else:
         assert max_err(got, ref) <= lowp_bound(got, ref, [torch_same])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_per_row_count(dtype, monkeypatch):
+    """A GEMM takes the winner of the contest row count nearest its own: with one kernel forced for one sequence
+    and another for a batch, a block packs for each on first use, both give the same result up to the
+    dtype's rounding, and a dtype change drops the old packings."""
+    if not gemms._onednn_available(dtype):
+        pytest.skip("oneDNN's prepacked linear is not available in this torch build")
+    torch.manual_seed(0)
+    model = make_model(transformers.DistilBertModel, base_config(n_layers=1)).to(dtype)
+    distilkernels.patch(model)
+    block_gemms = next(b for b in model.modules() if hasattr(b, "_parts"))._parts.gemms
+    winners = ("packed", "onednn")
+    assert len(gemms._CONTEST_ROWS) == len(winners)
+    monkeypatch.setattr(gemms, "_WINNER", {(dtype, 768, 768, "none"): winners})
+    x = torch.randn(2000, 768).to(dtype)
+    with torch.inference_mode():
+        small, large = block_gemms.out(x[:100]), block_gemms.out(x)
+    assert sorted(block_gemms.packed["out"]) == ["onednn", "packed"]
+    eps = torch.finfo(dtype).eps
+    assert max_err(small, large[:100]) <= 100 * eps * 768 ** 0.5 * max(1.0, magnitude(large))
+    other = torch.bfloat16 if dtype == torch.float32 else torch.float32
+    model.to(other)
+    with torch.inference_mode():
+        block_gemms.out(x[:100].to(other))
+    assert block_gemms.packed_dtype == other and len(block_gemms.packed["out"]) == 1

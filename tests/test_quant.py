@@ -322,8 +322,8 @@ def test_forced_fallback_path_matches_matrix_unit(precision, monkeypatch, op_spy
         if precision == "int8":
             packed = block_gemms.packed["qkv"].value[0]
         else:
-            kernel, packed, _ = block_gemms.packed["qkv"].value
-            assert kernel == "packed"  # tiny weights: no contest (gemms._MIN_CONTEST_WEIGHT)
+            assert list(block_gemms.packed["qkv"]) == ["packed"]  # tiny weights: no contest (_MIN_CONTEST_WEIGHT)
+            kernel, packed, _ = block_gemms.packed["qkv"]["packed"].value
         assert packed.dim() == (3 if setting == "on" and gemms.use_matrix_unit(precision) else 2)
     calls = op_count(op_spy, f"linear_{precision}")
     assert calls == 2 * 4 * config.n_layers
@@ -349,8 +349,9 @@ def test_gemms_pickle(precision):
     with torch.inference_mode():
         before = [block_gemms.qkv(x), block_gemms.lin1_act(x, "gelu")]
         loaded = pickle.loads(pickle.dumps(block_gemms))
-        derived = loaded.packed
-        assert all(d.value is None and d.key is None for d in derived.values())  # packed copies not saved
+        # int8: name -> DerivedWeights; fp32/bf16: name -> {kernel: DerivedWeights}
+        derived = [d for v in loaded.packed.values() for d in (v.values() if isinstance(v, dict) else [v])]
+        assert derived and all(d.value is None and d.key is None for d in derived)  # packed copies not saved
         after = [loaded.qkv(x), loaded.lin1_act(x, "gelu")]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
 
