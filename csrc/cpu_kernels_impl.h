@@ -250,24 +250,29 @@ void add_layer_norm_row(const float* x, const float* residual, const float* weig
 
 // ---- bias + activation ----------------------------------------------------------------------------------
 
-// Four vectors per step: GELU is one long dependency chain per vector, and four independent chains in one
-// loop body let the core overlap them.
-template <class Act>
-DK_INLINE void bias_act_loop(float* x, const float* bias, int64_t n, Act act) {
+// store(i, value(i)) for every whole vector of [0, n), four per step: GELU is one long dependency chain per
+// vector, and four independent chains in one loop body let the core overlap them (all four are computed before
+// any is stored, so value may read what store writes); then tail(i) for each value past the last whole vector.
+template <class Value, class Store, class Tail>
+DK_INLINE void vector_loop4(int64_t n, Value value, Store store, Tail tail) {
   const int64_t vec_end = n - n % kW;
   int64_t i = 0;
   for (; i + 4 * kW <= vec_end; i += 4 * kW) {
-    const V y0 = act(vload(x + i) + vload(bias + i));
-    const V y1 = act(vload(x + i + kW) + vload(bias + i + kW));
-    const V y2 = act(vload(x + i + 2 * kW) + vload(bias + i + 2 * kW));
-    const V y3 = act(vload(x + i + 3 * kW) + vload(bias + i + 3 * kW));
-    vstore(x + i, y0);
-    vstore(x + i + kW, y1);
-    vstore(x + i + 2 * kW, y2);
-    vstore(x + i + 3 * kW, y3);
+    const V y0 = value(i), y1 = value(i + kW), y2 = value(i + 2 * kW), y3 = value(i + 3 * kW);
+    store(i, y0);
+    store(i + kW, y1);
+    store(i + 2 * kW, y2);
+    store(i + 3 * kW, y3);
   }
-  for (; i < vec_end; i += kW) vstore(x + i, act(vload(x + i) + vload(bias + i)));
-  for (; i < n; ++i) x[i] = act(x[i] + bias[i]);
+  for (; i < vec_end; i += kW) store(i, value(i));
+  for (; i < n; ++i) tail(i);
+}
+
+template <class Act>
+DK_INLINE void bias_act_loop(float* x, const float* bias, int64_t n, Act act) {
+  vector_loop4(
+      n, [&](int64_t i) { return act(vload(x + i) + vload(bias + i)); }, [&](int64_t i, V y) { vstore(x + i, y); },
+      [&](int64_t i) { x[i] = act(x[i] + bias[i]); });
 }
 
 void bias_act_row(float* x, const float* bias, int64_t n, Activation act) {
@@ -696,23 +701,12 @@ void scale_to_bf16(const float* x, float factor, int64_t n, uint16_t* y) {
 template <class Act>
 DK_INLINE void bias_act_to_bf16_loop(const float* acc, int64_t ld_acc, int64_t rows, int64_t cols,
                                      const float* bias, uint16_t* out, int64_t ld_out, Act act) {
-  const int64_t vec_end = cols - cols % kW;
   for (int64_t r = 0; r < rows; ++r) {
     const float* x = acc + r * ld_acc;
     uint16_t* y = out + r * ld_out;
-    int64_t i = 0;
-    for (; i + 4 * kW <= vec_end; i += 4 * kW) {
-      const V y0 = act(vload(x + i) + vload(bias + i));
-      const V y1 = act(vload(x + i + kW) + vload(bias + i + kW));
-      const V y2 = act(vload(x + i + 2 * kW) + vload(bias + i + 2 * kW));
-      const V y3 = act(vload(x + i + 3 * kW) + vload(bias + i + 3 * kW));
-      store_bf16(y + i, y0);
-      store_bf16(y + i + kW, y1);
-      store_bf16(y + i + 2 * kW, y2);
-      store_bf16(y + i + 3 * kW, y3);
-    }
-    for (; i < vec_end; i += kW) store_bf16(y + i, act(vload(x + i) + vload(bias + i)));
-    for (; i < cols; ++i) store_bf16_1(y + i, act(x[i] + bias[i]));
+    vector_loop4(
+        cols, [&](int64_t i) { return act(vload(x + i) + vload(bias + i)); },
+        [&](int64_t i, V v) { store_bf16(y + i, v); }, [&](int64_t i) { store_bf16_1(y + i, act(x[i] + bias[i])); });
   }
 }
 
@@ -732,23 +726,15 @@ template <class Act>
 DK_INLINE void dequant_bias_act_loop(const int32_t* acc, int64_t ld_acc, int64_t rows, int64_t cols,
                                      const float* row_scale, const float* col_scale, const float* bias, float* out,
                                      int64_t ld_out, Act act) {
-  const int64_t vec_end = cols - cols % kW;
   for (int64_t r = 0; r < rows; ++r) {
     const int32_t* x = acc + r * ld_acc;
     float* y = out + r * ld_out;
     const float rs = row_scale[r];
     const V vrs = splat(rs, V());
-    auto one = [&](int64_t i) { return act(vload_i32(x + i) * (vrs * vload(col_scale + i)) + vload(bias + i)); };
-    int64_t i = 0;
-    for (; i + 4 * kW <= vec_end; i += 4 * kW) {
-      const V y0 = one(i), y1 = one(i + kW), y2 = one(i + 2 * kW), y3 = one(i + 3 * kW);
-      vstore(y + i, y0);
-      vstore(y + i + kW, y1);
-      vstore(y + i + 2 * kW, y2);
-      vstore(y + i + 3 * kW, y3);
-    }
-    for (; i < vec_end; i += kW) vstore(y + i, one(i));
-    for (; i < cols; ++i) y[i] = act(static_cast<float>(x[i]) * (rs * col_scale[i]) + bias[i]);
+    vector_loop4(
+        cols, [&](int64_t i) { return act(vload_i32(x + i) * (vrs * vload(col_scale + i)) + vload(bias + i)); },
+        [&](int64_t i, V v) { vstore(y + i, v); },
+        [&](int64_t i) { y[i] = act(static_cast<float>(x[i]) * (rs * col_scale[i]) + bias[i]); });
   }
 }
 
