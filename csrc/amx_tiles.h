@@ -145,9 +145,10 @@ DK_AMX_TARGET inline void half_block(const char* a0, const char* a1, int64_t lda
 }
 
 // For every 64 x 64 output tile of x (tokens, k_bytes per row, row stride k_bytes) @ a packed weight of n_blocks
-// blocks, split over threads in contiguous runs of tiles (m fastest within a superblock of rows, below): computes the tile into a (64, 64) buffer of
-// 4-byte accumulators (fp32 for kBf16, int32 for kInt8) and calls epilogue(nb, m0, rows, const void* acc). k_bytes must
-// be a multiple of 64 (bf16: in_features % 32 == 0; int8: % 64 == 0) and enabled() true.
+// blocks, split over threads in contiguous runs of tiles (m fastest within a superblock of rows, below):
+// computes the tile into a (64, 64) buffer of 4-byte accumulators (fp32 for kBf16, int32 for kInt8) and calls
+// epilogue(nb, m0, rows, const void* acc). k_bytes must be a multiple of 64 (bf16: in_features % 32 == 0; int8:
+// % 64 == 0) and enabled() true.
 template <Kind kKind, class Epilogue>
 void gemm(const void* x, int64_t tokens, int64_t k_bytes, const void* packed, int64_t n_blocks,
           const Epilogue& epilogue) {
@@ -188,7 +189,7 @@ void gemm(const void* x, int64_t tokens, int64_t k_bytes, const void* packed, in
       const int64_t sb = t / (super * n_blocks), in_sb = t % (super * n_blocks);
       const int64_t sb_m = std::min(super, m_blocks - sb * super);  // m blocks in this superblock
       const int64_t sb_start = sb * super * n_blocks;
-      const int64_t nb = (in_sb) / sb_m, mb = sb * super + in_sb % sb_m, m0 = mb * kBlockM;
+      const int64_t nb = in_sb / sb_m, mb = sb * super + in_sb % sb_m, m0 = mb * kBlockM;
       const int64_t rows = std::min(kBlockM, tokens - m0);
       const int64_t groups = (rows + 15) / 16;
       const char* group[4];

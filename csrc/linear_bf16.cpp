@@ -56,7 +56,6 @@ void gemm_vnni(const at::BFloat16* a, int64_t tokens, int64_t kp, const at::BFlo
   });
 }
 
-
 // Without the VNNI layout: brgemm's non-VNNI path, one call for the whole product (ATen's bf16 x bf16 -> fp32
 // GEMM: oneDNN where the CPU has AVX-512, ATen's own loop elsewhere), then the epilogue rounds once, by rows.
 void gemm_plain(const at::Tensor& x, const at::Tensor& wt, const float* bias, cpu::Activation act, at::Tensor& out) {

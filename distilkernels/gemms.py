@@ -13,6 +13,7 @@ int8 GEMM (oneDNN) on weights transposed once, with the same epilogue. `DISTILKE
 """
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 import os
@@ -265,6 +266,9 @@ _CONTEST_ROWS = (128, 1024)
 # bf16 it gave q|k|v and lin1 to oneDNN, and the model ran 10-13% slower at 1x128 than with our AMX loop,
 # which overlaps the weight streaming, at the same speed at 8x128.
 _CONTEST_BYTES = 64 << 20
+# A call takes the pick of the contest row count nearest its own in ratio: the edges between neighbours are their
+# geometric means.
+_BUCKET_EDGES = [math.sqrt(a * b) for a, b in zip(_CONTEST_ROWS, _CONTEST_ROWS[1:])]
 _CONTEST_MAX_COPIES = 64
 
 
@@ -289,9 +293,7 @@ def dense_kernel(dtype: torch.dtype, in_features: int, out_features: int, activa
         _WINNER[key] = ("packed",) * len(_CONTEST_ROWS)
         if in_features * out_features >= _MIN_CONTEST_WEIGHT:
             _WINNER[key] = _contest(dtype, in_features, out_features, activation)
-    winners = _WINNER[key]
-    bucket = min(range(len(_CONTEST_ROWS)), key=lambda i: abs(math.log(max(rows, 1) / _CONTEST_ROWS[i])))
-    return winners[bucket]
+    return _WINNER[key][bisect.bisect(_BUCKET_EDGES, rows)]
 
 
 def _contest(dtype, in_features, out_features, activation) -> tuple[str, ...]:
@@ -325,7 +327,7 @@ def _contest(dtype, in_features, out_features, activation) -> tuple[str, ...]:
         return tuple(winners)
 
 
-def pack_dense(weight, bias, activation: str = "none", kernel: str = "packed"):
+def pack_dense(weight, bias, kernel: str = "packed"):
     """(kernel name, weight packed for it, bias)."""
     return kernel, _KERNELS[kernel].pack(weight), bias
 
@@ -347,7 +349,9 @@ class DenseGemms:
         # with the activation its epilogue applies (lin1's only). A GEMM is packed for each kernel its calls have
         # taken (dense_kernel: per row count), on first use: two packings only where one sequence and a batch
         # have different winners and both kinds of call have run.
-        self.groups = {name: (linears, act) for name, linears, act in groups}
+        # name -> (linears, activation, in_features, out_features): the contest's key
+        self.groups = {name: (linears, act, linears[0].weight.shape[1], sum(lin.weight.shape[0] for lin in linears))
+                       for name, linears, act in groups}
         self.packed = {name: {} for name in self.groups}  # name -> {kernel: DerivedWeights}
         self.packed_dtype = None
 
@@ -358,16 +362,15 @@ class DenseGemms:
         return dispatch.has_kernel("linear_bf16" if x.dtype == torch.bfloat16 else "linear_packed", x)
 
     def _packed(self, name, x, activation="none"):
-        linears, act = self.groups[name]
-        weight = linears[0].weight
-        if weight.dtype != self.packed_dtype:  # packings for another dtype are dropped, not kept alive
+        linears, act, in_features, out_features = self.groups[name]
+        dtype = linears[0].weight.dtype
+        if dtype != self.packed_dtype:  # packings for another dtype are dropped, not kept alive
             self.packed = {group: {} for group in self.groups}
-            self.packed_dtype = weight.dtype
-        out_features = sum(lin.weight.shape[0] for lin in linears)
-        kernel = dense_kernel(weight.dtype, weight.shape[1], out_features, act, x.shape[0])
+            self.packed_dtype = dtype
+        kernel = dense_kernel(dtype, in_features, out_features, act, x.shape[0])
         packs = self.packed[name]
         if kernel not in packs:
-            packs[kernel] = DerivedWeights(linears, functools.partial(pack_dense, activation=act, kernel=kernel))
+            packs[kernel] = DerivedWeights(linears, functools.partial(pack_dense, kernel=kernel))
         kernel, packed, bias = packs[kernel].get()
         return _KERNELS[kernel].call(x, packed, bias.shape[0], bias, activation)
 
