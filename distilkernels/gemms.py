@@ -72,8 +72,8 @@ def precision_paths() -> dict[str, str]:
 
     def contest(dtype):
         libraries = [label for name, label in labels.items() if _KERNELS[name].available(dtype)]
-        return (f" or {' or '.join(libraries)}, whichever measures faster per shape and row count (a library kernel only when "
-                f"{_MARGIN:.0%} faster than ours)" if libraries else "")
+        return (f" or {' or '.join(libraries)}, whichever measures faster per shape and row count (a library "
+                f"kernel only when {_MARGIN:.0%} faster than ours)" if libraries else "")
 
     paths["fp32"] = f"distilkernels linear_packed ({ext.vector_isa()}){contest(torch.float32)}{chosen(torch.float32)}"
     bf16 = ("linear_bf16: AMX tiles (our tile loop, which prefetches the next weight block; brgemm where "
@@ -282,9 +282,9 @@ def dense_kernel(dtype: torch.dtype, in_features: int, out_features: int, activa
     _CONTEST_BYTES, so that, as in a forward, the weight comes from beyond the cache. The shape's kernel has the
     least sum of its times relative to the fastest at each row count, if that sum is _MARGIN below ours (else
     ours); a row count takes another kernel where that one is _MARGIN faster there, and a call takes the pick of
-    the contest row count nearest its own (in ratio): one sequence and a batch differ, e.g. bf16 on the AMX Xeon, where our AMX
-    loop ran q|k|v 1.3x faster than oneDNN at 128 rows with the weights streaming from memory and oneDNN ran it
-    1.15-1.2x faster at 1024-1268 rows. Which wins depends on the CPU and shape, so none is assumed: at the
+    the contest row count nearest its own (in ratio): one sequence and a batch differ, e.g. bf16 on the AMX
+    Xeon, where our AMX loop ran q|k|v 1.3x faster than oneDNN at 128 rows with the weights streaming from memory
+    and oneDNN ran it 1.15-1.2x faster at 1024-1268 rows. Which wins depends on the CPU and shape, so none is assumed: at the
     DistilBERT shapes on that Xeon, oneDNN led ours in fp32 by 3-14% per GEMM, and MKL led oneDNN in the model by
     ~9% at 1 x 128 (weights streamed from memory); with oneDNN capped to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2)
     linear_packed's AVX2 build led oneDNN by 4-16%."""
