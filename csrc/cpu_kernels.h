@@ -48,10 +48,10 @@ struct Kernels {
   // -> 0x7FC0, bit for bit what c10::BFloat16 does.
   // In place: x = act(x + bias).  x: (n,) bf16; bias: (n,) fp32
   void (*bias_act_row_bf16)(uint16_t* x, const float* bias, int64_t n, Activation act);
-  // out = (h - mean) * rstd * weight + bias with h = x + residual (residual may be null) summed in fp32 and
-  // never stored.  x, residual, out: (dim,) bf16; weight, bias: (dim,) fp32
+  // out = (h - mean) * rstd * weight + bias with h = x + residual (residual may be null) summed in fp32 into h
+  // (scratch).  x, residual, out: (dim,) bf16; h: (dim,) fp32 scratch; weight, bias: (dim,) fp32
   void (*add_layer_norm_row_bf16)(const uint16_t* x, const uint16_t* residual, const float* weight,
-                                  const float* bias, float eps, int64_t dim, uint16_t* out, float* mean,
+                                  const float* bias, float eps, int64_t dim, float* h, uint16_t* out, float* mean,
                                   float* rstd);
   // y = bf16(x * scale).  x: (n,) fp32; y: (n,) bf16
   void (*scale_to_bf16)(const float* x, float scale, int64_t n, uint16_t* y);

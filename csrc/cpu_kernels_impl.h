@@ -186,62 +186,92 @@ DK_INLINE T relu(T y) {
 
 // ---- layer norm -----------------------------------------------------------------------------------------
 
+// Four independent accumulator chains per sum: an add or FMA waits ~4 cycles for its input, so one chain over
+// a 768-value row (48 vectors) spends most of its time waiting. With one chain per sum, add_layer_norm ran
+// ~900 cycles per bf16 row of 768 on the AMX Xeon (1024 rows: 152 us at 2 threads).
+//
+// sum over the whole vectors of [0, vec_end) of value(i), four vectors per step.
+template <class Value>
+DK_INLINE float sum4(int64_t vec_end, Value value) {
+  const V z = splat(0.0f, V());
+  V a0 = z, a1 = z, a2 = z, a3 = z;
+  int64_t i = 0;
+  for (; i + 4 * kW <= vec_end; i += 4 * kW) {
+    a0 = a0 + value(i);
+    a1 = a1 + value(i + kW);
+    a2 = a2 + value(i + 2 * kW);
+    a3 = a3 + value(i + 3 * kW);
+  }
+  for (; i < vec_end; i += kW) a0 = a0 + value(i);
+  return hsum((a0 + a1) + (a2 + a3));
+}
+
+// The centered sums of pass 2 over the whole vectors of [0, vec_end) of h(i): the deviations d = h - mean
+// and their squares (the two-pass algorithm: no cancellation on rows with a large mean; the sum of the
+// deviations corrects the rounding error of the first mean, the corrected two-pass algorithm).
+template <class Value>
+DK_INLINE void centered_sums4(int64_t vec_end, float mean, Value h, float& dev, float& sq) {
+  const V z = splat(0.0f, V()), vm = splat(mean, z);
+  V d0 = z, d1 = z, d2 = z, d3 = z, s0 = z, s1 = z, s2 = z, s3 = z;
+  int64_t i = 0;
+  for (; i + 4 * kW <= vec_end; i += 4 * kW) {
+    const V e0 = h(i) - vm, e1 = h(i + kW) - vm, e2 = h(i + 2 * kW) - vm, e3 = h(i + 3 * kW) - vm;
+    d0 = d0 + e0;
+    d1 = d1 + e1;
+    d2 = d2 + e2;
+    d3 = d3 + e3;
+    s0 = vfma(e0, e0, s0);
+    s1 = vfma(e1, e1, s1);
+    s2 = vfma(e2, e2, s2);
+    s3 = vfma(e3, e3, s3);
+  }
+  for (; i < vec_end; i += kW) {
+    const V e = h(i) - vm;
+    d0 = d0 + e;
+    s0 = vfma(e, e, s0);
+  }
+  dev = hsum((d0 + d1) + (d2 + d3));
+  sq = hsum((s0 + s1) + (s2 + s3));
+}
+
+// mean and rstd of a row of n values from its first-pass mean and the centered sums.
+DK_INLINE void finish_stats(float n, float dev, float sq, float eps, float& mean, float& rstd) {
+  const float var = vmax(0.0f, (sq - dev * dev / n) / n);
+  mean += dev / n;
+  rstd = 1.0f / __builtin_sqrtf(var + eps);
+}
+
 void add_layer_norm_row(const float* x, const float* residual, const float* weight, const float* bias, float eps,
                         int64_t dim, float* h, float* out, float* mean_out, float* rstd_out) {
   const V z = splat(0.0f, V());
   const int64_t vec_end = dim - dim % kW;
-  // Pass 1: h = x + residual, and its sum (two accumulators for instruction-level parallelism).
-  V acc0 = z, acc1 = z;
-  int64_t i = 0;
+  // Pass 1: h = x + residual, and its sum.
+  float sum;
   if (residual != nullptr) {
-    for (; i < vec_end; i += kW) {
+    sum = sum4(vec_end, [&](int64_t i) {
       const V v = vload(x + i) + vload(residual + i);
       vstore(h + i, v);
-      acc0 = acc0 + v;
-    }
-    for (; i < dim; ++i) h[i] = x[i] + residual[i];
+      return v;
+    });
+    for (int64_t j = vec_end; j < dim; ++j) h[j] = x[j] + residual[j];
   } else {
     if (h != x) __builtin_memcpy(h, x, dim * sizeof(float));
-    for (; i + 2 * kW <= vec_end; i += 2 * kW) {
-      acc0 = acc0 + vload(h + i);
-      acc1 = acc1 + vload(h + i + kW);
-    }
-    for (; i < vec_end; i += kW) acc0 = acc0 + vload(h + i);
+    sum = sum4(vec_end, [&](int64_t i) { return vload(h + i); });
   }
-  float sum = hsum(acc0 + acc1);
   for (int64_t j = vec_end; j < dim; ++j) sum += h[j];
-  float mean = sum / static_cast<float>(dim);
-  // Pass 2: centered sums (two-pass: no cancellation on rows with a large mean). The sum of the deviations
-  // corrects the rounding error of the first mean (the corrected two-pass algorithm).
-  const V first_mean = splat(mean, z);
-  V dev0 = z, dev1 = z;
-  acc0 = z;
-  acc1 = z;
-  for (i = 0; i + 2 * kW <= vec_end; i += 2 * kW) {
-    const V d0 = vload(h + i) - first_mean, d1 = vload(h + i + kW) - first_mean;
-    dev0 = dev0 + d0;
-    dev1 = dev1 + d1;
-    acc0 = vfma(d0, d0, acc0);
-    acc1 = vfma(d1, d1, acc1);
-  }
-  for (; i < vec_end; i += kW) {
-    const V d = vload(h + i) - first_mean;
-    dev0 = dev0 + d;
-    acc0 = vfma(d, d, acc0);
-  }
-  float dev = hsum(dev0 + dev1), sq = hsum(acc0 + acc1);
+  const float n = static_cast<float>(dim);
+  float mean = sum / n, dev, sq, rstd;
+  // Pass 2: centered sums.
+  centered_sums4(vec_end, mean, [&](int64_t i) { return vload(h + i); }, dev, sq);
   for (int64_t j = vec_end; j < dim; ++j) {
     dev += h[j] - mean;
     sq += (h[j] - mean) * (h[j] - mean);
   }
-  const float n = static_cast<float>(dim);
-  const float var = vmax(0.0f, (sq - dev * dev / n) / n);
-  mean += dev / n;
-  const float rstd = 1.0f / __builtin_sqrtf(var + eps);
-  const V vmean = splat(mean, z);
+  finish_stats(n, dev, sq, eps, mean, rstd);
   // Pass 3: normalize and apply the affine weight.
-  const V vrstd = splat(rstd, z);
-  for (i = 0; i < vec_end; i += kW)
+  const V vmean = splat(mean, z), vrstd = splat(rstd, z);
+  int64_t i = 0;
+  for (; i < vec_end; i += kW)
     vstore(out + i, vfma((vload(h + i) - vmean) * vrstd, vload(weight + i), vload(bias + i)));
   for (; i < dim; ++i) out[i] = vfma((h[i] - mean) * rstd, weight[i], bias[i]);
   *mean_out = mean;
@@ -631,6 +661,24 @@ DK_INLINE V load_bf16(const uint16_t* p) { return load_bf16_1(p); }
 DK_INLINE void store_bf16(uint16_t* p, V x) { store_bf16_1(p, x); }
 #endif
 
+// store_bf16 through AVX512-BF16's vcvtneps2bf16 where kNative (only CPUs that have the instruction run a kNative
+// variant; the table picks it at start-up): one instruction against store_bf16's nine. The same round to
+// nearest even; the two differ only off the normal range: fp32 denormal inputs (below 2^-126) become zero,
+// and a NaN keeps its sign (store_bf16 writes 0x7FC0 for every NaN). Inline assembly, so that no other code is
+// compiled for AVX512-BF16.
+template <bool kNative>
+DK_INLINE void store_bf16_as(uint16_t* p, V x) {
+#if DK_ISA_LEVEL == 2
+  if constexpr (kNative) {
+    __m256i r;
+    asm("vcvtneps2bf16 %1, %0" : "=v"(r) : "v"(x));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), r);
+    return;
+  }
+#endif
+  store_bf16(p, x);
+}
+
 template <class Act>
 DK_INLINE void bias_act_loop_bf16(uint16_t* x, const float* bias, int64_t n, Act act) {
   const int64_t vec_end = n - n % kW;
@@ -647,45 +695,51 @@ void bias_act_row_bf16(uint16_t* x, const float* bias, int64_t n, Activation act
   }
 }
 
-// The fp32 row kernel's three sweeps (sum, corrected centered sums, affine output), each re-reading the bf16
-// inputs and re-adding them in registers: the row is 2 x 1.5 KiB of L1 at dim 768, and no fp32 copy is stored.
-void add_layer_norm_row_bf16(const uint16_t* x, const uint16_t* residual, const float* weight, const float* bias,
-                             float eps, int64_t dim, uint16_t* out, float* mean_out, float* rstd_out) {
+// The fp32 row kernel's three sweeps (sum, corrected centered sums, affine output) on h = x + residual widened
+// to fp32 once, in the first sweep, into `h` (dim floats of scratch, 3 KiB of L1 at dim 768): the second and
+// third sweeps read fp32 instead of widening both bf16 inputs again. kNative: the bf16 output through
+// AVX512-BF16's vcvtneps2bf16 (one instruction against nine; see store_bf16_native).
+template <bool kNative>
+DK_INLINE void add_layer_norm_row_bf16_impl(const uint16_t* x, const uint16_t* residual, const float* weight,
+                                            const float* bias, float eps, int64_t dim, float* h, uint16_t* out,
+                                            float* mean_out, float* rstd_out) {
   const V z = splat(0.0f, V());
   const int64_t vec_end = dim - dim % kW;
-  auto h_vec = [&](int64_t i) { return residual ? load_bf16(x + i) + load_bf16(residual + i) : load_bf16(x + i); };
-  auto h_one = [&](int64_t i) {
-    return residual ? load_bf16_1(x + i) + load_bf16_1(residual + i) : load_bf16_1(x + i);
-  };
-  V acc = z;
-  int64_t i = 0;
-  for (; i < vec_end; i += kW) acc = acc + h_vec(i);
-  float sum = hsum(acc);
-  for (; i < dim; ++i) sum += h_one(i);
-  const float n = static_cast<float>(dim);
-  float mean = sum / n;
-  const V first_mean = splat(mean, z);
-  V dev_v = z, sq_v = z;
-  for (i = 0; i < vec_end; i += kW) {
-    const V d = h_vec(i) - first_mean;
-    dev_v = dev_v + d;
-    sq_v = vfma(d, d, sq_v);
+  float sum = sum4(vec_end, [&](int64_t i) {
+    const V v = residual ? load_bf16(x + i) + load_bf16(residual + i) : load_bf16(x + i);
+    vstore(h + i, v);
+    return v;
+  });
+  for (int64_t i = vec_end; i < dim; ++i) {
+    h[i] = residual ? load_bf16_1(x + i) + load_bf16_1(residual + i) : load_bf16_1(x + i);
+    sum += h[i];
   }
-  float dev = hsum(dev_v), sq = hsum(sq_v);
-  for (; i < dim; ++i) {
-    const float d = h_one(i) - mean;
+  const float n = static_cast<float>(dim);
+  float mean = sum / n, dev, sq, rstd;
+  centered_sums4(vec_end, mean, [&](int64_t i) { return vload(h + i); }, dev, sq);
+  for (int64_t i = vec_end; i < dim; ++i) {
+    const float d = h[i] - mean;
     dev += d;
     sq += d * d;
   }
-  const float var = vmax(0.0f, (sq - dev * dev / n) / n);
-  mean += dev / n;
-  const float rstd = 1.0f / __builtin_sqrtf(var + eps);
+  finish_stats(n, dev, sq, eps, mean, rstd);
   const V vmean = splat(mean, z), vrstd = splat(rstd, z);
-  for (i = 0; i < vec_end; i += kW)
-    store_bf16(out + i, vfma((h_vec(i) - vmean) * vrstd, vload(weight + i), vload(bias + i)));
-  for (; i < dim; ++i) store_bf16_1(out + i, vfma((h_one(i) - mean) * rstd, weight[i], bias[i]));
+  vector_loop4(
+      dim, [&](int64_t i) { return vfma((vload(h + i) - vmean) * vrstd, vload(weight + i), vload(bias + i)); },
+      [&](int64_t i, V y) { store_bf16_as<kNative>(out + i, y); },
+      [&](int64_t i) { store_bf16_1(out + i, vfma((h[i] - mean) * rstd, weight[i], bias[i])); });
   *mean_out = mean;
   *rstd_out = rstd;
+}
+
+void add_layer_norm_row_bf16(const uint16_t* x, const uint16_t* residual, const float* weight, const float* bias,
+                             float eps, int64_t dim, float* h, uint16_t* out, float* mean_out, float* rstd_out) {
+  add_layer_norm_row_bf16_impl<false>(x, residual, weight, bias, eps, dim, h, out, mean_out, rstd_out);
+}
+void add_layer_norm_row_bf16_native(const uint16_t* x, const uint16_t* residual, const float* weight,
+                                    const float* bias, float eps, int64_t dim, float* h, uint16_t* out,
+                                    float* mean_out, float* rstd_out) {
+  add_layer_norm_row_bf16_impl<true>(x, residual, weight, bias, eps, dim, h, out, mean_out, rstd_out);
 }
 
 void scale_to_bf16(const float* x, float factor, int64_t n, uint16_t* y) {
@@ -698,7 +752,7 @@ void scale_to_bf16(const float* x, float factor, int64_t n, uint16_t* y) {
 
 // One call per output tile (a call per row cost as much as the arithmetic at 64 columns); four vectors per step,
 // as in bias_act_loop.
-template <class Act>
+template <bool kNative, class Act>
 DK_INLINE void bias_act_to_bf16_loop(const float* acc, int64_t ld_acc, int64_t rows, int64_t cols,
                                      const float* bias, uint16_t* out, int64_t ld_out, Act act) {
   for (int64_t r = 0; r < rows; ++r) {
@@ -706,20 +760,34 @@ DK_INLINE void bias_act_to_bf16_loop(const float* acc, int64_t ld_acc, int64_t r
     uint16_t* y = out + r * ld_out;
     vector_loop4(
         cols, [&](int64_t i) { return act(vload(x + i) + vload(bias + i)); },
-        [&](int64_t i, V v) { store_bf16(y + i, v); }, [&](int64_t i) { store_bf16_1(y + i, act(x[i] + bias[i])); });
+        [&](int64_t i, V v) { store_bf16_as<kNative>(y + i, v); },
+        [&](int64_t i) { store_bf16_1(y + i, act(x[i] + bias[i])); });
+  }
+}
+
+template <bool kNative>
+void bias_act_to_bf16_impl(const float* acc, int64_t ld_acc, int64_t rows, int64_t cols, const float* bias,
+                           Activation act, uint16_t* out, int64_t ld_out) {
+  switch (act) {
+    case Activation::kGelu:
+      return bias_act_to_bf16_loop<kNative>(acc, ld_acc, rows, cols, bias, out, ld_out,
+                                            [](auto y) { return gelu(y); });
+    case Activation::kRelu:
+      return bias_act_to_bf16_loop<kNative>(acc, ld_acc, rows, cols, bias, out, ld_out,
+                                            [](auto y) { return relu(y); });
+    default:
+      return bias_act_to_bf16_loop<kNative>(acc, ld_acc, rows, cols, bias, out, ld_out, [](auto y) { return y; });
   }
 }
 
 void bias_act_to_bf16(const float* acc, int64_t ld_acc, int64_t rows, int64_t cols, const float* bias,
                       Activation act, uint16_t* out, int64_t ld_out) {
-  switch (act) {
-    case Activation::kGelu:
-      return bias_act_to_bf16_loop(acc, ld_acc, rows, cols, bias, out, ld_out, [](auto y) { return gelu(y); });
-    case Activation::kRelu:
-      return bias_act_to_bf16_loop(acc, ld_acc, rows, cols, bias, out, ld_out, [](auto y) { return relu(y); });
-    default:
-      return bias_act_to_bf16_loop(acc, ld_acc, rows, cols, bias, out, ld_out, [](auto y) { return y; });
-  }
+  bias_act_to_bf16_impl<false>(acc, ld_acc, rows, cols, bias, act, out, ld_out);
+}
+
+void bias_act_to_bf16_native(const float* acc, int64_t ld_acc, int64_t rows, int64_t cols, const float* bias,
+                             Activation act, uint16_t* out, int64_t ld_out) {
+  bias_act_to_bf16_impl<true>(acc, ld_acc, rows, cols, bias, act, out, ld_out);
 }
 
 template <class Act>
@@ -881,17 +949,24 @@ void softmax_update_bf16_native(const float* s, int64_t lds, int64_t m, int64_t 
 }
 
 // The AVX-512 table takes the native conversion where the CPU has AVX512-BF16 (every CPU with AMX tiles).
-inline auto pick_softmax_update_bf16() {
+inline bool native_bf16() {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512bf16") ? softmax_update_bf16_native : softmax_update_bf16;
+  return __builtin_cpu_supports("avx512bf16");
 }
+inline auto pick_softmax_update_bf16() { return native_bf16() ? softmax_update_bf16_native : softmax_update_bf16; }
+inline auto pick_add_layer_norm_row_bf16() {
+  return native_bf16() ? add_layer_norm_row_bf16_native : add_layer_norm_row_bf16;
+}
+inline auto pick_bias_act_to_bf16() { return native_bf16() ? bias_act_to_bf16_native : bias_act_to_bf16; }
 #else
 inline auto pick_softmax_update_bf16() { return softmax_update_bf16; }
+inline auto pick_add_layer_norm_row_bf16() { return add_layer_norm_row_bf16; }
+inline auto pick_bias_act_to_bf16() { return bias_act_to_bf16; }
 #endif
 
 const Kernels table = {kW,      kPanel, add_layer_norm_row, bias_act_row, gemm, linear_panels, softmax_update, scale,
-                       absmax, scale_add, transpose_rows, bias_act_row_bf16, add_layer_norm_row_bf16, scale_to_bf16,
-                       pick_softmax_update_bf16(), bias_act_to_bf16, dequant_bias_act};
+                       absmax, scale_add, transpose_rows, bias_act_row_bf16, pick_add_layer_norm_row_bf16(), scale_to_bf16,
+                       pick_softmax_update_bf16(), pick_bias_act_to_bf16(), dequant_bias_act};
 
 #undef DK_INLINE
 

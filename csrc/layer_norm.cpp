@@ -1,6 +1,6 @@
 // add_layer_norm on CPU: residual add, fp32 statistics and normalization in one pass per row, the row kept
 // in L1 between its three sweeps (sum, centered sum of squares, affine output). bf16 rows are read and written
-// as bf16, fp32 held in registers only.
+// as bf16, the row's fp32 sum held in a per-thread scratch row between the sweeps.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -29,9 +29,10 @@ void add_layer_norm_rows(const T* x, const T* residual, const float* weight, con
       const auto* xb = reinterpret_cast<const uint16_t*>(x);
       const auto* rb = reinterpret_cast<const uint16_t*>(residual);
       auto* ob = reinterpret_cast<uint16_t*>(out);
+      std::vector<float> h(dim);
       for (int64_t r = begin; r < end; ++r)
-        k.add_layer_norm_row_bf16(xb + r * dim, rb ? rb + r * dim : nullptr, weight, bias, eps, dim, ob + r * dim,
-                                  mean + r, rstd + r);
+        k.add_layer_norm_row_bf16(xb + r * dim, rb ? rb + r * dim : nullptr, weight, bias, eps, dim, h.data(),
+                                  ob + r * dim, mean + r, rstd + r);
     } else {  // fp16: each row widened to fp32 scratch around the fp32 kernel
       std::vector<float> h(dim), res(residual ? dim : 0);
       for (int64_t r = begin; r < end; ++r) {

@@ -134,7 +134,7 @@ def test_cpp_add_layer_norm_non_contiguous():
 @pytest.mark.parametrize("dim", [1, 37, 768, 1024])
 @pytest.mark.parametrize("with_residual", [True, False])
 def test_cpp_add_layer_norm_bf16(dim, with_residual):
-    """bf16 in and out, fp32 only in registers: output within 2x torch's bf16 LayerNorm error, floor 1e-6 rather
+    """bf16 in and out, fp32 only in registers and a scratch row: output within 2x torch's bf16 LayerNorm error, floor 1e-6 rather
     than one bf16 rounding: ours rounds an fp32 result once, so where torch is exact ours is too (dim 1:
     out = bias), and elsewhere torch's error is some bf16 rounding; the floor only absorbs the fp64 comparison.
     Statistics are fp32 of an exact fp32 sum of two bf16 values, so fp32-level relative error: 1e-5 (~170
@@ -151,6 +151,21 @@ def test_cpp_add_layer_norm_bf16(dim, with_residual):
     assert_lowp(out, ref, [F.layer_norm(h, (dim,), weight, bias, 1e-5)], floor=1e-6)
     assert max_err(mean, ref_mean) <= 1e-5 * max(1.0, ref_mean.abs().max().item())
     assert max_err(rstd, ref_rstd) <= 1e-5 * ref_rstd.abs().max().item()
+
+
+@requires_ext
+@pytest.mark.parametrize("dim", [37, 768])
+def test_cpp_add_layer_norm_bf16_rounds_like_torch(dim):
+    """With a zero weight the output is bf16(bias) of the fp32 bias (the normalized row times 0, plus bias, is
+    exact): the output's rounding alone, bit for bit torch's (to nearest, ties to even) on bias values at and
+    next to the ties, on whichever conversion the CPU runs (AVX512-BF16's instruction, or the emulated one)."""
+    gen = torch.Generator().manual_seed(8)
+    base = (torch.randn(dim, generator=gen) * 2.0 ** torch.randint(-20, 20, (dim,), generator=gen)).bfloat16()
+    offset = torch.tensor([0, 0x8000, 0x7FFF, 0x8001], dtype=torch.int32).repeat(dim // 4 + 1)[:dim]
+    bias = (base.float().view(torch.int32) + offset).view(torch.float32)
+    x = torch.randn(5, dim, generator=gen).bfloat16()
+    out, _, _ = OPS.add_layer_norm(x, x, torch.zeros(dim), bias, 1e-5)
+    assert torch.equal(out.view(torch.int16), bias.bfloat16().expand(5, -1).view(torch.int16))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -231,6 +231,31 @@ def test_linear_bf16_layouts_agree(vnni, threads):
     assert ((got.float() - ref.float()).abs() <= 2 ** -7 * ref.float().abs() + 1e-3).all()
 
 
+def _bf16_ties(n: int, gen) -> torch.Tensor:
+    """n fp32 values: bf16 values, halfway between two of them (ties, which round to even), and just off the
+    ties, over a wide range of magnitudes and both signs."""
+    base = (torch.randn(n, generator=gen) * 2.0 ** torch.randint(-20, 20, (n,), generator=gen)).bfloat16().float()
+    bits = base.view(torch.int32)
+    offset = torch.tensor([0, 0x8000, 0x7FFF, 0x8001], dtype=torch.int32).repeat(n // 4 + 1)[:n]
+    return (bits + offset).view(torch.float32)
+
+
+@pytest.mark.parametrize("in_features", [64, 40])  # a multiple of 32 (our AMX loop where there is one), brgemm's
+@pytest.mark.parametrize("vnni", LAYOUTS)
+def test_linear_bf16_epilogue_rounds_like_torch(in_features, vnni):
+    """With zero weights the output is bf16(activation(bias)) of the fp32 bias: the epilogue's rounding alone,
+    bit for bit torch's (to nearest, ties to even), on bias values at and next to the ties, on whichever
+    conversion the CPU runs (AVX512-BF16's instruction, or the emulated one)."""
+    gen = torch.Generator().manual_seed(7)
+    out_features = 200
+    bias = _bf16_ties(out_features, gen)
+    packed = ops.pack_linear_bf16(torch.zeros(out_features, in_features), vnni=vnni)
+    x = torch.randn(37, in_features, generator=gen).bfloat16()
+    for activation, act in (("none", lambda t: t), ("relu", torch.relu)):
+        got = ops.linear_bf16(x, packed, out_features, bias, activation)
+        assert torch.equal(got.view(torch.int16), act(bias).bfloat16().expand(37, -1).view(torch.int16))
+
+
 def test_linear_bf16_empty_and_zero_k():
     bias = torch.randn(6).bfloat16()
     packed = ops.pack_linear_bf16(torch.randn(6, 0), vnni=False)
