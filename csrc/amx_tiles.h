@@ -144,6 +144,69 @@ DK_AMX_TARGET inline void half_block(const char* a0, const char* a1, int64_t lda
   }
 }
 
+// Small bf16 products on whole tiles, for attention's Q K^T and P V (attention_amx.cpp), under configure()'s
+// configuration: c (+)= a @ b over kM (1 or 2) groups of 16 rows by kN (1 or 2) tiles of 16 columns.
+//   a: group g's rows at a0 / a1, row stride lda bytes; k step s (32 bf16 of each row) at + 64 s.
+//   b: VNNI rows (a pair of k per 32-bit word) of ldb bytes; column tile j at b0 / b1, k step s at + 16 s ldb.
+//   c: fp32, row stride ldc bytes; tile (g, j) at c + 16 g ldc + 64 j; read first where `accumulate`.
+template <int kM, int kN>
+DK_AMX_TARGET inline void mm_bf16(const char* a0, const char* a1, int64_t lda, const char* b0, const char* b1,
+                                  int64_t ldb, int64_t k_steps, char* c, int64_t ldc, bool accumulate) {
+  static_assert((kM == 1 || kM == 2) && (kN == 1 || kN == 2), "one or two row groups and column tiles");
+  char* c1 = c + 16 * ldc;
+  if (accumulate) {
+    _tile_loadd(0, c, ldc);
+    if (kN == 2) _tile_loadd(1, c + 64, ldc);
+    if (kM == 2) _tile_loadd(2, c1, ldc);
+    if (kM == 2 && kN == 2) _tile_loadd(3, c1 + 64, ldc);
+  } else {
+    _tile_zero(0);
+    if (kN == 2) _tile_zero(1);
+    if (kM == 2) _tile_zero(2);
+    if (kM == 2 && kN == 2) _tile_zero(3);
+  }
+  for (int64_t s = 0; s < k_steps; ++s) {
+    const int64_t ka = 64 * s, kb = 16 * s * ldb;
+    _tile_loadd(4, a0 + ka, lda);
+    _tile_loadd(6, b0 + kb, ldb);
+    _tile_dpbf16ps(0, 4, 6);
+    if (kN == 2) {
+      _tile_loadd(7, b1 + kb, ldb);
+      _tile_dpbf16ps(1, 4, 7);
+    }
+    if (kM == 2) {
+      _tile_loadd(5, a1 + ka, lda);
+      _tile_dpbf16ps(2, 5, 6);
+      if (kN == 2) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c, ldc);
+  if (kN == 2) _tile_stored(1, c + 64, ldc);
+  if (kM == 2) _tile_stored(2, c1, ldc);
+  if (kM == 2 && kN == 2) _tile_stored(3, c1 + 64, ldc);
+}
+
+// c (+)= a @ b over groups x 16 rows and tiles x 16 columns (operands as in mm_bf16), two by two.
+DK_AMX_TARGET inline void gemm_bf16_tiles(const char* a, int64_t lda, int64_t groups, const char* b, int64_t ldb,
+                                          int64_t tiles, int64_t k_steps, char* c, int64_t ldc, bool accumulate) {
+  for (int64_t g = 0; g < groups; g += 2) {
+    const char* a0 = a + 16 * g * lda;
+    char* cg = c + 16 * g * ldc;
+    for (int64_t j = 0; j < tiles; j += 2) {
+      const char* bj = b + 64 * j;
+      char* cj = cg + 64 * j;
+      if (g + 1 < groups && j + 1 < tiles)
+        mm_bf16<2, 2>(a0, a0 + 16 * lda, lda, bj, bj + 64, ldb, k_steps, cj, ldc, accumulate);
+      else if (g + 1 < groups)
+        mm_bf16<2, 1>(a0, a0 + 16 * lda, lda, bj, bj, ldb, k_steps, cj, ldc, accumulate);
+      else if (j + 1 < tiles)
+        mm_bf16<1, 2>(a0, a0, lda, bj, bj + 64, ldb, k_steps, cj, ldc, accumulate);
+      else
+        mm_bf16<1, 1>(a0, a0, lda, bj, bj, ldb, k_steps, cj, ldc, accumulate);
+    }
+  }
+}
+
 // For every 64 x 64 output tile of x (tokens, k_bytes per row, row stride k_bytes) @ a packed weight of n_blocks
 // blocks, split over threads in contiguous runs of tiles (m fastest within a superblock of rows, below):
 // computes the tile into a (64, 64) buffer of 4-byte accumulators (fp32 for kBf16, int32 for kInt8) and calls
@@ -234,6 +297,10 @@ void gemm(const void* x, int64_t tokens, int64_t k_bytes, const void* packed, in
 
 inline bool ready() { return false; }
 inline bool enabled() { return false; }
+inline void configure() {}
+inline void release() {}
+inline void gemm_bf16_tiles(const char*, int64_t, int64_t, const char*, int64_t, int64_t, int64_t, char*, int64_t,
+                            bool) {}
 template <Kind kKind, class Epilogue>
 void gemm(const void*, int64_t, int64_t, const void*, int64_t, const Epilogue&) {}
 

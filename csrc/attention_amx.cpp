@@ -1,16 +1,22 @@
-// bf16 attention on the matrix unit (AMX tiles) through ATen's brgemm (at::native::cpublas), with fp32
-// online-softmax statistics and the logsumexp kept for a backward pass.
+// bf16 attention on the matrix unit (AMX tiles), with fp32 online-softmax statistics and the logsumexp kept for a
+// backward pass.
 //
 // Same segments and task split as the blocked core (attention.h). Per (segment, head), a thread gathers the
-// attended keys once and packs them in the VNNI layout brgemm's B operand wants (pairs along K in one 32-bit
-// word): K^T by chunks of keys, V by key block (cpublas::pack), zero past the last key and past head_dim.
-// Per query block (Q read in place), per key block
-//   scores = Q K^T                      brgemm, bf16 x bf16 -> fp32
+// attended keys once and packs them in the VNNI layout of a tile's B operand (pairs along K in one 32-bit
+// word): K^T by chunks of keys, V by key block (at::native::cpublas::pack), zero past the last key and past
+// head_dim. Per query block (Q read in place where it can be), per key block
+//   scores = Q K^T                      AMX tiles, bf16 x bf16 -> fp32 (amx::gemm_bf16_tiles)
 //   P = bf16(exp2(scores * c - max))    one online-softmax step, c = scale * log2 e: row max, row sum and the
 //                                       acc rescale in fp32, P zero past the last key
-//   acc += P V                          brgemm, fp32 accumulators (acc = P V on the first key block)
-// and out = bf16(acc / row_sum). P is rounded to bf16 before the second GEMM, as in torch's own bf16 flash
+//   acc += P V                          AMX tiles, fp32 accumulators (acc = P V on the first key block)
+// and out = bf16(acc / row_sum). P is rounded to bf16 before the second product, as in torch's own bf16 flash
 // attention; the statistics (row max, row sum, lse) never leave fp32.
+//
+// The products run on our own tile loop under one fixed tile configuration. Through ATen's brgemm (oneDNN's
+// micro-kernels) each of these small products (64 x 64 x 64 for Q K^T at head_dim 64) was a separate call with
+// its own dispatch and, alternating between the two shapes, its own tile configuration: at distilbert-base
+// shapes (12 heads, head_dim 64, 2 threads on the AMX Xeon) the brgemm calls were half of the attention's time
+// (0.79 ms of which 0.40 at 8 x 128 tokens; 0.105 ms of which 0.045 at 1 x 128).
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 #include <immintrin.h>
@@ -21,6 +27,7 @@
 #include <limits>
 #include <vector>
 
+#include "amx_tiles.h"
 #include "attention.h"
 #include "checks.h"
 #include "cpu_kernels.h"
@@ -33,21 +40,23 @@ namespace {
 namespace cpublas = at::native::cpublas;
 using bf16 = at::BFloat16;
 
-constexpr int64_t kQueryBlock = 64;  // brgemm M; 64-row tiles ran faster than 32-row ones (AMX_NOTES.md)
+constexpr int64_t kQueryBlock = 64;  // rows of queries per task: four 16-row tile groups
 // Keys per online-softmax step (fewer, longer rows amortize the per-row max/sum reductions and the acc
 // rescale). Measured at 1 thread, 8 x 512 tokens: 128 keys 23.4 ms, 256 and 512 keys 15-19 ms (the two
 // alike within the noise; 512 keeps such a sequence in one block). Short sequences use blocks just wide
 // enough for their keys (AmxScratch::kw).
 constexpr int64_t kKeyBlock = 512;
-// oneDNN's packed B operand is blocked by columns: its leading dimension is 16, 32, 48 or 64. Every brgemm
-// therefore covers at most kChunk output columns, and key and head_dim counts are padded to kPad (zeros).
+// K^T is packed in chunks of kChunk keys and V in chunks of kChunk columns (cpublas::pack packs 16, 32, 48 or 64
+// columns at a time). Key counts are padded to kKeyPad, one tile step of K in P V (32 bf16), and head_dim to
+// kKeyPad for the K of Q K^T and to 16, one column tile, for the N of P V; the pads hold zeros.
 constexpr int64_t kChunk = 64;
-constexpr int64_t kPad = 16;
+constexpr int64_t kKeyPad = 32;
+constexpr int64_t kColPad = 16;
 // A segment with more than kKeyBlock keys steps through whole K^T chunks; fewer keys take one block.
-static_assert(kKeyBlock % kChunk == 0, "key blocks are whole chunks");
+static_assert(kKeyBlock % kChunk == 0 && kChunk % kKeyPad == 0, "key blocks are whole chunks of whole pads");
 
 struct AmxScratch {
-  int64_t dk, dv;                   // head_dim padded to a VNNI pair (K of Q K^T) and to kPad (N of P V)
+  int64_t dk, dv;                   // head_dim padded to kKeyPad (K of Q K^T) and to kColPad (N of P V)
   int64_t kw;                       // keys per block: kKeyBlock, or fewer when no segment has that many
   std::vector<bf16> kt_packed;      // keys [j0, j0 + kChunk) packed at j0 * dk: (dk, chunk width) VNNI
   std::vector<bf16> v_plain;        // (kw, dv): a key block gathered, zero past head_dim / last key
@@ -60,9 +69,9 @@ struct AmxScratch {
   int64_t seg = -1, head = -1;
 
   AmxScratch(int64_t head_dim, int64_t max_keys)
-      : dk(round_up(head_dim, 2)),
-        dv(round_up(head_dim, kPad)),
-        kw(std::min(kKeyBlock, round_up(std::max<int64_t>(max_keys, 1), kPad))) {
+      : dk(round_up(head_dim, kKeyPad)),
+        dv(round_up(head_dim, kColPad)),
+        kw(std::min(kKeyBlock, round_up(std::max<int64_t>(max_keys, 1), kKeyPad))) {
     const int64_t key_rows = round_up(std::max<int64_t>(max_keys, 1), kw);
     // Value-initialized (zero): the pad columns of qb and v_plain are never written after this.
     kt_packed.resize(round_up(key_rows, kChunk) * dk);
@@ -137,8 +146,9 @@ void pack_keys(const Problem& p, const bf16* k, const bf16* v, int64_t s, int64_
   // K^T goes straight to the VNNI layout, (dk / 2, ncp) 32-bit words per chunk: word (p, j) holds
   // (K[j, 2p], K[j, 2p + 1]), the pair of K^T rows 2p, 2p + 1 at column j. A key's pairs are whole 32-bit
   // words of its row, so the transpose moves words, 16 keys x 16 words at a time.
+  const int64_t pairs = (d_n + 1) / 2;  // VNNI rows pack_kt16 writes; those up to dk / 2 are zero
   for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
-    const int64_t nc = std::min(kChunk, n - j0), ncp = round_up(nc, kPad);
+    const int64_t nc = std::min(kChunk, n - j0), ncp = round_up(nc, kKeyPad);
     auto* kt = reinterpret_cast<uint32_t*>(sc.kt_packed.data() + j0 * sc.dk);
     for (int64_t jj = 0; jj < ncp; jj += 16) {
       const bf16* rows[16];
@@ -146,12 +156,14 @@ void pack_keys(const Problem& p, const bf16* k, const bf16* v, int64_t s, int64_
         rows[j] = jj + j < nc ? kbase + seg.key_row(j0 + jj + j) * L.k_row : nullptr;
       pack_kt16(rows, d_n, kt + jj, ncp);
     }
+    // (Written every time: another segment's chunk width puts other words of the buffer under these rows.)
+    std::fill(kt + pairs * ncp, kt + sc.dk / 2 * ncp, 0u);
   }
-  // V by key block and column chunk (cpublas::pack). A contiguous run of whole kPad keys of a head_dim that
+  // V by key block and column chunk (cpublas::pack). A contiguous run of whole kKeyPad keys of a head_dim that
   // needs no pad, in rows that do not overlap, is packed where it lies; otherwise it is gathered into
   // v_plain, zero-padded, first.
   for (int64_t kb = 0; kb < n; kb += sc.kw) {
-    const int64_t nk = std::min(sc.kw, n - kb), nkp = round_up(nk, kPad);
+    const int64_t nk = std::min(sc.kw, n - kb), nkp = round_up(nk, kKeyPad);
     const bf16* vp = vbase + seg.key_row(kb) * L.v_row;
     int64_t ldv = L.v_row;
     if (seg.keys != nullptr || nk != nkp || d_n != sc.dv || L.v_row < d_n) {
@@ -180,13 +192,14 @@ void attend_block(const Problem& p, const bf16* q, bf16* out, float* lse, int64_
   bf16* out_rows = out + seg.out_off + h * L.out_head + q0 * L.out_row;
   float* lse_rows = lse + seg.lse_off + h * L.lse_head + q0;
   if (seg.n_keys == 0) return write_unattended(out_rows, L.out_row, lse_rows, rows, d_n);
-  // Q is brgemm's A operand in place (row stride q_row) unless head_dim is odd (a copy with a zero pad column
-  // makes K a whole number of VNNI pairs) or rows overlap (a stride below head_dim, which oneDNN does not
-  // promise to take).
+  // Q is the tiles' A operand in place (row stride q_row) unless head_dim is not a whole tile step (a copy with
+  // zero pad columns), rows overlap (a stride below head_dim), or the block ends in a partial group of 16 rows
+  // (the tile reads 16; past the block's rows the copy holds rows of earlier blocks, whose scores and outputs are
+  // never read: each output row depends on its own query row only).
   const bf16* q_rows = q + seg.q_off + h * L.q_head + q0 * L.q_row;
   const bf16* a = q_rows;
   int64_t lda = L.q_row;
-  if (sc.dk != d_n || L.q_row < d_n) {
+  if (sc.dk != d_n || L.q_row < d_n || rows % 16 != 0) {
     for (int64_t i = 0; i < rows; ++i) std::memcpy(sc.qb.data() + i * sc.dk, q_rows + i * L.q_row, d_n * sizeof(bf16));
     a = sc.qb.data();
     lda = sc.dk;
@@ -194,21 +207,26 @@ void attend_block(const Problem& p, const bf16* q, bf16* out, float* lse, int64_
   std::fill(sc.row_max.begin(), sc.row_max.end(), -std::numeric_limits<float>::infinity());
   std::fill(sc.row_sum.begin(), sc.row_sum.end(), 0.0f);
   const float q_scale = p.softmax_scale * kLog2e;
+  const int64_t groups = (rows + 15) / 16;
+  const auto* a_bytes = reinterpret_cast<const char*>(a);
+  auto* scores = reinterpret_cast<char*>(sc.scores.data());
+  auto* acc = reinterpret_cast<char*>(sc.acc.data());
 
   for (int64_t kb = 0; kb < seg.n_keys; kb += sc.kw) {
-    const int64_t nk = std::min(sc.kw, seg.n_keys - kb), nkp = round_up(nk, kPad);
+    const int64_t nk = std::min(sc.kw, seg.n_keys - kb), nkp = round_up(nk, kKeyPad);
     for (int64_t c = 0; c < nkp; c += kChunk) {  // scores of zero pad keys are 0 and never read
       const int64_t w = std::min(kChunk, nkp - c);
-      cpublas::brgemm(rows, w, sc.dk, lda, w, sc.kw, /*add_C=*/false, a,
-                      sc.kt_packed.data() + (kb + c) * sc.dk, sc.scores.data() + c);
+      amx::gemm_bf16_tiles(a_bytes, lda * 2, groups, reinterpret_cast<const char*>(sc.kt_packed.data() + (kb + c) * sc.dk),
+                           w * 4, w / 16, sc.dk / 32, scores + c * 4, sc.kw * 4, /*accumulate=*/false);
     }
     kern.softmax_update_bf16(sc.scores.data(), sc.kw, rows, nk, nkp, q_scale, sc.row_max.data(),
                              sc.row_sum.data(), sc.acc.data(), sc.dv, sc.dv,
                              reinterpret_cast<uint16_t*>(sc.pb.data()), sc.kw);
     for (int64_t e = 0; e < sc.dv; e += kChunk) {
       const int64_t w = std::min(kChunk, sc.dv - e);
-      cpublas::brgemm(rows, w, nkp, sc.kw, w, sc.dv, /*add_C=*/kb > 0, sc.pb.data(),
-                      sc.v_packed.data() + kb * sc.dv + e * sc.kw, sc.acc.data() + e);
+      amx::gemm_bf16_tiles(reinterpret_cast<const char*>(sc.pb.data()), sc.kw * 2, groups,
+                           reinterpret_cast<const char*>(sc.v_packed.data() + kb * sc.dv + e * sc.kw), w * 4, w / 16,
+                           nkp / 32, acc + e * 4, sc.dv * 4, /*accumulate=*/kb > 0);
     }
   }
 
@@ -223,10 +241,8 @@ void attend_block(const Problem& p, const bf16* q, bf16* out, float* lse, int64_
 
 bool use_matrix_unit(at::ScalarType dtype) {
   if (dtype != at::kBFloat16 || vec::isa() != vec::Isa::kAvx512) return false;
-  const char* flag = std::getenv("DISTILKERNELS_AMX");
-  if (flag != nullptr && std::strcmp(flag, "0") == 0) return false;
-  static const bool packs = cpublas::could_pack(at::kBFloat16);
-  return packs;
+  static const bool packs = cpublas::could_pack(at::kBFloat16);  // V's packing
+  return packs && amx::enabled();
 }
 
 void attention_amx(const Problem& p, const bf16* q, const bf16* k, const bf16* v, bf16* out, float* lse) {
@@ -234,13 +250,15 @@ void attention_amx(const Problem& p, const bf16* q, const bf16* k, const bf16* v
   if (plan.tasks.empty()) return;
   at::parallel_for(0, static_cast<int64_t>(plan.part_begin.size()) - 1, 1, [&](int64_t begin, int64_t end) {
     AmxScratch sc(p.head_dim, plan.max_keys);
+    amx::configure();
     for (int64_t i = plan.part_begin[begin]; i < plan.part_begin[end]; ++i) {
       const Task& t = plan.tasks[i];
       attn::prefetch_next(p, plan, i, plan.part_begin[end], kQueryBlock, q, k, v);
       if ((t.seg != sc.seg || t.head != sc.head) && p.segments[t.seg].n_keys > 0) pack_keys(p, k, v, t.seg, t.head, sc);
       attend_block(p, q, out, lse, t.seg, t.head, t.q0, sc);
     }
-    cpublas::brgemm_release();  // hands the tile configuration back once per thread, after its last brgemm
+    amx::release();
+    cpublas::brgemm_release();  // ATen's brgemm reloads its own tile configuration next time
   });
 }
 
