@@ -147,10 +147,10 @@ void attention_core(const Problem& p, const T* q, const T* k, const T* v, T* out
 }
 
 // Below this many keys in its longest segment a call takes the blocked core even where the matrix unit
-// serves its dtype: the matrix unit's fixed cost per (segment, head) (packing, tile configurations, keys
-// padded to 16) is then most of the work. Measured (bf16, 12 heads of 64, 1 thread, us per call, matrix unit
-// vs blocked): 1 x 8 tokens 29 vs 18; 1 x 16: 26 vs 29; 32 x 16: 663 vs 809; 1 x 64: 62 vs 160.
-constexpr int64_t kMatrixUnitMinKeys = 16;
+// serves its dtype: the matrix unit's fixed cost per (segment, head) (packing, keys padded to 32) is then most
+// of the work. Measured (bf16, 12 heads of 64, 1 thread, us per call, matrix unit vs blocked): 1 x 1 token 12
+// vs 9; 1 x 4: 15 vs 12; 1 x 8: 14 vs 16; 32 x 8: 224 vs 372; 1 x 16: 16 vs 27; 32 x 16: 373 vs 762.
+constexpr int64_t kMatrixUnitMinKeys = 8;
 
 void run_core(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
               at::Tensor& lse) {

@@ -237,9 +237,9 @@ def test_cpp_varlen_matches_padded():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# cpp in bf16: the matrix unit (AMX through ATen's brgemm) and the blocked fallback an AVX2-only CPU takes.
-# Both paths run in one process: DISTILKERNELS_AMX=0 (read on every call) forces the fallback. Calls with
-# fewer than 16 keys in their longest segment take the fallback on both (test_cpp_matrix_unit_min_keys).
+# cpp in bf16: the matrix unit (AMX tiles) and the blocked fallback an AVX2-only CPU takes. Both paths run in
+# one process: DISTILKERNELS_AMX=0 (read on every call) forces the fallback. Calls with fewer than 8 keys in
+# their longest segment take the fallback on both (test_cpp_matrix_unit_min_keys).
 
 # The bf16 bound is assert_lowp's 2x PyTorch's own bf16 error, with an absolute floor of 1e-6 instead of one
 # bf16 rounding: both paths round an fp32 result once, so where torch is exact ours is too (seqlen 1: out = v,
@@ -326,8 +326,8 @@ def test_cpp_attention_bf16_long_sequence(bf16_path):
 @pytest.mark.parametrize("head_dim", [64, 80, 13])
 @pytest.mark.parametrize("mask_kind", [None, "holey"])
 def test_cpp_attention_bf16_key_blocks(bf16_path, seqlen, head_dim, mask_kind):
-    """More keys than one 512-key block of the matrix unit: a last block of 8 (whole 16-key rows of V read in
-    place when unmasked), 88 (padded) or 16 keys; head_dim 80 packs V in two column chunks, 13 pads K and V."""
+    """More keys than one 512-key block of the matrix unit (whole blocks of V read in place when unmasked): a
+    last block of 8, 88 or 16 keys (padded to 32); head_dim 80 packs V in two column chunks, 13 pads K and V."""
     q, k, v = fused_qkv(1, seqlen, 2, head_dim, torch.bfloat16, seed=seqlen)
     mask = make_mask(mask_kind, 1, seqlen)
     scale = head_dim ** -0.5
@@ -415,10 +415,10 @@ def test_cpp_matrix_unit_path_is_taken(monkeypatch):
 
 
 @requires_ext
-@pytest.mark.parametrize("seqlen,matrix_unit", [(15, False), (16, True)])
+@pytest.mark.parametrize("seqlen,matrix_unit", [(7, False), (8, True)])
 def test_cpp_matrix_unit_min_keys(monkeypatch, seqlen, matrix_unit):
-    """Calls whose longest segment has fewer than 16 keys take the blocked core (same bits with the switch on
-    or off); from 16 keys on the matrix unit (different rounding of P)."""
+    """Calls whose longest segment has fewer than 8 keys take the blocked core (same bits with the switch on
+    or off); from 8 keys on the matrix unit (different rounding of P)."""
     if not matrix_unit_attention():
         pytest.skip(NO_MATRIX_UNIT)
     q, k, v = fused_qkv(2, seqlen, 3, 64, torch.bfloat16)
