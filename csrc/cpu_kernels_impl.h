@@ -742,12 +742,17 @@ void add_layer_norm_row_bf16_native(const uint16_t* x, const uint16_t* residual,
   add_layer_norm_row_bf16_impl<true>(x, residual, weight, bias, eps, dim, h, out, mean_out, rstd_out);
 }
 
-void scale_to_bf16(const float* x, float factor, int64_t n, uint16_t* y) {
+template <bool kNative>
+DK_INLINE void scale_to_bf16_impl(const float* x, float factor, int64_t n, uint16_t* y) {
   const V vf = splat(factor, V());
   const int64_t vec_end = n - n % kW;
   int64_t i = 0;
-  for (; i < vec_end; i += kW) store_bf16(y + i, vload(x + i) * vf);
+  for (; i < vec_end; i += kW) store_bf16_as<kNative>(y + i, vload(x + i) * vf);
   for (; i < n; ++i) store_bf16_1(y + i, x[i] * factor);
+}
+void scale_to_bf16(const float* x, float factor, int64_t n, uint16_t* y) { scale_to_bf16_impl<false>(x, factor, n, y); }
+void scale_to_bf16_native(const float* x, float factor, int64_t n, uint16_t* y) {
+  scale_to_bf16_impl<true>(x, factor, n, y);
 }
 
 // One call per output tile (a call per row cost as much as the arithmetic at 64 columns); four vectors per step,
@@ -958,14 +963,16 @@ inline auto pick_add_layer_norm_row_bf16() {
   return native_bf16() ? add_layer_norm_row_bf16_native : add_layer_norm_row_bf16;
 }
 inline auto pick_bias_act_to_bf16() { return native_bf16() ? bias_act_to_bf16_native : bias_act_to_bf16; }
+inline auto pick_scale_to_bf16() { return native_bf16() ? scale_to_bf16_native : scale_to_bf16; }
 #else
 inline auto pick_softmax_update_bf16() { return softmax_update_bf16; }
 inline auto pick_add_layer_norm_row_bf16() { return add_layer_norm_row_bf16; }
 inline auto pick_bias_act_to_bf16() { return bias_act_to_bf16; }
+inline auto pick_scale_to_bf16() { return scale_to_bf16; }
 #endif
 
 const Kernels table = {kW,      kPanel, add_layer_norm_row, bias_act_row, gemm, linear_panels, softmax_update, scale,
-                       absmax, scale_add, transpose_rows, bias_act_row_bf16, pick_add_layer_norm_row_bf16(), scale_to_bf16,
+                       absmax, scale_add, transpose_rows, bias_act_row_bf16, pick_add_layer_norm_row_bf16(), pick_scale_to_bf16(),
                        pick_softmax_update_bf16(), pick_bias_act_to_bf16(), dequant_bias_act};
 
 #undef DK_INLINE
