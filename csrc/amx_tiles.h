@@ -221,12 +221,14 @@ void gemm(const void* x, int64_t tokens, int64_t k_bytes, const void* packed, in
   const char* wp = static_cast<const char*>(packed);
   const int64_t m_blocks = (tokens + kBlockM - 1) / kBlockM;
   const int64_t block = k_bytes * kBlockN;  // bytes per weight block
-  // Rows in superblocks of 4 m blocks (256 rows) where their x fits in half of the 2 MiB L2 of every AMX CPU so
-  // far: the block stays in L2 while the thread's weight blocks pass it, instead of all of x (1.5-6 MB at 1024
-  // rows) being re-read from beyond L2 for every weight block. At 1024 rows with weights in cache: bf16 q|k|v
-  // 2.17 -> 2.36 TFLOP/s, lin1 + GELU 1.79 -> 1.95; int8 q|k|v 3.43 -> 3.91, lin2 2.94 -> 3.43. bf16 lin2
-  // (6 KiB of x per row) measured 3-6% slower with superblocks and runs without.
-  const int64_t super = 4 * kBlockM * k_bytes <= (1 << 20) ? std::min<int64_t>(m_blocks, 4) : m_blocks;
+  // Rows in superblocks of up to 4 m blocks (256 rows), as many as keep their x within half of the 2 MiB L2 of
+  // every AMX CPU so far: the block stays in L2 while the thread's weight blocks pass it, instead of all of x
+  // (1.5-6 MB at 1024 rows) being re-read from beyond L2 for every weight block. At 1024 rows with weights in
+  // cache: bf16 q|k|v 2.17 -> 2.36 TFLOP/s, lin1 + GELU 1.79 -> 1.95; int8 q|k|v 3.43 -> 3.91, lin2 2.94 -> 3.43.
+  // bf16 lin2 (6 KiB of x per row) takes 2 m blocks: in distilbert-base at 8 x 128 tokens (x just written by
+  // lin1, 2 threads) its calls took 2.35 ms without superblocks, 2.15 with 4 m blocks, 2.02 with 2.
+  const int64_t fit = std::clamp<int64_t>((1 << 20) / (kBlockM * k_bytes), 1, 4);
+  const int64_t super = std::min(m_blocks, fit);
   at::parallel_for(0, m_blocks * n_blocks, 1, [&](int64_t begin, int64_t end) {
     configure();
     // Two accumulator tiles: while the tile unit computes one, the epilogue of the other runs a few rows per k

@@ -465,7 +465,7 @@ def test_linear_mkl_bad_input():
 @pytest.mark.skipif(not (_units("bf16") and _units("int8")), reason="needs AMX (bf16 and int8)")
 @pytest.mark.parametrize("tokens, in_features, out_features", [(1, 64, 64), (17, 128, 130), (130, 192, 200),
                                                                (200, 768, 129), (300, 64, 130), (600, 256, 200),
-                                                               (530, 2304, 70)])
+                                                               (530, 2304, 70), (200, 3072, 70)])
 def test_amx_tile_loop_matches_brgemm(monkeypatch, tokens, in_features, out_features):
     """Our AMX tile loop (csrc/amx_tiles.h) accumulates in brgemm's order: on the same packed weights both give
     the same bits, with bf16 (in_features % 32 == 0) and int8 (% 64 == 0) inputs; DISTILKERNELS_AMX=0, read
