@@ -7,7 +7,8 @@ methods in int8. Which kernel each one uses for a given tensor is decided here, 
 
 Matrix units: where the CPU's matrix unit takes bf16 / int8 (AMX), the bf16 and int8 GEMMs run our AMX tile
 loop (csrc/amx_tiles.h; ATen's brgemm, oneDNN's micro-kernels, at in_features it does not take) on weights
-packed once into VNNI blocks; elsewhere they run torch's bf16 GEMM /
+packed once into VNNI blocks, with no contest against oneDNN's linear where the loop runs (amx_loop_runs);
+elsewhere they run torch's bf16 GEMM /
 int8 GEMM (oneDNN) on weights transposed once, with the same epilogue. `DISTILKERNELS_MATRIX_UNITS=off`
 (read at each packing) forces the second path, to test it on a CPU that has AMX.
 """
@@ -79,7 +80,10 @@ def precision_paths() -> dict[str, str]:
     bf16 = ("linear_bf16: AMX tiles (our tile loop, which prefetches the next weight block; brgemm where "
             "in_features % 32 != 0), weights packed once (VNNI)" if use_matrix_unit("bf16")
             else "linear_bf16: brgemm's plain bf16 GEMM on weights transposed once")
-    paths["bf16"] = bf16 + contest(torch.bfloat16) + chosen(torch.bfloat16)
+    if use_matrix_unit("bf16"):  # the contest only for in_features our tile loop does not take
+        paths["bf16"] = bf16 + chosen(torch.bfloat16)
+    else:
+        paths["bf16"] = bf16 + contest(torch.bfloat16) + chosen(torch.bfloat16)
     paths["int8"] = ("s8 x s8 -> s32 on AMX tiles (our tile loop; brgemm where in_features % 64 != 0), weights "
                      "packed once (VNNI), per-token scales, fused epilogue"
                      if use_matrix_unit("int8") else
@@ -291,9 +295,21 @@ def dense_kernel(dtype: torch.dtype, in_features: int, out_features: int, activa
     key = (dtype, in_features, out_features, activation)
     if key not in _WINNER:
         _WINNER[key] = ("packed",) * len(_CONTEST_ROWS)
-        if in_features * out_features >= _MIN_CONTEST_WEIGHT:
+        if in_features * out_features >= _MIN_CONTEST_WEIGHT and not amx_loop_runs(dtype, in_features):
             _WINNER[key] = _contest(dtype, in_features, out_features, activation)
     return _WINNER[key][bisect.bisect(_BUCKET_EDGES, rows)]
+
+
+def amx_loop_runs(dtype: torch.dtype, in_features: int) -> bool:
+    """Whether our AMX tile loop runs this GEMM (bf16, in_features a multiple of 32, the CPU's matrix unit takes
+    bf16): then it runs without a contest. In distilbert-base bf16 at 8 x 128 tokens on the 2-core AMX Xeon (2
+    threads, us per call in the model, seven processes), ours against oneDNN's prepacked linear: q|k|v
+    1373-1399 against 1318-1650, and 2993-3052 in two of the seven processes (the same picks, the same code);
+    attention output 495-557 against 644-692 (in 256-row chunks); lin1 + GELU 2121-2243 against 4464-4707;
+    lin2 1992-2066 against 2680-2750 (chunks). At 128 rows the contest already picked ours for all four. The
+    contest itself, timed outside the model on weights from beyond the cache, had given oneDNN q|k|v, and in
+    some processes lin1, at 1024 rows."""
+    return dtype == torch.bfloat16 and in_features % 32 == 0 and use_matrix_unit("bf16")
 
 
 def _contest(dtype, in_features, out_features, activation) -> tuple[str, ...]:

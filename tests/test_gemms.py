@@ -107,3 +107,19 @@ def test_kernel_per_row_count(dtype, monkeypatch):
     with torch.inference_mode():
         block_gemms.out(x[:100].to(other))
     assert block_gemms.packed_dtype == other and len(block_gemms.packed["out"]) == 1
+
+
+def test_no_contest_where_the_amx_tile_loop_runs(monkeypatch):
+    """bf16 GEMMs that our AMX tile loop runs (in_features a multiple of 32, a matrix unit that takes bf16) take
+    it at every row count without a contest; other in_features, and fp32, are contested."""
+    contested = []
+    monkeypatch.setattr(gemms, "_WINNER", {})
+    monkeypatch.setattr(gemms, "_contest", lambda *key: contested.append(key) or ("packed",) * len(gemms._CONTEST_ROWS))
+    amx = gemms.use_matrix_unit("bf16")
+    for rows in (1, 128, 1024, 5000):
+        assert gemms.dense_kernel(torch.bfloat16, 768, 2304, "none", rows) == "packed"
+    gemms.dense_kernel(torch.bfloat16, 770, 2304, "none", 128)
+    gemms.dense_kernel(torch.float32, 768, 2304, "none", 128)
+    expected = [(torch.bfloat16, 770, 2304, "none"), (torch.float32, 768, 2304, "none")]
+    assert contested == (expected if amx else [(torch.bfloat16, 768, 2304, "none")] + expected)
+    assert gemms.amx_loop_runs(torch.bfloat16, 768) == amx and not gemms.amx_loop_runs(torch.bfloat16, 770)
