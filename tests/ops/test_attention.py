@@ -283,7 +283,8 @@ def assert_bf16_attention(out, ref_out, q, k, v, mask, scale):
 
 @requires_ext
 @pytest.mark.parametrize("batch,seqlen,head_dim", [(1, 1, 64), (3, 7, 64), (2, 129, 64), (1, 300, 64),
-                                                   (2, 77, 32), (2, 50, 80), (1, 33, 8), (2, 20, 13)])
+                                                   (2, 77, 32), (2, 50, 80), (1, 33, 8), (2, 20, 13),
+                                                   (2, 45, 96), (2, 40, 128), (1, 24, 256)])
 @pytest.mark.parametrize("mask_kind", [None, "holey", "left", "right"])
 def test_cpp_attention_bf16(bf16_path, batch, seqlen, head_dim, mask_kind):
     q, k, v = fused_qkv(batch, seqlen, 3, head_dim, torch.bfloat16)
