@@ -343,8 +343,11 @@ def _contest(dtype, in_features, out_features, activation) -> tuple[str, ...]:
         return tuple(winners)
 
 
-def pack_dense(weight, bias, kernel: str = "packed"):
-    """(kernel name, weight packed for it, bias)."""
+def pack_dense(weight, bias, kernel: str = "packed", dtype: torch.dtype | None = None):
+    """(kernel name, weight packed for it, bias), weight and bias cast to `dtype` first where given (bf16
+    packings of fp32 weights, for CPU autocast)."""
+    if dtype is not None:
+        weight, bias = weight.to(dtype), bias.to(dtype)
     return kernel, _KERNELS[kernel].pack(weight), bias
 
 
@@ -354,7 +357,8 @@ class DenseGemms:
 
     fp32 and bf16 on the C++ backend run `linear_packed` / `linear_bf16` on weights packed once (rebuilt when
     a weight changes), with the bias and lin1's activation in the GEMM's epilogue; fp16 and other backends run
-    `linear` + `bias_act_`."""
+    `linear` + `bias_act_`. bf16 inputs on fp32 weights (a block under CPU autocast) run `linear_bf16` on a bf16
+    packing of the weights, kept beside the fp32 one."""
 
     def __init__(self, parts):
         self.parts = parts
@@ -369,6 +373,10 @@ class DenseGemms:
         self.groups = {name: (linears, act, linears[0].weight.shape[1], sum(lin.weight.shape[0] for lin in linears))
                        for name, linears, act in groups}
         self.packed = {name: {} for name in self.groups}  # name -> {kernel: DerivedWeights}
+        # The same for calls in another dtype than the weights' (bf16 under CPU autocast: FusedBlock casts x):
+        # name -> {kernel: DerivedWeights} of the weights cast to autocast_dtype.
+        self.autocast_packed = {name: {} for name in self.groups}
+        self.autocast_dtype = None
         self.packed_dtype = None
 
     @staticmethod
@@ -379,14 +387,22 @@ class DenseGemms:
 
     def _packed(self, name, x, activation="none"):
         linears, act, in_features, out_features = self.groups[name]
-        dtype = linears[0].weight.dtype
-        if dtype != self.packed_dtype:  # packings for another dtype are dropped, not kept alive
+        weight_dtype = linears[0].weight.dtype
+        if weight_dtype != self.packed_dtype:  # packings of weights of another dtype are dropped, not kept alive
             self.packed = {group: {} for group in self.groups}
-            self.packed_dtype = dtype
+            self.autocast_packed = {group: {} for group in self.groups}
+            self.packed_dtype = weight_dtype
+        dtype = x.dtype
+        if dtype == weight_dtype:
+            packs, cast = self.packed[name], None
+        else:
+            if dtype != self.autocast_dtype:
+                self.autocast_packed = {group: {} for group in self.groups}
+                self.autocast_dtype = dtype
+            packs, cast = self.autocast_packed[name], dtype
         kernel = dense_kernel(dtype, in_features, out_features, act, x.shape[0])
-        packs = self.packed[name]
         if kernel not in packs:
-            packs[kernel] = DerivedWeights(linears, functools.partial(pack_dense, kernel=kernel))
+            packs[kernel] = DerivedWeights(linears, functools.partial(pack_dense, kernel=kernel, dtype=cast))
         kernel, packed, bias = packs[kernel].get()
         return _KERNELS[kernel].call(x, packed, bias.shape[0], bias, activation)
 

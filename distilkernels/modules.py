@@ -235,10 +235,16 @@ class FusedBlock:
     def forward_tokens(self, x, *, batch=None, seqlen=None, key_padding_mask=None, cu_seqlens=None,
                        max_seqlen=None):
         """x: (tokens, dim). Padded layout: tokens = batch * seqlen with an optional key_padding_mask
-        (batch, seqlen). Packed layout: cu_seqlens (batch + 1,) int32 and max_seqlen. Returns (tokens, dim)."""
+        (batch, seqlen). Packed layout: cu_seqlens (batch + 1,) int32 and max_seqlen. Returns (tokens, dim).
+
+        Under CPU autocast to bf16, an fp32 block runs as HF's block runs there: the GEMMs (on a bf16 packing of
+        its weights) and attention in bf16, the residual stream and add + LayerNorm in fp32."""
         p = self._parts
         cpp = dispatch.backend_for(x.device) == "cpp"
-        qkv = p.gemms.qkv(x)  # (tokens, 3*dim)
+        low = x
+        if cpp and x.dtype == torch.float32 and isinstance(p.gemms, DenseGemms) and _autocast_bf16(x):
+            low = x.to(torch.bfloat16)
+        qkv = p.gemms.qkv(low)  # (tokens, 3*dim)
         if cu_seqlens is None:
             q, k, v = qkv.view(batch, seqlen, 3, p.n_heads, p.head_dim).unbind(2)
             ctx = (dispatch.implementation("attention", "cpp")(q, k, v, key_padding_mask, p.scaling)[0] if cpp
@@ -247,9 +253,19 @@ class FusedBlock:
             q, k, v = qkv.view(-1, 3, p.n_heads, p.head_dim).unbind(1)
             ctx = (dispatch.implementation("varlen_attention", "cpp")(q, k, v, cu_seqlens, max_seqlen, p.scaling)[0]
                    if cpp else ops.varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale=p.scaling))
-        h = _add_layer_norm(cpp, p.gemms.out(ctx.view(x.shape)), x, p.ln1)
-        f = p.gemms.lin1_act(h, p.act)
-        return _add_layer_norm(cpp, p.gemms.lin2(f), h, p.ln2)
+        h = _add_layer_norm(cpp, _cast(p.gemms.out(ctx.view(low.shape)), x.dtype), x, p.ln1)
+        f = p.gemms.lin1_act(_cast(h, low.dtype), p.act)
+        return _add_layer_norm(cpp, _cast(p.gemms.lin2(f), x.dtype), h, p.ln2)
+
+
+def _cast(t, dtype):
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _autocast_bf16(x) -> bool:
+    """Whether CPU autocast to bf16 is on for x (a CPU tensor), outside a torch.compile trace."""
+    return (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and not torch.compiler.is_compiling())
 
 
 # The blocks build their ops' arguments themselves, well-formed by construction: on the C++ backend they call

@@ -3,6 +3,8 @@ optimized classes against stock HF fp32, with holey/left/right masks, odd sizes,
 checkpoint shape, and save/load round trips. A new family row is tested here without a new test."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -200,6 +202,42 @@ def test_optimized_class_low_precision(family, dtype, checkpoint, op_spy):
     assert op_count(op_spy, "varlen_attention") == family.n_layers(config), op_spy  # the fused path ran
     floor = 4 * torch.finfo(dtype).eps * ref.abs().max().item()
     assert our_err <= 2 * hf_err + floor, (our_err, hf_err, floor)
+
+
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
+def test_patch_under_cpu_autocast_bf16(family, op_spy):
+    """Under torch.autocast("cpu", dtype=torch.bfloat16) a patched fp32 model runs its blocks as HF's run there:
+    GEMMs (on a bf16 packing of the fp32 weights) and attention in bf16, residual stream and LayerNorm in fp32.
+    Same output dtype as HF under autocast; error vs fp32 HF at most 2x HF's own under autocast plus a few bf16
+    roundings at the outputs' magnitude (as test_optimized_class_low_precision); outside autocast the fp32
+    path again, to fp32 parity."""
+    hf_cls, config = family.base_model, family.test.tiny()
+    model = make_model(hf_cls, config)
+    mask = holey_mask(5, 12, seed=6)
+    mask[:, 0] = 1
+    inputs = model_inputs(hf_cls, config, 5, 12, mask, with_labels=False)
+    valid = mask.bool()
+    with torch.inference_mode():
+        ref = model(**inputs).last_hidden_state
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            hf_auto = model(**inputs).last_hidden_state
+    patched = copy.deepcopy(model)
+    distilkernels.patch(patched)
+    with torch.inference_mode():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = patched(**inputs).last_hidden_state
+        plain = patched(**inputs).last_hidden_state
+    assert got.dtype == hf_auto.dtype == torch.float32
+    hf_err = (hf_auto[valid] - ref[valid]).abs().max().item()
+    our_err = (got[valid] - ref[valid]).abs().max().item()
+    floor = 4 * torch.finfo(torch.bfloat16).eps * ref[valid].abs().max().item()
+    assert our_err <= 2 * hf_err + floor, (our_err, hf_err, floor)
+    assert (plain[valid] - ref[valid]).abs().max().item() <= ATOL
+    if _cpu_packed():  # the bf16 GEMMs ran, on bf16 packings beside the fp32 ones
+        assert op_spy[("linear_bf16", "cpp")] == 4 * family.n_layers(config), op_spy
+        gemms = next(m for m in patched.modules() if hasattr(m, "_parts"))._parts.gemms
+        assert gemms.autocast_dtype == torch.bfloat16 and all(gemms.autocast_packed.values())
+        assert all(gemms.packed.values())
 
 
 @pytest.mark.parametrize("family, head", HEAD_PARAMS)
