@@ -81,7 +81,7 @@ def precision_paths() -> dict[str, str]:
             "in_features % 32 != 0), weights packed once (VNNI)" if use_matrix_unit("bf16")
             else "linear_bf16: brgemm's plain bf16 GEMM on weights transposed once")
     if use_matrix_unit("bf16"):  # the contest only for in_features our tile loop does not take
-        paths["bf16"] = bf16 + chosen(torch.bfloat16)
+        paths["bf16"] = bf16 + "; no contest with oneDNN's linear where the tile loop runs (gemms.amx_loop_runs)"
     else:
         paths["bf16"] = bf16 + contest(torch.bfloat16) + chosen(torch.bfloat16)
     paths["int8"] = ("s8 x s8 -> s32 on AMX tiles (our tile loop; brgemm where in_features % 64 != 0), weights "
