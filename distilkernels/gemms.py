@@ -286,12 +286,11 @@ def dense_kernel(dtype: torch.dtype, in_features: int, out_features: int, activa
     _CONTEST_BYTES, so that, as in a forward, the weight comes from beyond the cache. The shape's kernel has the
     least sum of its times relative to the fastest at each row count, if that sum is _MARGIN below ours (else
     ours); a row count takes another kernel where that one is _MARGIN faster there, and a call takes the pick of
-    the contest row count nearest its own (in ratio): one sequence and a batch differ, e.g. bf16 on the AMX
-    Xeon, where our AMX loop ran q|k|v 1.3x faster than oneDNN at 128 rows with the weights streaming from memory
-    and oneDNN ran it 1.15-1.2x faster at 1024-1268 rows. Which wins depends on the CPU and shape, so none is assumed: at the
-    DistilBERT shapes on that Xeon, oneDNN led ours in fp32 by 3-14% per GEMM, and MKL led oneDNN in the model by
-    ~9% at 1 x 128 (weights streamed from memory); with oneDNN capped to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2)
-    linear_packed's AVX2 build led oneDNN by 4-16%."""
+    the contest row count nearest its own (in ratio): one sequence and a batch can differ. Which wins depends on
+    the CPU and shape, so none is assumed: at the DistilBERT shapes on the AMX Xeon, oneDNN led ours in fp32 by
+    3-14% per GEMM, and MKL led oneDNN in the model by ~9% at 1 x 128 (weights streamed from memory); with oneDNN
+    capped to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2) linear_packed's AVX2 build led oneDNN by 4-16%. bf16 GEMMs that our
+    AMX tile loop runs are not contested (amx_loop_runs)."""
     key = (dtype, in_features, out_features, activation)
     if key not in _WINNER:
         _WINNER[key] = ("packed",) * len(_CONTEST_ROWS)
