@@ -123,3 +123,27 @@ def test_no_contest_where_the_amx_tile_loop_runs(monkeypatch):
     expected = [(torch.bfloat16, 770, 2304, "none"), (torch.float32, 768, 2304, "none")]
     assert contested == (expected if amx else [(torch.bfloat16, 768, 2304, "none")] + expected)
     assert gemms.amx_loop_runs(torch.bfloat16, 768) == amx and not gemms.amx_loop_runs(torch.bfloat16, 770)
+
+
+def test_derived_weights_read_what_attribute_lookup_reads():
+    """DerivedWeights reads weight/bias from the parameter dict only where attribute lookup would find the same
+    tensor: a parametrized weight (a property on the module's class) is read through the property, and a
+    parameter replaced or changed in place is seen."""
+    import torch.nn.utils.parametrize as parametrize
+
+    class Double(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    plain, param = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    parametrize.register_parametrization(param, "weight", Double())
+    derived = gemms.DerivedWeights((plain, param))
+    weight, bias = derived.get()
+    assert torch.equal(weight, torch.cat([plain.weight, param.weight]))
+    assert torch.equal(weight[3:], 2 * param.parametrizations.weight.original)
+    assert torch.equal(bias, torch.cat([plain.bias, param.bias]))
+    plain.weight = torch.nn.Parameter(torch.ones(3, 4))
+    assert torch.equal(derived.get()[0][:3], torch.ones(3, 4))
+    with torch.no_grad():
+        param.parametrizations.weight.original.fill_(0.5)
+    assert torch.equal(derived.get()[0][3:], torch.ones(3, 4))
