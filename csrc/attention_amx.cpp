@@ -216,8 +216,9 @@ void attend_block(const Problem& p, const bf16* q, bf16* out, float* lse, int64_
     const int64_t nk = std::min(sc.kw, seg.n_keys - kb), nkp = round_up(nk, kKeyPad);
     for (int64_t c = 0; c < nkp; c += kChunk) {  // scores of zero pad keys are 0 and never read
       const int64_t w = std::min(kChunk, nkp - c);
-      amx::gemm_bf16_tiles(a_bytes, lda * 2, groups, reinterpret_cast<const char*>(sc.kt_packed.data() + (kb + c) * sc.dk),
-                           w * 4, w / 16, sc.dk / 32, scores + c * 4, sc.kw * 4, /*accumulate=*/false);
+      const auto* kt = reinterpret_cast<const char*>(sc.kt_packed.data() + (kb + c) * sc.dk);
+      amx::gemm_bf16_tiles(a_bytes, lda * 2, groups, kt, w * 4, w / 16, sc.dk / 32, scores + c * 4, sc.kw * 4,
+                           /*accumulate=*/false);
     }
     kern.softmax_update_bf16(sc.scores.data(), sc.kw, rows, nk, nkp, q_scale, sc.row_max.data(),
                              sc.row_sum.data(), sc.acc.data(), sc.dv, sc.dv,

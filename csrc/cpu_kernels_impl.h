@@ -971,9 +971,23 @@ inline auto pick_bias_act_to_bf16() { return bias_act_to_bf16; }
 inline auto pick_scale_to_bf16() { return scale_to_bf16; }
 #endif
 
-const Kernels table = {kW,      kPanel, add_layer_norm_row, bias_act_row, gemm, linear_panels, softmax_update, scale,
-                       absmax, scale_add, transpose_rows, bias_act_row_bf16, pick_add_layer_norm_row_bf16(), pick_scale_to_bf16(),
-                       pick_softmax_update_bf16(), pick_bias_act_to_bf16(), dequant_bias_act};
+const Kernels table = {kW,
+                       kPanel,
+                       add_layer_norm_row,
+                       bias_act_row,
+                       gemm,
+                       linear_panels,
+                       softmax_update,
+                       scale,
+                       absmax,
+                       scale_add,
+                       transpose_rows,
+                       bias_act_row_bf16,
+                       pick_add_layer_norm_row_bf16(),
+                       pick_scale_to_bf16(),
+                       pick_softmax_update_bf16(),
+                       pick_bias_act_to_bf16(),
+                       dequant_bias_act};
 
 #undef DK_INLINE
 
