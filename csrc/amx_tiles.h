@@ -96,6 +96,31 @@ struct Prefetch {
   int64_t lines = 0;
 };
 
+// Accumulator tiles 0-3 of kM (1 or 2) row groups by kN (1 or 2) column tiles: (group g, column tile j) is tile
+// 2 g + j, stored at c + 16 g ldc + 64 j (fp32 or int32, row stride ldc bytes).
+template <int kM, int kN>
+DK_AMX_TARGET inline void zero_acc() {
+  static_assert((kM == 1 || kM == 2) && (kN == 1 || kN == 2), "one or two row groups and column tiles");
+  _tile_zero(0);
+  if (kN == 2) _tile_zero(1);
+  if (kM == 2) _tile_zero(2);
+  if (kM == 2 && kN == 2) _tile_zero(3);
+}
+template <int kM, int kN>
+DK_AMX_TARGET inline void load_acc(const char* c, int64_t ldc) {
+  _tile_loadd(0, c, ldc);
+  if (kN == 2) _tile_loadd(1, c + 64, ldc);
+  if (kM == 2) _tile_loadd(2, c + 16 * ldc, ldc);
+  if (kM == 2 && kN == 2) _tile_loadd(3, c + 16 * ldc + 64, ldc);
+}
+template <int kM, int kN>
+DK_AMX_TARGET inline void store_acc(char* c, int64_t ldc) {
+  _tile_stored(0, c, ldc);
+  if (kN == 2) _tile_stored(1, c + 64, ldc);
+  if (kM == 2) _tile_stored(2, c + 16 * ldc, ldc);
+  if (kM == 2 && kN == 2) _tile_stored(3, c + 16 * ldc + 64, ldc);
+}
+
 // c[16 * kM, 32] = (kM 16-row groups a0, a1 of x, row stride lda bytes) @ (32 columns of a weight block from
 // `b`, its first VNNI row at those columns), k_bytes of each row of x (a multiple of 64). c: 4-byte accumulators,
 // row stride 64. Spreads pf.lines prefetches into L2 over the k loop, `per` per step.
@@ -103,12 +128,7 @@ template <Kind kKind, int kM, class Drain>
 DK_AMX_TARGET inline void half_block(const char* a0, const char* a1, int64_t lda, const char* b, int64_t k_bytes,
                                      void* c, Prefetch& pf, int64_t per, const Drain& drain) {
   constexpr int64_t kRow = 4 * brgemm::kBlockN;  // bytes per VNNI row of a block
-  _tile_zero(0);
-  _tile_zero(1);
-  if (kM == 2) {
-    _tile_zero(2);
-    _tile_zero(3);
-  }
+  zero_acc<kM, 2>();
   for (int64_t k = 0; k < k_bytes; k += 64) {
     const char* bk = b + (k / 64) * 16 * kRow;
     _tile_loadd(6, bk, kRow);
@@ -134,37 +154,21 @@ DK_AMX_TARGET inline void half_block(const char* a0, const char* a1, int64_t lda
     for (int64_t q = 0; q < per && pf.lines > 0; ++q, --pf.lines, pf.next += 64) _mm_prefetch(pf.next, _MM_HINT_T1);
     drain();  // vector work on the previous tile while the tile unit computes this step
   }
-  char* cc = static_cast<char*>(c);
-  constexpr int64_t ldc = 4 * brgemm::kBlockN;
-  _tile_stored(0, cc, ldc);
-  _tile_stored(1, cc + 64, ldc);
-  if (kM == 2) {
-    _tile_stored(2, cc + 16 * ldc, ldc);
-    _tile_stored(3, cc + 16 * ldc + 64, ldc);
-  }
+  store_acc<kM, 2>(static_cast<char*>(c), 4 * brgemm::kBlockN);
 }
 
 // Small bf16 products on whole tiles, for attention's Q K^T and P V (attention_amx.cpp), under configure()'s
 // configuration: c (+)= a @ b over kM (1 or 2) groups of 16 rows by kN (1 or 2) tiles of 16 columns.
 //   a: group g's rows at a0 / a1, row stride lda bytes; k step s (32 bf16 of each row) at + 64 s.
 //   b: VNNI rows (a pair of k per 32-bit word) of ldb bytes; column tile j at b0 / b1, k step s at + 16 s ldb.
-//   c: fp32, row stride ldc bytes; tile (g, j) at c + 16 g ldc + 64 j; read first where `accumulate`.
+//   c: fp32, row stride ldc bytes, as zero_acc / load_acc / store_acc lay it out; read first where `accumulate`.
 template <int kM, int kN>
 DK_AMX_TARGET inline void mm_bf16(const char* a0, const char* a1, int64_t lda, const char* b0, const char* b1,
                                   int64_t ldb, int64_t k_steps, char* c, int64_t ldc, bool accumulate) {
-  static_assert((kM == 1 || kM == 2) && (kN == 1 || kN == 2), "one or two row groups and column tiles");
-  char* c1 = c + 16 * ldc;
-  if (accumulate) {
-    _tile_loadd(0, c, ldc);
-    if (kN == 2) _tile_loadd(1, c + 64, ldc);
-    if (kM == 2) _tile_loadd(2, c1, ldc);
-    if (kM == 2 && kN == 2) _tile_loadd(3, c1 + 64, ldc);
-  } else {
-    _tile_zero(0);
-    if (kN == 2) _tile_zero(1);
-    if (kM == 2) _tile_zero(2);
-    if (kM == 2 && kN == 2) _tile_zero(3);
-  }
+  if (accumulate)
+    load_acc<kM, kN>(c, ldc);
+  else
+    zero_acc<kM, kN>();
   for (int64_t s = 0; s < k_steps; ++s) {
     const int64_t ka = 64 * s, kb = 16 * s * ldb;
     _tile_loadd(4, a0 + ka, lda);
@@ -180,10 +184,7 @@ DK_AMX_TARGET inline void mm_bf16(const char* a0, const char* a1, int64_t lda, c
       if (kN == 2) _tile_dpbf16ps(3, 5, 7);
     }
   }
-  _tile_stored(0, c, ldc);
-  if (kN == 2) _tile_stored(1, c + 64, ldc);
-  if (kM == 2) _tile_stored(2, c1, ldc);
-  if (kM == 2 && kN == 2) _tile_stored(3, c1 + 64, ldc);
+  store_acc<kM, kN>(c, ldc);
 }
 
 // c (+)= a @ b over groups x 16 rows and tiles x 16 columns (operands as in mm_bf16), two by two.
