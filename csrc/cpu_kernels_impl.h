@@ -661,11 +661,12 @@ DK_INLINE V load_bf16(const uint16_t* p) { return load_bf16_1(p); }
 DK_INLINE void store_bf16(uint16_t* p, V x) { store_bf16_1(p, x); }
 #endif
 
-// store_bf16 through AVX512-BF16's vcvtneps2bf16 where kNative (only CPUs that have the instruction run a kNative
-// variant; the table picks it at start-up): one instruction against store_bf16's nine. The same round to
-// nearest even; the two differ only off the normal range: fp32 denormal inputs (below 2^-126) become zero,
-// and a NaN keeps its sign (store_bf16 writes 0x7FC0 for every NaN). Inline assembly, so that no other code is
-// compiled for AVX512-BF16.
+// The kernels with bf16 outputs come in two variants (bf16_variant, at the table, picks one at start-up):
+// kNative stores through AVX512-BF16's conversions, vcvtneps2bf16 (one instruction against store_bf16's nine)
+// and vcvtne2ps2bf16 (two vectors in one); only CPUs that have them run that variant. The same round to nearest
+// even; the two differ only off the normal range: fp32 denormal inputs (below 2^-126) become zero, and a NaN
+// keeps its sign (store_bf16 writes 0x7FC0 for every NaN). Inline assembly, so that no other code is compiled
+// for AVX512-BF16.
 template <bool kNative>
 DK_INLINE void store_bf16_as(uint16_t* p, V x) {
 #if DK_ISA_LEVEL == 2
@@ -677,6 +678,20 @@ DK_INLINE void store_bf16_as(uint16_t* p, V x) {
   }
 #endif
   store_bf16(p, x);
+}
+// x0 then x1 (2 kW values).
+template <bool kNative>
+DK_INLINE void store2_bf16_as(uint16_t* p, V x0, V x1) {
+#if DK_ISA_LEVEL == 2
+  if constexpr (kNative) {
+    __m512i r;  // x0 in the low 16 halves, x1 in the high ones
+    asm("vcvtne2ps2bf16 %2, %1, %0" : "=v"(r) : "v"(x1), "v"(x0));
+    _mm512_storeu_si512(p, r);
+    return;
+  }
+#endif
+  store_bf16(p, x0);
+  store_bf16(p + kW, x1);
 }
 
 template <class Act>
@@ -697,12 +712,10 @@ void bias_act_row_bf16(uint16_t* x, const float* bias, int64_t n, Activation act
 
 // The fp32 row kernel's three sweeps (sum, corrected centered sums, affine output) on h = x + residual widened
 // to fp32 once, in the first sweep, into `h` (dim floats of scratch, 3 KiB of L1 at dim 768): the second and
-// third sweeps read fp32 instead of widening both bf16 inputs again. kNative: the bf16 output through
-// AVX512-BF16's vcvtneps2bf16 (one instruction against nine; see store_bf16_native).
+// third sweeps read fp32 instead of widening both bf16 inputs again. kNative: see store_bf16_as.
 template <bool kNative>
-DK_INLINE void add_layer_norm_row_bf16_impl(const uint16_t* x, const uint16_t* residual, const float* weight,
-                                            const float* bias, float eps, int64_t dim, float* h, uint16_t* out,
-                                            float* mean_out, float* rstd_out) {
+void add_layer_norm_row_bf16(const uint16_t* x, const uint16_t* residual, const float* weight, const float* bias,
+                             float eps, int64_t dim, float* h, uint16_t* out, float* mean_out, float* rstd_out) {
   const V z = splat(0.0f, V());
   const int64_t vec_end = dim - dim % kW;
   float sum = sum4(vec_end, [&](int64_t i) {
@@ -732,27 +745,13 @@ DK_INLINE void add_layer_norm_row_bf16_impl(const uint16_t* x, const uint16_t* r
   *rstd_out = rstd;
 }
 
-void add_layer_norm_row_bf16(const uint16_t* x, const uint16_t* residual, const float* weight, const float* bias,
-                             float eps, int64_t dim, float* h, uint16_t* out, float* mean_out, float* rstd_out) {
-  add_layer_norm_row_bf16_impl<false>(x, residual, weight, bias, eps, dim, h, out, mean_out, rstd_out);
-}
-void add_layer_norm_row_bf16_native(const uint16_t* x, const uint16_t* residual, const float* weight,
-                                    const float* bias, float eps, int64_t dim, float* h, uint16_t* out,
-                                    float* mean_out, float* rstd_out) {
-  add_layer_norm_row_bf16_impl<true>(x, residual, weight, bias, eps, dim, h, out, mean_out, rstd_out);
-}
-
 template <bool kNative>
-DK_INLINE void scale_to_bf16_impl(const float* x, float factor, int64_t n, uint16_t* y) {
+void scale_to_bf16(const float* x, float factor, int64_t n, uint16_t* y) {
   const V vf = splat(factor, V());
   const int64_t vec_end = n - n % kW;
   int64_t i = 0;
   for (; i < vec_end; i += kW) store_bf16_as<kNative>(y + i, vload(x + i) * vf);
   for (; i < n; ++i) store_bf16_1(y + i, x[i] * factor);
-}
-void scale_to_bf16(const float* x, float factor, int64_t n, uint16_t* y) { scale_to_bf16_impl<false>(x, factor, n, y); }
-void scale_to_bf16_native(const float* x, float factor, int64_t n, uint16_t* y) {
-  scale_to_bf16_impl<true>(x, factor, n, y);
 }
 
 // One call per output tile (a call per row cost as much as the arithmetic at 64 columns); four vectors per step,
@@ -771,8 +770,8 @@ DK_INLINE void bias_act_to_bf16_loop(const float* acc, int64_t ld_acc, int64_t r
 }
 
 template <bool kNative>
-void bias_act_to_bf16_impl(const float* acc, int64_t ld_acc, int64_t rows, int64_t cols, const float* bias,
-                           Activation act, uint16_t* out, int64_t ld_out) {
+void bias_act_to_bf16(const float* acc, int64_t ld_acc, int64_t rows, int64_t cols, const float* bias,
+                      Activation act, uint16_t* out, int64_t ld_out) {
   switch (act) {
     case Activation::kGelu:
       return bias_act_to_bf16_loop<kNative>(acc, ld_acc, rows, cols, bias, out, ld_out,
@@ -783,16 +782,6 @@ void bias_act_to_bf16_impl(const float* acc, int64_t ld_acc, int64_t rows, int64
     default:
       return bias_act_to_bf16_loop<kNative>(acc, ld_acc, rows, cols, bias, out, ld_out, [](auto y) { return y; });
   }
-}
-
-void bias_act_to_bf16(const float* acc, int64_t ld_acc, int64_t rows, int64_t cols, const float* bias,
-                      Activation act, uint16_t* out, int64_t ld_out) {
-  bias_act_to_bf16_impl<false>(acc, ld_acc, rows, cols, bias, act, out, ld_out);
-}
-
-void bias_act_to_bf16_native(const float* acc, int64_t ld_acc, int64_t rows, int64_t cols, const float* bias,
-                             Activation act, uint16_t* out, int64_t ld_out) {
-  bias_act_to_bf16_impl<true>(acc, ld_acc, rows, cols, bias, act, out, ld_out);
 }
 
 template <class Act>
@@ -855,13 +844,12 @@ DK_INLINE T exp2_bf16(T x) {
 DK_INLINE V exp2_bf16(V x) { return exp2_scalef(x, [](V f) { return exp2_bf16_poly(f); }); }
 #endif
 
-// softmax_update_bf16's body; kNative: stores through AVX512-BF16's vcvtne2ps2bf16 (round to nearest even,
-// fp32 denormals, below 2^-126 and far below any probability that matters, read as zero), written as inline
-// assembly so that no other code is compiled for AVX512-BF16; only CPUs that have it run that variant.
+// kNative: see store_bf16_as (its reading fp32 denormals as zero concerns values below 2^-126, far below any
+// probability that matters).
 template <bool kNative>
-DK_INLINE void softmax_update_bf16_rows(const float* s, int64_t lds, int64_t m, int64_t n, int64_t n_pad,
-                                        float scale, float* row_max, float* row_sum, float* acc, int64_t ldacc,
-                                        int64_t acc_n, uint16_t* p, int64_t ldp) {
+void softmax_update_bf16(const float* s, int64_t lds, int64_t m, int64_t n, int64_t n_pad, float scale,
+                         float* row_max, float* row_sum, float* acc, int64_t ldacc, int64_t acc_n, uint16_t* p,
+                         int64_t ldp) {
   const V z = splat(0.0f, V());
   const V vscale = splat(scale, z);
   const int64_t pair_end = n - n % (2 * kW), vec_end = n - n % kW;
@@ -892,19 +880,7 @@ DK_INLINE void softmax_update_bf16_rows(const float* s, int64_t lds, int64_t m, 
     for (j = 0; j < pair_end; j += 2 * kW) {  // x = s * scale - max in one rounding
       const V e0 = exp2_bf16(vfma(vload(row + j), vscale, vneg));
       const V e1 = exp2_bf16(vfma(vload(row + j + kW), vscale, vneg));
-#if DK_ISA_LEVEL == 2
-      if constexpr (kNative) {
-        __m512i packed;  // e0 in the low 16 halves, e1 in the high ones
-        asm("vcvtne2ps2bf16 %2, %1, %0" : "=v"(packed) : "v"(e1), "v"(e0));
-        _mm512_storeu_si512(prow + j, packed);
-      } else {
-        store_bf16(prow + j, e0);
-        store_bf16(prow + j + kW, e1);
-      }
-#else
-      store_bf16(prow + j, e0);
-      store_bf16(prow + j + kW, e1);
-#endif
+      store2_bf16_as<kNative>(prow + j, e0, e1);
       sum0 = sum0 + e0;
       sum1 = sum1 + e1;
     }
@@ -940,36 +916,15 @@ DK_INLINE void softmax_update_bf16_rows(const float* s, int64_t lds, int64_t m, 
   }
 }
 
-void softmax_update_bf16(const float* s, int64_t lds, int64_t m, int64_t n, int64_t n_pad, float scale,
-                         float* row_max, float* row_sum, float* acc, int64_t ldacc, int64_t acc_n, uint16_t* p,
-                         int64_t ldp) {
-  softmax_update_bf16_rows<false>(s, lds, m, n, n_pad, scale, row_max, row_sum, acc, ldacc, acc_n, p, ldp);
-}
-
+// native where the CPU has AVX512-BF16 (every CPU with AMX tiles), else emulated.
+template <class Fn>
+Fn bf16_variant(Fn native, Fn emulated) {
 #if DK_ISA_LEVEL == 2
-void softmax_update_bf16_native(const float* s, int64_t lds, int64_t m, int64_t n, int64_t n_pad, float scale,
-                                float* row_max, float* row_sum, float* acc, int64_t ldacc, int64_t acc_n,
-                                uint16_t* p, int64_t ldp) {
-  softmax_update_bf16_rows<true>(s, lds, m, n, n_pad, scale, row_max, row_sum, acc, ldacc, acc_n, p, ldp);
-}
-
-// The AVX-512 table takes the native conversion where the CPU has AVX512-BF16 (every CPU with AMX tiles).
-inline bool native_bf16() {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512bf16");
-}
-inline auto pick_softmax_update_bf16() { return native_bf16() ? softmax_update_bf16_native : softmax_update_bf16; }
-inline auto pick_add_layer_norm_row_bf16() {
-  return native_bf16() ? add_layer_norm_row_bf16_native : add_layer_norm_row_bf16;
-}
-inline auto pick_bias_act_to_bf16() { return native_bf16() ? bias_act_to_bf16_native : bias_act_to_bf16; }
-inline auto pick_scale_to_bf16() { return native_bf16() ? scale_to_bf16_native : scale_to_bf16; }
-#else
-inline auto pick_softmax_update_bf16() { return softmax_update_bf16; }
-inline auto pick_add_layer_norm_row_bf16() { return add_layer_norm_row_bf16; }
-inline auto pick_bias_act_to_bf16() { return bias_act_to_bf16; }
-inline auto pick_scale_to_bf16() { return scale_to_bf16; }
+  if (__builtin_cpu_supports("avx512bf16")) return native;
 #endif
+  return emulated;
+}
 
 const Kernels table = {kW,
                        kPanel,
@@ -983,10 +938,10 @@ const Kernels table = {kW,
                        scale_add,
                        transpose_rows,
                        bias_act_row_bf16,
-                       pick_add_layer_norm_row_bf16(),
-                       pick_scale_to_bf16(),
-                       pick_softmax_update_bf16(),
-                       pick_bias_act_to_bf16(),
+                       bf16_variant(add_layer_norm_row_bf16<true>, add_layer_norm_row_bf16<false>),
+                       bf16_variant(scale_to_bf16<true>, scale_to_bf16<false>),
+                       bf16_variant(softmax_update_bf16<true>, softmax_update_bf16<false>),
+                       bf16_variant(bias_act_to_bf16<true>, bias_act_to_bf16<false>),
                        dequant_bias_act};
 
 #undef DK_INLINE
