@@ -77,13 +77,13 @@ def precision_paths() -> dict[str, str]:
                 f"kernel only when {_MARGIN:.0%} faster than ours)" if libraries else "")
 
     paths["fp32"] = f"distilkernels linear_packed ({ext.vector_isa()}){contest(torch.float32)}{chosen(torch.float32)}"
-    bf16 = ("linear_bf16: AMX tiles (our tile loop, which prefetches the next weight block; brgemm where "
-            "in_features % 32 != 0), weights packed once (VNNI)" if use_matrix_unit("bf16")
-            else "linear_bf16: brgemm's plain bf16 GEMM on weights transposed once")
     if use_matrix_unit("bf16"):  # the contest only for in_features our tile loop does not take
-        paths["bf16"] = bf16 + "; no contest with oneDNN's linear where the tile loop runs (gemms.amx_loop_runs)"
+        paths["bf16"] = ("linear_bf16: AMX tiles (our tile loop, which prefetches the next weight block; brgemm "
+                         "where in_features % 32 != 0), weights packed once (VNNI); no contest with oneDNN's "
+                         "linear where the tile loop runs (gemms.amx_loop_runs)")
     else:
-        paths["bf16"] = bf16 + contest(torch.bfloat16) + chosen(torch.bfloat16)
+        paths["bf16"] = ("linear_bf16: brgemm's plain bf16 GEMM on weights transposed once" + contest(torch.bfloat16)
+                         + chosen(torch.bfloat16))
     paths["int8"] = ("s8 x s8 -> s32 on AMX tiles (our tile loop; brgemm where in_features % 64 != 0), weights "
                      "packed once (VNNI), per-token scales, fused epilogue"
                      if use_matrix_unit("int8") else
@@ -392,10 +392,9 @@ class DenseGemms:
         self.groups = {name: (linears, act, linears[0].weight.shape[1], sum(lin.weight.shape[0] for lin in linears))
                        for name, linears, act in groups}
         self.packed = {name: {} for name in self.groups}  # name -> {kernel: DerivedWeights}
-        # The same for calls in another dtype than the weights' (bf16 under CPU autocast: FusedBlock casts x):
-        # name -> {kernel: DerivedWeights} of the weights cast to autocast_dtype.
-        self.autocast_packed = {name: {} for name in self.groups}
-        self.autocast_dtype = None
+        # Calls in another dtype than the weights' (bf16 under CPU autocast: FusedBlock casts x) run on packings
+        # of the weights cast to it: (dtype, name) -> {kernel: DerivedWeights}.
+        self.cast_packed = {}
         self.packed_dtype = None
 
     @staticmethod
@@ -409,16 +408,11 @@ class DenseGemms:
         weight_dtype = linears[0].weight.dtype
         if weight_dtype != self.packed_dtype:  # packings of weights of another dtype are dropped, not kept alive
             self.packed = {group: {} for group in self.groups}
-            self.autocast_packed = {group: {} for group in self.groups}
+            self.cast_packed = {}
             self.packed_dtype = weight_dtype
         dtype = x.dtype
-        if dtype == weight_dtype:
-            packs, cast = self.packed[name], None
-        else:
-            if dtype != self.autocast_dtype:
-                self.autocast_packed = {group: {} for group in self.groups}
-                self.autocast_dtype = dtype
-            packs, cast = self.autocast_packed[name], dtype
+        cast = None if dtype == weight_dtype else dtype
+        packs = self.packed[name] if cast is None else self.cast_packed.setdefault((dtype, name), {})
         kernel = dense_kernel(dtype, in_features, out_features, act, x.shape[0])
         if kernel not in packs:
             packs[kernel] = DerivedWeights(linears, functools.partial(pack_dense, kernel=kernel, dtype=cast))
