@@ -13,6 +13,11 @@ import torch
 from distilkernels import machine
 
 ROOT = Path(__file__).resolve().parent.parent
+# Variables that cap the instruction set each library uses: ours (csrc/vec.h), oneDNN's (which torch, OpenVINO and
+# the bench's oneDNN peers read), MKL's and ATen's own kernels'. An AMX machine run under them stands in for an
+# AVX2-only CPU only as far as every peer obeys them, so a result file names the ones that were set.
+ISA_CAPS = ("DISTILKERNELS_ISA", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",
+            "ATEN_CPU_CAPABILITY")
 PACKAGES = ("torch", "transformers", "onnxruntime", "onnx", "openvino", "triton", "distilkernels")
 
 
@@ -47,6 +52,7 @@ def environment(device="cpu") -> dict:
         "cpu": machine.cpu_model(), "cores": os.cpu_count(), "isa": machine.isa_flags(),
         "matrix_units": machine.matrix_units(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "isa_caps": {name: os.environ[name] for name in ISA_CAPS if os.environ.get(name)},
         "threads": torch.get_num_threads(),
         "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,  # > cores: timings are noisy
         "python": platform.python_version(), "platform": platform.platform(),

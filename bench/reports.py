@@ -76,6 +76,9 @@ def _machine_lines(results: dict) -> list[str]:
     env, lines = results["env"], []
     if env.get("isa") is not None:
         lines.append(f"CPU flags: {' '.join(env['isa']) or 'none recorded'}.")
+    if env.get("isa_caps"):
+        caps = ", ".join(f"{k}={v}" for k, v in env["isa_caps"].items())
+        lines.append(f"Instruction sets capped by {caps}: the flags above are the CPU's, not what every kernel used.")
     versions = ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items() if v)
     if versions:
         lines.append(f"Versions: {versions}.")

@@ -198,6 +198,24 @@ def test_report_states_tflops_and_peak_fraction(tmp_path):
     report = reports.markdown_report(_synthetic_results(with_rates=True))
     assert "| 1x128 | 0.080 (40% fp32) | 0.100 (50% fp32) | 0.200 (100% fp32) | WRONG (err 1.0e-02) |" in report
     assert "CPU flags: avx2 amx_bf16." in report and "fp32 0.200 TFLOP/s (torch.mm fp32, 2048^3)" in report
+    assert "capped" not in report
+
+
+def test_report_names_isa_caps():
+    results = _synthetic_results(with_rates=True)
+    results["env"]["isa_caps"] = {"DISTILKERNELS_ISA": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    assert ("Instruction sets capped by DISTILKERNELS_ISA=avx2, ONEDNN_MAX_CPU_ISA=AVX2: the flags above are the "
+            "CPU's") in reports.markdown_report(results)
+
+
+def test_environment_records_isa_caps(monkeypatch):
+    from bench.environment import ISA_CAPS, environment
+
+    for name in ISA_CAPS:
+        monkeypatch.delenv(name, raising=False)
+    assert environment()["isa_caps"] == {}
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")
+    assert environment()["isa_caps"] == {"MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
 
 def test_run_end_to_end(tiny_model, tmp_path):
