@@ -52,11 +52,13 @@ def run_bench(grid, threads: int | None = None, out_dir: str | os.PathLike | Non
     env = environment(device)  # before timing: the commit is the code that runs, whatever is committed meanwhile
     model = (model or default_model(device)).to(device).eval()
     summary = model_summary(model)
-    measured = {}
-    if peaks and device.type == "cpu":
-        log("measuring GEMM peaks (fp32, bf16, int8)")
-        measured = measure_peaks()
     names = list(providers or PROVIDERS)
+    # The peaks of the precisions the providers run, in the order measure_peaks lists them.
+    precisions = tuple(p for p in ("fp32", "bf16", "int8") if any(PROVIDERS[n].precision == p for n in names))
+    measured = {}
+    if peaks and device.type == "cpu" and precisions:
+        log(f"measuring GEMM peaks ({', '.join(precisions)})")
+        measured = measure_peaks(precisions)
     example = grid[0].inputs(summary["vocab_size"], device)
     log(f"building {len(names)} providers for {summary['class']} on {device} ({torch.get_num_threads()} threads)")
     built = build_providers(model, example, names, log)
@@ -68,7 +70,7 @@ def run_bench(grid, threads: int | None = None, out_dir: str | os.PathLike | Non
                             peaks=measured)
     if measured:
         log("measuring GEMM peaks again (the higher of the two counts)")
-        measured = best_peaks(measured, measure_peaks())
+        measured = best_peaks(measured, measure_peaks(precisions))
         for row in rows:
             peak = measured.get(row.get("precision"), {}).get("tflops")
             if peak and "tflops" in row:

@@ -238,6 +238,21 @@ def test_run_end_to_end(tiny_model, tmp_path):
     assert "| mixed16x128 |" in (out / "report.md").read_text()
 
 
+def test_run_measures_only_the_peaks_its_providers_use(tiny_model, monkeypatch):
+    asked = []
+
+    def fake_peaks(precisions):
+        asked.append(precisions)
+        return {p: {"tflops": 1.0, "method": "fake"} for p in precisions}
+
+    monkeypatch.setattr(run, "measure_peaks", fake_peaks)
+    results = run.run_bench((full_shape(1, 8),), model=tiny_model, providers=["hf_sdpa", "distilkernels_int8"],
+                            rounds=3, budget_s=0.0, device="cpu", progress=False)
+    assert asked == [("fp32", "int8")] * 2  # before and after the timing
+    assert set(results["peaks"]) == {"fp32", "int8"}
+    assert all(r["peak_fraction"] > 0 for r in results["results"])
+
+
 def test_parse_shape():
     assert parse_shape("8x128") == full_shape(8, 128)
     mixed = parse_shape("mixed8x512@64")
