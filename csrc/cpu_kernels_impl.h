@@ -465,50 +465,70 @@ void linear_panels(int64_t m, int64_t k, const float* a, int64_t lda, const floa
 void softmax_update(float* s, int64_t lds, int64_t m, int64_t n, float* row_max, float* row_sum, float* acc,
                     int64_t ldacc, int64_t acc_n) {
   const V z = splat(0.0f, V());
-  const int64_t vec_end = n - n % kW;
-  for (int64_t i = 0; i < m; ++i) {
-    float* row = s + i * lds;
-    V vmx = splat(-__builtin_inff(), z);
-    int64_t j = 0;
-    for (; j < vec_end; j += kW) vmx = vmax(vmx, vload(row + j));
+  const int64_t pair_end = n - n % (2 * kW), vec_end = n - n % kW;
 #if DK_ISA_LEVEL == 2
-    // A row's tail of fewer than 16 keys in one masked vector, as in softmax_update_bf16.
-    const __mmask16 tail = tail_lanes(n - vec_end);
-    if (tail != 0) {
-      vmx = _mm512_mask_max_ps(vmx, tail, vmx, _mm512_maskz_loadu_ps(tail, row + j));
-      j = n;
-    }
+  // A row's tail of fewer than 16 keys in one masked vector, as in softmax_update_bf16.
+  const __mmask16 tail = tail_lanes(n - vec_end);
+  const int64_t scalar_from = n;
+#else
+  const int64_t scalar_from = vec_end;
 #endif
-    float mx = hmax(vmx);
-    for (; j < n; ++j) mx = vmax(mx, row[j]);
-    const float new_max = vmax(row_max[i], mx);
-    const V vnew = splat(new_max, z);
-    V vsum = z;
-    for (j = 0; j < vec_end; j += kW) {
-      const V p = exp2_approx(vload(row + j) - vnew);
-      vstore(row + j, p);
-      vsum = vsum + p;
-    }
+  // In passes over up to 64 rows at a time, as softmax_update_bf16 (the same arithmetic per row).
+  constexpr int64_t kRows = 64;
+  float new_max[kRows], sums[kRows];
+  for (int64_t i0 = 0; i0 < m; i0 += kRows) {
+    const int64_t rows = m - i0 < kRows ? m - i0 : kRows;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* row = s + (i0 + r) * lds;
+      V vmx = splat(-__builtin_inff(), z), vmx1 = vmx;
+      int64_t j = 0;
+      for (; j < pair_end; j += 2 * kW) {  // two chains of maxes, each half as long
+        vmx = vmax(vmx, vload(row + j));
+        vmx1 = vmax(vmx1, vload(row + j + kW));
+      }
+      for (; j < vec_end; j += kW) vmx = vmax(vmx, vload(row + j));
+      vmx = vmax(vmx, vmx1);
 #if DK_ISA_LEVEL == 2
-    if (tail != 0) {
-      const V p = _mm512_maskz_mov_ps(tail, exp2_approx(_mm512_maskz_loadu_ps(tail, row + j) - vnew));
-      _mm512_mask_storeu_ps(row + j, tail, p);
-      vsum = vsum + p;
-      j = n;
-    }
+      if (tail != 0) vmx = _mm512_mask_max_ps(vmx, tail, vmx, _mm512_maskz_loadu_ps(tail, row + j));
 #endif
-    float sum = hsum(vsum);
-    for (; j < n; ++j) {
-      row[j] = exp2_approx(row[j] - new_max);
-      sum += row[j];
+      float mx = hmax(vmx);
+      for (j = scalar_from; j < n; ++j) mx = vmax(mx, row[j]);
+      new_max[r] = vmax(row_max[i0 + r], mx);
     }
-    const float alpha = exp2_approx(row_max[i] - new_max);  // 0 on the first block (old max -inf)
-    row_sum[i] = row_sum[i] * alpha + sum;
-    row_max[i] = new_max;
-    if (alpha != 1.0f) {
-      const V valpha = splat(alpha, z);
-      float* acc_row = acc + i * ldacc;
-      for (int64_t d = 0; d < acc_n; d += kW) vstore(acc_row + d, vload(acc_row + d) * valpha);
+    for (int64_t r = 0; r < rows; ++r) {
+      float* row = s + (i0 + r) * lds;
+      const V vnew = splat(new_max[r], z);
+      V vsum = z;
+      int64_t j = 0;
+      for (; j < vec_end; j += kW) {
+        const V p = exp2_approx(vload(row + j) - vnew);
+        vstore(row + j, p);
+        vsum = vsum + p;
+      }
+#if DK_ISA_LEVEL == 2
+      if (tail != 0) {
+        const V p = _mm512_maskz_mov_ps(tail, exp2_approx(_mm512_maskz_loadu_ps(tail, row + j) - vnew));
+        _mm512_mask_storeu_ps(row + j, tail, p);
+        vsum = vsum + p;
+      }
+#endif
+      float sum = hsum(vsum);
+      for (j = scalar_from; j < n; ++j) {
+        row[j] = exp2_approx(row[j] - new_max[r]);
+        sum += row[j];
+      }
+      sums[r] = sum;
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i = i0 + r;
+      const float alpha = exp2_approx(row_max[i] - new_max[r]);  // 0 on the first block (old max -inf)
+      row_sum[i] = row_sum[i] * alpha + sums[r];
+      row_max[i] = new_max[r];
+      if (alpha != 1.0f) {
+        const V valpha = splat(alpha, z);
+        float* acc_row = acc + i * ldacc;
+        for (int64_t d = 0; d < acc_n; d += kW) vstore(acc_row + d, vload(acc_row + d) * valpha);
+      }
     }
   }
 }
@@ -853,65 +873,89 @@ void softmax_update_bf16(const float* s, int64_t lds, int64_t m, int64_t n, int6
   const V z = splat(0.0f, V());
   const V vscale = splat(scale, z);
   const int64_t pair_end = n - n % (2 * kW), vec_end = n - n % kW;
-  for (int64_t i = 0; i < m; ++i) {
-    const float* row = s + i * lds;
-    uint16_t* prow = p + i * ldp;
-    // max(s * scale) is scale * max(s) for scale >= 0 (rounding is monotonic): the multiply leaves the loop.
-    const bool pos = scale >= 0.0f;
-    V vmx = splat(-__builtin_inff(), z);
-    int64_t j = 0;
-    for (; j < vec_end; j += kW) vmx = vmax(vmx, pos ? vload(row + j) : vload(row + j) * vscale);
+  // max(s * scale) is scale * max(s) for scale >= 0 (rounding is monotonic): the multiply leaves the loop.
+  const bool pos = scale >= 0.0f;
 #if DK_ISA_LEVEL == 2
-    // A row's tail of fewer than 16 keys in one masked vector (scalar exps cost as much as the rest of a
-    // 90-key row): the masked-off lanes keep the running max here, and give 0 in the exp pass below.
-    const __mmask16 tail = tail_lanes(n - vec_end);
-    if (tail != 0) {
-      const V t = _mm512_maskz_loadu_ps(tail, row + j);
-      vmx = _mm512_mask_max_ps(vmx, tail, vmx, pos ? t : t * vscale);
-      j = n;
-    }
+  // A row's tail of fewer than 16 keys in one masked vector (scalar exps cost as much as the rest of a 90-key
+  // row): the masked-off lanes keep the running max, and give 0 in the exp pass.
+  const __mmask16 tail = tail_lanes(n - vec_end);
+  const int64_t scalar_from = n;
+#else
+  const int64_t scalar_from = vec_end;
 #endif
-    float mx = hmax(vmx);
-    if (pos) mx *= scale;
-    for (; j < n; ++j) mx = vmax(mx, row[j] * scale);
-    const float new_max = vmax(row_max[i], mx);
-    const V vneg = splat(-new_max, z);
-    V sum0 = z, sum1 = z;
-    for (j = 0; j < pair_end; j += 2 * kW) {  // x = s * scale - max in one rounding
-      const V e0 = exp2_bf16(vfma(vload(row + j), vscale, vneg));
-      const V e1 = exp2_bf16(vfma(vload(row + j + kW), vscale, vneg));
-      store2_bf16_as<kNative>(prow + j, e0, e1);
-      sum0 = sum0 + e0;
-      sum1 = sum1 + e1;
-    }
-    for (; j < vec_end; j += kW) {
-      const V e = exp2_bf16(vfma(vload(row + j), vscale, vneg));
-      store_bf16(prow + j, e);
-      sum0 = sum0 + e;
-    }
+  // In passes over up to 64 rows at a time (each row's max, then each row's exps and sum, then the running
+  // statistics), not row by row: a row's steps form one chain of dependent reductions (its max, then its sum),
+  // and the rows of a pass are independent, so the core overlaps one row's chain with the next row's.
+  constexpr int64_t kRows = 64;
+  float new_max[kRows], sums[kRows];
+  for (int64_t i0 = 0; i0 < m; i0 += kRows) {
+    const int64_t rows = m - i0 < kRows ? m - i0 : kRows;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* row = s + (i0 + r) * lds;
+      V vmx = splat(-__builtin_inff(), z), vmx1 = vmx;
+      int64_t j = 0;
+      for (; j < pair_end; j += 2 * kW) {  // two chains of maxes, each half as long
+        vmx = vmax(vmx, pos ? vload(row + j) : vload(row + j) * vscale);
+        vmx1 = vmax(vmx1, pos ? vload(row + j + kW) : vload(row + j + kW) * vscale);
+      }
+      for (; j < vec_end; j += kW) vmx = vmax(vmx, pos ? vload(row + j) : vload(row + j) * vscale);
+      vmx = vmax(vmx, vmx1);
 #if DK_ISA_LEVEL == 2
-    if (tail != 0) {
-      const V e = _mm512_maskz_mov_ps(tail, exp2_bf16(vfma(_mm512_maskz_loadu_ps(tail, row + j), vscale, vneg)));
-      store_bf16_lanes(prow + j, e, tail);
-      sum0 = sum0 + e;
-      j = n;
-    }
+      if (tail != 0) {
+        const V t = _mm512_maskz_loadu_ps(tail, row + j);
+        vmx = _mm512_mask_max_ps(vmx, tail, vmx, pos ? t : t * vscale);
+      }
 #endif
-    float sum = hsum(sum0 + sum1);
-    for (; j < n; ++j) {
-      const float e = exp2_bf16(vfma(row[j], scale, -new_max));
-      store_bf16_1(prow + j, e);
-      sum += e;
+      float mx = hmax(vmx);
+      if (pos) mx *= scale;
+      for (j = scalar_from; j < n; ++j) mx = vmax(mx, row[j] * scale);
+      new_max[r] = vmax(row_max[i0 + r], mx);
     }
-    for (; j < n_pad; ++j) prow[j] = 0;
-    const bool seen = row_max[i] != -__builtin_inff();
-    const float alpha = exp2_approx(row_max[i] - new_max);  // 0 on the first block (old max -inf)
-    row_sum[i] = row_sum[i] * alpha + sum;
-    row_max[i] = new_max;
-    if (seen && alpha != 1.0f) {
-      const V valpha = splat(alpha, z);
-      float* acc_row = acc + i * ldacc;
-      for (int64_t d = 0; d < acc_n; d += kW) vstore(acc_row + d, vload(acc_row + d) * valpha);
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* row = s + (i0 + r) * lds;
+      uint16_t* prow = p + (i0 + r) * ldp;
+      const V vneg = splat(-new_max[r], z);
+      V sum0 = z, sum1 = z;
+      int64_t j = 0;
+      for (; j < pair_end; j += 2 * kW) {  // x = s * scale - max in one rounding
+        const V e0 = exp2_bf16(vfma(vload(row + j), vscale, vneg));
+        const V e1 = exp2_bf16(vfma(vload(row + j + kW), vscale, vneg));
+        store2_bf16_as<kNative>(prow + j, e0, e1);
+        sum0 = sum0 + e0;
+        sum1 = sum1 + e1;
+      }
+      for (; j < vec_end; j += kW) {
+        const V e = exp2_bf16(vfma(vload(row + j), vscale, vneg));
+        store_bf16(prow + j, e);
+        sum0 = sum0 + e;
+      }
+#if DK_ISA_LEVEL == 2
+      if (tail != 0) {
+        const V e = _mm512_maskz_mov_ps(tail, exp2_bf16(vfma(_mm512_maskz_loadu_ps(tail, row + j), vscale, vneg)));
+        store_bf16_lanes(prow + j, e, tail);
+        sum0 = sum0 + e;
+      }
+#endif
+      float sum = hsum(sum0 + sum1);
+      for (j = scalar_from; j < n; ++j) {
+        const float e = exp2_bf16(vfma(row[j], scale, -new_max[r]));
+        store_bf16_1(prow + j, e);
+        sum += e;
+      }
+      for (j = n; j < n_pad; ++j) prow[j] = 0;
+      sums[r] = sum;
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i = i0 + r;
+      const bool seen = row_max[i] != -__builtin_inff();
+      const float alpha = exp2_approx(row_max[i] - new_max[r]);  // 0 on the first block (old max -inf)
+      row_sum[i] = row_sum[i] * alpha + sums[r];
+      row_max[i] = new_max[r];
+      if (seen && alpha != 1.0f) {
+        const V valpha = splat(alpha, z);
+        float* acc_row = acc + i * ldacc;
+        for (int64_t d = 0; d < acc_n; d += kW) vstore(acc_row + d, vload(acc_row + d) * valpha);
+      }
     }
   }
 }
