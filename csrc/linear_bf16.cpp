@@ -122,7 +122,7 @@ at::Tensor linear_bf16_cpu(const at::Tensor& x, const at::Tensor& packed_weight,
       const int64_t n0 = nb * kBlockN, cols = std::min(kBlockN, out_features - n0);
       epilogue(static_cast<const float*>(acc), kBlockN, rows, cols, b + n0, act, c + m0 * out_features + n0,
                out_features);
-    });
+    }, /*heavy_epilogue=*/act == cpu::Activation::kGelu);
     return out;
   }
   gemm_vnni(a.const_data_ptr<at::BFloat16>(), tokens, kp, packed_weight.const_data_ptr<at::BFloat16>(),

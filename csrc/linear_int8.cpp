@@ -154,7 +154,7 @@ at::Tensor linear_int8_cpu(const at::Tensor& x, const at::Tensor& packed_weight,
       const int64_t n0 = nb * kBlockN, cols = std::min(kBlockN, out_features - n0);
       epilogue(static_cast<const int32_t*>(acc), kBlockN, rows, cols, xs + m0, ws + n0, b + n0, act,
                c + m0 * out_features + n0, out_features);
-    });
+    }, /*heavy_epilogue=*/act == cpu::Activation::kGelu);
     return out;
   }
   if (vnni && k > 0) {
