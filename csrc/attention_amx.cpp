@@ -3,8 +3,7 @@
 //
 // Same segments and task split as the blocked core (attention.h). Per (segment, head), a thread gathers the
 // attended keys once and packs them in the VNNI layout of a tile's B operand (pairs along K in one 32-bit
-// word): K^T by chunks of keys, V by key block (at::native::cpublas::pack), zero past the last key and past
-// head_dim. Per query block (Q read in place where it can be), per key block
+// word): K^T by chunks of keys, V by key block and column chunk, zero past the last key and past head_dim. Per query block (Q read in place where it can be), per key block
 //   scores = Q K^T                      AMX tiles, bf16 x bf16 -> fp32 (amx::gemm_bf16_tiles)
 //   P = bf16(exp2(scores * c - max))    one online-softmax step, c = scale * log2 e: row max, row sum and the
 //                                       acc rescale in fp32, P zero past the last key
@@ -46,8 +45,7 @@ constexpr int64_t kQueryBlock = 64;  // rows of queries per task: four 16-row ti
 // alike within the noise; 512 keeps such a sequence in one block). Short sequences use blocks just wide
 // enough for their keys (AmxScratch::kw).
 constexpr int64_t kKeyBlock = 512;
-// K^T is packed in chunks of kChunk keys and V in chunks of kChunk columns (cpublas::pack packs 16, 32, 48 or 64
-// columns at a time). Key counts are padded to kKeyPad, one tile step of K in P V (32 bf16), and head_dim to
+// K^T is packed in chunks of kChunk keys and V in chunks of kChunk columns. Key counts are padded to kKeyPad, one tile step of K in P V (32 bf16), and head_dim to
 // kKeyPad for the K of Q K^T and to 16, one column tile, for the N of P V; the pads hold zeros.
 constexpr int64_t kChunk = 64;
 constexpr int64_t kKeyPad = 32;
@@ -59,7 +57,6 @@ struct AmxScratch {
   int64_t dk, dv;                   // head_dim padded to kKeyPad (K of Q K^T) and to kColPad (N of P V)
   int64_t kw;                       // keys per block: kKeyBlock, or fewer when no segment has that many
   std::vector<bf16> kt_packed;      // keys [j0, j0 + kChunk) packed at j0 * dk: (dk, chunk width) VNNI
-  std::vector<bf16> v_plain;        // (kw, dv): a key block gathered, zero past head_dim / last key
   std::vector<bf16> v_packed;       // key block at kb * dv, its column chunk e at + e * kw
   std::vector<bf16> qb;             // (kQueryBlock, dk): a query block of odd head_dim, zero past it
   std::vector<float> scores;        // (kQueryBlock, kw)
@@ -73,9 +70,8 @@ struct AmxScratch {
         dv(round_up(head_dim, kColPad)),
         kw(std::min(kKeyBlock, round_up(std::max<int64_t>(max_keys, 1), kKeyPad))) {
     const int64_t key_rows = round_up(std::max<int64_t>(max_keys, 1), kw);
-    // Value-initialized (zero): the pad columns of qb and v_plain are never written after this.
+    // Value-initialized (zero): the pad columns of qb are never written after this.
     kt_packed.resize(round_up(key_rows, kChunk) * dk);
-    v_plain.resize(kw * dv);
     v_packed.resize(key_rows * dv);
     qb.resize(kQueryBlock * dk);
     scores.resize(kQueryBlock * kw);
@@ -133,6 +129,24 @@ __attribute__((target("avx512f,avx512bw"))) void pack_kt16(const bf16* const src
   }
 }
 
+// One VNNI row of V for w (a multiple of 16, at most 64) columns: word j of vnni holds (r0[j], r1[j]), the
+// columns at and past `valid` and a null row's values zero. Two keys' rows are interleaved 32 columns at a time.
+__attribute__((target("avx512f,avx512bw"))) void pack_v_pair(const bf16* r0, const bf16* r1, int64_t valid,
+                                                               int64_t w, uint16_t* vnni) {
+  alignas(64) static const uint16_t lo_idx[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                  8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i lo = _mm512_load_si512(lo_idx);
+  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  for (int64_t c = 0; c < w; c += 32) {
+    const int64_t n = std::clamp<int64_t>(valid - c, 0, 32);
+    const __mmask32 mask = n == 32 ? ~__mmask32{0} : (__mmask32{1} << n) - 1;
+    const __m512i a = r0 ? _mm512_maskz_loadu_epi16(mask, r0 + c) : _mm512_setzero_si512();
+    const __m512i b = r1 ? _mm512_maskz_loadu_epi16(mask, r1 + c) : _mm512_setzero_si512();
+    _mm512_storeu_si512(vnni + 2 * c, _mm512_permutex2var_epi16(a, lo, b));
+    if (w - c > 16) _mm512_storeu_si512(vnni + 2 * c + 32, _mm512_permutex2var_epi16(a, hi, b));
+  }
+}
+
 #pragma GCC diagnostic pop
 
 // Gathers and packs the attended keys of (segment s, head h): K^T by chunks of keys, V by key block and
@@ -159,24 +173,18 @@ void pack_keys(const Problem& p, const bf16* k, const bf16* v, int64_t s, int64_
     // (Written every time: another segment's chunk width puts other words of the buffer under these rows.)
     std::fill(kt + pairs * ncp, kt + sc.dk / 2 * ncp, 0u);
   }
-  // V by key block and column chunk (cpublas::pack). A contiguous run of whole kKeyPad keys of a head_dim that
-  // needs no pad, in rows that do not overlap, is packed where it lies; otherwise it is gathered into
-  // v_plain, zero-padded, first.
+  // V by key block and column chunk: chunk e of key block kb holds (nkp / 2) VNNI rows of w columns, gathered
+  // from the attended keys' rows; zero past the last key and past head_dim.
   for (int64_t kb = 0; kb < n; kb += sc.kw) {
     const int64_t nk = std::min(sc.kw, n - kb), nkp = round_up(nk, kKeyPad);
-    const bf16* vp = vbase + seg.key_row(kb) * L.v_row;
-    int64_t ldv = L.v_row;
-    if (seg.keys != nullptr || nk != nkp || d_n != sc.dv || L.v_row < d_n) {
-      bf16* plain = sc.v_plain.data();
-      for (int64_t j = 0; j < nk; ++j)
-        std::memcpy(plain + j * sc.dv, vbase + seg.key_row(kb + j) * L.v_row, d_n * sizeof(bf16));
-      std::fill(plain + nk * sc.dv, plain + nkp * sc.dv, bf16(0.0f));
-      vp = plain;
-      ldv = sc.dv;
-    }
     for (int64_t e = 0; e < sc.dv; e += kChunk) {
       const int64_t w = std::min(kChunk, sc.dv - e);
-      cpublas::pack(nkp, w, ldv, w, at::kBFloat16, at::kBFloat16, vp + e, sc.v_packed.data() + kb * sc.dv + e * sc.kw);
+      auto* dst = reinterpret_cast<uint16_t*>(sc.v_packed.data() + kb * sc.dv + e * sc.kw);
+      for (int64_t j = 0; j < nkp; j += 2) {
+        const bf16* r0 = j < nk ? vbase + seg.key_row(kb + j) * L.v_row + e : nullptr;
+        const bf16* r1 = j + 1 < nk ? vbase + seg.key_row(kb + j + 1) * L.v_row + e : nullptr;
+        pack_v_pair(r0, r1, d_n - e, w, dst + j * w);
+      }
     }
   }
   sc.seg = s;
@@ -241,9 +249,7 @@ void attend_block(const Problem& p, const bf16* q, bf16* out, float* lse, int64_
 }  // namespace
 
 bool use_matrix_unit(at::ScalarType dtype) {
-  if (dtype != at::kBFloat16 || vec::isa() != vec::Isa::kAvx512) return false;
-  static const bool packs = cpublas::could_pack(at::kBFloat16);  // V's packing
-  return packs && amx::enabled();
+  return dtype == at::kBFloat16 && vec::isa() == vec::Isa::kAvx512 && amx::enabled();
 }
 
 void attention_amx(const Problem& p, const bf16* q, const bf16* k, const bf16* v, bf16* out, float* lse) {

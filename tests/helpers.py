@@ -38,12 +38,11 @@ INTERPRETER_BF16_TRUNCATION = 2.0 ** -8
 
 
 def matrix_unit_attention() -> bool:
-    """Whether bf16 attention can take the matrix-unit path here: AMX bf16 tiles, oneDNN, AVX-512 kernels."""
+    """Whether bf16 attention can take the matrix-unit path here: AMX bf16 tiles, AVX-512 kernels."""
     from distilkernels.machine import isa_flags
 
     ext = load_extension()
-    return ({"amx_tile", "amx_bf16"} <= set(isa_flags()) and torch.backends.mkldnn.is_available()
-            and ext is not None and ext.vector_isa() == "avx512")
+    return {"amx_tile", "amx_bf16"} <= set(isa_flags()) and ext is not None and ext.vector_isa() == "avx512"
 
 
 def cpu_isa() -> str:

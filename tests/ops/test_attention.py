@@ -251,7 +251,7 @@ BF16_FLOOR = 1e-6
 # 67 roundings (~4e-6 relative) at the lse's magnitude, stricter than the fp32 tests' 128, where q/k/v
 # products themselves round.
 BF16_LSE_ULPS = 67
-NO_MATRIX_UNIT = "no AMX bf16 tiles, oneDNN or AVX-512 kernels here (DISTILKERNELS_ISA may cap the last)"
+NO_MATRIX_UNIT = "no AMX bf16 tiles or AVX-512 kernels here (DISTILKERNELS_ISA may cap the last)"
 
 
 @pytest.fixture(params=["matrix_unit", "fallback"])
