@@ -209,11 +209,6 @@ DK_AMX_TARGET inline void gemm_bf16_tiles(const char* a, int64_t lda, int64_t gr
   }
 }
 
-// For every 64 x 64 output tile of x (tokens, k_bytes per row, row stride k_bytes) @ a packed weight of n_blocks
-// blocks, split over threads in contiguous runs of tiles (m fastest within a superblock of rows, below):
-// computes the tile into a (64, 64) buffer of 4-byte accumulators (fp32 for kBf16, int32 for kInt8) and calls
-// epilogue(nb, m0, rows, const void* acc). k_bytes must be a multiple of 64 (bf16: in_features % 32 == 0; int8:
-// % 64 == 0) and enabled() true.
 // k steps between two slices of the previous tile's epilogue (drain, in gemm). A light epilogue (bias, rounding
 // or dequantization: ~5 vector instructions per 16 values) runs in slices of 3 rows every 4 steps; GELU (~25 per
 // 16 values, a row about as long as the tile unit's step) in slices of 1 row every step. Measured on the 2-core
@@ -224,6 +219,12 @@ DK_AMX_TARGET inline void gemm_bf16_tiles(const char* a, int64_t lda, int64_t gr
 constexpr int64_t kDrainEvery = 4;
 constexpr int64_t kDrainEveryHeavy = 1;
 
+// For every 64 x 64 output tile of x (tokens, k_bytes per row, row stride k_bytes) @ a packed weight of n_blocks
+// blocks, split over threads in contiguous runs of tiles (m fastest within a superblock of rows, below):
+// computes the tile into a (64, 64) buffer of 4-byte accumulators (fp32 for kBf16, int32 for kInt8) and calls
+// epilogue(nb, m0, rows, const void* acc). k_bytes must be a multiple of 64 (bf16: in_features % 32 == 0; int8:
+// % 64 == 0) and enabled() true.
+// heavy_epilogue: the epilogue applies GELU (see kDrainEvery).
 template <Kind kKind, class Epilogue>
 void gemm(const void* x, int64_t tokens, int64_t k_bytes, const void* packed, int64_t n_blocks,
           const Epilogue& epilogue, bool heavy_epilogue) {
