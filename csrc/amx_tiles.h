@@ -209,13 +209,17 @@ DK_AMX_TARGET inline void gemm_bf16_tiles(const char* a, int64_t lda, int64_t gr
   }
 }
 
-// k steps between two slices of the previous tile's epilogue (drain, in gemm). A light epilogue (bias, rounding
-// or dequantization: ~5 vector instructions per 16 values) runs in slices of 3 rows every 4 steps; GELU (~25 per
-// 16 values, a row about as long as the tile unit's step) in slices of 1 row every step. Measured on the 2-core
-// AMX Xeon, bf16, weights in cache, TFLOP/s with light epilogues, every step -> every 4 steps: 128 rows q|k|v
-// 2.46 -> 2.70, attention output 2.45 -> 2.72, lin2 2.46 -> 2.54; 1024 rows q|k|v 2.77 -> 2.82-3.10, attention
-// output 2.79 -> 3.12, lin2 unchanged; lin1 + GELU 2.25-2.40 every step, 2.19-2.40 every 4, 2.07-2.26 every 16.
-// (The slices' calls, each a loop over rows through a function pointer, are what a light epilogue spends.)
+// k steps between two slices of the previous tile's epilogue (drain, in gemm), whose rows are spread evenly over
+// the slices. A light epilogue (bias, rounding or dequantization: ~5 vector instructions per 16 values) runs in a
+// slice every 4 steps (2-3 rows at in_features 768); GELU (~25 per 16 values, a row about as long as the tile
+// unit's step) every step (a row in two steps of three). Measured on the 2-core AMX Xeon, bf16, weights in
+// cache, TFLOP/s with light epilogues, every step -> every 4 steps: 128 rows q|k|v 2.46 -> 2.70, attention
+// output 2.45 -> 2.72, lin2 2.46 -> 2.54; 1024 rows q|k|v 2.77 -> 2.82-3.10, attention output 2.79 -> 3.12, lin2
+// unchanged; lin1 + GELU 2.25-2.40 every step, 2.19-2.40 every 4, 2.07-2.26 every 16 (every 8 for light ones,
+// and every 2 for GELU, measured no better). The slices' calls, each a loop over rows through a function pointer,
+// are what a light epilogue spends. Rows spread evenly rather than the same number per slice until none are left
+// (which left the last third of a GELU tile's steps without vector work): lin1 + GELU 2.22-2.25 -> 2.31-2.32 at
+// 128 rows, 2.34-2.37 -> 2.47-2.49 at 1024, lin2 at 1024 2.5-2.55 -> 2.6-2.65.
 constexpr int64_t kDrainEvery = 4;
 constexpr int64_t kDrainEveryHeavy = 1;
 
@@ -248,20 +252,22 @@ void gemm(const void* x, int64_t tokens, int64_t k_bytes, const void* packed, in
     // Two accumulator tiles: while the tile unit computes one, the epilogue of the other runs a few rows per k
     // step (vector instructions, which the core executes alongside the tile instructions).
     alignas(64) char acc[2][kBlockM * kBlockN * 4];
+    // The previous tile's rows [next, rows) still to run, spread evenly over this tile's `drains` slices: after
+    // slice c, (c + 1) * left / drains of them have run.
     struct Pending {
-      int64_t nb = 0, m0 = 0, next = 0, rows = 0, step = 0;
+      int64_t nb = 0, m0 = 0, next = 0, rows = 0, first = 0, left = 0, drains = 1, calls = 0;
       const char* acc = nullptr;
     } pending;
-    auto drain = [&] {
-      if (pending.next >= pending.rows) return;
-      const int64_t r1 = std::min(pending.rows, pending.next + pending.step);
+    auto run_to = [&](int64_t r1) {
+      if (r1 <= pending.next) return;
       epilogue(pending.nb, pending.m0 + pending.next, r1 - pending.next, pending.acc + pending.next * kBlockN * 4);
       pending.next = r1;
     };
-    auto finish = [&] {
-      pending.step = kBlockM;
-      drain();
+    auto drain = [&] {
+      const int64_t c = ++pending.calls;
+      run_to(std::min(pending.rows, pending.first + (c * pending.left + pending.drains - 1) / pending.drains));
     };
+    auto finish = [&] { run_to(pending.rows); };
     std::vector<char> pad;  // a last partial 16-row group, zero-padded to 16 rows
     for (int64_t t = begin; t < end; ++t) {
       // t -> (row superblock sb of `super` m blocks, nb, m block within sb), m fastest.
@@ -289,7 +295,10 @@ void gemm(const void* x, int64_t tokens, int64_t k_bytes, const void* packed, in
       const int64_t steps = 2 * ((groups + 1) / 2) * (k_bytes / 64);
       const int64_t per = (pf.lines + steps - 1) / steps;
       const int64_t drains = std::max<int64_t>(1, steps / drain_every);
-      pending.step = (pending.rows - pending.next + drains - 1) / drains;
+      pending.first = pending.next;
+      pending.left = pending.rows - pending.next;
+      pending.drains = drains;
+      pending.calls = 0;
       char* cur = acc[(t - begin) % 2];
       const char* w = wp + nb * block;
       for (int64_t h = 0; h < 2; ++h) {  // 32-column halves of the block
@@ -304,7 +313,7 @@ void gemm(const void* x, int64_t tokens, int64_t k_bytes, const void* packed, in
         }
       }
       finish();  // whatever of the previous tile is left
-      pending = {nb, m0, 0, rows, 0, cur};
+      pending = {nb, m0, 0, rows, 0, 0, 1, 0, cur};
     }
     finish();
     release();
