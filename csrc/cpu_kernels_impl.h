@@ -462,10 +462,36 @@ void linear_panels(int64_t m, int64_t k, const float* a, int64_t lda, const floa
   }
 }
 
+// The largest f(row[j]) over j < n, f monotone (the identity, or a non-negative scale): vector maxes in two
+// chains, each half as long (a row's maxes are one chain of dependent instructions otherwise), and on AVX-512 a
+// row's tail of fewer than 16 values in one masked vector (its masked-off lanes keep the running max).
+template <class F>
+DK_INLINE float max_of(const float* row, int64_t n, F f) {
+  const int64_t pair_end = n - n % (2 * kW), vec_end = n - n % kW;
+  V vmx = splat(-__builtin_inff(), V()), vmx1 = vmx;
+  int64_t j = 0;
+  for (; j < pair_end; j += 2 * kW) {
+    vmx = vmax(vmx, f(vload(row + j)));
+    vmx1 = vmax(vmx1, f(vload(row + j + kW)));
+  }
+  for (; j < vec_end; j += kW) vmx = vmax(vmx, f(vload(row + j)));
+  vmx = vmax(vmx, vmx1);
+#if DK_ISA_LEVEL == 2
+  const __mmask16 tail = tail_lanes(n - vec_end);
+  if (tail != 0) {
+    vmx = _mm512_mask_max_ps(vmx, tail, vmx, f(_mm512_maskz_loadu_ps(tail, row + j)));
+    j = n;
+  }
+#endif
+  float mx = hmax(vmx);
+  for (; j < n; ++j) mx = vmax(mx, f(row[j]));
+  return mx;
+}
+
 void softmax_update(float* s, int64_t lds, int64_t m, int64_t n, float* row_max, float* row_sum, float* acc,
                     int64_t ldacc, int64_t acc_n) {
   const V z = splat(0.0f, V());
-  const int64_t pair_end = n - n % (2 * kW), vec_end = n - n % kW;
+  const int64_t vec_end = n - n % kW;
 #if DK_ISA_LEVEL == 2
   // A row's tail of fewer than 16 keys in one masked vector, as in softmax_update_bf16.
   const __mmask16 tail = tail_lanes(n - vec_end);
@@ -478,23 +504,8 @@ void softmax_update(float* s, int64_t lds, int64_t m, int64_t n, float* row_max,
   float new_max[kRows], sums[kRows];
   for (int64_t i0 = 0; i0 < m; i0 += kRows) {
     const int64_t rows = m - i0 < kRows ? m - i0 : kRows;
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* row = s + (i0 + r) * lds;
-      V vmx = splat(-__builtin_inff(), z), vmx1 = vmx;
-      int64_t j = 0;
-      for (; j < pair_end; j += 2 * kW) {  // two chains of maxes, each half as long
-        vmx = vmax(vmx, vload(row + j));
-        vmx1 = vmax(vmx1, vload(row + j + kW));
-      }
-      for (; j < vec_end; j += kW) vmx = vmax(vmx, vload(row + j));
-      vmx = vmax(vmx, vmx1);
-#if DK_ISA_LEVEL == 2
-      if (tail != 0) vmx = _mm512_mask_max_ps(vmx, tail, vmx, _mm512_maskz_loadu_ps(tail, row + j));
-#endif
-      float mx = hmax(vmx);
-      for (j = scalar_from; j < n; ++j) mx = vmax(mx, row[j]);
-      new_max[r] = vmax(row_max[i0 + r], mx);
-    }
+    for (int64_t r = 0; r < rows; ++r)
+      new_max[r] = vmax(row_max[i0 + r], max_of(s + (i0 + r) * lds, n, [](auto v) { return v; }));
     for (int64_t r = 0; r < rows; ++r) {
       float* row = s + (i0 + r) * lds;
       const V vnew = splat(new_max[r], z);
@@ -877,7 +888,7 @@ void softmax_update_bf16(const float* s, int64_t lds, int64_t m, int64_t n, int6
   const bool pos = scale >= 0.0f;
 #if DK_ISA_LEVEL == 2
   // A row's tail of fewer than 16 keys in one masked vector (scalar exps cost as much as the rest of a 90-key
-  // row): the masked-off lanes keep the running max, and give 0 in the exp pass.
+  // row), as in max_of: the masked-off lanes give 0 in the exp pass.
   const __mmask16 tail = tail_lanes(n - vec_end);
   const int64_t scalar_from = n;
 #else
@@ -892,23 +903,8 @@ void softmax_update_bf16(const float* s, int64_t lds, int64_t m, int64_t n, int6
     const int64_t rows = m - i0 < kRows ? m - i0 : kRows;
     for (int64_t r = 0; r < rows; ++r) {
       const float* row = s + (i0 + r) * lds;
-      V vmx = splat(-__builtin_inff(), z), vmx1 = vmx;
-      int64_t j = 0;
-      for (; j < pair_end; j += 2 * kW) {  // two chains of maxes, each half as long
-        vmx = vmax(vmx, pos ? vload(row + j) : vload(row + j) * vscale);
-        vmx1 = vmax(vmx1, pos ? vload(row + j + kW) : vload(row + j + kW) * vscale);
-      }
-      for (; j < vec_end; j += kW) vmx = vmax(vmx, pos ? vload(row + j) : vload(row + j) * vscale);
-      vmx = vmax(vmx, vmx1);
-#if DK_ISA_LEVEL == 2
-      if (tail != 0) {
-        const V t = _mm512_maskz_loadu_ps(tail, row + j);
-        vmx = _mm512_mask_max_ps(vmx, tail, vmx, pos ? t : t * vscale);
-      }
-#endif
-      float mx = hmax(vmx);
-      if (pos) mx *= scale;
-      for (j = scalar_from; j < n; ++j) mx = vmax(mx, row[j] * scale);
+      const float mx = pos ? max_of(row, n, [](auto v) { return v; }) * scale
+                           : max_of(row, n, [scale](auto v) { return v * splat(scale, v); });
       new_max[r] = vmax(row_max[i0 + r], mx);
     }
     for (int64_t r = 0; r < rows; ++r) {
