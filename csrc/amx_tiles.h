@@ -252,8 +252,8 @@ void gemm(const void* x, int64_t tokens, int64_t k_bytes, const void* packed, in
     // Two accumulator tiles: while the tile unit computes one, the epilogue of the other runs a few rows per k
     // step (vector instructions, which the core executes alongside the tile instructions).
     alignas(64) char acc[2][kBlockM * kBlockN * 4];
-    // The previous tile's rows [next, rows) still to run, spread evenly over this tile's `drains` slices: after
-    // slice c, (c + 1) * left / drains of them have run.
+    // The previous tile's rows [first, rows) still to run when this tile starts (`left` of them), spread evenly
+    // over this tile's `drains` slices: after its c-th slice (from 1), c * left / drains of them (rounded up).
     struct Pending {
       int64_t nb = 0, m0 = 0, next = 0, rows = 0, first = 0, left = 0, drains = 1, calls = 0;
       const char* acc = nullptr;
@@ -294,7 +294,8 @@ void gemm(const void* x, int64_t tokens, int64_t k_bytes, const void* packed, in
       }
       const int64_t steps = 2 * ((groups + 1) / 2) * (k_bytes / 64);
       const int64_t per = (pf.lines + steps - 1) / steps;
-      const int64_t drains = std::max<int64_t>(1, steps / drain_every);
+      // The slices half_block will call: each of its 2 * ceil(groups / 2) calls runs k_bytes / 64 steps.
+      const int64_t drains = std::max<int64_t>(1, 2 * ((groups + 1) / 2) * (k_bytes / 64 / drain_every));
       pending.first = pending.next;
       pending.left = pending.rows - pending.next;
       pending.drains = drains;

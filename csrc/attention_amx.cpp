@@ -3,7 +3,8 @@
 //
 // Same segments and task split as the blocked core (attention.h). Per (segment, head), a thread gathers the
 // attended keys once and packs them in the VNNI layout of a tile's B operand (pairs along K in one 32-bit
-// word): K^T by chunks of keys, V by key block and column chunk, zero past the last key and past head_dim. Per query block (Q read in place where it can be), per key block
+// word): K^T by chunks of keys, V by key block and column chunk, zero past the last key and past head_dim. Per
+// query block (Q read in place where it can be), per key block
 //   scores = Q K^T                      AMX tiles, bf16 x bf16 -> fp32 (amx::gemm_bf16_tiles)
 //   P = bf16(exp2(scores * c - max))    one online-softmax step, c = scale * log2 e: row max, row sum and the
 //                                       acc rescale in fp32, P zero past the last key
@@ -45,8 +46,9 @@ constexpr int64_t kQueryBlock = 64;  // rows of queries per task: four 16-row ti
 // alike within the noise; 512 keeps such a sequence in one block). Short sequences use blocks just wide
 // enough for their keys (AmxScratch::kw).
 constexpr int64_t kKeyBlock = 512;
-// K^T is packed in chunks of kChunk keys and V in chunks of kChunk columns. Key counts are padded to kKeyPad, one tile step of K in P V (32 bf16), and head_dim to
-// kKeyPad for the K of Q K^T and to 16, one column tile, for the N of P V; the pads hold zeros.
+// K^T is packed in chunks of kChunk keys and V in chunks of kChunk columns. Key counts are padded to kKeyPad, one
+// tile step of K in P V (32 bf16), and head_dim to kKeyPad for the K of Q K^T and to 16, one column tile, for the
+// N of P V; the pads hold zeros.
 constexpr int64_t kChunk = 64;
 constexpr int64_t kKeyPad = 32;
 constexpr int64_t kColPad = 16;

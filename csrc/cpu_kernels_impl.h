@@ -488,6 +488,24 @@ DK_INLINE float max_of(const float* row, int64_t n, F f) {
   return mx;
 }
 
+// The last pass of a softmax step over `rows` rows, given each row's new max and its block's sum of exps: alpha =
+// 2^(old max - new max) (0 on a row's first block, its old max -inf), row_sum = row_sum * alpha + sum, row_max =
+// the new max, and the row of acc scaled by alpha; keep_first: a row's first block leaves its acc untouched.
+DK_INLINE void update_row_stats(int64_t rows, const float* new_max, const float* sums, float* row_max,
+                                float* row_sum, float* acc, int64_t ldacc, int64_t acc_n, bool keep_first) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const bool first = row_max[r] == -__builtin_inff();
+    const float alpha = exp2_approx(row_max[r] - new_max[r]);
+    row_sum[r] = row_sum[r] * alpha + sums[r];
+    row_max[r] = new_max[r];
+    if (alpha != 1.0f && !(keep_first && first)) {
+      const V valpha = splat(alpha, V());
+      float* acc_row = acc + r * ldacc;
+      for (int64_t d = 0; d < acc_n; d += kW) vstore(acc_row + d, vload(acc_row + d) * valpha);
+    }
+  }
+}
+
 void softmax_update(float* s, int64_t lds, int64_t m, int64_t n, float* row_max, float* row_sum, float* acc,
                     int64_t ldacc, int64_t acc_n) {
   const V z = splat(0.0f, V());
@@ -530,17 +548,8 @@ void softmax_update(float* s, int64_t lds, int64_t m, int64_t n, float* row_max,
       }
       sums[r] = sum;
     }
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t i = i0 + r;
-      const float alpha = exp2_approx(row_max[i] - new_max[r]);  // 0 on the first block (old max -inf)
-      row_sum[i] = row_sum[i] * alpha + sums[r];
-      row_max[i] = new_max[r];
-      if (alpha != 1.0f) {
-        const V valpha = splat(alpha, z);
-        float* acc_row = acc + i * ldacc;
-        for (int64_t d = 0; d < acc_n; d += kW) vstore(acc_row + d, vload(acc_row + d) * valpha);
-      }
-    }
+    update_row_stats(rows, new_max, sums, row_max + i0, row_sum + i0, acc + i0 * ldacc, ldacc, acc_n,
+                     /*keep_first=*/false);
   }
 }
 
@@ -941,18 +950,8 @@ void softmax_update_bf16(const float* s, int64_t lds, int64_t m, int64_t n, int6
       for (j = n; j < n_pad; ++j) prow[j] = 0;
       sums[r] = sum;
     }
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t i = i0 + r;
-      const bool seen = row_max[i] != -__builtin_inff();
-      const float alpha = exp2_approx(row_max[i] - new_max[r]);  // 0 on the first block (old max -inf)
-      row_sum[i] = row_sum[i] * alpha + sums[r];
-      row_max[i] = new_max[r];
-      if (seen && alpha != 1.0f) {
-        const V valpha = splat(alpha, z);
-        float* acc_row = acc + i * ldacc;
-        for (int64_t d = 0; d < acc_n; d += kW) vstore(acc_row + d, vload(acc_row + d) * valpha);
-      }
-    }
+    update_row_stats(rows, new_max, sums, row_max + i0, row_sum + i0, acc + i0 * ldacc, ldacc, acc_n,
+                     /*keep_first=*/true);
   }
 }
 
