@@ -15,7 +15,8 @@
 // tile, between its tile instructions, so the core's vector units work while the tile unit computes: bf16
 // lin1 + GELU at 1024 rows with weights in cache went from 1.33-1.44 to 1.54-1.61 TFLOP/s, q|k|v from
 // 1.78-1.92 to 1.96-2.04, 128 rows from weights not in cache 1.12-1.19 -> 1.27 (lin1), 1.23-1.37 -> 1.41 (q|k|v).
-// (Splitting k into chunks whose weight and input blocks stay in L1 measured no faster on top of this.)
+// (Splitting k into chunks whose weight and input blocks stay in L1 measured no faster on top of this; chunks
+// that keep L2 from overflowing do help where rows of x are long: kChunkBytes.)
 //
 // Tiles: 0-3 accumulators (16 rows x 16 fp32/int32); 4-5 two 16-row groups of x (64 bytes of k per row); 6-7 two
 // weight tiles (16 VNNI rows of 16 columns; a VNNI row is 64 bytes: 2 bf16 or 4 int8 of k per column). A block
@@ -147,15 +148,20 @@ DK_AMX_TARGET inline void store_acc(char* c, int64_t ldc) {
   if (kM == 2 && kN == 2) _tile_stored(3, c + 16 * ldc + 64, ldc);
 }
 
-// c[16 * kM, 32] = (kM 16-row groups a0, a1 of x, row stride lda bytes) @ (32 columns of a weight block from
-// `b`, its first VNNI row at those columns), k_bytes of each row of x (a multiple of 64). c: 4-byte accumulators,
-// row stride 64. Spreads pf's prefetches into L2 over the k loop, `per` per step, and calls drain() every
-// drain_every steps.
-template <Kind kKind, int kM, class Drain>
-DK_AMX_TARGET inline void half_block(const char* a0, const char* a1, int64_t lda, const char* b, int64_t k_bytes,
-                                     void* c, Prefetch& pf, int64_t per, int64_t drain_every, const Drain& drain) {
+// c[16 * kM, 32] (+)= (kM 16-row groups a0, a1 of x, row stride lda bytes) @ (32 columns of a weight block from
+// `b`, its VNNI row for the first of these k at those columns), over k_bytes of each row of x (a multiple of 64).
+// c: 4-byte accumulators, row stride 64 bytes, read first where `accumulate`. Spreads pf's prefetches into L2
+// over the k loop, `per` per step, and calls drain() after every drain_every-th step, counting from `step` (the
+// unit's steps before this call); returns the count after this call's.
+template <Kind kKind, int kM, int64_t kDrain, class Drain>
+DK_AMX_TARGET inline int64_t half_block(const char* a0, const char* a1, int64_t lda, const char* b, int64_t k_bytes,
+                                        void* c, bool accumulate, Prefetch& pf, int64_t per, int64_t step,
+                                        const Drain& drain) {
   constexpr int64_t kRow = 4 * brgemm::kBlockN;  // bytes per VNNI row of a block
-  zero_acc<kM, 2>();
+  if (accumulate)
+    load_acc<kM, 2>(static_cast<const char*>(c), kRow);
+  else
+    zero_acc<kM, 2>();
   for (int64_t k = 0; k < k_bytes; k += 64) {
     const char* bk = b + (k / 64) * 16 * kRow;
     _tile_loadd(6, bk, kRow);
@@ -179,9 +185,10 @@ DK_AMX_TARGET inline void half_block(const char* a0, const char* a1, int64_t lda
       }
     }
     pf.issue(per);
-    if ((k / 64 + 1) % drain_every == 0) drain();  // vector work on the previous tile while the tile unit computes
+    if (++step % kDrain == 0) drain();  // vector work on the previous tile while the tile unit computes
   }
-  store_acc<kM, 2>(static_cast<char*>(c), 4 * brgemm::kBlockN);
+  store_acc<kM, 2>(static_cast<char*>(c), kRow);
+  return step;
 }
 
 // Small bf16 products on whole tiles, for attention's Q K^T and P V (attention_amx.cpp), under configure()'s
@@ -249,11 +256,26 @@ DK_AMX_TARGET inline void gemm_bf16_tiles(const char* a, int64_t lda, int64_t gr
 constexpr int64_t kDrainEvery = 4;
 constexpr int64_t kDrainEveryHeavy = 1;
 
+// The most bytes of each row of x one pass over a weight block covers. A longer row (bf16 lin2: in_features 3072,
+// 6 KiB) is computed in k chunks, each for all of a superblock's rows before the next, and a tile prefetches the
+// next chunk rather than the next block: the superblock's x (786 KB at 128 rows), the block being computed and
+// the one prefetched (393 KB each at in_features 3072 bf16) no longer crowd the 2 MiB L2 together. Measured on
+// the 2-core AMX Xeon, bf16 lin2 (128 or 1024 rows x 3072 -> 768), 2 threads, us per call, whole rows -> chunks
+// of 3072 bytes: 128 rows weights in cache 237-239 -> 217-222, from memory 420-437 -> 293-298; 1024 rows in cache
+// 1888-1936 -> 1739-1745, from memory 2026-2043 -> 1868-1874 (chunks of 1536 bytes measured the same within 5%).
+// int8 lin2 (3072 bytes a row) in 1536-byte chunks measured no better (1024 rows in cache 1175 -> 1216-1221), so
+// rows up to 3072 bytes stay whole: every GEMM but bf16 lin2 runs as before.
+constexpr int64_t kChunkBytes = 3072;
+
+// Most m blocks in a row superblock (gemm).
+constexpr int64_t kMaxSuper = 4;
+
 // For every 64 x 64 output tile of x (tokens, k_bytes per row, row stride k_bytes) @ a packed weight of n_blocks
 // blocks, split over threads in contiguous runs of tiles (m fastest within a superblock of rows, below):
-// computes the tile into a (64, 64) buffer of 4-byte accumulators (fp32 for kBf16, int32 for kInt8) and calls
-// epilogue(nb, m0, rows, const void* acc). k_bytes must be a multiple of 64 (bf16: in_features % 32 == 0; int8:
-// % 64 == 0) and enabled() true.
+// computes the tile, or a unit of a superblock's tiles of one block (see kChunkBytes), into a (rows, 64) buffer
+// of 4-byte accumulators (fp32 for kBf16, int32 for kInt8) and calls epilogue(nb, m0, rows, const void* acc) on
+// consecutive slices of its rows (acc: row stride 256 bytes). k_bytes must be a multiple of 64 (bf16:
+// in_features % 32 == 0; int8: % 64 == 0) and enabled() true.
 // heavy_epilogue: the epilogue applies GELU (see kDrainEvery).
 template <Kind kKind, class Epilogue>
 void gemm(const void* x, int64_t tokens, int64_t k_bytes, const void* packed, int64_t n_blocks,
@@ -271,15 +293,20 @@ void gemm(const void* x, int64_t tokens, int64_t k_bytes, const void* packed, in
   // cache: bf16 q|k|v 2.17 -> 2.36 TFLOP/s, lin1 + GELU 1.79 -> 1.95; int8 q|k|v 3.43 -> 3.91, lin2 2.94 -> 3.43.
   // bf16 lin2 (6 KiB of x per row) takes 2 m blocks: in distilbert-base at 8 x 128 tokens (x just written by
   // lin1, 2 threads) its calls took 2.35 ms without superblocks, 2.15 with 4 m blocks, 2.02 with 2.
-  const int64_t fit = std::clamp<int64_t>((1 << 20) / (kBlockM * k_bytes), 1, 4);
+  const int64_t fit = std::clamp<int64_t>((1 << 20) / (kBlockM * k_bytes), 1, kMaxSuper);
   const int64_t super = std::min(m_blocks, fit);
+  // k in chunks of at most kChunkBytes of each row of x; with more than one, a unit is the thread's tiles of one
+  // weight block in a superblock, each chunk computed for all of them before the next (see kChunkBytes).
+  const int64_t chunks = (k_bytes + kChunkBytes - 1) / kChunkBytes;
+  const int64_t chunk = (k_bytes / 64 + chunks - 1) / chunks * 64;
+  const int64_t unit_m = chunks > 1 ? super : 1;
   at::parallel_for(0, m_blocks * n_blocks, 1, [&](int64_t begin, int64_t end) {
     configure();
-    // Two accumulator tiles: while the tile unit computes one, the epilogue of the other runs a few rows per k
-    // step (vector instructions, which the core executes alongside the tile instructions).
-    alignas(64) char acc[2][kBlockM * kBlockN * 4];
-    // The previous tile's rows [first, rows) still to run when this tile starts (`left` of them), spread evenly
-    // over this tile's `drains` slices: after its c-th slice (from 1), c * left / drains of them (rounded up).
+    // Two accumulator buffers: while the tile unit computes one unit, the epilogue of the other runs a few rows
+    // per k step (vector instructions, which the core executes alongside the tile instructions).
+    alignas(64) char acc[2 * kMaxSuper * kBlockM * kBlockN * 4];  // two units' accumulators, side by side
+    // The previous unit's rows [first, rows) still to run when this unit starts (`left` of them), spread evenly
+    // over this unit's `drains` slices: after its c-th slice (from 1), c * left / drains of them (rounded up).
     struct Pending {
       int64_t nb = 0, m0 = 0, next = 0, rows = 0, first = 0, left = 0, drains = 1, calls = 0;
       const char* acc = nullptr;
@@ -295,15 +322,18 @@ void gemm(const void* x, int64_t tokens, int64_t k_bytes, const void* packed, in
     };
     auto finish = [&] { run_to(pending.rows); };
     std::vector<char> pad;  // a last partial 16-row group, zero-padded to 16 rows
-    for (int64_t t = begin; t < end; ++t) {
-      // t -> (row superblock sb of `super` m blocks, nb, m block within sb), m fastest.
+    int64_t units = 0;
+    for (int64_t t = begin; t < end; ++units) {
+      // t -> (row superblock sb of `super` m blocks, nb, m block within sb), m fastest. A unit: this thread's
+      // next tiles of block nb in this superblock, up to unit_m of them.
       const int64_t sb = t / (super * n_blocks), in_sb = t % (super * n_blocks);
       const int64_t sb_m = std::min(super, m_blocks - sb * super);  // m blocks in this superblock
       const int64_t sb_start = sb * super * n_blocks;
       const int64_t nb = in_sb / sb_m, mb = sb * super + in_sb % sb_m, m0 = mb * kBlockM;
-      const int64_t rows = std::min(kBlockM, tokens - m0);
+      const int64_t unit_end = std::min({end, sb_start + (nb + 1) * sb_m, t + unit_m});
+      const int64_t rows = std::min((unit_end - t) * kBlockM, tokens - m0);
       const int64_t groups = (rows + 15) / 16;
-      const char* group[4];
+      const char* group[4 * kMaxSuper];
       for (int64_t g = 0; g < groups; ++g) group[g] = a + (m0 + 16 * g) * k_bytes;
       if (rows % 16 != 0) {
         const int64_t full = rows / 16;
@@ -311,36 +341,49 @@ void gemm(const void* x, int64_t tokens, int64_t k_bytes, const void* packed, in
         std::memcpy(pad.data(), group[full], (rows - 16 * full) * k_bytes);
         group[full] = pad.data();
       }
-      // This tile's share of the next weight block, when this thread computes that block next.
-      Prefetch pf;
-      if (nb + 1 < n_blocks && sb_start + (nb + 1) * sb_m < end) {
-        const int64_t lines = block / 64, share = (lines + sb_m - 1) / sb_m;
-        const int64_t first = std::min(lines, (mb - sb * super) * share);
-        pf = Prefetch(wp + (nb + 1) * block + first * 64, std::min(share, lines - first));
-      }
-      const int64_t steps = 2 * ((groups + 1) / 2) * (k_bytes / 64);
-      const int64_t per = (pf.left + steps - 1) / steps;
-      // The slices half_block will call: each of its 2 * ceil(groups / 2) calls runs k_bytes / 64 steps.
-      const int64_t drains = std::max<int64_t>(1, 2 * ((groups + 1) / 2) * (k_bytes / 64 / drain_every));
+      const int64_t steps = 2 * ((groups + 1) / 2) * (k_bytes / 64);  // the unit's half_block steps
       pending.first = pending.next;
       pending.left = pending.rows - pending.next;
-      pending.drains = drains;
+      pending.drains = std::max<int64_t>(1, steps / drain_every);
       pending.calls = 0;
-      char* cur = acc[(t - begin) % 2];
+      char* cur = acc + (units % 2) * unit_m * kBlockM * kBlockN * 4;
       const char* w = wp + nb * block;
-      for (int64_t h = 0; h < 2; ++h) {  // 32-column halves of the block
-        for (int64_t g = 0; g < groups; g += 2) {
-          char* cg = cur + (16 * g * kBlockN + 32 * h) * 4;
-          if (g + 1 < groups)
-            half_block<kKind, 2>(group[g], group[g + 1], k_bytes, w + 128 * h, k_bytes, cg, pf, per, drain_every,
-                                 drain);
-          else
-            half_block<kKind, 1>(group[g], group[g], k_bytes, w + 128 * h, k_bytes, cg, pf, per, drain_every,
-                                 drain);
+      int64_t step = 0;
+      for (int64_t k0 = 0; k0 < k_bytes; k0 += chunk) {
+        const int64_t kb = std::min(chunk, k_bytes - k0);
+        // Prefetched while this chunk computes: the next chunk of this block or, after the last, this thread's
+        // share of the next block's first chunk when this thread computes that block next.
+        Prefetch pf;
+        if (k0 + kb < k_bytes) {
+          pf = Prefetch(w + (k0 + kb) * kBlockN, std::min(chunk, k_bytes - k0 - kb) * kBlockN / 64);
+        } else if (nb + 1 < n_blocks && sb_start + (nb + 1) * sb_m + (t - sb_start - nb * sb_m) < end) {
+          const int64_t lines = std::min(chunk, k_bytes) * kBlockN / 64, share = (lines + sb_m - 1) / sb_m;
+          const int64_t own = unit_end - t, first = std::min(lines, (mb - sb * super) * share);
+          pf = Prefetch(wp + (nb + 1) * block + first * 64, std::min(own * share, lines - first));
+        }
+        const int64_t chunk_steps = 2 * ((groups + 1) / 2) * (kb / 64);
+        const int64_t per = (pf.left + chunk_steps - 1) / chunk_steps;
+        for (int64_t h = 0; h < 2; ++h) {  // 32-column halves of the block
+          for (int64_t g = 0; g < groups; g += 2) {
+            char* cg = cur + (16 * g * kBlockN + 32 * h) * 4;
+            const char* b = w + k0 * kBlockN + 128 * h;
+            const char* a0 = group[g] + k0;
+            const char* a1 = group[std::min(g + 1, groups - 1)] + k0;
+            const bool more = k0 > 0;
+            if (g + 1 < groups && heavy_epilogue)
+              step = half_block<kKind, 2, kDrainEveryHeavy>(a0, a1, k_bytes, b, kb, cg, more, pf, per, step, drain);
+            else if (g + 1 < groups)
+              step = half_block<kKind, 2, kDrainEvery>(a0, a1, k_bytes, b, kb, cg, more, pf, per, step, drain);
+            else if (heavy_epilogue)
+              step = half_block<kKind, 1, kDrainEveryHeavy>(a0, a0, k_bytes, b, kb, cg, more, pf, per, step, drain);
+            else
+              step = half_block<kKind, 1, kDrainEvery>(a0, a0, k_bytes, b, kb, cg, more, pf, per, step, drain);
+          }
         }
       }
-      finish();  // whatever of the previous tile is left
+      finish();  // whatever of the previous unit is left
       pending = {nb, m0, 0, rows, 0, 0, 1, 0, cur};
+      t = unit_end;
     }
     finish();
     release();

@@ -465,11 +465,14 @@ def test_linear_mkl_bad_input():
 @pytest.mark.skipif(not (_units("bf16") and _units("int8")), reason="needs AMX (bf16 and int8)")
 @pytest.mark.parametrize("tokens, in_features, out_features", [(1, 64, 64), (17, 128, 130), (130, 192, 200),
                                                                (200, 768, 129), (300, 64, 130), (600, 256, 200),
-                                                               (530, 2304, 70), (200, 3072, 70)])
+                                                               (530, 2304, 70), (200, 3072, 70), (130, 3072, 70),
+                                                               (70, 3104, 64)])
 def test_amx_tile_loop_matches_brgemm(monkeypatch, tokens, in_features, out_features):
     """Our AMX tile loop (csrc/amx_tiles.h) accumulates in brgemm's order: on the same packed weights both give
     the same bits, with bf16 (in_features % 32 == 0) and int8 (% 64 == 0) inputs; DISTILKERNELS_AMX=0, read
-    on every call, sends the GEMMs to brgemm."""
+    on every call, sends the GEMMs to brgemm. Rows of x longer than the loop's k chunk (bf16 in_features > 1536)
+    run in chunks: 2304 and 3072 in two, 3104 in three of unequal length; at 130 tokens on 2 threads a thread's
+    tiles of one weight block in a superblock are split between the threads."""
     torch.manual_seed(2)
     x, weight, bias = torch.randn(tokens, in_features), torch.randn(out_features, in_features), torch.randn(out_features)
     packed_bf16 = ops.pack_linear_bf16(weight, vnni=True)
