@@ -34,6 +34,25 @@ def capturing(kind: str) -> bool:
     return bool(collected) and kind in collected
 
 
+_CAPTURE_HOOKS = "transformers.utils.output_capturing"  # the module of HF's output capturing hooks
+
+
+def forward_hooks(modules) -> bool:
+    """Whether a forward or forward pre-hook is registered globally or on any of `modules`, other than HF's
+    output capturing hooks (those act only while capturing, which decide() checks on its own). The fused
+    paths call none of a block's submodules, nor, unpadded, the blocks: such hooks would silently not run."""
+    from torch.nn.modules import module as nn_module
+
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        return True
+    for m in modules:
+        if m._forward_hooks or m._forward_pre_hooks:
+            for hook in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()):
+                if getattr(hook, "__module__", None) != _CAPTURE_HOOKS:
+                    return True
+    return False
+
+
 def exporting() -> bool:
     """True while torch.export / torch.onnx.export (dynamo or TorchScript) traces the model: exporters get
     the stock computation, which every exporter can translate."""

@@ -89,6 +89,12 @@ HIDDEN_STATES = "hidden states captured (padded layout)"
 COMPILING = "compiling (data-dependent token count)"
 LABELS = "labels read padded positions (padded layout)"
 POSITION0 = "position 0 is padding (pooled heads read it)"
+HOOKS = "forward hooks (HF's module calls run them)"
+
+# Reasons for the padded layout that leave every block on the fused path with the encoder's mask (a block
+# checks nothing the encoder has not checked for all of them): FusedEncoder runs the blocks itself, without
+# HF's per-layer calls (~40 us a block at 1 x 128 on 2 cores).
+_OWN_LOOP = frozenset({NO_PADDING, UNPAD_OFF, LABELS, POSITION0})
 
 
 def decide(level: str, module: torch.nn.Module, x: torch.Tensor, attention_mask, *, kv_len: int | None = None,
@@ -100,11 +106,16 @@ def decide(level: str, module: torch.nn.Module, x: torch.Tensor, attention_mask,
     kernel or HF's sdpa / eager math). x: the block's hidden states, or the attention's query (batch, n_heads,
     q_len, head_dim). Every decision is counted on `module` (see path_stats)."""
     decision = _decide(level, module, x, attention_mask, kv_len, cross, attn_dropout)
+    _count(module, level, decision)
+    return decision
+
+
+def _count(module, level: str, decision: Decision) -> None:
+    """Counts one decision on `module` (see path_stats)."""
     if not torch.compiler.is_compiling():  # (a counter bump inside a graph would be traced once, not per call)
         stats = module.__dict__.setdefault("_path_stats", {})
         key = f"{level}.{decision.path}" + (f": {decision.reason}" if decision.reason else "")
         stats[key] = stats.get(key, 0) + 1
-    return decision
 
 
 def _decide(level, module, x, attention_mask, kv_len, cross, attn_dropout) -> Decision:
@@ -125,6 +136,9 @@ def _decide(level, module, x, attention_mask, kv_len, cross, attn_dropout) -> De
         return Decision(fallback, DECODER)
     if not activation_ok:
         return Decision(fallback, ACTIVATION)
+    if level != "attention" and hf.forward_hooks(
+            m for b in blocks for m in ((b,) if level == "encoder" else ()) + b._parts.inner):
+        return Decision(fallback, HOOKS)
     if x.dtype not in _SUPPORTED_DTYPES:
         return Decision(fallback, DTYPE)
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters())):
@@ -138,9 +152,10 @@ def _decide(level, module, x, attention_mask, kv_len, cross, attn_dropout) -> De
         return Decision(fallback, f"{MASK_FORMAT}: {why}")
     if level != "encoder":
         return Decision("fused", "", mask)
-    for reason, applies in ((NO_PADDING, lambda: mask is None), (UNPAD_OFF, lambda: not module.unpad),
-                            (HIDDEN_STATES, lambda: hf.capturing("hidden_states")),
-                            (COMPILING, torch.compiler.is_compiling), (LABELS, hf.labels_given),
+    for reason, applies in ((HIDDEN_STATES, lambda: hf.capturing("hidden_states")),
+                            (COMPILING, torch.compiler.is_compiling),
+                            (NO_PADDING, lambda: mask is None), (UNPAD_OFF, lambda: not module.unpad),
+                            (LABELS, hf.labels_given),
                             (POSITION0, lambda: not bool(mask[:, 0].all()))):
         if applies():
             return Decision("padded", reason, mask)
@@ -180,6 +195,7 @@ class _Parts:
                              layout.ln2))
         self.act = activation_name(get(layout.act))
         self.gemms = DenseGemms(self)
+        self.inner = tuple(m for m in block.modules() if m is not block)  # whose hooks the fused path skips
 
 
 def _constructor_options(gemms) -> dict:
@@ -286,7 +302,10 @@ class FusedEncoder:
     there that no real token depends on). Wherever a value a caller can read depends on padded positions
     the layers run in the padded layout instead, which computes them as HF does: position 0 padded (the
     pooled heads and BERT's pooler read it), labels given (losses read padded positions), hidden states
-    captured, and inside torch.compile graphs (the token count would depend on the data).
+    captured, and inside torch.compile graphs (the token count would depend on the data). In the padded
+    layout the encoder runs the blocks itself (no padding, or one of the reasons in _OWN_LOOP), except where
+    HF's loop does something for the caller: hidden states captured, compiling, a fallback of the blocks, or
+    forward hooks on a block or inside one (HF's module calls run them; the fused paths would skip them).
     """
 
     OUTPUT: type
@@ -298,8 +317,15 @@ class FusedEncoder:
 
     def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
         decision = decide("encoder", self, hidden_states, attention_mask, cross=_cross_attention(args, kwargs))
-        if decision.path == "padded":
+        if decision.path == "padded" and decision.reason not in _OWN_LOOP:
             return super().forward(hidden_states, attention_mask, *args, **kwargs)
+        if decision.path == "padded":
+            batch, seqlen, dim = hidden_states.shape
+            x = hidden_states.reshape(batch * seqlen, dim)
+            for layer in self.layer:
+                _count(layer, "block", Decision("fused", "", decision.mask))
+                x = layer.forward_tokens(x, batch=batch, seqlen=seqlen, key_padding_mask=decision.mask)
+            return self.OUTPUT(last_hidden_state=x.view(batch, seqlen, dim))
         info = unpad_info(decision.mask)
         x = unpad(hidden_states, info)
         for layer in self.layer:

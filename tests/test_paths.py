@@ -143,3 +143,56 @@ def test_compiling_and_exporting_reasons(monkeypatch):
         monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
         assert decide("encoder", encoder, x, mask).reason == modules.EXPORTING
         assert decide("block", block, x, mask).path == "stock"
+
+
+def test_forward_hooks_run():
+    """The fused paths call none of a block's submodules (nor, unpadded, the blocks): with a forward hook on a
+    block or inside one, HF's calls run instead where the hook would be skipped, and every hook sees what it
+    sees on HF's model. HF's own output capturing hooks (installed by an output_hidden_states call) are not
+    such hooks: the next plain call takes the fast path again."""
+    model = distilbert(attn_implementation="sdpa")
+    reference = copy.deepcopy(model)
+    seen = {"patched": [], "hf": []}
+    for name, m in (("patched", model), ("hf", reference)):
+        layers = m.distilbert.transformer.layer
+        layers[1].register_forward_hook(lambda mod, args, out, name=name: seen[name].append(
+            ("layer1", (out[0] if isinstance(out, tuple) else out).clone())))
+        layers[0].ffn.lin1.register_forward_pre_hook(lambda mod, args, name=name: seen[name].append(("lin1",
+                                                                                                     args[0].clone())))
+    handle = distilkernels.patch(model)
+    with torch.no_grad():
+        out, ref = model(**inputs()).logits, reference(**inputs()).logits
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+    assert [k for k, _ in seen["patched"]] == [k for k, _ in seen["hf"]] == ["lin1", "layer1"]
+    mask = inputs()["attention_mask"].bool()
+    for (_, got), (_, want) in zip(seen["patched"], seen["hf"]):
+        torch.testing.assert_close(got[mask], want[mask], atol=1e-4, rtol=0)  # real tokens; padded ones differ
+    # (the stock block's attention still runs the fused attention function: no hook is inside it)
+    assert handle.stats(reset=True) == {"encoder.padded: " + modules.HOOKS: 1, "block.stock: " + modules.HOOKS: 1,
+                                        "block.fused": 1, "attention.fused": 1}
+
+    fresh = distilbert()
+    distilkernels.patch(fresh)
+    with torch.no_grad():
+        fresh(**inputs(), output_hidden_states=True)
+        modules.reset_path_stats(fresh)
+        fresh(**inputs())
+    assert path_stats(fresh) == {"encoder.unpadded": 1}
+
+
+def test_no_padding_runs_blocks_without_hf_calls():
+    """Without padding the encoder runs its blocks itself (counted as each block's fused path); hidden states
+    requested still go through HF's loop, which collects them."""
+    model = distilbert(attn_implementation="sdpa")
+    reference = copy.deepcopy(model)
+    distilkernels.patch(model)
+    with torch.no_grad():
+        out = model(**inputs("none"), output_hidden_states=True)
+        ref = reference(**inputs("none"), output_hidden_states=True)
+        plain = model(**inputs("none"))
+    assert len(out.hidden_states) == len(ref.hidden_states) == LAYERS + 1
+    for got, want in zip(out.hidden_states, ref.hidden_states):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    torch.testing.assert_close(plain.logits, ref.logits, atol=1e-4, rtol=0)
+    assert path_stats(model) == {"encoder.padded: " + modules.HIDDEN_STATES: 1,
+                                 "encoder.padded: " + modules.NO_PADDING: 1, "block.fused": 2 * LAYERS}
