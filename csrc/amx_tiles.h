@@ -5,9 +5,9 @@
 // It computes what ATen's brgemm computes on the same blocks (accumulation over the whole in_features in steps
 // of one tile, in the same order: bit-identical outputs, checked for bf16 and int8), and adds one thing brgemm
 // has no hook for: while a thread computes its tiles of weight block nb, it prefetches block nb + 1 into L2,
-// spread over the k loop. At 128 rows a forward streams every weight from memory (85 MB for distilbert-base in
-// bf16; the 2-core AMX Xeon holds ~32 MB), and brgemm ran 1.4-1.9x slower on weights not in cache than on cached
-// ones. Measured on that Xeon, bf16, 2 threads, weights not in cache, TFLOP/s brgemm -> this loop: q|k|v
+// spread over the k loop (or, for long rows of x, the next k chunk: kChunkBytes). At 128 rows a forward that
+// follows other work streams its weights from memory (85 MB for distilbert-base in bf16), and brgemm ran
+// 1.4-1.9x slower on weights not in cache than on cached ones. Measured on that Xeon, bf16, 2 threads, weights not in cache, TFLOP/s brgemm -> this loop: q|k|v
 // (128 x 768 -> 2304) 1.02 -> 1.23-1.37, attention output (768 -> 768) 0.95 -> 1.27, lin1 + GELU 0.98 ->
 // 1.12-1.19, lin2 (3072 -> 768) 1.18 -> 1.18-1.31; with cached weights, or at 1024 rows, within noise of brgemm.
 //
@@ -96,10 +96,14 @@ DK_AMX_TARGET inline void release() { _tile_release(); }
 // `base` split into `streams` equal runs of `run` lines, prefetched in the order run 0 line 0, run 1 line 0, ...,
 // run 0 line 1, ... (the next is line `line` of run `stream`; `left` to go). From memory, several concurrent runs
 // stream faster than one walk through the lines in order. Measured on the 2-core AMX Xeon, bf16, 2 threads, 128
-// rows, weights from memory (a 1.5 GB set of copies), us per call, one run -> four: q|k|v 294-313 -> 213-219,
-// attention output 91-96 -> 82-86, lin1 + GELU 379-390 -> 336-337, lin2 470-472 -> 425-445; at 1024 rows q|k|v
-// 1367-1377 -> 1315-1320, lin2 2098-2115 -> 1951-1952. With weights in cache no change. Eight runs measured the
-// same as four, sixteen slower at lin1 (381-383), thirty-two slower everywhere.
+// rows, weights from memory (a 1.5 GB set of copies), us per call, one run -> four: q|k|v 294-318 -> 213-221,
+// attention output 91-96 -> 81-86, lin1 (in_features 768, out 3072) 379-415 -> 285-339; lin2 (in_features 3072)
+// within noise (410-472 -> 425-445; its k chunks, below, are what helped it); at 1024 rows q|k|v 1367-1377 ->
+// 1315-1320. With weights in cache no change. Eight runs measured the same as four, sixteen slower at lin1,
+// thirty-two slower everywhere. (A standalone loop of these tiles on one core, in us per 98 KB block from
+// memory: tiles alone 8.1-8.4, prefetches alone 8.7-8.8, both in order 13.4-14.4, in 8 runs 12.0-12.4. The
+// tile loads from L2 and the prefetches share the core's L1 fill buffers; with the tile operands in L1 the two
+// overlapped: 9.0-9.5.)
 constexpr int64_t kPrefetchStreams = 4;
 
 struct Prefetch {
