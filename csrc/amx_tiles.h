@@ -157,10 +157,10 @@ DK_AMX_TARGET inline void store_acc(char* c, int64_t ldc) {
 // c: 4-byte accumulators, row stride 64 bytes, read first where `accumulate`. Spreads pf's prefetches into L2
 // over the k loop, `per` per step, and calls drain() after every drain_every-th step, counting from `step` (the
 // unit's steps before this call); returns the count after this call's.
-template <Kind kKind, int kM, int64_t kDrain, class Drain>
+template <Kind kKind, int kM, class Drain>
 DK_AMX_TARGET inline int64_t half_block(const char* a0, const char* a1, int64_t lda, const char* b, int64_t k_bytes,
                                         void* c, bool accumulate, Prefetch& pf, int64_t per, int64_t step,
-                                        const Drain& drain) {
+                                        int64_t drain_every, const Drain& drain) {
   constexpr int64_t kRow = 4 * brgemm::kBlockN;  // bytes per VNNI row of a block
   if (accumulate)
     load_acc<kM, 2>(static_cast<const char*>(c), kRow);
@@ -189,7 +189,7 @@ DK_AMX_TARGET inline int64_t half_block(const char* a0, const char* a1, int64_t 
       }
     }
     pf.issue(per);
-    if (++step % kDrain == 0) drain();  // vector work on the previous tile while the tile unit computes
+    if (++step % drain_every == 0) drain();  // vector work on the previous tile while the tile unit computes
   }
   store_acc<kM, 2>(static_cast<char*>(c), kRow);
   return step;
@@ -360,7 +360,7 @@ void gemm(const void* x, int64_t tokens, int64_t k_bytes, const void* packed, in
         Prefetch pf;
         if (k0 + kb < k_bytes) {
           pf = Prefetch(w + (k0 + kb) * kBlockN, std::min(chunk, k_bytes - k0 - kb) * kBlockN / 64);
-        } else if (nb + 1 < n_blocks && sb_start + (nb + 1) * sb_m + (t - sb_start - nb * sb_m) < end) {
+        } else if (nb + 1 < n_blocks && t + sb_m < end) {  // (t + sb_m: this tile's row block, next weight block)
           const int64_t lines = std::min(chunk, k_bytes) * kBlockN / 64, share = (lines + sb_m - 1) / sb_m;
           const int64_t own = unit_end - t, first = std::min(lines, (mb - sb * super) * share);
           pf = Prefetch(wp + (nb + 1) * block + first * 64, std::min(own * share, lines - first));
@@ -371,17 +371,12 @@ void gemm(const void* x, int64_t tokens, int64_t k_bytes, const void* packed, in
           for (int64_t g = 0; g < groups; g += 2) {
             char* cg = cur + (16 * g * kBlockN + 32 * h) * 4;
             const char* b = w + k0 * kBlockN + 128 * h;
-            const char* a0 = group[g] + k0;
-            const char* a1 = group[std::min(g + 1, groups - 1)] + k0;
-            const bool more = k0 > 0;
-            if (g + 1 < groups && heavy_epilogue)
-              step = half_block<kKind, 2, kDrainEveryHeavy>(a0, a1, k_bytes, b, kb, cg, more, pf, per, step, drain);
-            else if (g + 1 < groups)
-              step = half_block<kKind, 2, kDrainEvery>(a0, a1, k_bytes, b, kb, cg, more, pf, per, step, drain);
-            else if (heavy_epilogue)
-              step = half_block<kKind, 1, kDrainEveryHeavy>(a0, a0, k_bytes, b, kb, cg, more, pf, per, step, drain);
+            if (g + 1 < groups)
+              step = half_block<kKind, 2>(group[g] + k0, group[g + 1] + k0, k_bytes, b, kb, cg, k0 > 0, pf, per, step,
+                                          drain_every, drain);
             else
-              step = half_block<kKind, 1, kDrainEvery>(a0, a0, k_bytes, b, kb, cg, more, pf, per, step, drain);
+              step = half_block<kKind, 1>(group[g] + k0, group[g] + k0, k_bytes, b, kb, cg, k0 > 0, pf, per, step,
+                                          drain_every, drain);
           }
         }
       }
