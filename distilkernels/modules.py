@@ -317,13 +317,14 @@ class FusedEncoder:
 
     def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
         decision = decide("encoder", self, hidden_states, attention_mask, cross=_cross_attention(args, kwargs))
-        if decision.path == "padded" and decision.reason not in _OWN_LOOP:
-            return super().forward(hidden_states, attention_mask, *args, **kwargs)
         if decision.path == "padded":
+            if decision.reason not in _OWN_LOOP:
+                return super().forward(hidden_states, attention_mask, *args, **kwargs)
             batch, seqlen, dim = hidden_states.shape
+            fused = Decision("fused", "", decision.mask)  # what each block would decide (counted as such)
             x = hidden_states.reshape(batch * seqlen, dim)
             for layer in self.layer:
-                _count(layer, "block", Decision("fused", "", decision.mask))
+                _count(layer, "block", fused)
                 x = layer.forward_tokens(x, batch=batch, seqlen=seqlen, key_padding_mask=decision.mask)
             return self.OUTPUT(last_hidden_state=x.view(batch, seqlen, dim))
         info = unpad_info(decision.mask)
