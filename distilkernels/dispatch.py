@@ -79,8 +79,19 @@ class _Lazy:
         return f"<lazy {self.module}.{self.attr}>"
 
 
-def _cpp(op: str) -> Callable:
-    return lambda *args: getattr(torch.ops.distilkernels, op).default(*args)
+class _CppOp(_Lazy):
+    """The C++ op torch.ops.distilkernels.<attr>, looked up on first use (after the extension has loaded) and
+    kept: `implementation` hands out the op itself, so a call costs no lookup."""
+
+    __slots__ = ()
+
+    def __init__(self, op: str):
+        super().__init__("torch.ops.distilkernels", op)
+
+    def resolve(self) -> Callable:
+        if self._fn is None:
+            self._fn = getattr(torch.ops.distilkernels, self.attr).default
+        return self._fn
 
 
 # (op, backend) -> callable with the op's positional signature (see csrc/ops.cpp for the schemas).
@@ -93,13 +104,13 @@ def register_impl(op: str, backend: str, fn: Callable) -> None:
 
 for _op, _row in _ROWS.items():
     register_impl(_op, "torch", getattr(reference, _op))
-    register_impl(_op, "cpp", _cpp(_op))
+    register_impl(_op, "cpp", _CppOp(_op))
     register_impl(_op, "triton", getattr(reference, _op) if _row.triton_module is None
                   else _Lazy(f"distilkernels.triton.{_row.triton_module}", _op))
 
 
 def implementation(op: str, backend: str) -> Callable:
-    """The callable behind (op, backend), Triton modules imported."""
+    """The callable behind (op, backend), resolved (Triton modules imported, C++ ops looked up)."""
     fn = _TABLE[(op, backend)]
     return fn.resolve() if isinstance(fn, _Lazy) else fn
 

@@ -129,14 +129,34 @@ class DerivedWeights:
         biases = [_param(lin, "bias") for lin in self.linears]
         if torch.compiler.is_compiling():  # traced once per graph; no data pointers on fake tensors
             return self.derive(torch.cat(weights), torch.cat(biases))
-        # (inference tensors have no version counter; they cannot change outside inference mode either)
-        key = tuple([(p.data_ptr(), 0 if p.is_inference() else p._version, p.dtype, p.device)
-                     for p in weights + biases])
+        key = params_key(weights + biases)
         if key != self.key:
             with torch.no_grad():
                 self.value = self.derive(torch.cat(weights), torch.cat(biases))
             self.key = key
         return self.value
+
+
+def params_key(params) -> tuple:
+    """What identifies the values of `params` (tensors): a value derived from them is current while this is
+    unchanged (a replaced tensor has another data pointer, an in-place change bumps the version counter;
+    inference tensors have none, and cannot change outside inference mode either)."""
+    return tuple([(p.data_ptr(), 0 if p.is_inference() else p._version, p.dtype, p.device) for p in params])
+
+
+def linears_params(linears) -> list:
+    """The weights and biases of `linears`, as the GEMMs read them."""
+    return [_param(lin, name) for lin in linears for name in ("weight", "bias")]
+
+
+class GemmCalls(NamedTuple):
+    """A block's four GEMMs bound to their weights for one kind of call (input dtype, bucket of row counts):
+    each takes x (tokens, in_features)."""
+
+    qkv: Callable  # -> (tokens, 3*dim), bias included
+    out: Callable  # -> (tokens, dim), bias included
+    lin1_act: Callable  # -> activation(lin1(x)), (tokens, hidden_dim)
+    lin2: Callable  # -> (tokens, dim), bias included
 
 
 def concat(weight, bias):
@@ -167,10 +187,13 @@ def _ours_pack(weight):
     return ops.pack_linear_weight(weight)
 
 
-def _ours_call(x, packed, out_features, bias, activation):
+def _ours_op(dtype):
     # The C++ ops' table entries (DenseGemms runs packed kernels on the C++ backend only): checks in C++ only.
-    op = "linear_bf16" if x.dtype == torch.bfloat16 else "linear_packed"
-    return dispatch.implementation(op, "cpp")(x, packed, out_features, bias, activation)
+    return dispatch.implementation("linear_bf16" if dtype == torch.bfloat16 else "linear_packed", "cpp")
+
+
+def _ours_call(x, packed, out_features, bias, activation):
+    return _ours_op(x.dtype)(x, packed, out_features, bias, activation)
 
 
 def _onednn_available(dtype: torch.dtype) -> bool:
@@ -396,6 +419,34 @@ class DenseGemms:
         # of the weights cast to it: (dtype, name) -> {kernel: DerivedWeights}.
         self.cast_packed = {}
         self.packed_dtype = None
+        self.linears = tuple(lin for linears, *_ in self.groups.values() for lin in linears)
+        # calls(): (x dtype, activation, row bucket, our op) -> (params_key of the block's linears, GemmCalls)
+        self.bound = {}
+
+    def calls(self, x, activation: str) -> GemmCalls:
+        """The four GEMMs for inputs like x (its dtype and row count), lin1's with `activation`, bound to their
+        packed weights: resolved once per kind of call and kept while the block's weights and biases are the
+        same tensors, unchanged: one check of them all per block call, not one per GEMM, and no lookups per
+        GEMM (a block of a tiny model at 1 x 128 on 2 cores: 116 -> 99 us a call; see FusedBlock.forward_tokens
+        for why those microseconds count)."""
+        if not self._use_packed(x):
+            return GemmCalls(self.qkv, self.out, functools.partial(self.lin1_act, activation=activation), self.lin2)
+        ours = _ours_op(x.dtype)
+        key = (x.dtype, activation, bisect.bisect(_BUCKET_EDGES, x.shape[0]), ours)
+        params = params_key(linears_params(self.linears))
+        hit = self.bound.get(key)
+        if hit is not None and hit[0] == params:
+            return hit[1]
+        calls = GemmCalls(*(self._bind(name, x, act, ours) for name, act in (
+            ("qkv", "none"), ("out", "none"), ("lin1", activation), ("lin2", "none"))))
+        self.bound = {k: v for k, v in self.bound.items() if v[0] == params}  # none left of older weights
+        self.bound[key] = (params, calls)
+        return calls
+
+    def _bind(self, name, x, activation, ours):
+        kernel, packed, bias = self._packing(name, x)
+        call, out_features = (ours if kernel == "packed" else _KERNELS[kernel].call), bias.shape[0]
+        return lambda x: call(x, packed, out_features, bias, activation)
 
     @staticmethod
     def _use_packed(x) -> bool:
@@ -404,6 +455,12 @@ class DenseGemms:
         return dispatch.has_kernel("linear_bf16" if x.dtype == torch.bfloat16 else "linear_packed", x)
 
     def _packed(self, name, x, activation="none"):
+        kernel, packed, bias = self._packing(name, x)
+        return _KERNELS[kernel].call(x, packed, bias.shape[0], bias, activation)
+
+    def _packing(self, name, x):
+        """(kernel name, packed weight, bias) of GEMM `name` for inputs like x, packed on first use and
+        repacked when a weight or bias changed."""
         linears, act, in_features, out_features = self.groups[name]
         weight_dtype = linears[0].weight.dtype
         if weight_dtype != self.packed_dtype:  # packings of weights of another dtype are dropped, not kept alive
@@ -416,8 +473,7 @@ class DenseGemms:
         kernel = dense_kernel(dtype, in_features, out_features, act, x.shape[0])
         if kernel not in packs:
             packs[kernel] = DerivedWeights(linears, functools.partial(pack_dense, kernel=kernel, dtype=cast))
-        kernel, packed, bias = packs[kernel].get()
-        return _KERNELS[kernel].call(x, packed, bias.shape[0], bias, activation)
+        return packs[kernel].get()
 
     def qkv(self, x):  # (tokens, dim) -> (tokens, 3*dim), bias included: one GEMM for q|k|v
         if self._use_packed(x):

@@ -254,13 +254,19 @@ class FusedBlock:
         (batch, seqlen). Packed layout: cu_seqlens (batch + 1,) int32 and max_seqlen. Returns (tokens, dim).
 
         Under CPU autocast to bf16, an fp32 block runs as HF's block runs there: the GEMMs (on a bf16 packing of
-        its weights) and attention in bf16, the residual stream and add + LayerNorm in fp32."""
+        its weights) and attention in bf16, the residual stream and add + LayerNorm in fp32.
+
+        The Python here runs once per block and call, and it costs more than its hot timing says: a forward of a
+        tiny 6-block model (the same calls, next to no arithmetic) took 1.1 ms back to back but 2.0-2.4 ms with
+        other work between forwards (interleaved with OpenVINO, or after reading 1.2 GB), 2 cores, bf16. So the
+        GEMMs come bound once per call (gemms.DenseGemms.calls) and the ops are called directly."""
         p = self._parts
         cpp = dispatch.backend_for(x.device) == "cpp"
         low = x
         if cpp and x.dtype == torch.float32 and isinstance(p.gemms, DenseGemms) and _autocast_bf16(x):
             low = x.to(torch.bfloat16)
-        qkv = p.gemms.qkv(low)  # (tokens, 3*dim)
+        gemms = p.gemms.calls(low, p.act)
+        qkv = gemms.qkv(low)  # (tokens, 3*dim)
         if cu_seqlens is None:
             q, k, v = qkv.view(batch, seqlen, 3, p.n_heads, p.head_dim).unbind(2)
             ctx = (dispatch.implementation("attention", "cpp")(q, k, v, key_padding_mask, p.scaling)[0] if cpp
@@ -269,9 +275,9 @@ class FusedBlock:
             q, k, v = qkv.view(-1, 3, p.n_heads, p.head_dim).unbind(1)
             ctx = (dispatch.implementation("varlen_attention", "cpp")(q, k, v, cu_seqlens, max_seqlen, p.scaling)[0]
                    if cpp else ops.varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale=p.scaling))
-        h = _add_layer_norm(cpp, _cast(p.gemms.out(ctx.view(low.shape)), x.dtype), x, p.ln1)
-        f = p.gemms.lin1_act(_cast(h, low.dtype), p.act)
-        return _add_layer_norm(cpp, _cast(p.gemms.lin2(f), x.dtype), h, p.ln2)
+        h = _add_layer_norm(cpp, _cast(gemms.out(ctx.view(low.shape)), x.dtype), x, p.ln1)
+        f = gemms.lin1_act(_cast(h, low.dtype))
+        return _add_layer_norm(cpp, _cast(gemms.lin2(f), x.dtype), h, p.ln2)
 
 
 def _cast(t, dtype):

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from . import dispatch, ops
-from .gemms import DerivedWeights, use_matrix_unit
+from .gemms import DerivedWeights, GemmCalls, linears_params, params_key, use_matrix_unit
 from .modules import FusedBlock
 
 # One scale per token: quantizing each row costs one fused pass, so a coarser per-tensor mode gains nothing.
@@ -55,6 +55,24 @@ class Int8Gemms:
         self.packed = {name: DerivedWeights(linears, PackInt8()) for name, linears in (
             ("qkv", (parts.q, parts.k, parts.v)), ("out", (parts.out,)), ("lin1", (parts.lin1,)),
             ("lin2", (parts.lin2,)))}
+        self.linears = (parts.q, parts.k, parts.v, parts.out, parts.lin1, parts.lin2)
+        self.bound = {}  # activation -> (params_key of the linears, GemmCalls), as gemms.DenseGemms.calls
+
+    def calls(self, x, activation: str) -> GemmCalls:
+        """The four GEMMs bound to their int8 packings, lin1's with `activation` (see DenseGemms.calls)."""
+        params = params_key(linears_params(self.linears))
+        hit = self.bound.get(activation)
+        if hit is not None and hit[0] == params:
+            return hit[1]
+        calls = GemmCalls(*(self._bind(name, act) for name, act in (
+            ("qkv", "none"), ("out", "none"), ("lin1", activation), ("lin2", "none"))))
+        self.bound = {activation: (params, calls)}
+        return calls
+
+    def _bind(self, name, activation):
+        packed, scale, bias = self.packed[name].get()
+        out_features = bias.shape[0]
+        return lambda x: ops.linear_int8(x, packed, scale, out_features, bias, activation)
 
     def _linear(self, name, x, activation="none"):
         packed, scale, bias = self.packed[name].get()

@@ -13,7 +13,7 @@ import transformers
 import distilkernels
 from distilkernels import gemms
 
-from conftest import base_config
+from conftest import base_config, tiny_config
 from helpers import holey_mask, lowp_bound, magnitude, make_model, max_err, model_inputs
 
 pytestmark = pytest.mark.requires_ext
@@ -147,3 +147,55 @@ def test_derived_weights_read_what_attribute_lookup_reads():
     with torch.no_grad():
         param.parametrizations.weight.original.fill_(0.5)
     assert torch.equal(derived.get()[0][3:], torch.ones(3, 4))
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_bound_gemms_follow_weight_changes(quantized):
+    """A block's GEMMs bound once per kind of call (DenseGemms.calls / Int8Gemms.calls) are kept only while
+    the block's weights and biases are the same tensors, unchanged: a parameter replaced, one changed in place
+    and a dtype change each give a new binding computing with the new weights, and no binding of old weights
+    stays alive."""
+    from distilkernels import quant
+
+    config = tiny_config()
+    model = make_model(transformers.DistilBertModel, config)
+    distilkernels.patch(model)
+    if quantized:
+        distilkernels.quantize(model)
+    block = model.transformer.layer[0]
+    parts = block._parts
+    x = torch.randn(5, config.dim)
+
+    def expected(x):  # what the bound q|k|v GEMM must compute now
+        w = torch.cat([parts.q.weight, parts.k.weight, parts.v.weight]).float()
+        b = torch.cat([parts.q.bias, parts.k.bias, parts.v.bias]).float()
+        return torch.nn.functional.linear(x.float(), w, b)
+
+    def check(x, rel):
+        calls = parts.gemms.calls(x, "gelu")
+        assert parts.gemms.calls(x, "gelu") is calls  # kept while nothing changed
+        want = expected(x)
+        assert (calls.qkv(x).float() - want).abs().max() <= rel * max(1.0, want.abs().max().item())
+        assert len(parts.gemms.bound) == 1
+        return calls
+
+    # Relative to the outputs' magnitude: fp32 GEMM rounding (~sqrt(K) ulps, far below 1e-5); int8 with one
+    # scale per token and per output channel, a few 1/127 steps of |x| |w| summed over K in random signs
+    # (~1%); bf16, a few bf16 roundings (2^-8 each). A binding of the old weights is off by O(magnitude).
+    rel = 0.03 if quantized else 1e-5
+    with torch.inference_mode():
+        first = check(x, rel)
+    with torch.no_grad():
+        parts.k.weight.mul_(-3.0)  # in place: the version counter moves
+    with torch.inference_mode():
+        second = check(x, rel)
+    assert second is not first
+    parts.q.weight = torch.nn.Parameter(torch.randn_like(parts.q.weight))  # replaced
+    with torch.inference_mode():
+        third = check(x, rel)
+    assert third is not second
+    if not quantized:  # a dtype change: bf16 weights, bf16 inputs
+        model.to(torch.bfloat16)
+        with torch.inference_mode():
+            check(x.bfloat16(), 0.03)
+    assert isinstance(parts.gemms, quant.Int8Gemms if quantized else gemms.DenseGemms)
