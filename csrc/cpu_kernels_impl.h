@@ -60,7 +60,7 @@ DK_INLINE float hsum(V v) { return _mm512_reduce_add_ps(v); }
 // The lanes of a row's last `count` (< kW) values, for masked loads and stores of a tail; 0 when count is 0.
 DK_INLINE __mmask16 tail_lanes(int64_t count) { return static_cast<__mmask16>((1u << count) - 1u); }
 DK_INLINE float hmax(V v) { return _mm512_reduce_max_ps(v); }
-constexpr int kGemmRows = 8;  // 8 x 2 accumulators of 32 registers
+constexpr int kGemmRows = 12;  // 12 x 2 accumulators + 2 loads + 1 broadcast of 32 registers
 
 #elif DK_ISA_LEVEL == 1
 using V = __m256;
@@ -363,6 +363,10 @@ DK_INLINE void gemm_tile_rows(int rows, int64_t k, const float* a, int64_t lda, 
 #if DK_ISA_LEVEL >= 2
     case 7: return gemm_tile<7, kCols>(k, a, lda, b, ldb, c, ldc, accumulate, pf);
     case 8: return gemm_tile<8, kCols>(k, a, lda, b, ldb, c, ldc, accumulate, pf);
+    case 9: return gemm_tile<9, kCols>(k, a, lda, b, ldb, c, ldc, accumulate, pf);
+    case 10: return gemm_tile<10, kCols>(k, a, lda, b, ldb, c, ldc, accumulate, pf);
+    case 11: return gemm_tile<11, kCols>(k, a, lda, b, ldb, c, ldc, accumulate, pf);
+    case 12: return gemm_tile<12, kCols>(k, a, lda, b, ldb, c, ldc, accumulate, pf);
 #endif
     default: __builtin_unreachable();
   }
@@ -391,7 +395,12 @@ void gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const fl
 // and activation are applied to each register tile's rows right after their last k-block, while still in L1.
 
 constexpr int64_t kPanel = 2 * kW;
-constexpr int64_t kLinearKc = 768;
+// k blocks: at AVX-512, 256 keeps a tile's panel chunk (256 x 32 floats, 32 KB) in L1 beside its rows of a; at
+// 768 it streamed from L2 for every row tile. Measured on the 2-core AMX Xeon (2 threads, 128 rows, us per call
+// with weights in cache / from memory), 8-row tiles at k 768 -> 12-row tiles at k 256: q|k|v 1542/1631 ->
+// 1438/1498, lin1 + GELU 2277/2232 -> 1996/2058, lin2 2073/2182 -> 1975/2009 (k 192 and 384 no better). AVX2's
+// panels are half as wide; it keeps the blocking it was measured with.
+constexpr int64_t kLinearKc = kW == 16 ? 256 : 768;
 constexpr int64_t kLinearMc = 24 * kGemmRows;
 
 template <class Act>

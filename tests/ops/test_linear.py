@@ -100,6 +100,7 @@ def test_linear_cpp_checks_direct_call():
 @pytest.mark.parametrize("tokens, in_features, out_features", [
     (1, 8, 1), (13, 32, 37), (7, 37, 129), (128, 64, 200), (300, 48, 77), (200, 800, 64),  # 800 > one k-block
     (1000, 7, 33),  # several row blocks
+    (21, 300, 40), (22, 520, 70), (35, 513, 33),  # last row tiles of 9, 10, 11 rows; k in 2-3 blocks of 256
 ])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_linear_packed_matches_fp64(tokens, in_features, out_features, bias, activation, threads):
