@@ -20,6 +20,13 @@ TORCH_LIBRARY(distilkernels, m) {
   //   out: like x; mean, rstd: x.shape[:-1], fp32 (kept for a backward pass)
   m.def("add_layer_norm(Tensor x, Tensor? residual, Tensor weight, Tensor bias, float eps)"
         " -> (Tensor out, Tensor mean, Tensor rstd)");
+  // A BERT-family embedding layer in one pass per token: out = LayerNorm(word[input_ids] (+ token_type[
+  // token_type_ids]) + position[position_ids]), statistics in fp32.
+  //   word (vocab, dim), position (positions, dim), token_type (types, dim) or None: one float dtype;
+  //   input_ids, position_ids, token_type_ids: (batch, seqlen) int64; weight, bias: (dim,)
+  //   out: (batch, seqlen, dim) in the tables' dtype; mean, rstd: (batch, seqlen) fp32 (kept for a backward pass)
+  m.def("embed_layer_norm(Tensor word, Tensor input_ids, Tensor position, Tensor position_ids, Tensor? token_type,"
+        " Tensor? token_type_ids, Tensor weight, Tensor bias, float eps) -> (Tensor out, Tensor mean, Tensor rstd)");
   // out = x @ weight^T + bias, the GEMM split across threads by output columns.
   //   x: (tokens, in_features); weight: (out_features, in_features); bias: (out_features,) or None
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");

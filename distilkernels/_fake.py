@@ -40,6 +40,12 @@ def _add_layer_norm_fake(x, residual, weight, bias, eps):
     return torch.empty_like(x, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
 
 
+@torch.library.register_fake("distilkernels::embed_layer_norm")
+def _embed_layer_norm_fake(word, input_ids, position, position_ids, token_type, token_type_ids, weight, bias, eps):
+    stats = word.new_empty(tuple(input_ids.shape), dtype=torch.float32)
+    return word.new_empty((*input_ids.shape, word.shape[1])), stats, torch.empty_like(stats)
+
+
 @torch.library.register_fake("distilkernels::bias_act_")
 def _bias_act_fake(x, bias, activation):
     return None

@@ -45,6 +45,7 @@ _ROWS: dict[str, _Row] = {
     "pack_linear_weight": _Row(_FP32),
     "linear_packed": _Row(_FP32),
     "add_layer_norm": _Row(_FLOATS, "layer_norm"),
+    "embed_layer_norm": _Row(_FLOATS),  # x: the word table
     "bias_act_": _Row(_FLOATS, "bias_act"),
     "attention": _Row(_FLOATS, "attention"),
     "varlen_attention": _Row(_FLOATS, "attention"),

@@ -26,7 +26,7 @@ from transformers.models.bert import modeling_bert as hf_bert
 from transformers.models.distilbert import modeling_distilbert as hf_distilbert
 from transformers.models.roberta import modeling_roberta as hf_roberta
 
-from .modules import BlockLayout, FusedBlock, FusedEncoder
+from .modules import BlockLayout, FusedBlock, FusedEmbeddings, FusedEncoder
 
 DISTILBERT_BLOCK = BlockLayout(
     attention="attention", n_heads="n_heads", q="attention.q_lin", k="attention.k_lin", v="attention.v_lin",
@@ -52,6 +52,25 @@ class FusedTransformer(FusedEncoder, hf_distilbert.Transformer):
     """DistilBERT's Transformer (layer stack) with padding removal."""
 
     OUTPUT = BaseModelOutput
+
+
+class FusedDistilBertEmbeddings(FusedEmbeddings, hf_distilbert.Embeddings):
+    """DistilBERT's Embeddings (word + position, LayerNorm) in one pass per token."""
+
+    def forward(self, input_ids, inputs_embeds=None, position_ids=None):
+        out = self.fused(input_ids, inputs_embeds, position_ids, None, token_types=False)
+        return super().forward(input_ids, inputs_embeds, position_ids) if out is None else out
+
+
+class FusedBertEmbeddings(FusedEmbeddings, hf_bert.BertEmbeddings):
+    """BERT's BertEmbeddings (word + token type + position, LayerNorm) in one pass per token."""
+
+    def forward(self, input_ids=None, token_type_ids=None, position_ids=None, inputs_embeds=None, cache_length=0):
+        out = self.fused(input_ids, inputs_embeds, position_ids, token_type_ids, first_position=cache_length,
+                         token_types=True)
+        if out is None:
+            return super().forward(input_ids, token_type_ids, position_ids, inputs_embeds, cache_length)
+        return out
 
 
 class FusedBertLayer(FusedBlock, hf_bert.BertLayer):
@@ -126,6 +145,10 @@ class Family:
     heads: tuple[Head, ...]  # encoder heads, the base model first; one optimized class each
     decoders: tuple[type, ...]  # causal-LM heads: patched, but their blocks run HF's decoder code
     test: ParityConfig
+    # The embedding layer replaced and its fused class; None: HF's runs (RoBERTa's derives position ids from the
+    # input ids)
+    embeddings: type | None = None
+    fused_embeddings: type | None = None
 
     def n_layers(self, config) -> int:
         return config.num_hidden_layers  # DistilBertConfig maps it to n_layers
@@ -193,7 +216,8 @@ FAMILIES: tuple[Family, ...] = (
             Head(hf_distilbert.DistilBertForTokenClassification, "token"),
             Head(hf_distilbert.DistilBertForMultipleChoice, "multiple_choice")),
            (),
-           ParityConfig(tiny_distilbert, transformers.DistilBertConfig, token_types=False)),
+           ParityConfig(tiny_distilbert, transformers.DistilBertConfig, token_types=False),
+           hf_distilbert.Embeddings, FusedDistilBertEmbeddings),
     Family("bert", BERT_BLOCK, hf_bert.BertLayer, hf_bert.BertEncoder, FusedBertLayer, FusedBertEncoder,
            hf_bert.BertPreTrainedModel, hf_bert.BertModel,
            (Head(hf_bert.BertModel, "none"), Head(hf_bert.BertForMaskedLM, "masked_lm"),
@@ -201,7 +225,8 @@ FAMILIES: tuple[Family, ...] = (
             Head(hf_bert.BertForQuestionAnswering, "question_answering"),
             Head(hf_bert.BertForTokenClassification, "token"), Head(hf_bert.BertForMultipleChoice, "multiple_choice")),
            (hf_bert.BertLMHeadModel,),
-           ParityConfig(tiny_bert, minilm_l6, token_types=True)),
+           ParityConfig(tiny_bert, minilm_l6, token_types=True),
+           hf_bert.BertEmbeddings, FusedBertEmbeddings),
     Family("roberta", BERT_BLOCK, hf_roberta.RobertaLayer, hf_roberta.RobertaEncoder, FusedRobertaLayer,
            FusedRobertaEncoder, hf_roberta.RobertaPreTrainedModel, hf_roberta.RobertaModel,
            (Head(hf_roberta.RobertaModel, "none"), Head(hf_roberta.RobertaForMaskedLM, "masked_lm"),
@@ -216,7 +241,9 @@ FAMILIES: tuple[Family, ...] = (
 # The replacement table patch() walks a model with: exact HF class -> fused class.
 REPLACEMENTS: dict[type, type] = {
     original: fused for family in FAMILIES
-    for original, fused in ((family.block, family.fused_block), (family.encoder, family.fused_encoder))
+    for original, fused in ((family.block, family.fused_block), (family.encoder, family.fused_encoder),
+                            (family.embeddings, family.fused_embeddings))
+    if original is not None
 }
 
 

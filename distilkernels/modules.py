@@ -340,6 +340,79 @@ class FusedEncoder:
         return self.OUTPUT(last_hidden_state=pad(x, info))
 
 
+class FusedEmbeddings:
+    """Mixin for a BERT-family embedding layer (word, optional token type and position embeddings summed, then
+    LayerNorm and dropout): one `embed_layer_norm` pass per token where a kernel of ours runs it and the call asks
+    nothing else of the layer. HF's forward runs instead for inputs_embeds, position ids that are not (batch or
+    1, seqlen), gradients, active dropout, forward hooks on its submodules (the fused pass calls none of them), an
+    embedding with max_norm (which renormalizes its table), compiling or exporting, or no kernel of ours for the
+    table's device and dtype; each choice is counted (path_stats: "embeddings.fused" / "embeddings.stock: why").
+
+    HF in bf16 (distilbert-base, 2 cores, AMX Xeon, in the model): 0.26 ms at 1 x 128 and 0.94 ms at 8 x 128,
+    torch's bf16 gather, broadcast add and LayerNorm each a pass over the tokens."""
+
+    @classmethod
+    def from_module(cls, module):
+        return clone_as(module, cls)
+
+    def _stock_reason(self, input_ids, inputs_embeds) -> str:
+        """Why this call runs HF's forward ("" when it runs fused)."""
+        if hf.exporting():
+            return EXPORTING
+        if torch.compiler.is_compiling():
+            return "compiling (stock computation)"
+        if input_ids is None or inputs_embeds is not None:
+            return "inputs_embeds given"
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            return GRADIENTS
+        if _dropout_active(self):
+            return DROPOUT
+        if hf.forward_hooks(self._modules.values()):
+            return HOOKS
+        tables = [m for m in self._modules.values() if isinstance(m, torch.nn.Embedding)]
+        ln = self.LayerNorm
+        if any(t.max_norm is not None for t in tables) or ln.weight is None or ln.bias is None:
+            return "embedding options (max_norm, a LayerNorm without affine parameters)"
+        if not dispatch.has_kernel("embed_layer_norm", self.word_embeddings.weight):
+            return DTYPE
+        return ""
+
+    def fused(self, input_ids, inputs_embeds, position_ids, token_type_ids, *, first_position: int = 0,
+              token_types: bool):
+        """The layer's output computed in one pass, or None where HF's forward must run (counted either way).
+        Position ids default to the layer's position_ids buffer from `first_position` on; with `token_types`,
+        token type ids default as HF's BertEmbeddings makes them (its token_type_ids buffer at the positions)."""
+        reason = self._stock_reason(input_ids, inputs_embeds)
+        if not reason:
+            batch, seqlen = input_ids.shape
+            if position_ids is None:
+                position_ids = (self.position_ids[:, first_position:first_position + seqlen]
+                                if hasattr(self, "position_ids") else
+                                torch.arange(first_position, first_position + seqlen, device=input_ids.device)[None])
+            elif position_ids.dim() == 1:
+                position_ids = position_ids[None]
+            if position_ids.dim() != 2 or position_ids.shape[1] != seqlen or position_ids.shape[0] not in (1, batch):
+                reason = "position ids not (batch or 1, seqlen)"
+        if reason:
+            _count(self, "embeddings", Decision("stock", reason))
+            return None
+        table = None
+        if token_types:
+            table = self.token_type_embeddings.weight
+            if token_type_ids is None:
+                if hasattr(self, "token_type_ids"):
+                    buffered = self.token_type_ids.expand(position_ids.shape[0], -1)
+                    token_type_ids = torch.gather(buffered, dim=1, index=position_ids)
+                else:
+                    token_type_ids = torch.zeros_like(input_ids)
+            token_type_ids = token_type_ids.expand(batch, seqlen)
+        _count(self, "embeddings", Decision("fused", ""))
+        ln = self.LayerNorm
+        return dispatch.implementation("embed_layer_norm", "cpp")(
+            self.word_embeddings.weight, input_ids, self.position_embeddings.weight, position_ids.expand(batch, seqlen),
+            table, token_type_ids, ln.weight, ln.bias, ln.eps)[0]
+
+
 def clone_as(module: torch.nn.Module, cls: type) -> torch.nn.Module:
     """A new `cls` instance (a subclass of type(module)) sharing module's parameters, buffers, children and
     hooks; the original is left untouched so it can be put back exactly."""

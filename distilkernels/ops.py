@@ -108,6 +108,66 @@ def add_layer_norm(x, residual, weight, bias, eps: float = 1e-12, return_stats: 
     return (out, mean, rstd) if return_stats else out
 
 
+def embed_layer_norm(word, input_ids, position, position_ids, token_type, token_type_ids, weight, bias,
+                     eps: float = 1e-12, return_stats: bool = False):
+    """A BERT-family embedding layer in one pass per token: LayerNorm(word[input_ids] (+ token_type[
+    token_type_ids]) + position[position_ids]), statistics in fp32.
+
+    word (vocab, dim), position (positions, dim), token_type (types, dim) or None (with token_type_ids None): one
+    float dtype and device;
+    input_ids, position_ids, token_type_ids: (batch, seqlen) int64 (position_ids and token_type_ids may be
+    (1, seqlen), shared by the batch); weight, bias: (dim,). Returns out (batch, seqlen, dim), or (out, mean,
+    rstd) with mean/rstd (batch, seqlen) fp32 if return_stats. An index past its table is an IndexError.
+    """
+    _check_float("word", word)
+    if word.dim() != 2 or word.shape[1] == 0:
+        raise ValueError(f"word must be (vocab, dim) with dim > 0, got shape {tuple(word.shape)}")
+    if (token_type is None) != (token_type_ids is None):
+        raise ValueError("token_type and token_type_ids must be given together")
+    for name, table in (("position", position), ("token_type", token_type)):
+        if table is None:
+            continue
+        _check_float(name, table)
+        _check_same("word", word, **{name: table})
+        if table.dim() != 2 or table.shape[1] != word.shape[1]:
+            raise ValueError(f"{name} must be (rows, dim) with dim = {word.shape[1]}, got shape {tuple(table.shape)}")
+    _check_index("input_ids", input_ids, word, "word")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, seqlen), got shape {tuple(input_ids.shape)}")
+    ids = {"position_ids": position_ids, "token_type_ids": token_type_ids}
+    for (name, t), table in zip(ids.items(), (position, token_type)):
+        if t is None:
+            continue
+        if isinstance(t, torch.Tensor) and (t.dim() != 2 or t.shape[1] != input_ids.shape[1]
+                                            or t.shape[0] not in (1, input_ids.shape[0])):
+            raise ValueError(f"{name} must be (batch, seqlen) = {tuple(input_ids.shape)} or (1, seqlen), "
+                             f"got shape {tuple(t.shape)}")
+        _check_index(name, t, table, name[:-4])
+        ids[name] = t.expand(input_ids.shape)
+    _check_vector("weight", weight, word.shape[1], "word", word)
+    _check_vector("bias", bias, word.shape[1], "word", word)
+    out, mean, rstd = _impl("embed_layer_norm", word.device)(word, input_ids, position, ids["position_ids"],
+                                                            token_type, ids["token_type_ids"], weight, bias,
+                                                            float(eps))
+    return (out, mean, rstd) if return_stats else out
+
+
+def _check_index(name: str, t, table, table_name: str) -> None:
+    """int64 indices into `table`, on its device; their range is checked on CPU (elsewhere it would cost a sync;
+    the C++ op checks it again, since an index past the table would read beyond it)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.int64:
+        raise TypeError(f"{name} must be int64, got {t.dtype}")
+    if t.device != table.device:
+        raise ValueError(f"{name} is on {t.device} but word is on {table.device}: all tensors must share a device")
+    if t.device.type == "cpu" and t.numel() > 0:
+        low, high = (v.item() for v in torch.aminmax(t))
+        bad = low if low < 0 else high if high >= table.shape[0] else None
+        if bad is not None:
+            raise IndexError(f"{name} holds {bad}, out of range for the {table.shape[0]} rows of {table_name}")
+
+
 def bias_act_(x, bias, activation: str = "gelu"):
     """In place: x = activation(x + bias). x: (..., hidden_dim) contiguous; bias: (hidden_dim,).
     activation: "gelu" (exact, erf) or "relu". Returns x."""

@@ -51,6 +51,16 @@ def add_layer_norm(x, residual, weight, bias, eps):
     return out.to(x.dtype), mean, rstd
 
 
+def embed_layer_norm(word, input_ids, position, position_ids, token_type, token_type_ids, weight, bias, eps):
+    """LayerNorm(word[input_ids] (+ token_type[token_type_ids]) + position[position_ids]): the sum of word and
+    token type rounded to the tables' dtype (as HF sums them), the rest in fp32 (fp64 for fp64 tables). Returns
+    (out (batch, seqlen, dim), mean, rstd)."""
+    x = F.embedding(input_ids, word)
+    if token_type is not None:
+        x = x + F.embedding(token_type_ids, token_type)
+    return add_layer_norm(x, F.embedding(position_ids, position), weight, bias, eps)
+
+
 def bias_act_(x, bias, activation):
     """In place: x = activation(x + bias)."""
     acc = _math_dtype(x)

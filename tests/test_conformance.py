@@ -206,7 +206,8 @@ def test_attn_implementation_masks_run_fused(family, attn, kind, tmp_path):
         with torch.no_grad():
             assert_same(stock(**inputs), model(**inputs), inputs["attention_mask"], mask_kind)
     stats = path_stats(model)
-    assert stats == {"encoder.unpadded": 1, "encoder.padded: " + "position 0 is padding (pooled heads read it)": 1,
+    assert stats == {"embeddings.fused": 2, "encoder.unpadded": 1,
+                     "encoder.padded: " + "position 0 is padding (pooled heads read it)": 1,
                      "block.fused": config.num_hidden_layers}, stats
 
 

@@ -45,12 +45,12 @@ def run(model, **extra):
 
 def test_fast_path_counts():
     model = distilbert()
-    assert run(model) == {"encoder.unpadded": 1}  # the unpadded path runs forward_tokens directly
+    assert run(model) == {"embeddings.fused": 1, "encoder.unpadded": 1}  # unpadded: forward_tokens directly
     model.eval()
     with torch.no_grad():
         model(**inputs("none"))
-    assert path_stats(model) == {"encoder.unpadded": 1, "encoder.padded: " + modules.NO_PADDING: 1,
-                                 "block.fused": LAYERS}
+    assert path_stats(model) == {"embeddings.fused": 2, "encoder.unpadded": 1,
+                                 "encoder.padded: " + modules.NO_PADDING: 1, "block.fused": LAYERS}
 
 
 def test_stats_reset():
@@ -58,7 +58,7 @@ def test_stats_reset():
     handle = distilkernels.patch(model)
     with torch.no_grad():
         model(**inputs())
-    assert handle.stats(reset=True) == {"encoder.unpadded": 1}
+    assert handle.stats(reset=True) == {"embeddings.fused": 1, "encoder.unpadded": 1}
     assert handle.stats() == {} and path_stats(model) == {}
     with torch.no_grad():
         model(**inputs())
@@ -67,21 +67,22 @@ def test_stats_reset():
 
 
 @pytest.mark.parametrize("case, expected", [
-    ("gradients", {"encoder.padded: " + modules.GRADIENTS: 1, "block.stock: " + modules.GRADIENTS: LAYERS,
-                   "attention.stock: " + modules.GRADIENTS: LAYERS}),
-    ("dropout", {"encoder.padded: " + modules.DROPOUT: 1, "block.stock: " + modules.DROPOUT: LAYERS,
-                 "attention.stock: " + modules.DROPOUT: LAYERS}),
-    ("attentions", {"encoder.padded: attention weights requested": 1,
+    ("gradients", {"embeddings.stock: " + modules.GRADIENTS: 1, "encoder.padded: " + modules.GRADIENTS: 1,
+                   "block.stock: " + modules.GRADIENTS: LAYERS, "attention.stock: " + modules.GRADIENTS: LAYERS}),
+    ("dropout", {"embeddings.stock: " + modules.DROPOUT: 1, "encoder.padded: " + modules.DROPOUT: 1,
+                 "block.stock: " + modules.DROPOUT: LAYERS, "attention.stock: " + modules.DROPOUT: LAYERS}),
+    ("attentions", {"embeddings.fused": 1, "encoder.padded: attention weights requested": 1,
                     "block.stock: attention weights requested": LAYERS,
                     "attention.stock: attention weights requested": LAYERS}),
-    ("hidden_states", {"encoder.padded: " + modules.HIDDEN_STATES: 1, "block.fused": LAYERS}),
-    ("labels", {"encoder.padded: " + modules.LABELS: 1, "block.fused": LAYERS}),
-    ("left", {"encoder.padded: " + modules.POSITION0: 1, "block.fused": LAYERS}),
-    ("unpad_off", {"encoder.padded: " + modules.UNPAD_OFF: 1, "block.fused": LAYERS}),
-    ("activation", {"encoder.padded: " + modules.ACTIVATION: 1, "block.stock: " + modules.ACTIVATION: LAYERS,
-                    "attention.fused": LAYERS}),
-    ("dtype", {"encoder.padded: " + modules.DTYPE: 1, "block.stock: " + modules.DTYPE: LAYERS,
-               "attention.stock: " + modules.DTYPE: LAYERS}),
+    ("hidden_states", {"embeddings.fused": 1, "encoder.padded: " + modules.HIDDEN_STATES: 1,
+                       "block.fused": LAYERS}),
+    ("labels", {"embeddings.fused": 1, "encoder.padded: " + modules.LABELS: 1, "block.fused": LAYERS}),
+    ("left", {"embeddings.fused": 1, "encoder.padded: " + modules.POSITION0: 1, "block.fused": LAYERS}),
+    ("unpad_off", {"embeddings.fused": 1, "encoder.padded: " + modules.UNPAD_OFF: 1, "block.fused": LAYERS}),
+    ("activation", {"embeddings.fused": 1, "encoder.padded: " + modules.ACTIVATION: 1,
+                    "block.stock: " + modules.ACTIVATION: LAYERS, "attention.fused": LAYERS}),
+    ("dtype", {"embeddings.stock: " + modules.DTYPE: 1, "encoder.padded: " + modules.DTYPE: 1,
+               "block.stock: " + modules.DTYPE: LAYERS, "attention.stock: " + modules.DTYPE: LAYERS}),
 ])
 def test_fallback_reason(case, expected):
     model = distilbert(activation="gelu_new") if case == "activation" else distilbert()
@@ -168,8 +169,8 @@ def test_forward_hooks_run():
     for (_, got), (_, want) in zip(seen["patched"], seen["hf"]):
         torch.testing.assert_close(got[mask], want[mask], atol=1e-4, rtol=0)  # real tokens; padded ones differ
     # (the stock block's attention still runs the fused attention function: no hook is inside it)
-    assert handle.stats(reset=True) == {"encoder.padded: " + modules.HOOKS: 1, "block.stock: " + modules.HOOKS: 1,
-                                        "block.fused": 1, "attention.fused": 1}
+    assert handle.stats(reset=True) == {"embeddings.fused": 1, "encoder.padded: " + modules.HOOKS: 1,
+                                        "block.stock: " + modules.HOOKS: 1, "block.fused": 1, "attention.fused": 1}
 
     fresh = distilbert()
     distilkernels.patch(fresh)
@@ -177,7 +178,7 @@ def test_forward_hooks_run():
         fresh(**inputs(), output_hidden_states=True)
         modules.reset_path_stats(fresh)
         fresh(**inputs())
-    assert path_stats(fresh) == {"encoder.unpadded": 1}
+    assert path_stats(fresh) == {"embeddings.fused": 1, "encoder.unpadded": 1}
 
 
 def test_no_padding_runs_blocks_without_hf_calls():
@@ -194,5 +195,34 @@ def test_no_padding_runs_blocks_without_hf_calls():
     for got, want in zip(out.hidden_states, ref.hidden_states):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
     torch.testing.assert_close(plain.logits, ref.logits, atol=1e-4, rtol=0)
-    assert path_stats(model) == {"encoder.padded: " + modules.HIDDEN_STATES: 1,
+    assert path_stats(model) == {"embeddings.fused": 2, "encoder.padded: " + modules.HIDDEN_STATES: 1,
                                  "encoder.padded: " + modules.NO_PADDING: 1, "block.fused": 2 * LAYERS}
+
+
+@pytest.mark.parametrize("kind", ["inputs_embeds", "hook", "position_ids_1d", "position_ids_shifted"])
+def test_embeddings_paths(kind):
+    """The embedding layer's one-pass kernel runs only where the call asks nothing else of it: inputs_embeds or
+    a forward hook on one of its submodules (which then runs and sees what it sees in HF's model) take HF's
+    forward. Position ids given as (seqlen,) or shifted run fused. The outputs match HF's either way."""
+    model = distilbert()
+    reference = copy.deepcopy(model)
+    handle = distilkernels.patch(model)
+    args = inputs("none")
+    seen = {}
+    if kind == "inputs_embeds":
+        args = {"inputs_embeds": reference.distilbert.embeddings.word_embeddings(args.pop("input_ids")), **args}
+    elif kind == "hook":
+        for name, m in (("patched", model), ("hf", reference)):
+            m.distilbert.embeddings.word_embeddings.register_forward_hook(
+                lambda mod, a, out, name=name: seen.__setitem__(name, out.clone()))
+    elif kind == "position_ids_1d":
+        args["position_ids"] = torch.arange(8)
+    else:
+        args["position_ids"] = torch.arange(5, 13)[None].expand(3, 8)
+    with torch.no_grad():
+        got, want = model(**args).logits, reference(**args).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    why = {"inputs_embeds": "embeddings.stock: inputs_embeds given", "hook": "embeddings.stock: " + modules.HOOKS}
+    assert handle.stats()[why.get(kind, "embeddings.fused")] == 1
+    if kind == "hook":
+        torch.testing.assert_close(seen["patched"], seen["hf"], atol=0, rtol=0)

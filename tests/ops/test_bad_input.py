@@ -40,6 +40,18 @@ def _packed(weight):
     return OPS.pack_linear_weight(weight) if load_extension() is not None else reference.pack_linear_weight(weight)
 
 
+def _word():
+    return torch.randn(5, 6)
+
+
+def _ids():
+    return torch.tensor([[0, 1, 2], [3, 4, 0]])
+
+
+def _ln():
+    return torch.ones(6), torch.zeros(6)
+
+
 def _x_bf16():
     return torch.randn(3, 4).bfloat16()
 
@@ -78,6 +90,35 @@ ROWS = {
                                   ValueError, "residual must have x's shape", True),
     "layer_norm-weight-device": ("add_layer_norm", lambda: (_x(), None, torch.ones(6, device=META), torch.zeros(6)),
                                  ValueError, "weight is on meta but x is on cpu", False),
+    # embed_layer_norm(word, input_ids, position, position_ids, token_type, token_type_ids, weight, bias)
+    "embed-word-dim0": ("embed_layer_norm", lambda: (torch.randn(5, 0), _ids(), torch.randn(4, 0), _ids(), None,
+                                                     None, torch.ones(0), torch.zeros(0)),
+                        ValueError, r"word must be \(vocab, dim\) with dim > 0", True),
+    "embed-word-int": ("embed_layer_norm", lambda: (_word().long(), _ids(), _word(), _ids(), None, None, *_ln()),
+                       TypeError, "word must be float32, float16 or bfloat16", True),
+    "embed-ids-int32": ("embed_layer_norm", lambda: (_word(), _ids().int(), _word(), _ids(), None, None, *_ln()),
+                        TypeError, "input_ids must be int64", True),
+    "embed-ids-range": ("embed_layer_norm", lambda: (_word(), _ids() + 5, _word(), _ids(), None, None, *_ln()),
+                        IndexError, "input_ids holds 9, out of range for the 5 rows of word", False),
+    "embed-position-ids-negative": ("embed_layer_norm", lambda: (_word(), _ids(), _word(), _ids() - 1, None, None,
+                                                                 *_ln()),
+                                    IndexError, "position_ids holds -1, out of range for the 5 rows of position",
+                                    False),
+    "embed-position-dim": ("embed_layer_norm", lambda: (_word(), _ids(), torch.randn(5, 4), _ids(), None, None,
+                                                        *_ln()),
+                           ValueError, r"position must be \(rows, dim\) with dim = 6", True),
+    "embed-position-dtype": ("embed_layer_norm", lambda: (_word(), _ids(), _word().half(), _ids(), None, None,
+                                                          *_ln()),
+                             TypeError, "position has dtype .* dtypes must match", True),
+    "embed-position-ids-shape": ("embed_layer_norm", lambda: (_word(), _ids(), _word(), _ids()[:, :2], None, None,
+                                                              *_ln()),
+                                 ValueError, r"position_ids must be \(batch, seqlen\) = \(2, 3\)", True),
+    "embed-token-type-alone": ("embed_layer_norm", lambda: (_word(), _ids(), _word(), _ids(), _word(), None,
+                                                            *_ln()),
+                               ValueError, "token_type and token_type_ids must be given together", True),
+    "embed-weight-size": ("embed_layer_norm", lambda: (_word(), _ids(), _word(), _ids(), None, None,
+                                                       torch.ones(5), torch.zeros(6)),
+                          ValueError, "weight must be a 1-D tensor of size 6", True),
     # bias_act_(x, bias, activation)
     "bias_act-hidden0": ("bias_act_", lambda: (torch.randn(4, 0), torch.zeros(0), "gelu"),
                          ValueError, r"x must be \(\.\.\., hidden_dim\) with hidden_dim > 0", True),
@@ -202,7 +243,7 @@ ROWS = {
 }
 
 # The raw ops' extra scalar arguments that distilkernels.ops fills in.
-RAW_EXTRA = {"attention": (1.0,), "varlen_attention": (1.0,), "add_layer_norm": (1e-5,)}
+RAW_EXTRA = {"attention": (1.0,), "varlen_attention": (1.0,), "add_layer_norm": (1e-5,), "embed_layer_norm": (1e-5,)}
 
 
 @pytest.mark.parametrize("case", list(ROWS))
@@ -234,6 +275,9 @@ def _empty_cases():
         "linear-0-in_features": ("linear", (torch.randn(3, 0), torch.randn(5, 0), torch.randn(5))),
         "layer_norm-0-rows": ("add_layer_norm", (torch.randn(0, 6), torch.randn(0, 6), torch.ones(6), torch.zeros(6))),
         "bias_act-0-rows": ("bias_act_", (torch.randn(0, 6), torch.randn(6), "gelu")),
+        "embed-0-batch": ("embed_layer_norm", (torch.randn(5, 6), torch.zeros(0, 3, dtype=torch.long),
+                                               torch.randn(4, 6), torch.zeros(1, 3, dtype=torch.long), None, None,
+                                               torch.ones(6), torch.zeros(6))),
         "attention-0-batch": ("attention", (q0, q0, q0, torch.ones(0, 5, dtype=torch.bool))),
         "attention-0-seqlen": ("attention", (q_len0, q_len0, q_len0, None)),
         "varlen-0-tokens": ("varlen_attention", (v0, v0, v0, cu_seqlens_of([0]), 0)),

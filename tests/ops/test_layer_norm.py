@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from distilkernels import ops, reference
-from helpers import (DTYPES, LOW_PRECISION, assert_lowp, kernel_of, lowp_bound, magnitude, max_err,
+from helpers import (DTYPES, LOW_PRECISION, assert_lowp, kernel_of, lowp_bound, magnitude, max_err, num_threads,
                      triton_kernel_runs, ulps)
 
 OPS = torch.ops.distilkernels
@@ -183,3 +183,48 @@ def test_triton_add_layer_norm(device, dim, with_residual, dtype):
     with triton_kernel_runs("add_layer_norm"):
         out, mean, rstd = ops.add_layer_norm(x, residual, weight, bias, 1e-12, return_stats=True)
     check(out, mean, rstd, x, residual, weight, bias, 1e-12, interpreter=device.type == "cpu")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# embed_layer_norm: an embedding layer's gathers, sum and LayerNorm in one pass
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("token_types", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_embed_layer_norm_matches_fp64(backend, dtype, token_types, threads):
+    """Against the fp64 LayerNorm of what HF sums: word (+ token type, that sum rounded to the tables' dtype as
+    HF rounds it) + position. Odd sizes; position ids shared by the batch (1, seqlen) and shifted; repeated ids.
+    Held to add_layer_norm's bounds (check above), which the same sum and normalization obey."""
+    g = torch.Generator().manual_seed(5)
+    dim, batch, seqlen = 37, 3, 11
+    word = (torch.randn(23, dim, generator=g) * 2).to(dtype)
+    position = torch.randn(17, dim, generator=g).to(dtype)
+    token_type = torch.randn(3, dim, generator=g).to(dtype) if token_types else None
+    ids = torch.randint(0, 23, (batch, seqlen), generator=g)
+    ids[1, :4] = ids[0, :4]  # repeated rows
+    position_ids = torch.arange(4, 4 + seqlen)[None]
+    type_ids = torch.randint(0, 3, (batch, seqlen), generator=g) if token_types else None
+    weight, bias = (torch.randn(dim, generator=g).to(dtype) for _ in range(2))
+    with num_threads(threads), ops.force_backend(backend):
+        out, mean, rstd = ops.embed_layer_norm(word, ids, position, position_ids, token_type, type_ids, weight,
+                                               bias, 1e-5, return_stats=True)
+    x = F.embedding(ids, word)
+    if token_types:
+        x = x + F.embedding(type_ids, token_type)
+    residual = F.embedding(position_ids.expand(batch, seqlen), position)
+    assert out.shape == (batch, seqlen, dim)
+    check(out, mean, rstd, x, residual, weight, bias, 1e-5)
+
+
+@requires_ext
+def test_embed_layer_norm_raw_op_rejects_indices_past_the_table():
+    """The C++ op checks every index itself (a raw call skips distilkernels.ops' checks): an index past a table
+    would read beyond it."""
+    word, ids, ln = torch.randn(5, 6), torch.tensor([[0, 4]]), (torch.ones(6), torch.zeros(6))
+    for bad_ids, bad_positions, message in ((ids + 1, ids, "input_ids holds 5, out of range for the 5 rows of word"),
+                                            (ids, ids - 1, "position_ids holds -1, out of range for the 5 rows")):
+        with pytest.raises(IndexError, match=message):
+            OPS.embed_layer_norm(word, bad_ids, word, bad_positions, None, None, *ln, 1e-5)
+    with pytest.raises(IndexError, match="token_type_ids holds 2, out of range for the 2 rows of token_type"):
+        OPS.embed_layer_norm(word, ids, word, ids, torch.randn(2, 6), ids.clamp(max=2), *ln, 1e-5)
