@@ -13,37 +13,37 @@
 namespace distilkernels {
 namespace {
 
+// One row: out = LayerNorm(x + residual) (residual may be null), mean/rstd of the row. fp32 rows through the fp32
+// kernel (out holds x + residual between its sweeps); bf16 rows read and written as bf16, fp32 only in registers
+// and the scratch row h; fp16 rows widened into h (and res) around the fp32 kernel. h: dim floats (bf16, fp16);
+// res: dim floats (fp16 with a residual).
+template <typename T>
+void add_layer_norm_row(const cpu::Kernels& k, const T* x, const T* residual, const float* weight, const float* bias,
+                        float eps, int64_t dim, T* out, float* mean, float* rstd, float* h, float* res) {
+  if constexpr (std::is_same_v<T, float>) {
+    k.add_layer_norm_row(x, residual, weight, bias, eps, dim, out, out, mean, rstd);
+  } else if constexpr (std::is_same_v<T, at::BFloat16>) {
+    k.add_layer_norm_row_bf16(reinterpret_cast<const uint16_t*>(x), reinterpret_cast<const uint16_t*>(residual),
+                              weight, bias, eps, dim, h, reinterpret_cast<uint16_t*>(out), mean, rstd);
+  } else {
+    for (int64_t i = 0; i < dim; ++i) h[i] = static_cast<float>(x[i]);
+    if (residual)
+      for (int64_t i = 0; i < dim; ++i) res[i] = static_cast<float>(residual[i]);
+    k.add_layer_norm_row(h, residual ? res : nullptr, weight, bias, eps, dim, h, h, mean, rstd);
+    for (int64_t i = 0; i < dim; ++i) out[i] = static_cast<T>(h[i]);
+  }
+}
+
 // Rows of `dim` values: x/residual/out (rows, dim) contiguous; mean/rstd (rows,).
 template <typename T>
 void add_layer_norm_rows(const T* x, const T* residual, const float* weight, const float* bias, float eps,
                          int64_t rows, int64_t dim, T* out, float* mean, float* rstd) {
   const auto& k = cpu::kernels();
   at::parallel_for(0, rows, row_grain(dim), [&](int64_t begin, int64_t end) {
-    if constexpr (std::is_same_v<T, float>) {
-      for (int64_t r = begin; r < end; ++r) {
-        float* o = out + r * dim;  // the output row holds x + residual between the sweeps
-        k.add_layer_norm_row(x + r * dim, residual ? residual + r * dim : nullptr, weight, bias, eps, dim, o, o,
-                             mean + r, rstd + r);
-      }
-    } else if constexpr (std::is_same_v<T, at::BFloat16>) {  // bf16 in and out, fp32 only in registers
-      const auto* xb = reinterpret_cast<const uint16_t*>(x);
-      const auto* rb = reinterpret_cast<const uint16_t*>(residual);
-      auto* ob = reinterpret_cast<uint16_t*>(out);
-      std::vector<float> h(dim);
-      for (int64_t r = begin; r < end; ++r)
-        k.add_layer_norm_row_bf16(xb + r * dim, rb ? rb + r * dim : nullptr, weight, bias, eps, dim, h.data(),
-                                  ob + r * dim, mean + r, rstd + r);
-    } else {  // fp16: each row widened to fp32 scratch around the fp32 kernel
-      std::vector<float> h(dim), res(residual ? dim : 0);
-      for (int64_t r = begin; r < end; ++r) {
-        for (int64_t i = 0; i < dim; ++i) h[i] = static_cast<float>(x[r * dim + i]);
-        if (residual)
-          for (int64_t i = 0; i < dim; ++i) res[i] = static_cast<float>(residual[r * dim + i]);
-        k.add_layer_norm_row(h.data(), residual ? res.data() : nullptr, weight, bias, eps, dim, h.data(), h.data(),
-                             mean + r, rstd + r);
-        for (int64_t i = 0; i < dim; ++i) out[r * dim + i] = static_cast<T>(h[i]);
-      }
-    }
+    std::vector<float> h(std::is_same_v<T, float> ? 0 : dim), res(std::is_same_v<T, at::Half> && residual ? dim : 0);
+    for (int64_t r = begin; r < end; ++r)
+      add_layer_norm_row(k, x + r * dim, residual ? residual + r * dim : nullptr, weight, bias, eps, dim,
+                         out + r * dim, mean + r, rstd + r, h.data(), res.data());
   });
 }
 
@@ -115,30 +115,17 @@ void embed_rows(const T* word, const int64_t* ids, const T* position, const int6
                 T* out, float* mean, float* rstd) {
   const auto& k = cpu::kernels();
   at::parallel_for(0, rows, row_grain(dim), [&](int64_t begin, int64_t end) {
-    std::vector<float> h(dim), res(std::is_same_v<T, at::Half> ? dim : 0);
+    std::vector<float> h(std::is_same_v<T, float> ? 0 : dim), res(std::is_same_v<T, at::Half> ? dim : 0);
     std::vector<T> sum(type != nullptr ? dim : 0);
     for (int64_t r = begin; r < end; ++r) {
       const T* w = word + ids[r] * dim;
-      const T* p = position + pos_ids[r] * dim;
       if (type != nullptr) {  // word + token_type, rounded to T as HF's sum is
         const T* t = type + type_ids[r] * dim;
         for (int64_t i = 0; i < dim; ++i) sum[i] = static_cast<T>(static_cast<float>(w[i]) + static_cast<float>(t[i]));
         w = sum.data();
       }
-      T* o = out + r * dim;
-      if constexpr (std::is_same_v<T, float>) {
-        k.add_layer_norm_row(w, p, weight, bias, eps, dim, o, o, mean + r, rstd + r);
-      } else if constexpr (std::is_same_v<T, at::BFloat16>) {
-        k.add_layer_norm_row_bf16(reinterpret_cast<const uint16_t*>(w), reinterpret_cast<const uint16_t*>(p),
-                                  weight, bias, eps, dim, h.data(), reinterpret_cast<uint16_t*>(o), mean + r, rstd + r);
-      } else {  // fp16: widened to fp32 scratch around the fp32 kernel
-        for (int64_t i = 0; i < dim; ++i) {
-          h[i] = static_cast<float>(w[i]);
-          res[i] = static_cast<float>(p[i]);
-        }
-        k.add_layer_norm_row(h.data(), res.data(), weight, bias, eps, dim, h.data(), h.data(), mean + r, rstd + r);
-        for (int64_t i = 0; i < dim; ++i) o[i] = static_cast<T>(h[i]);
-      }
+      add_layer_norm_row(k, w, position + pos_ids[r] * dim, weight, bias, eps, dim, out + r * dim, mean + r,
+                         rstd + r, h.data(), res.data());
     }
   });
 }
