@@ -50,6 +50,21 @@ def check_device(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -
         raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}: all tensors must share a device")
 
 
+def check_index(name: str, t, table: torch.Tensor, table_name: str) -> None:
+    """int64 indices into the rows of `table`, on its device. Their range is checked on CPU only (elsewhere it
+    would cost a device-to-host copy and a sync; the C++ op checks it again, since an index past the table would
+    read beyond it)."""
+    check_tensor(name, t)
+    if t.dtype != torch.int64:
+        raise TypeError(f"{name} must be int64, got {t.dtype}")
+    check_device(name, t, table_name, table)
+    if t.device.type == "cpu" and t.numel() > 0:
+        low, high = (v.item() for v in torch.aminmax(t))
+        bad = low if low < 0 else high if high >= table.shape[0] else None
+        if bad is not None:
+            raise IndexError(f"{name} holds {bad}, out of range for the {table.shape[0]} rows of {table_name}")
+
+
 def check_vector(name: str, t, size: int, ref_name: str, ref: torch.Tensor) -> None:
     """A (size,) float parameter such as a LayerNorm weight, on ref's device."""
     check_float(name, t)

@@ -159,6 +159,30 @@ class GemmCalls(NamedTuple):
     lin2: Callable  # -> (tokens, dim), bias included
 
 
+class BoundCalls(dict):
+    """key -> (params_key of a block's linears, GemmCalls): the bindings bound_calls keeps. Derived state holding
+    closures over packed weights: pickled and deep-copied empty, rebuilt on the next call."""
+
+    def __reduce__(self):
+        return (BoundCalls, ())
+
+
+def bound_calls(bound: BoundCalls, key, linears, bind: Callable, activation: str) -> GemmCalls:
+    """The GemmCalls kept in `bound` under `key` while the weights and biases of `linears` are the same tensors,
+    unchanged (one check of them all); otherwise bind(name, activation) for each GEMM ("qkv", "out", "lin1" with
+    `activation`, "lin2"), kept in its place, and every binding of older weights dropped from `bound`."""
+    params = params_key(linears_params(linears))
+    hit = bound.get(key)
+    if hit is not None and hit[0] == params:
+        return hit[1]
+    calls = GemmCalls(*(bind(name, act) for name, act in (
+        ("qkv", "none"), ("out", "none"), ("lin1", activation), ("lin2", "none"))))
+    for stale in [k for k, (p, _) in bound.items() if p != params]:
+        del bound[stale]
+    bound[key] = (params, calls)
+    return calls
+
+
 def concat(weight, bias):
     """The concatenated weights and biases themselves."""
     return weight, bias
@@ -421,7 +445,7 @@ class DenseGemms:
         self.packed_dtype = None
         self.linears = tuple(lin for linears, *_ in self.groups.values() for lin in linears)
         # calls(): (x dtype, activation, row bucket, our op) -> (params_key of the block's linears, GemmCalls)
-        self.bound = {}
+        self.bound = BoundCalls()
 
     def calls(self, x, activation: str) -> GemmCalls:
         """The four GEMMs for inputs like x (its dtype and row count), lin1's with `activation`, bound to their
@@ -433,17 +457,9 @@ class DenseGemms:
             return GemmCalls(self.qkv, self.out, functools.partial(self.lin1_act, activation=activation), self.lin2)
         ours = _ours_op(x.dtype)
         key = (x.dtype, activation, bisect.bisect(_BUCKET_EDGES, x.shape[0]), ours)
-        params = params_key(linears_params(self.linears))
-        hit = self.bound.get(key)
-        if hit is not None and hit[0] == params:
-            return hit[1]
-        calls = GemmCalls(*(self._bind(name, x, act, ours) for name, act in (
-            ("qkv", "none"), ("out", "none"), ("lin1", activation), ("lin2", "none"))))
-        self.bound = {k: v for k, v in self.bound.items() if v[0] == params}  # none left of older weights
-        self.bound[key] = (params, calls)
-        return calls
+        return bound_calls(self.bound, key, self.linears, functools.partial(self._bind, x=x, ours=ours), activation)
 
-    def _bind(self, name, x, activation, ours):
+    def _bind(self, name, activation, *, x, ours):
         kernel, packed, bias = self._packing(name, x)
         call, out_features = (ours if kernel == "packed" else _KERNELS[kernel].call), bias.shape[0]
         return lambda x: call(x, packed, out_features, bias, activation)

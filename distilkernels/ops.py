@@ -17,7 +17,7 @@ import torch
 from . import dispatch
 from ._checks import (FLOAT_DTYPES as _FLOAT_DTYPES, check_activation as _check_activation,
                       check_contiguous as _check_contiguous, check_cu_seqlens as _check_cu_seqlens,
-                      check_float as _check_float, check_fp32 as _check_fp32,
+                      check_float as _check_float, check_fp32 as _check_fp32, check_index as _check_index,
                       check_fp32_matrix as _check_fp32_matrix, check_fp32_vector as _check_fp32_vector,
                       check_key_padding_mask as _check_key_padding_mask, check_last_dim as _check_last_dim,
                       check_packed as _check_packed,
@@ -138,11 +138,10 @@ def embed_layer_norm(word, input_ids, position, position_ids, token_type, token_
     for (name, t), table in zip(ids.items(), (position, token_type)):
         if t is None:
             continue
-        if isinstance(t, torch.Tensor) and (t.dim() != 2 or t.shape[1] != input_ids.shape[1]
-                                            or t.shape[0] not in (1, input_ids.shape[0])):
+        _check_index(name, t, table, name[:-4])
+        if t.dim() != 2 or t.shape[1] != input_ids.shape[1] or t.shape[0] not in (1, input_ids.shape[0]):
             raise ValueError(f"{name} must be (batch, seqlen) = {tuple(input_ids.shape)} or (1, seqlen), "
                              f"got shape {tuple(t.shape)}")
-        _check_index(name, t, table, name[:-4])
         ids[name] = t.expand(input_ids.shape)
     _check_vector("weight", weight, word.shape[1], "word", word)
     _check_vector("bias", bias, word.shape[1], "word", word)
@@ -150,22 +149,6 @@ def embed_layer_norm(word, input_ids, position, position_ids, token_type, token_
                                                             token_type, ids["token_type_ids"], weight, bias,
                                                             float(eps))
     return (out, mean, rstd) if return_stats else out
-
-
-def _check_index(name: str, t, table, table_name: str) -> None:
-    """int64 indices into `table`, on its device; their range is checked on CPU (elsewhere it would cost a sync;
-    the C++ op checks it again, since an index past the table would read beyond it)."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype != torch.int64:
-        raise TypeError(f"{name} must be int64, got {t.dtype}")
-    if t.device != table.device:
-        raise ValueError(f"{name} is on {t.device} but word is on {table.device}: all tensors must share a device")
-    if t.device.type == "cpu" and t.numel() > 0:
-        low, high = (v.item() for v in torch.aminmax(t))
-        bad = low if low < 0 else high if high >= table.shape[0] else None
-        if bad is not None:
-            raise IndexError(f"{name} holds {bad}, out of range for the {table.shape[0]} rows of {table_name}")
 
 
 def bias_act_(x, bias, activation: str = "gelu"):

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from . import dispatch, ops
-from .gemms import DerivedWeights, GemmCalls, linears_params, params_key, use_matrix_unit
+from .gemms import BoundCalls, DerivedWeights, GemmCalls, bound_calls, use_matrix_unit
 from .modules import FusedBlock
 
 # One scale per token: quantizing each row costs one fused pass, so a coarser per-tensor mode gains nothing.
@@ -44,8 +44,8 @@ class PackInt8:
 
 
 class Int8Gemms:
-    """The block's four GEMMs in int8 with per-token activation scales (`ops.linear_int8`); the same methods as
-    gemms.DenseGemms. Inputs and outputs are fp32 (tokens, features)."""
+    """The block's four GEMMs in int8 with per-token activation scales (`ops.linear_int8`), bound for a call by
+    `calls` as gemms.DenseGemms' are. Inputs and outputs are fp32 (tokens, features)."""
 
     def __init__(self, parts, activations: str = "per_token"):
         if activations not in ACTIVATION_MODES:
@@ -55,40 +55,17 @@ class Int8Gemms:
         self.packed = {name: DerivedWeights(linears, PackInt8()) for name, linears in (
             ("qkv", (parts.q, parts.k, parts.v)), ("out", (parts.out,)), ("lin1", (parts.lin1,)),
             ("lin2", (parts.lin2,)))}
-        self.linears = (parts.q, parts.k, parts.v, parts.out, parts.lin1, parts.lin2)
-        self.bound = {}  # activation -> (params_key of the linears, GemmCalls), as gemms.DenseGemms.calls
+        self.linears = tuple(lin for derived in self.packed.values() for lin in derived.linears)
+        self.bound = BoundCalls()  # activation -> (params_key of the linears, GemmCalls): gemms.bound_calls
 
     def calls(self, x, activation: str) -> GemmCalls:
         """The four GEMMs bound to their int8 packings, lin1's with `activation` (see DenseGemms.calls)."""
-        params = params_key(linears_params(self.linears))
-        hit = self.bound.get(activation)
-        if hit is not None and hit[0] == params:
-            return hit[1]
-        calls = GemmCalls(*(self._bind(name, act) for name, act in (
-            ("qkv", "none"), ("out", "none"), ("lin1", activation), ("lin2", "none"))))
-        self.bound = {activation: (params, calls)}
-        return calls
+        return bound_calls(self.bound, activation, self.linears, self._bind, activation)
 
     def _bind(self, name, activation):
         packed, scale, bias = self.packed[name].get()
         out_features = bias.shape[0]
         return lambda x: ops.linear_int8(x, packed, scale, out_features, bias, activation)
-
-    def _linear(self, name, x, activation="none"):
-        packed, scale, bias = self.packed[name].get()
-        return ops.linear_int8(x, packed, scale, bias.shape[0], bias, activation)
-
-    def qkv(self, x):  # (tokens, dim) -> (tokens, 3*dim), bias included
-        return self._linear("qkv", x)
-
-    def out(self, x):  # (tokens, dim) -> (tokens, dim), bias included
-        return self._linear("out", x)
-
-    def lin1_act(self, x, activation):  # (tokens, dim) -> activation(lin1(x)), (tokens, hidden_dim)
-        return self._linear("lin1", x, activation)
-
-    def lin2(self, x):  # (tokens, hidden_dim) -> (tokens, dim), bias included
-        return self._linear("lin2", x)
 
 
 def fused_blocks(model: torch.nn.Module) -> list[FusedBlock]:
