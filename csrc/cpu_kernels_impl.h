@@ -179,6 +179,39 @@ DK_INLINE T gelu(T y) {
   return y * vselect_lt(y, z, half_erfc, splat(1.0f, z) - half_erfc);
 }
 
+// GELU for results rounded to bf16 right after (the AMX epilogue, bias_act_ in bf16), in 21 vector instructions
+// against gelu's 35 (bf16 bias_act_ of 64 x 3072 on one thread: 74 -> 57-62 us over the ReLU's time).
+// Phi(-|y|) = erfc(|y| / sqrt2) / 2 is taken as 1 / (2 P(|y|)^16), P of degree 7 with constant term 1 (so that
+// Phi(0) is 1/2 exactly, on both sides: gelu(y) = y / 2 for tiny y) and the others a minimax fit on [0, 6.5] of
+// the error relative to max(Phi, 1e-5): relative error at most 1.4e-5 where Phi(-|y|) > 1e-5 (|y| < 4.26), 5e-3
+// where it is > 1e-8 (|y| < 5.6), 5% up to 6.5, absolute 6e-6 (fp32 evaluation included). Past |y| = 6.5,
+// Phi(-|y|) < 4.1e-11 is taken as 0 (|y| is clamped there: P^16 stays far from overflow and its reciprocal from
+// denormals), as torch's fp32 GELU does past ~5.5 (its 1 + erf cancels). Against an fp64 GELU, over every finite
+// bf16 input: within one bf16 rounding (half an ulp) wherever |gelu(y)| >= 1e-4, and never further off than
+// torch's own bf16 GELU below that. +-inf and NaN give gelu's results (inf, NaN, NaN).
+template <class T>
+DK_INLINE T gelu_bf16(T y) {
+  const T z = splat(0.0f, y);
+  const T clamp = splat(6.5f, z);
+  const T ax = vmin(vabs(y), clamp);  // NaN -> 6.5: its result is y * 1 = NaN
+  T p = splat(1.650065769e-06f, z);
+  p = vfma(p, ax, splat(-1.233471539e-05f, z));
+  p = vfma(p, ax, splat(1.240247802e-04f, z));
+  p = vfma(p, ax, splat(-1.208979156e-04f, z));
+  p = vfma(p, ax, splat(3.450084943e-03f, z));
+  p = vfma(p, ax, splat(2.105384506e-02f, z));
+  p = vfma(p, ax, splat(4.988212138e-02f, z));
+  p = vfma(p, ax, splat(1.0f, z));
+  p = p * p;
+  p = p * p;
+  p = p * p;
+  p = p * p;
+  // 2 Phi(-|y|): 1 at y = 0 (exactly with AVX-512's estimate and Newton step, within an ulp with AVX2's)
+  const T r = vselect_lt(ax, clamp, vrcp(p), z);
+  const T half = splat(0.5f, z);
+  return y * vselect_lt(y, z, half * r, vfma(-half, r, splat(1.0f, z)));
+}
+
 template <class T>
 DK_INLINE T relu(T y) {
   return vmax(splat(0.0f, y), y);  // max(0, NaN) is NaN: the NaN operand is the second one
@@ -753,7 +786,7 @@ DK_INLINE void bias_act_loop_bf16(uint16_t* x, const float* bias, int64_t n, Act
 
 void bias_act_row_bf16(uint16_t* x, const float* bias, int64_t n, Activation act) {
   switch (act) {
-    case Activation::kGelu: return bias_act_loop_bf16(x, bias, n, [](auto y) { return gelu(y); });
+    case Activation::kGelu: return bias_act_loop_bf16(x, bias, n, [](auto y) { return gelu_bf16(y); });
     case Activation::kRelu: return bias_act_loop_bf16(x, bias, n, [](auto y) { return relu(y); });
     default: return bias_act_loop_bf16(x, bias, n, [](auto y) { return y; });
   }
@@ -824,7 +857,7 @@ void bias_act_to_bf16(const float* acc, int64_t ld_acc, int64_t rows, int64_t co
   switch (act) {
     case Activation::kGelu:
       return bias_act_to_bf16_loop<kNative>(acc, ld_acc, rows, cols, bias, out, ld_out,
-                                            [](auto y) { return gelu(y); });
+                                            [](auto y) { return gelu_bf16(y); });
     case Activation::kRelu:
       return bias_act_to_bf16_loop<kNative>(acc, ld_acc, rows, cols, bias, out, ld_out,
                                             [](auto y) { return relu(y); });

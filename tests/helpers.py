@@ -87,6 +87,26 @@ def assert_lowp(ours, ref64, torch_same_dtype, interpreter: bool = False, floor:
     return err
 
 
+def every_finite_bf16() -> torch.Tensor:
+    y = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    return y[y.float().isfinite()]
+
+
+def assert_gelu_bf16(got: torch.Tensor, y: torch.Tensor) -> None:
+    """got: GELU of the bf16 inputs y rounded to bf16, checked value by value against the fp64 GELU. The kernels'
+    bf16 GELU is within 1.5e-5 relative (fp32 evaluation included) wherever |gelu(y)| >= 1e-4 (csrc's
+    gelu_bf16): rounding that to bf16 adds at most half an ulp, and 1.5e-5 relative is under 2^9 * 1.5e-5 < 1% of
+    a half-ulp, hence the 1.01. In the far left tail its relative error grows (and past |y| = 6.5 it gives 0),
+    where torch's own bf16 GELU is off by more (its fp32 1 + erf cancels): there the bound is torch's error."""
+    ref = torch.nn.functional.gelu(y.double())
+    mag = ref.abs()
+    half_ulp = torch.where(mag > 0, torch.exp2(mag.clamp_min(1e-300).log2().floor() - 8), torch.zeros_like(mag))
+    err = (got.double() - ref).abs()
+    torch_err = (torch.nn.functional.gelu(y).double() - ref).abs()
+    bad = err > torch.maximum(torch_err, 1.01 * half_ulp)
+    assert not bad.any(), f"gelu off at y = {y[bad][:8].tolist()}: {got[bad][:8].tolist()} vs {ref[bad][:8].tolist()}"
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Inputs
 

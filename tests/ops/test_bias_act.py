@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from distilkernels import ops, reference
-from helpers import DTYPES, LOW_PRECISION, assert_lowp, kernel_of, magnitude, max_err, triton_kernel_runs, ulps
+from helpers import (DTYPES, LOW_PRECISION, assert_gelu_bf16, assert_lowp, every_finite_bf16, kernel_of, magnitude, max_err,
+                     triton_kernel_runs, ulps)
 
 OPS = torch.ops.distilkernels
 requires_ext = pytest.mark.requires_ext
@@ -120,6 +121,19 @@ def test_cpp_bias_act_bf16(activation, n):
     OPS.bias_act_(y, bias, activation)
     assert y.dtype == torch.bfloat16
     assert_lowp(y, ref, [act(x + bias)], floor=1e-6)
+
+
+@requires_ext
+def test_cpp_gelu_bf16_every_input():
+    """bias_act_ in bf16 (fp32 math in registers, one rounding) on every finite bf16 value, and at +-inf and NaN."""
+    y = every_finite_bf16()
+    got = y.clone()
+    OPS.bias_act_(got, torch.zeros(y.numel(), dtype=torch.bfloat16), "gelu")
+    assert_gelu_bf16(got, y)
+    assert got[y.float().isnan()].isnan().all()
+    special = torch.tensor([float("inf"), float("-inf"), float("nan")], dtype=torch.bfloat16)
+    OPS.bias_act_(special, torch.zeros(3, dtype=torch.bfloat16), "gelu")
+    assert special[0] == float("inf") and special[1:].isnan().all()  # -inf * Phi(-inf) = -inf * 0, as torch
 
 
 @requires_ext

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from distilkernels import ops, reference
-from helpers import assert_lowp, lowp_bound, magnitude, max_err, num_threads, ulps
+from helpers import assert_gelu_bf16, assert_lowp, every_finite_bf16, lowp_bound, magnitude, max_err, num_threads, ulps
 
 pytestmark = pytest.mark.requires_ext
 
@@ -255,6 +255,17 @@ def test_linear_bf16_epilogue_rounds_like_torch(in_features, vnni):
     for activation, act in (("none", lambda t: t), ("relu", torch.relu)):
         got = ops.linear_bf16(x, packed, out_features, bias, activation)
         assert torch.equal(got.view(torch.int16), act(bias).bfloat16().expand(37, -1).view(torch.int16))
+
+
+@pytest.mark.parametrize("vnni", LAYOUTS)
+def test_linear_bf16_gelu_epilogue_every_input(vnni):
+    """With zero weights the output is the epilogue's GELU of the bias: every finite bf16 value, checked value by
+    value (the bound is test_bias_act's; on AMX this is the tile loop's epilogue, elsewhere the row kernel)."""
+    y = every_finite_bf16()
+    packed = ops.pack_linear_bf16(torch.zeros(y.numel(), 64), vnni=vnni)
+    got = ops.linear_bf16(torch.randn(3, 64).bfloat16(), packed, y.numel(), y.float(), "gelu")
+    for row in got:
+        assert_gelu_bf16(row, y)
 
 
 def test_linear_bf16_empty_and_zero_k():
