@@ -281,9 +281,15 @@ constexpr int64_t kMaxSuper = 8;
 // consecutive slices of its rows (acc: row stride 256 bytes). k_bytes must be a multiple of 64 (bf16:
 // in_features % 32 == 0; int8: % 64 == 0) and enabled() true.
 // heavy_epilogue: the epilogue applies GELU (see kDrainEvery).
-template <Kind kKind, class Epilogue>
+// rows_done(m0, rows), where given: called by the thread that computed every tile of a row superblock, once the
+// epilogues of all of them have run (a whole row of the output is then final, in its cache): with at least one
+// superblock per thread (1024 rows and 2 threads), every row; rows whose tiles two threads share are not reported.
+struct NoRowsDone {
+  void operator()(int64_t, int64_t) const {}
+};
+template <Kind kKind, class Epilogue, class RowsDone = NoRowsDone>
 void gemm(const void* x, int64_t tokens, int64_t k_bytes, const void* packed, int64_t n_blocks,
-          const Epilogue& epilogue, bool heavy_epilogue) {
+          const Epilogue& epilogue, bool heavy_epilogue, const RowsDone& rows_done = RowsDone()) {
   const int64_t drain_every = heavy_epilogue ? kDrainEveryHeavy : kDrainEvery;
   using brgemm::kBlockM;
   using brgemm::kBlockN;
@@ -331,6 +337,11 @@ void gemm(const void* x, int64_t tokens, int64_t k_bytes, const void* packed, in
     auto finish = [&] { run_to(pending.rows); };
     std::vector<char> pad;  // a last partial 16-row group, zero-padded to 16 rows
     int64_t units = 0;
+    int64_t done_m0 = 0, done_rows = 0;  // a superblock this thread owns, final once the pending epilogue has run
+    auto report = [&] {
+      if (done_rows > 0) rows_done(done_m0, done_rows);
+      done_rows = 0;
+    };
     for (int64_t t = begin; t < end; ++units) {
       // t -> (row superblock sb of `super` m blocks, nb, m block within sb), m fastest. A unit: this thread's
       // next tiles of block nb in this superblock, up to unit_m of them.
@@ -385,10 +396,16 @@ void gemm(const void* x, int64_t tokens, int64_t k_bytes, const void* packed, in
         }
       }
       finish();  // whatever of the previous unit is left
+      report();
       pending = {nb, m0, 0, rows, 0, 0, 1, 0, cur};
+      if (unit_end == sb_start + sb_m * n_blocks && sb_start >= begin) {  // the last unit of a superblock all ours
+        done_m0 = sb * super * kBlockM;
+        done_rows = std::min(sb_m * kBlockM, tokens - done_m0);
+      }
       t = unit_end;
     }
     finish();
+    report();
     release();
     at::native::cpublas::brgemm_release();  // ATen's brgemm reloads its own tile configuration next time
   });
@@ -402,8 +419,11 @@ inline void configure() {}
 inline void release() {}
 inline void gemm_bf16_tiles(const char*, int64_t, int64_t, const char*, int64_t, int64_t, int64_t, char*, int64_t,
                             bool) {}
-template <Kind kKind, class Epilogue>
-void gemm(const void*, int64_t, int64_t, const void*, int64_t, const Epilogue&, bool) {}
+struct NoRowsDone {
+  void operator()(int64_t, int64_t) const {}
+};
+template <Kind kKind, class Epilogue, class RowsDone = NoRowsDone>
+void gemm(const void*, int64_t, int64_t, const void*, int64_t, const Epilogue&, bool, const RowsDone& = RowsDone()) {}
 
 #endif
 

@@ -75,8 +75,8 @@ void gemm_plain(const at::Tensor& x, const at::Tensor& wt, const float* bias, cp
   });
 }
 
-at::Tensor linear_bf16_cpu(const at::Tensor& x, const at::Tensor& packed_weight, int64_t out_features,
-                           const c10::optional<at::Tensor>& bias, c10::string_view activation) {
+void check_linear_bf16(const at::Tensor& x, const at::Tensor& packed_weight, int64_t out_features,
+                       const c10::optional<at::Tensor>& bias) {
   check_cpu(x, "x");
   check_cpu(packed_weight, "packed_weight");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16, "x must be bfloat16, got ", x.scalar_type());
@@ -84,10 +84,9 @@ at::Tensor linear_bf16_cpu(const at::Tensor& x, const at::Tensor& packed_weight,
               packed_weight.scalar_type());
   TORCH_CHECK(x.dim() == 2, "x must be (tokens, in_features), got shape ", x.sizes());
   TORCH_CHECK(out_features >= 0, "out_features must be >= 0, got ", out_features);
-  const int64_t tokens = x.size(0), k = x.size(1);
-  const bool vnni = packed_weight.dim() == 3;
+  const int64_t k = x.size(1);
   const int64_t kp = round_up(k, brgemm::vnni_group(at::kBFloat16));
-  if (vnni) {
+  if (packed_weight.dim() == 3) {
     TORCH_CHECK(brgemm::packs(at::kBFloat16), "packed_weight is in the matrix unit's VNNI layout, which this CPU "
                 "cannot run: pack it with pack_linear_bf16(weight, vnni=False)");
     TORCH_CHECK(packed_weight.size(0) == (out_features + kBlockN - 1) / kBlockN && packed_weight.size(1) == kp &&
@@ -102,32 +101,99 @@ at::Tensor linear_bf16_cpu(const at::Tensor& x, const at::Tensor& packed_weight,
   }
   TORCH_CHECK(packed_weight.is_contiguous(), "packed_weight must be contiguous");
   if (bias.has_value()) check_vector(*bias, "bias", out_features);
-  const Fp32Values bias_f(bias, out_features);
-  const auto act = parse_activation(activation);
-  auto out = cached_empty({tokens, out_features}, x.options());
-  if (tokens == 0 || out_features == 0) return out;
+}
+
+// out (tokens, out_features) bf16 = activation(x @ weight^T + bias), arguments checked by check_linear_bf16.
+// rows_done: as amx::gemm's, called only where our AMX tile loop runs.
+template <class RowsDone>
+void linear_bf16_into(const at::Tensor& x, const at::Tensor& packed_weight, int64_t out_features, const float* bias,
+                      cpu::Activation act, at::Tensor& out, const RowsDone& rows_done) {
+  const int64_t tokens = x.size(0), k = x.size(1);
+  if (tokens == 0 || out_features == 0) return;
+  const bool vnni = packed_weight.dim() == 3;
+  const int64_t kp = round_up(k, brgemm::vnni_group(at::kBFloat16));
   if (k == 0 || !vnni) {
-    gemm_plain(x.contiguous(), vnni ? at::empty({0, out_features}, packed_weight.options()) : packed_weight,
-               bias_f.data(), act, out);
-    return out;
+    gemm_plain(x.contiguous(), vnni ? at::empty({0, out_features}, packed_weight.options()) : packed_weight, bias,
+               act, out);
+    return;
   }
   // VNNI packs in_features in pairs: an odd in_features gets a zero column, as its packed weight has a zero row.
   const auto a = kp == k ? x.contiguous() : at::constant_pad_nd(x, {0, kp - k});
+  auto* c = out.mutable_data_ptr<at::BFloat16>();
   if (kp % 32 == 0 && amx::enabled()) {
-    const float* b = bias_f.data();
-    auto* c = out.mutable_data_ptr<at::BFloat16>();
     amx::gemm<amx::Kind::kBf16>(a.const_data_ptr(), tokens, kp * 2, packed_weight.const_data_ptr(),
                                 (out_features + kBlockN - 1) / kBlockN,
                                 [&](int64_t nb, int64_t m0, int64_t rows, const void* acc) {
       const int64_t n0 = nb * kBlockN, cols = std::min(kBlockN, out_features - n0);
-      epilogue(static_cast<const float*>(acc), kBlockN, rows, cols, b + n0, act, c + m0 * out_features + n0,
+      epilogue(static_cast<const float*>(acc), kBlockN, rows, cols, bias + n0, act, c + m0 * out_features + n0,
                out_features);
-    }, /*heavy_epilogue=*/act == cpu::Activation::kGelu);
-    return out;
+    }, /*heavy_epilogue=*/act == cpu::Activation::kGelu, rows_done);
+    return;
   }
   gemm_vnni(a.const_data_ptr<at::BFloat16>(), tokens, kp, packed_weight.const_data_ptr<at::BFloat16>(),
-            out_features, bias_f.data(), act, out.mutable_data_ptr<at::BFloat16>());
+            out_features, bias, act, c);
+}
+
+at::Tensor linear_bf16_cpu(const at::Tensor& x, const at::Tensor& packed_weight, int64_t out_features,
+                           const c10::optional<at::Tensor>& bias, c10::string_view activation) {
+  check_linear_bf16(x, packed_weight, out_features, bias);
+  const Fp32Values bias_f(bias, out_features);
+  const auto act = parse_activation(activation);
+  auto out = cached_empty({x.size(0), out_features}, x.options());
+  linear_bf16_into(x, packed_weight, out_features, bias_f.data(), act, out, amx::NoRowsDone());
   return out;
+}
+
+// LayerNorm(linear_bf16(x) + residual): the GEMM's output rounded to bf16, then add_layer_norm's row kernel on
+// it, so the result is what the two ops give, bit for bit. On our AMX tile loop a thread that computed every
+// tile of a row superblock normalizes those rows as soon as their epilogues have run, while they are in its
+// cache, rather than a second pass reading the GEMM's output back from memory (and a second op call); rows that
+// two threads shared (a superblock split between them, as at 128 rows), and every other path, are normalized
+// after the GEMM, in this call.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bf16_add_layer_norm_cpu(
+    const at::Tensor& x, const at::Tensor& packed_weight, int64_t out_features, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& residual, const at::Tensor& weight, const at::Tensor& ln_bias, double eps) {
+  check_linear_bf16(x, packed_weight, out_features, bias);
+  TORCH_CHECK(out_features > 0, "out_features must be > 0 (the LayerNorm's dim), got ", out_features);
+  check_cpu(residual, "residual");
+  check_same_dtype(residual, "residual", x, "x");
+  const int64_t tokens = x.size(0), n = out_features;
+  TORCH_CHECK(residual.dim() == 2 && residual.size(0) == tokens && residual.size(1) == n,
+              "residual must be (tokens, out_features) = (", tokens, ", ", n, "), got shape ", residual.sizes());
+  check_vector(weight, "weight", n);
+  check_vector(ln_bias, "ln_bias", n);
+  const Fp32Values bias_f(bias, n), w32(weight, n), b32(ln_bias, n);
+  const at::Tensor res = residual.contiguous();
+  auto out = cached_empty({tokens, n}, x.options());
+  auto mean = cached_empty({tokens}, x.options().dtype(at::kFloat));
+  auto rstd = cached_empty({tokens}, x.options().dtype(at::kFloat));
+  auto* o = reinterpret_cast<uint16_t*>(out.mutable_data_ptr<at::BFloat16>());
+  const auto* r = reinterpret_cast<const uint16_t*>(res.const_data_ptr<at::BFloat16>());
+  float* mu = mean.mutable_data_ptr<float>();
+  float* rs = rstd.mutable_data_ptr<float>();
+  const float e = static_cast<float>(eps);
+  const auto& kern = cpu::kernels();
+  auto normalize = [&](int64_t begin, int64_t end, float* h) {  // in place: the row kernel reads x before writing
+    for (int64_t i = begin; i < end; ++i)
+      kern.add_layer_norm_row_bf16(o + i * n, r + i * n, w32.data(), b32.data(), e, n, h, o + i * n, mu + i, rs + i);
+  };
+  // done[b]: rows [64 b, 64 b + 64) normalized in the tile loop (each flag written by the one thread that owns its
+  // rows; read after the loop's threads have joined).
+  std::vector<uint8_t> done((tokens + kBlockM - 1) / kBlockM, 0);
+  linear_bf16_into(x, packed_weight, n, bias_f.data(), cpu::Activation::kNone, out, [&](int64_t m0, int64_t rows) {
+    std::vector<float> h(n);
+    normalize(m0, m0 + rows, h.data());
+    std::fill(done.begin() + m0 / kBlockM, done.begin() + (m0 + rows + kBlockM - 1) / kBlockM, 1);
+  });
+  at::parallel_for(0, tokens, row_grain(n), [&](int64_t begin, int64_t end) {
+    std::vector<float> h;
+    for (int64_t i = begin; i < end; ++i) {
+      if (done[i / kBlockM]) continue;
+      h.resize(n);
+      normalize(i, i + 1, h.data());
+    }
+  });
+  return {out, mean, rstd};
 }
 
 }  // namespace
@@ -135,6 +201,7 @@ at::Tensor linear_bf16_cpu(const at::Tensor& x, const at::Tensor& packed_weight,
 TORCH_LIBRARY_IMPL(distilkernels, CPU, m) {
   m.impl("pack_linear_bf16", &pack_linear_bf16_cpu);
   m.impl("linear_bf16", &linear_bf16_cpu);
+  m.impl("linear_bf16_add_layer_norm", &linear_bf16_add_layer_norm_cpu);
 }
 
 }  // namespace distilkernels

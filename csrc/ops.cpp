@@ -65,6 +65,11 @@ TORCH_LIBRARY(distilkernels, m) {
   // weight^T (in_features, out_features). x: (tokens, in_features) bf16; bias: (out_features,) or None.
   m.def("pack_linear_bf16(Tensor weight, bool vnni) -> Tensor");
   m.def("linear_bf16(Tensor x, Tensor packed_weight, int out_features, Tensor? bias, str activation) -> Tensor");
+  // LayerNorm(linear_bf16(x, packed_weight, out_features, bias) + residual) in one call, the GEMM's output
+  // rounded to bf16 first (what the two ops give). residual: (tokens, out_features) bf16; weight, ln_bias:
+  // (out_features,); mean, rstd: (tokens,) fp32, as add_layer_norm's.
+  m.def("linear_bf16_add_layer_norm(Tensor x, Tensor packed_weight, int out_features, Tensor? bias, Tensor residual,"
+        " Tensor weight, Tensor ln_bias, float eps) -> (Tensor out, Tensor mean, Tensor rstd)");
   // int8 linear with per-token activation scales (csrc/linear_int8.cpp), fp32 in and out.
   // pack_linear_int8(weight (out_features, in_features), vnni) -> (packed int8: VNNI blocks (ceil(out_features
   // / 64), in_features rounded up to 4, 64) or weight^T (in_features, out_features); weight_scale

@@ -90,6 +90,12 @@ def _linear_bf16_fake(x, packed_weight, out_features, bias, activation):
     return x.new_empty((x.shape[0], out_features))
 
 
+@torch.library.register_fake("distilkernels::linear_bf16_add_layer_norm")
+def _linear_bf16_add_layer_norm_fake(x, packed_weight, out_features, bias, residual, weight, ln_bias, eps):
+    stats = x.new_empty((x.shape[0],), dtype=torch.float32)
+    return x.new_empty((x.shape[0], out_features)), stats, torch.empty_like(stats)
+
+
 @torch.library.register_fake("distilkernels::pack_linear_int8")
 def _pack_linear_int8_fake(weight, vnni):
     shape = _vnni_blocks(weight, 4) if vnni else (weight.shape[1], weight.shape[0])

@@ -54,6 +54,7 @@ _ROWS: dict[str, _Row] = {
     # GEMMs for the CPU's matrix units (AMX tiles); on a GPU torch's (cuBLAS) run
     "pack_linear_bf16": _Row(_FLOATS),
     "linear_bf16": _Row((torch.bfloat16,)),
+    "linear_bf16_add_layer_norm": _Row((torch.bfloat16,)),
     "pack_linear_int8": _Row(_FP32),
     "linear_int8": _Row(_FP32),
 }

@@ -157,6 +157,10 @@ class GemmCalls(NamedTuple):
     out: Callable  # -> (tokens, dim), bias included
     lin1_act: Callable  # -> activation(lin1(x)), (tokens, hidden_dim)
     lin2: Callable  # -> (tokens, dim), bias included
+    # (x, residual, layer_norm) -> layer_norm(out(x) + residual), (tokens, dim), in one op; None where the GEMM
+    # has no such op (everything but our bf16 GEMM): the block then calls out and add_layer_norm
+    out_add_ln: Callable | None = None
+    lin2_add_ln: Callable | None = None  # the same for lin2
 
 
 class BoundCalls(dict):
@@ -170,13 +174,15 @@ class BoundCalls(dict):
 def bound_calls(bound: BoundCalls, key, linears, bind: Callable, activation: str) -> GemmCalls:
     """The GemmCalls kept in `bound` under `key` while the weights and biases of `linears` are the same tensors,
     unchanged (one check of them all); otherwise bind(name, activation) for each GEMM ("qkv", "out", "lin1" with
-    `activation`, "lin2"), kept in its place, and every binding of older weights dropped from `bound`."""
+    `activation`, "lin2", and "out+ln", "lin2+ln": the GEMM with the residual add and LayerNorm after it, or
+    None), kept in its place, and every binding of older weights dropped from `bound`."""
     params = params_key(linears_params(linears))
     hit = bound.get(key)
     if hit is not None and hit[0] == params:
         return hit[1]
     calls = GemmCalls(*(bind(name, act) for name, act in (
-        ("qkv", "none"), ("out", "none"), ("lin1", activation), ("lin2", "none"))))
+        ("qkv", "none"), ("out", "none"), ("lin1", activation), ("lin2", "none"), ("out+ln", "none"),
+        ("lin2+ln", "none"))))
     for stale in [k for k, (p, _) in bound.items() if p != params]:
         del bound[stale]
     bound[key] = (params, calls)
@@ -460,6 +466,13 @@ class DenseGemms:
         return bound_calls(self.bound, key, self.linears, functools.partial(self._bind, x=x, ours=ours), activation)
 
     def _bind(self, name, activation, *, x, ours):
+        if name.endswith("+ln"):
+            kernel, packed, bias = self._packing(name[:-3], x)
+            if kernel != "packed" or x.dtype != torch.bfloat16:
+                return None
+            fused, out_features = dispatch.implementation("linear_bf16_add_layer_norm", "cpp"), bias.shape[0]
+            return lambda x, residual, ln: fused(x, packed, out_features, bias, residual, ln.weight, ln.bias,
+                                                 ln.eps)[0]
         kernel, packed, bias = self._packing(name, x)
         call, out_features = (ours if kernel == "packed" else _KERNELS[kernel].call), bias.shape[0]
         return lambda x: call(x, packed, out_features, bias, activation)

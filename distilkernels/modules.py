@@ -275,8 +275,14 @@ class FusedBlock:
             q, k, v = qkv.view(-1, 3, p.n_heads, p.head_dim).unbind(1)
             ctx = (dispatch.implementation("varlen_attention", "cpp")(q, k, v, cu_seqlens, max_seqlen, p.scaling)[0]
                    if cpp else ops.varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale=p.scaling))
-        h = _add_layer_norm(cpp, _cast(gemms.out(ctx.view(low.shape)), x.dtype), x, p.ln1)
+        ctx = ctx.view(low.shape)
+        if gemms.out_add_ln is not None and low is x:  # bf16 on our GEMM: the add + LayerNorm in its call
+            h = gemms.out_add_ln(ctx, x, p.ln1)
+        else:
+            h = _add_layer_norm(cpp, _cast(gemms.out(ctx), x.dtype), x, p.ln1)
         f = gemms.lin1_act(_cast(h, low.dtype))
+        if gemms.lin2_add_ln is not None and low is x:
+            return gemms.lin2_add_ln(f, h, p.ln2)
         return _add_layer_norm(cpp, _cast(gemms.lin2(f), x.dtype), h, p.ln2)
 
 

@@ -270,6 +270,32 @@ def linear_bf16(x, packed_weight, out_features: int, bias=None, activation: str 
     return _impl("linear_bf16", x.device)(x, packed_weight, out_features, bias, activation)
 
 
+def linear_bf16_add_layer_norm(x, packed_weight, out_features: int, bias, residual, weight, ln_bias,
+                               eps: float = 1e-12, return_stats: bool = False):
+    """LayerNorm(linear_bf16(x, packed_weight, out_features, bias) + residual) in one call: the GEMM's output
+    rounded to bf16, then add_layer_norm over it (the two ops' result, bit for bit), where the matrix unit runs
+    it with each row normalized while the GEMM's thread still holds it in cache.
+    x: (tokens, in_features) bf16; residual: (tokens, out_features) bf16; weight, ln_bias: (out_features,).
+    Returns out (tokens, out_features) bf16, or (out, mean, rstd) with mean/rstd (tokens,) fp32 if return_stats."""
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.bfloat16 or x.dim() != 2:
+        raise TypeError(f"x must be a 2-D (tokens, in_features) bfloat16 tensor, got {_describe(x)}")
+    _check_packed(x, packed_weight, torch.bfloat16, out_features, bias, (torch.bfloat16, torch.float32),
+                  ("none",), "none")
+    if out_features < 1:
+        raise ValueError(f"out_features must be >= 1 (the LayerNorm's dim), got {out_features}")
+    if not isinstance(residual, torch.Tensor) or residual.dtype != torch.bfloat16:
+        raise TypeError(f"residual must be a bfloat16 tensor, got {_describe(residual)}")
+    if tuple(residual.shape) != (x.shape[0], out_features):
+        raise ValueError(f"residual must be (tokens, out_features) = ({x.shape[0]}, {out_features}), got shape "
+                         f"{tuple(residual.shape)}")
+    _check_vector("weight", weight, out_features, "x", x)
+    _check_vector("ln_bias", ln_bias, out_features, "x", x)
+    _check_same("x", x, residual=residual)
+    out, mean, rstd = _impl("linear_bf16_add_layer_norm", x.device)(x, packed_weight, out_features, bias, residual,
+                                                                    weight, ln_bias, float(eps))
+    return (out, mean, rstd) if return_stats else out
+
+
 def pack_linear_int8(weight, vnni: bool = False):
     """weight (out_features, in_features) float -> (packed int8 weight, weight_scale (out_features,) fp32):
     symmetric per output channel (scale = max|w[n]| / 127); packed as pack_linear_bf16 lays it out, VNNI

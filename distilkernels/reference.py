@@ -127,6 +127,11 @@ def linear_bf16(x, packed_weight, out_features, bias, activation):
     return activate(y if bias is None else y + bias.float(), activation).to(torch.bfloat16)
 
 
+def linear_bf16_add_layer_norm(x, packed_weight, out_features, bias, residual, weight, ln_bias, eps):
+    """add_layer_norm(linear_bf16(...), residual): the GEMM's output rounded to bf16 first."""
+    return add_layer_norm(linear_bf16(x, packed_weight, out_features, bias, "none"), residual, weight, ln_bias, eps)
+
+
 def pack_linear_int8(weight, vnni):
     """weight (out_features, in_features) -> (int8 weight^T (in_features, out_features), scale (out_features,)):
     symmetric per output channel, scale = max(max|w[n]| / 127, 1e-12)."""

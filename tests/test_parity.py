@@ -200,6 +200,10 @@ def test_optimized_class_low_precision(family, dtype, checkpoint, op_spy):
         our_err = (got.float()[valid] - ref).abs().max().item()
     assert got.dtype == dtype
     assert op_count(op_spy, "varlen_attention") == family.n_layers(config), op_spy  # the fused path ran
+    if dtype == torch.bfloat16 and _cpu_packed():  # our bf16 GEMMs, out and lin2 with the add + LayerNorm after
+        assert op_count(op_spy, "linear_bf16") == 2 * family.n_layers(config), op_spy
+        assert op_count(op_spy, "linear_bf16_add_layer_norm") == 2 * family.n_layers(config), op_spy
+        assert op_count(op_spy, "add_layer_norm") == 0, op_spy
     floor = 4 * torch.finfo(dtype).eps * ref.abs().max().item()
     assert our_err <= 2 * hf_err + floor, (our_err, hf_err, floor)
 

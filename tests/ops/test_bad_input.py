@@ -56,6 +56,10 @@ def _x_bf16():
     return torch.randn(3, 4).bfloat16()
 
 
+def _ln5():
+    return torch.ones(5), torch.zeros(5)
+
+
 def _plain_bf16():
     """A (5, 4) weight in linear_bf16's plain layout (weight^T), which every backend and CPU reads."""
     return reference.pack_linear_bf16(torch.randn(5, 4), False)
@@ -216,6 +220,21 @@ ROWS = {
                               ValueError, r"bias must be None or a tensor of shape \(5,\)", False),
     "linear_bf16-activation": ("linear_bf16", lambda: (_x_bf16(), _plain_bf16(), 5, None, "tanh"),
                                ValueError, "activation must be one of", False),
+    # linear_bf16_add_layer_norm(x, packed_weight, out_features, bias, residual, weight, ln_bias)
+    "linear_bf16_ln-residual-shape": ("linear_bf16_add_layer_norm",
+                                      lambda: (_x_bf16(), _plain_bf16(), 5, None, _x_bf16(), *_ln5()),
+                                      ValueError, r"residual must be \(tokens, out_features\) = \(3, 5\)", False),
+    "linear_bf16_ln-residual-fp32": ("linear_bf16_add_layer_norm",
+                                     lambda: (_x_bf16(), _plain_bf16(), 5, None, torch.randn(3, 5), *_ln5()),
+                                     TypeError, "residual must be a bfloat16 tensor", False),
+    "linear_bf16_ln-weight-size": ("linear_bf16_add_layer_norm",
+                                   lambda: (_x_bf16(), _plain_bf16(), 5, None, torch.randn(3, 5).bfloat16(),
+                                            torch.ones(4), torch.zeros(5)),
+                                   ValueError, "weight must be a 1-D tensor of size 5", False),
+    "linear_bf16_ln-ln_bias-int": ("linear_bf16_add_layer_norm",
+                                   lambda: (_x_bf16(), _plain_bf16(), 5, None, torch.randn(3, 5).bfloat16(),
+                                            torch.ones(5), torch.zeros(5, dtype=torch.int32)),
+                                   TypeError, "ln_bias must be", False),
     # pack_linear_int8(weight), linear_int8(x, packed_weight, weight_scale, out_features, bias, activation)
     "pack_int8-weight-1d": ("pack_linear_int8", lambda: (torch.randn(5),),
                             ValueError, r"weight must be \(out_features, in_features\)", False),
@@ -283,6 +302,9 @@ def _empty_cases():
         "varlen-0-tokens": ("varlen_attention", (v0, v0, v0, cu_seqlens_of([0]), 0)),
         "varlen-empty-sequences": ("varlen_attention",
                                    (*torch.randn(4, 3, 2, 8).unbind(1), cu_seqlens_of([0, 4, 0]), 4)),
+        "linear_bf16_ln-0-tokens": ("linear_bf16_add_layer_norm",
+                                    (torch.randn(0, 4).bfloat16(), reference.pack_linear_bf16(torch.randn(5, 4), False),
+                                     5, torch.randn(5), torch.randn(0, 5).bfloat16(), torch.ones(5), torch.zeros(5))),
         "normalize-0-rows": ("normalize_rows", (torch.randn(0, 4),)),
         "normalize-0-cols": ("normalize_rows", (torch.randn(3, 0),)),
     }

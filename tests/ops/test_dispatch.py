@@ -165,6 +165,9 @@ OPCHECK_CASES = {
     "attention-contiguous": ("attention", lambda: (*(t.contiguous() for t in _qkv_mask()[:3]), None, 0.3)),
     "varlen_attention": ("varlen_attention", lambda: (*(t[0] for t in _qkv_mask()[:3]),
                                                       torch.tensor([0, 4, 9], dtype=torch.int32), 5, 0.3)),
+    "linear_bf16_add_layer_norm": ("linear_bf16_add_layer_norm", lambda: (
+        torch.randn(5, 12).bfloat16(), OPS.pack_linear_bf16(torch.randn(37, 12), False), 37, torch.randn(37),
+        torch.randn(5, 37).bfloat16(), torch.randn(37), torch.randn(37).bfloat16(), 1e-5)),
     "normalize_rows": ("normalize_rows", lambda: (torch.randn(4, 37),)),
     "scale_rows_": ("scale_rows_", lambda: (torch.randn(4, 37), torch.rand(4), torch.randn(37))),
     "scale_rows_-no-bias": ("scale_rows_", lambda: (torch.randn(4, 37), torch.rand(4), None)),
