@@ -77,13 +77,16 @@ def precision_paths() -> dict[str, str]:
                 f"kernel only when {_MARGIN:.0%} faster than ours)" if libraries else "")
 
     paths["fp32"] = f"distilkernels linear_packed ({ext.vector_isa()}){contest(torch.float32)}{chosen(torch.float32)}"
+    bf16_epilogues = ("; where linear_bf16 runs a GEMM, bias + GELU in its epilogue (a fit for bf16 results) and, "
+                      "for the attention output and lin2, the residual add + LayerNorm in the same call "
+                      "(linear_bf16_add_layer_norm)")
     if use_matrix_unit("bf16"):  # the contest only for in_features our tile loop does not take
         paths["bf16"] = ("linear_bf16: AMX tiles (our tile loop, which prefetches the next weight block; brgemm "
                          "where in_features % 32 != 0), weights packed once (VNNI); no contest with oneDNN's "
-                         "linear where the tile loop runs (gemms.amx_loop_runs)")
+                         "linear where the tile loop runs (gemms.amx_loop_runs)" + bf16_epilogues)
     else:
         paths["bf16"] = ("linear_bf16: brgemm's plain bf16 GEMM on weights transposed once" + contest(torch.bfloat16)
-                         + chosen(torch.bfloat16))
+                         + chosen(torch.bfloat16) + bf16_epilogues)
     paths["int8"] = ("s8 x s8 -> s32 on AMX tiles (our tile loop; brgemm where in_features % 64 != 0), weights "
                      "packed once (VNNI), per-token scales, fused epilogue"
                      if use_matrix_unit("int8") else
