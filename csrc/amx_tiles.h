@@ -50,6 +50,11 @@ namespace amx {
 
 enum class Kind { kBf16, kInt8 };
 
+// gemm's rows_done when there is none.
+struct NoRowsDone {
+  void operator()(int64_t, int64_t) const {}
+};
+
 #if DK_HAVE_AMX_TILES
 
 // Whether this process may run AMX tiles of both kinds: the CPU has them (CPUID.7.0:EDX bits 22 bf16, 24 tile,
@@ -284,9 +289,6 @@ constexpr int64_t kMaxSuper = 8;
 // rows_done(m0, rows), where given: called by the thread that computed every tile of a row superblock, once the
 // epilogues of all of them have run (a whole row of the output is then final, in its cache): with at least one
 // superblock per thread (1024 rows and 2 threads), every row; rows whose tiles two threads share are not reported.
-struct NoRowsDone {
-  void operator()(int64_t, int64_t) const {}
-};
 template <Kind kKind, class Epilogue, class RowsDone = NoRowsDone>
 void gemm(const void* x, int64_t tokens, int64_t k_bytes, const void* packed, int64_t n_blocks,
           const Epilogue& epilogue, bool heavy_epilogue, const RowsDone& rows_done = RowsDone()) {
@@ -419,9 +421,6 @@ inline void configure() {}
 inline void release() {}
 inline void gemm_bf16_tiles(const char*, int64_t, int64_t, const char*, int64_t, int64_t, int64_t, char*, int64_t,
                             bool) {}
-struct NoRowsDone {
-  void operator()(int64_t, int64_t) const {}
-};
 template <Kind kKind, class Epilogue, class RowsDone = NoRowsDone>
 void gemm(const void*, int64_t, int64_t, const void*, int64_t, const Epilogue&, bool, const RowsDone& = RowsDone()) {}
 

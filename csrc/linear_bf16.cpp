@@ -11,6 +11,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <vector>
 
 #include "amx_tiles.h"
 #include "brgemm_utils.h"
@@ -185,6 +187,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bf16_add_layer_norm_cpu(
     normalize(m0, m0 + rows, h.data());
     std::fill(done.begin() + m0 / kBlockM, done.begin() + (m0 + rows + kBlockM - 1) / kBlockM, 1);
   });
+  if (std::find(done.begin(), done.end(), 0) == done.end()) return {out, mean, rstd};  // no second parallel region
   at::parallel_for(0, tokens, row_grain(n), [&](int64_t begin, int64_t end) {
     std::vector<float> h;
     for (int64_t i = begin; i < end; ++i) {
