@@ -917,6 +917,55 @@ void dequant_bias_act(const int32_t* acc, int64_t ld_acc, int64_t rows, int64_t 
 // <= 7.5e-8 in exact arithmetic, <= 1.5e-7 evaluated in fp32: ~10^4 times below the bf16 rounding, and the
 // row sums built from these values (the logsumexp) stay at a few fp32 roundings. The degree-7 exp2_approx
 // keeps the fp32 paths at full precision.
+// fp32 x as hi + lo for the bf16x3 GEMM (linear_bf16x3): hi = bf16(x) (nearest even), lo = bf16(x - hi); x - hi
+// is exact in fp32, so hi + lo is x to within 2^-17 relative (lo's own rounding). A non-finite x - hi (x inf or
+// NaN, or hi overflowed) gives lo = 0, so hi carries the inf or NaN alone.
+template <bool kNative>
+void split_bf16x3(const float* x, int64_t n, int64_t seg, uint16_t* out) {
+  uint16_t* hi = out;
+  uint16_t* lo = out + seg;
+  const V inf = splat(__builtin_inff(), V()), z = splat(0.0f, V());
+  const int64_t vec_end = n - n % kW;
+  int64_t i = 0;
+  for (; i < vec_end; i += kW) {
+    const V v = vload(x + i);
+    store_bf16_as<kNative>(hi + i, v);
+    const V d = v - load_bf16(hi + i);
+    store_bf16_as<kNative>(lo + i, vselect_lt(vabs(d), inf, d, z));
+  }
+  for (; i < n; ++i) {
+    store_bf16_1(hi + i, x[i]);
+    const float d = x[i] - load_bf16_1(hi + i);
+    store_bf16_1(lo + i, vabs(d) < __builtin_inff() ? d : 0.0f);
+  }
+  for (int64_t j = n; j < seg; ++j) hi[j] = lo[j] = 0;
+  __builtin_memcpy(out + 2 * seg, hi, seg * sizeof(uint16_t));
+}
+
+template <class Act>
+DK_INLINE void bias_act_to_f32_loop(const float* acc, int64_t ld_acc, int64_t rows, int64_t cols, const float* bias,
+                                    float* out, int64_t ld_out, Act act) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* x = acc + r * ld_acc;
+    float* y = out + r * ld_out;
+    vector_loop4(
+        cols, [&](int64_t i) { return act(vload(x + i) + vload(bias + i)); },
+        [&](int64_t i, V v) { vstore(y + i, v); }, [&](int64_t i) { y[i] = act(x[i] + bias[i]); });
+  }
+}
+
+void bias_act_to_f32(const float* acc, int64_t ld_acc, int64_t rows, int64_t cols, const float* bias,
+                     Activation act, float* out, int64_t ld_out) {
+  switch (act) {
+    case Activation::kGelu:
+      return bias_act_to_f32_loop(acc, ld_acc, rows, cols, bias, out, ld_out, [](auto y) { return gelu(y); });
+    case Activation::kRelu:
+      return bias_act_to_f32_loop(acc, ld_acc, rows, cols, bias, out, ld_out, [](auto y) { return relu(y); });
+    default:
+      return bias_act_to_f32_loop(acc, ld_acc, rows, cols, bias, out, ld_out, [](auto y) { return y; });
+  }
+}
+
 template <class T>
 DK_INLINE T exp2_bf16_poly(T f) {
   T p = splat(1.877576695e-03f, f);
@@ -1038,7 +1087,9 @@ const Kernels table = {kW,
                        bf16_variant(scale_to_bf16<true>, scale_to_bf16<false>),
                        bf16_variant(softmax_update_bf16<true>, softmax_update_bf16<false>),
                        bf16_variant(bias_act_to_bf16<true>, bias_act_to_bf16<false>),
-                       dequant_bias_act};
+                       dequant_bias_act,
+                       bf16_variant(split_bf16x3<true>, split_bf16x3<false>),
+                       bias_act_to_f32};
 
 #undef DK_INLINE
 

@@ -45,22 +45,27 @@ void epilogue(const float* acc, int64_t ld_acc, int64_t rows, int64_t cols, cons
   cpu::kernels().bias_act_to_bf16(acc, ld_acc, rows, cols, bias, act, reinterpret_cast<uint16_t*>(out), ld_out);
 }
 
+// The GEMMs below hand each piece of the fp32 product to store(acc, ld_acc, m0, rows, n0, cols): output rows
+// [m0, m0 + rows) by columns [n0, n0 + cols), at acc with row stride ld_acc; it writes them out.
+
+template <class Store>
 void gemm_vnni(const at::BFloat16* a, int64_t tokens, int64_t kp, const at::BFloat16* wp, int64_t out_features,
-               const float* bias, cpu::Activation act, at::BFloat16* c) {
+               const Store& store) {
   const int64_t n_blocks = (out_features + kBlockN - 1) / kBlockN;
   const int64_t block = kp * kBlockN;
   brgemm::for_each_tile(tokens, n_blocks, [&](int64_t nb, int64_t m0, int64_t rows) {
     alignas(64) float acc[kBlockM * kBlockN];
-    const int64_t n0 = nb * kBlockN, cols = std::min(kBlockN, out_features - n0);
+    const int64_t n0 = nb * kBlockN;
     at::native::cpublas::brgemm(rows, kBlockN, kp, /*ld_a=*/kp, /*ld_b=*/kBlockN, /*ld_c=*/kBlockN,
                                 /*add_C=*/false, a + m0 * kp, wp + nb * block, acc, /*is_vnni=*/true);
-    epilogue(acc, kBlockN, rows, cols, bias + n0, act, c + m0 * out_features + n0, out_features);
+    store(acc, kBlockN, m0, rows, n0, std::min(kBlockN, out_features - n0));
   });
 }
 
 // Without the VNNI layout: brgemm's non-VNNI path, one call for the whole product (ATen's bf16 x bf16 -> fp32
-// GEMM: oneDNN where the CPU has AVX-512, ATen's own loop elsewhere), then the epilogue rounds once, by rows.
-void gemm_plain(const at::Tensor& x, const at::Tensor& wt, const float* bias, cpu::Activation act, at::Tensor& out) {
+// GEMM: oneDNN where the CPU has AVX-512, ATen's own loop elsewhere), then the epilogue, by rows.
+template <class Store>
+void gemm_plain(const at::Tensor& x, const at::Tensor& wt, const Store& store) {
   const int64_t tokens = x.size(0), k = x.size(1), n = wt.size(1);
   auto acc = cached_empty({tokens, n}, x.options().dtype(at::kFloat));
   float* c = acc.mutable_data_ptr<float>();
@@ -71,10 +76,35 @@ void gemm_plain(const at::Tensor& x, const at::Tensor& wt, const float* bias, cp
                                 x.const_data_ptr<at::BFloat16>(), wt.const_data_ptr<at::BFloat16>(), c,
                                 /*is_vnni=*/false);
   }
-  auto* o = out.mutable_data_ptr<at::BFloat16>();
   at::parallel_for(0, tokens, row_grain(n), [&](int64_t begin, int64_t end) {
-    epilogue(c + begin * n, n, end - begin, n, bias, act, o + begin * n, n);
+    store(c + begin * n, n, begin, end - begin, 0, n);
   });
+}
+
+// The fp32 product a (tokens, k) bf16 @ the packed weight, handed to store in pieces (above). a is contiguous
+// with k its packed in_features (the VNNI layout's, rounded up to 2: zero columns where the weight has zero
+// rows). heavy_epilogue: store applies GELU. rows_done: as amx::gemm's, called only where our AMX tile loop runs.
+template <class Store, class RowsDone>
+void gemm_bf16(const at::Tensor& a, const at::Tensor& packed_weight, int64_t out_features, bool heavy_epilogue,
+               const Store& store, const RowsDone& rows_done) {
+  const int64_t tokens = a.size(0), k = a.size(1);
+  if (tokens == 0 || out_features == 0) return;
+  const bool vnni = packed_weight.dim() == 3;
+  if (k == 0 || !vnni) {
+    gemm_plain(a, vnni ? at::empty({0, out_features}, packed_weight.options()) : packed_weight, store);
+    return;
+  }
+  if (k % 32 == 0 && amx::enabled()) {
+    amx::gemm<amx::Kind::kBf16>(a.const_data_ptr(), tokens, k * 2, packed_weight.const_data_ptr(),
+                                (out_features + kBlockN - 1) / kBlockN,
+                                [&](int64_t nb, int64_t m0, int64_t rows, const void* acc) {
+      const int64_t n0 = nb * kBlockN;
+      store(static_cast<const float*>(acc), kBlockN, m0, rows, n0, std::min(kBlockN, out_features - n0));
+    }, heavy_epilogue, rows_done);
+    return;
+  }
+  gemm_vnni(a.const_data_ptr<at::BFloat16>(), tokens, k, packed_weight.const_data_ptr<at::BFloat16>(),
+            out_features, store);
 }
 
 void check_linear_bf16(const at::Tensor& x, const at::Tensor& packed_weight, int64_t out_features,
@@ -110,30 +140,15 @@ void check_linear_bf16(const at::Tensor& x, const at::Tensor& packed_weight, int
 template <class RowsDone>
 void linear_bf16_into(const at::Tensor& x, const at::Tensor& packed_weight, int64_t out_features, const float* bias,
                       cpu::Activation act, at::Tensor& out, const RowsDone& rows_done) {
-  const int64_t tokens = x.size(0), k = x.size(1);
-  if (tokens == 0 || out_features == 0) return;
-  const bool vnni = packed_weight.dim() == 3;
-  const int64_t kp = round_up(k, brgemm::vnni_group(at::kBFloat16));
-  if (k == 0 || !vnni) {
-    gemm_plain(x.contiguous(), vnni ? at::empty({0, out_features}, packed_weight.options()) : packed_weight, bias,
-               act, out);
-    return;
-  }
+  const int64_t k = x.size(1);
   // VNNI packs in_features in pairs: an odd in_features gets a zero column, as its packed weight has a zero row.
+  const int64_t kp = packed_weight.dim() == 3 ? round_up(k, brgemm::vnni_group(at::kBFloat16)) : k;
   const auto a = kp == k ? x.contiguous() : at::constant_pad_nd(x, {0, kp - k});
   auto* c = out.mutable_data_ptr<at::BFloat16>();
-  if (kp % 32 == 0 && amx::enabled()) {
-    amx::gemm<amx::Kind::kBf16>(a.const_data_ptr(), tokens, kp * 2, packed_weight.const_data_ptr(),
-                                (out_features + kBlockN - 1) / kBlockN,
-                                [&](int64_t nb, int64_t m0, int64_t rows, const void* acc) {
-      const int64_t n0 = nb * kBlockN, cols = std::min(kBlockN, out_features - n0);
-      epilogue(static_cast<const float*>(acc), kBlockN, rows, cols, bias + n0, act, c + m0 * out_features + n0,
-               out_features);
-    }, /*heavy_epilogue=*/act == cpu::Activation::kGelu, rows_done);
-    return;
-  }
-  gemm_vnni(a.const_data_ptr<at::BFloat16>(), tokens, kp, packed_weight.const_data_ptr<at::BFloat16>(),
-            out_features, bias, act, c);
+  gemm_bf16(a, packed_weight, out_features, act == cpu::Activation::kGelu,
+            [&](const float* acc, int64_t ld_acc, int64_t m0, int64_t rows, int64_t n0, int64_t cols) {
+              epilogue(acc, ld_acc, rows, cols, bias + n0, act, c + m0 * out_features + n0, out_features);
+            }, rows_done);
 }
 
 at::Tensor linear_bf16_cpu(const at::Tensor& x, const at::Tensor& packed_weight, int64_t out_features,
@@ -199,12 +214,99 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bf16_add_layer_norm_cpu(
   return {out, mean, rstd};
 }
 
+// ---- bf16x3: an fp32 GEMM as three bf16 products on the matrix unit --------------------------------------
+//
+// Each fp32 value v is split into hi = bf16(v) and lo = bf16(v - hi) (cpu::Kernels::split_bf16x3): v - hi is
+// exact, so v - hi - lo is lo's own rounding, at most 2^-9 |v - hi| <= 2^-18 |v|. Then
+//   x w = xh wh + xh wl + xl wh + xl wl + (x's and w's split remainders)
+// and the GEMM computes the first three products, each exact in fp32, accumulated in fp32 by the bf16 GEMM
+// above over in_features tripled: x's row laid out as (xh | xl | xh) against the weight's (wl | wh | wh), so the
+// two small products are summed before the large one. What it leaves out, xl wl and the remainders, is at most
+// ~3 * 2^-18 |x w| per product: a result within ~1.2e-5 of sum |x_k w_k| (relative) of the exact one, against
+// ~2^-24 per rounding for an fp32 GEMM. This is what torch.set_float32_matmul_precision("high") permits
+// ("each float32 number as the sum of two bfloat16 numbers"); at three bf16 products per product it runs ~2x
+// the fp32 FMA units' rate on a matrix unit that takes bf16 (AMX).
+//
+// Segments of in_features are padded to a multiple of 32 with zeros in the VNNI layout, so that every shape
+// takes our AMX tile loop; the plain layout (other CPUs: brgemm's non-VNNI GEMM, correct but slower than an
+// fp32 GEMM) keeps in_features.
+int64_t bf16x3_segment(int64_t in_features, bool vnni) { return vnni ? round_up(in_features, 32) : in_features; }
+
+// rows of x (tokens, in_features) fp32, each split into (hi | lo | hi) segments of `seg`: (tokens, 3 seg) bf16.
+void split_rows_bf16x3(const at::Tensor& x, int64_t seg, at::Tensor& out) {
+  const int64_t rows = x.size(0), k = x.size(1);
+  const float* src = x.const_data_ptr<float>();
+  auto* dst = reinterpret_cast<uint16_t*>(out.mutable_data_ptr<at::BFloat16>());
+  const auto& kern = cpu::kernels();
+  at::parallel_for(0, rows, row_grain(3 * seg), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) kern.split_bf16x3(src + r * k, k, seg, dst + r * 3 * seg);
+  });
+}
+
+at::Tensor pack_linear_bf16x3_cpu(const at::Tensor& weight, bool vnni) {
+  check_cpu(weight, "weight");
+  check_float(weight, "weight");
+  TORCH_CHECK(weight.dim() == 2, "weight must be (out_features, in_features), got shape ", weight.sizes());
+  TORCH_CHECK(!vnni || brgemm::packs(at::kBFloat16),
+              "vnni=True needs a CPU whose matrix unit takes bf16 (AMX); pack with vnni=False on this CPU");
+  const int64_t seg = bf16x3_segment(weight.size(1), vnni);
+  auto split = at::empty({weight.size(0), 3 * seg}, weight.options().dtype(at::kBFloat16));
+  split_rows_bf16x3(weight.to(at::kFloat).contiguous(), seg, split);  // (hi | lo | hi)
+  const auto hi = split.narrow(1, 0, seg), lo = split.narrow(1, seg, seg);
+  return pack_linear_bf16_cpu(at::cat({lo, hi, hi}, 1), vnni);  // against x's (hi | lo | hi)
+}
+
+at::Tensor linear_bf16x3_cpu(const at::Tensor& x, const at::Tensor& packed_weight, int64_t out_features,
+                             const c10::optional<at::Tensor>& bias, c10::string_view activation) {
+  check_cpu(x, "x");
+  check_cpu(packed_weight, "packed_weight");
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "x must be float32, got ", x.scalar_type());
+  TORCH_CHECK(packed_weight.scalar_type() == at::kBFloat16, "packed_weight must be bfloat16 (from "
+              "pack_linear_bf16x3), got ", packed_weight.scalar_type());
+  TORCH_CHECK(x.dim() == 2, "x must be (tokens, in_features), got shape ", x.sizes());
+  TORCH_CHECK(out_features >= 0, "out_features must be >= 0, got ", out_features);
+  const int64_t tokens = x.size(0), k = x.size(1);
+  const bool vnni = packed_weight.dim() == 3;
+  const int64_t seg = bf16x3_segment(k, vnni);
+  if (vnni) {
+    TORCH_CHECK(brgemm::packs(at::kBFloat16), "packed_weight is in the matrix unit's VNNI layout, which this CPU "
+                "cannot run: pack it with pack_linear_bf16x3(weight, vnni=False)");
+    TORCH_CHECK(packed_weight.size(0) == (out_features + kBlockN - 1) / kBlockN && packed_weight.size(1) == 3 * seg &&
+                packed_weight.size(2) == kBlockN, "packed_weight must be (", (out_features + kBlockN - 1) / kBlockN,
+                ", ", 3 * seg, ", ", kBlockN, ") for out_features=", out_features, " and in_features=", k,
+                ", got shape ", packed_weight.sizes());
+  } else {
+    TORCH_CHECK(packed_weight.dim() == 2 && packed_weight.size(0) == 3 * k && packed_weight.size(1) == out_features,
+                "packed_weight must be (3 * in_features=", 3 * k, ", out_features=", out_features,
+                ") from pack_linear_bf16x3(weight, vnni=False), or 3-D from vnni=True; got shape ",
+                packed_weight.sizes());
+  }
+  TORCH_CHECK(packed_weight.is_contiguous(), "packed_weight must be contiguous");
+  if (bias.has_value()) check_vector(*bias, "bias", out_features);
+  const Fp32Values bias_f(bias, out_features);
+  const auto act = parse_activation(activation);
+  auto out = cached_empty({tokens, out_features}, x.options());
+  if (tokens == 0 || out_features == 0) return out;
+  auto a = cached_empty({tokens, 3 * seg}, x.options().dtype(at::kBFloat16));
+  split_rows_bf16x3(x.contiguous(), seg, a);
+  float* o = out.mutable_data_ptr<float>();
+  const float* b = bias_f.data();
+  const auto& kern = cpu::kernels();
+  gemm_bf16(a, packed_weight, out_features, act == cpu::Activation::kGelu,
+            [&](const float* acc, int64_t ld_acc, int64_t m0, int64_t rows, int64_t n0, int64_t cols) {
+              kern.bias_act_to_f32(acc, ld_acc, rows, cols, b + n0, act, o + m0 * out_features + n0, out_features);
+            }, amx::NoRowsDone());
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(distilkernels, CPU, m) {
   m.impl("pack_linear_bf16", &pack_linear_bf16_cpu);
   m.impl("linear_bf16", &linear_bf16_cpu);
   m.impl("linear_bf16_add_layer_norm", &linear_bf16_add_layer_norm_cpu);
+  m.impl("pack_linear_bf16x3", &pack_linear_bf16x3_cpu);
+  m.impl("linear_bf16x3", &linear_bf16x3_cpu);
 }
 
 }  // namespace distilkernels

@@ -96,6 +96,18 @@ def _linear_bf16_add_layer_norm_fake(x, packed_weight, out_features, bias, resid
     return x.new_empty((x.shape[0], out_features)), stats, torch.empty_like(stats)
 
 
+@torch.library.register_fake("distilkernels::pack_linear_bf16x3")
+def _pack_linear_bf16x3_fake(weight, vnni):
+    n, k = weight.shape
+    shape = (-(-n // 64), 3 * (-(-k // 32) * 32), 64) if vnni else (3 * k, n)
+    return weight.new_empty(shape, dtype=torch.bfloat16)
+
+
+@torch.library.register_fake("distilkernels::linear_bf16x3")
+def _linear_bf16x3_fake(x, packed_weight, out_features, bias, activation):
+    return x.new_empty((x.shape[0], out_features))
+
+
 @torch.library.register_fake("distilkernels::pack_linear_int8")
 def _pack_linear_int8_fake(weight, vnni):
     shape = _vnni_blocks(weight, 4) if vnni else (weight.shape[1], weight.shape[0])

@@ -55,6 +55,8 @@ _ROWS: dict[str, _Row] = {
     "pack_linear_bf16": _Row(_FLOATS),
     "linear_bf16": _Row((torch.bfloat16,)),
     "linear_bf16_add_layer_norm": _Row((torch.bfloat16,)),
+    "pack_linear_bf16x3": _Row(_FLOATS),
+    "linear_bf16x3": _Row(_FP32),  # fp32 as three bf16 products (torch's "high" float32 matmul precision)
     "pack_linear_int8": _Row(_FP32),
     "linear_int8": _Row(_FP32),
 }

@@ -77,6 +77,14 @@ def precision_paths() -> dict[str, str]:
                 f"kernel only when {_MARGIN:.0%} faster than ours)" if libraries else "")
 
     paths["fp32"] = f"distilkernels linear_packed ({ext.vector_isa()}){contest(torch.float32)}{chosen(torch.float32)}"
+    precision = torch.get_float32_matmul_precision()
+    if use_matrix_unit("bf16"):
+        paths["fp32"] += ("; under torch.set_float32_matmul_precision('high' or 'medium'): linear_bf16x3, each GEMM as "
+                          "three bf16 products on AMX tiles (within ~1.2e-5 of sum |x w|, ~2x the fp32 rate)"
+                          f"; now {precision!r}: {'bf16x3' if bf16x3_allowed() else 'fp32'}")
+    else:
+        paths["fp32"] += ("; torch's float32 matmul precision ('high', 'medium') changes nothing here: no bf16 "
+                          "matrix unit")
     bf16_epilogues = ("; where linear_bf16 runs a GEMM, bias + GELU in its epilogue (a fit for bf16 results) and, "
                       "for the attention output and lin2, the residual add + LayerNorm in the same call "
                       "(linear_bf16_add_layer_norm)")
@@ -294,10 +302,29 @@ def _onednn_linear(x, packed, out_features, bias, activation):
     return _onednn_chunked(x, packed, bias, activation, onednn_row_chunk(x, packed, bias, activation))
 
 
+def bf16x3_allowed() -> bool:
+    """Whether fp32 GEMMs may run as three bf16 products (linear_bf16x3): torch's float32 matmul precision is
+    "high" or "medium" (torch.set_float32_matmul_precision; "high" permits exactly this, "each float32 number
+    as the sum of two bfloat16 numbers", "medium" less), and the CPU's matrix unit takes bf16 (AMX). Under
+    "highest", torch's default, fp32 GEMMs are fp32 throughout."""
+    return torch.get_float32_matmul_precision() != "highest" and use_matrix_unit("bf16")
+
+
+def _bf16x3_pack(weight):
+    return ops.pack_linear_bf16x3(weight, vnni=True)
+
+
+def _bf16x3_call(x, packed, out_features, bias, activation):  # csrc/linear_bf16.cpp
+    return dispatch.implementation("linear_bf16x3", "cpp")(x, packed, out_features, bias, activation)
+
+
 _KERNELS: dict[str, _Kernel] = {
     "packed": _Kernel(lambda dtype: True, _ours_pack, _ours_call),  # linear_packed (fp32) / linear_bf16
     "onednn": _Kernel(_onednn_available, _onednn_pack, _onednn_linear),  # what inductor freezing runs for bf16
     "mkl": _Kernel(_mkl_available, _mkl_pack, _mkl_call),  # what inductor freezing runs for fp32
+    # fp32 as three bf16 products on AMX, where torch's float32 matmul precision permits (bf16x3_allowed); not in
+    # the contest: taken wherever allowed, on every GEMM large enough to be contested (dense_kernel)
+    "bf16x3": _Kernel(lambda dtype: False, _bf16x3_pack, _bf16x3_call),
 }
 # (dtype, in, out features, activation) -> the winner at each of _CONTEST_ROWS
 _WINNER: dict[tuple[torch.dtype, int, int, str], tuple[str, ...]] = {}
@@ -366,7 +393,11 @@ def dense_kernel(dtype: torch.dtype, in_features: int, out_features: int, activa
     the CPU and shape, so none is assumed: at the DistilBERT shapes on the AMX Xeon, oneDNN led ours in fp32 by
     3-14% per GEMM, and MKL led oneDNN in the model by ~9% at 1 x 128 (weights streamed from memory); with oneDNN
     capped to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2) linear_packed's AVX2 build led oneDNN by 4-16%. bf16 GEMMs that our
-    AMX tile loop runs are not contested (amx_loop_runs)."""
+    AMX tile loop runs are not contested (amx_loop_runs), nor fp32 ones where torch's float32 matmul precision
+    lets them run as three bf16 products (bf16x3_allowed: "bf16x3", ~2x the fp32 kernels' rate on AMX)."""
+    if (dtype == torch.float32 and in_features * out_features >= _MIN_CONTEST_WEIGHT and in_features > 0
+            and bf16x3_allowed()):
+        return "bf16x3"
     key = (dtype, in_features, out_features, activation)
     if key not in _WINNER:
         _WINNER[key] = ("packed",) * len(_CONTEST_ROWS)
@@ -465,7 +496,8 @@ class DenseGemms:
         if not self._use_packed(x):
             return GemmCalls(self.qkv, self.out, functools.partial(self.lin1_act, activation=activation), self.lin2)
         ours = _ours_op(x.dtype)
-        key = (x.dtype, activation, bisect.bisect(_BUCKET_EDGES, x.shape[0]), ours)
+        precision = torch.get_float32_matmul_precision() if x.dtype == torch.float32 else None
+        key = (x.dtype, activation, bisect.bisect(_BUCKET_EDGES, x.shape[0]), ours, precision)
         return bound_calls(self.bound, key, self.linears, functools.partial(self._bind, x=x, ours=ours), activation)
 
     def _bind(self, name, activation, *, x, ours):

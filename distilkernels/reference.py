@@ -132,6 +132,32 @@ def linear_bf16_add_layer_norm(x, packed_weight, out_features, bias, residual, w
     return add_layer_norm(linear_bf16(x, packed_weight, out_features, bias, "none"), residual, weight, ln_bias, eps)
 
 
+def split_bf16x3(x):
+    """fp32 x -> (hi, lo) bf16: hi = bf16(x), lo = bf16(x - hi), 0 where x - hi is not finite."""
+    hi = x.float().to(torch.bfloat16)
+    d = x.float() - hi.float()
+    return hi, torch.where(d.isfinite(), d, torch.zeros_like(d)).to(torch.bfloat16)
+
+
+def pack_linear_bf16x3(weight, vnni):
+    """weight (out_features, in_features) -> (lo | hi | hi)^T (3 * in_features, out_features) bf16. The VNNI
+    layout (vnni=True) exists in the C++ backend only."""
+    if vnni:
+        raise ValueError("vnni=True (the matrix unit's layout) needs the C++ backend; use vnni=False")
+    hi, lo = split_bf16x3(weight)
+    return torch.cat([lo, hi, hi], 1).t().contiguous()
+
+
+def linear_bf16x3(x, packed_weight, out_features, bias, activation):
+    """activation(x_hi w_lo + x_lo w_hi + x_hi w_hi + bias) in fp32 math (each product exact), from
+    pack_linear_bf16x3(weight, vnni=False)."""
+    if packed_weight.dim() != 2:
+        raise ValueError("packed_weight in the VNNI layout needs the C++ backend")
+    hi, lo = split_bf16x3(x)
+    y = torch.cat([hi, lo, hi], 1).float() @ packed_weight.float()
+    return activate(y if bias is None else y + bias.float(), activation)
+
+
 def pack_linear_int8(weight, vnni):
     """weight (out_features, in_features) -> (int8 weight^T (in_features, out_features), scale (out_features,)):
     symmetric per output channel, scale = max(max|w[n]| / 127, 1e-12)."""

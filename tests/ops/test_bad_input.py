@@ -65,6 +65,11 @@ def _plain_bf16():
     return reference.pack_linear_bf16(torch.randn(5, 4), False)
 
 
+def _plain_bf16x3():
+    """A (5, 4) weight in linear_bf16x3's plain layout ((lo | hi | hi)^T), which every backend and CPU reads."""
+    return reference.pack_linear_bf16x3(torch.randn(5, 4), False)
+
+
 def _plain_int8():
     """(packed, weight_scale) of a (5, 4) weight in linear_int8's plain layout."""
     return reference.pack_linear_int8(torch.randn(5, 4), False)
@@ -220,6 +225,19 @@ ROWS = {
                               ValueError, r"bias must be None or a tensor of shape \(5,\)", False),
     "linear_bf16-activation": ("linear_bf16", lambda: (_x_bf16(), _plain_bf16(), 5, None, "tanh"),
                                ValueError, "activation must be one of", False),
+    # pack_linear_bf16x3(weight), linear_bf16x3(x, packed_weight, out_features, bias, activation)
+    "pack_bf16x3-weight-1d": ("pack_linear_bf16x3", lambda: (torch.randn(5),),
+                              ValueError, r"weight must be \(out_features, in_features\)", False),
+    "pack_bf16x3-weight-int": ("pack_linear_bf16x3", lambda: (torch.ones(5, 4, dtype=torch.long),),
+                               TypeError, "weight must be float32, float16 or bfloat16, got torch.int64", False),
+    "linear_bf16x3-x-bf16": ("linear_bf16x3", lambda: (_x_bf16(), _plain_bf16x3(), 5),
+                             TypeError, r"x must be a 2-D \(tokens, in_features\) float32", False),
+    "linear_bf16x3-packed-dtype": ("linear_bf16x3", lambda: (torch.randn(3, 4), _plain_bf16x3().float(), 5),
+                                   ValueError, "packed_weight must be a 2-D or 3-D torch.bfloat16", False),
+    "linear_bf16x3-bias-size": ("linear_bf16x3", lambda: (torch.randn(3, 4), _plain_bf16x3(), 5, torch.randn(4)),
+                                ValueError, r"bias must be None or a tensor of shape \(5,\)", False),
+    "linear_bf16x3-activation": ("linear_bf16x3", lambda: (torch.randn(3, 4), _plain_bf16x3(), 5, None, "tanh"),
+                                 ValueError, "activation must be one of", False),
     # linear_bf16_add_layer_norm(x, packed_weight, out_features, bias, residual, weight, ln_bias)
     "linear_bf16_ln-residual-shape": ("linear_bf16_add_layer_norm",
                                       lambda: (_x_bf16(), _plain_bf16(), 5, None, _x_bf16(), *_ln5()),
@@ -305,6 +323,11 @@ def _empty_cases():
         "linear_bf16_ln-0-tokens": ("linear_bf16_add_layer_norm",
                                     (torch.randn(0, 4).bfloat16(), reference.pack_linear_bf16(torch.randn(5, 4), False),
                                      5, torch.randn(5), torch.randn(0, 5).bfloat16(), torch.ones(5), torch.zeros(5))),
+        "linear_bf16x3-0-tokens": ("linear_bf16x3", (torch.randn(0, 4), reference.pack_linear_bf16x3(torch.randn(5, 4),
+                                                                                                False), 5, torch.randn(5))),
+        "linear_bf16x3-0-in_features": ("linear_bf16x3", (torch.randn(3, 0),
+                                                          reference.pack_linear_bf16x3(torch.randn(5, 0), False), 5,
+                                                          torch.randn(5), "relu")),
         "normalize-0-rows": ("normalize_rows", (torch.randn(0, 4),)),
         "normalize-0-cols": ("normalize_rows", (torch.randn(3, 0),)),
     }

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.requires_ext
 
 ISAS = ("avx512", "avx2", "scalar")  # best first
 OP_TEST_FILES = ("test_attention.py", "test_layer_norm.py", "test_bias_act.py", "test_row_scale.py",
-                 "test_bad_input.py", "test_dispatch.py")
+                 "test_linear_bf16x3.py", "test_bad_input.py", "test_dispatch.py")
 
 
 def cpu_flags() -> set[str]:
