@@ -2,8 +2,9 @@
 
 A provider turns an HF model (fp32, eval) into `run(input_ids, attention_mask) -> tensor` (the model's first
 output: last_hidden_state, or logits for a head). `precision` says which arithmetic unit it is meant to use
-(fp32, bf16 or int8): it decides how the provider is checked against HF fp32 eager (timing.check) and which
-measured GEMM peak its TFLOP/s are a fraction of.
+(fp32, bf16, int8, or bf16x3: fp32 results from three bf16 products): it decides how the provider is checked
+against HF fp32 eager (timing.check; bf16x3 as fp32) and which measured GEMM peak its TFLOP/s are a fraction of
+(bf16x3: a third of the bf16 peak).
 """
 from __future__ import annotations
 
@@ -105,6 +106,17 @@ def _build_torch_int8(model, example):
     return Built(module_runner(quantized), "torch.ao.quantization.quantize_dynamic(HF sdpa model, {Linear}, qint8)")
 
 
+@contextlib.contextmanager
+def matmul_precision(precision: str):
+    """torch.set_float32_matmul_precision(precision) for the calls inside, the previous setting after."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def _build_ours(dtype):
     def build(model, example):
         import distilkernels
@@ -115,6 +127,25 @@ def _build_ours(dtype):
         return Built(module_runner(ours), f"deep copy{dtype_note}, distilkernels.patch(model)")
 
     return build
+
+
+def _build_ours_high(model, example):
+    """fp32 under torch.set_float32_matmul_precision("high"), set around each call only: our GEMMs as three bf16
+    products on the matrix unit (bf16x3), checked to the fp32 limit like every fp32 provider."""
+    import distilkernels
+    from distilkernels.gemms import bf16x3_allowed
+
+    _cpu_only(model, "bf16x3")
+    with matmul_precision("high"):
+        allowed = bf16x3_allowed()
+    if not allowed:
+        raise ProviderUnavailable("bf16x3 needs a matrix unit that takes bf16 (AMX); under 'high' this CPU runs "
+                                  "the fp32 GEMMs of distilkernels_fp32")
+    ours = copy.deepcopy(model).eval()
+    distilkernels.patch(ours)
+    return Built(module_runner(ours, lambda: matmul_precision("high")),
+                 "deep copy, distilkernels.patch(model), torch.set_float32_matmul_precision('high') around each "
+                 "call: fp32 GEMMs as three bf16 products on AMX (linear_bf16x3)")
 
 
 def _build_ours_int8(model, example):
@@ -189,6 +220,7 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
     Provider("onnxruntime_fp32", _build_ort(int8=False)),
     Provider("openvino_f32", _build_openvino("f32")),
     Provider("distilkernels_fp32", _build_ours(torch.float32)),
+    Provider("distilkernels_fp32_high", _build_ours_high, "bf16x3"),
     Provider("distilkernels_optimized", _build_optimized),
     Provider("torch_bf16", _build_hf("sdpa", torch.bfloat16), "bf16"),
     Provider("torch_compile_bf16", _build_compile(torch.bfloat16), "bf16"),

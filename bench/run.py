@@ -54,7 +54,7 @@ def run_bench(grid, threads: int | None = None, out_dir: str | os.PathLike | Non
     summary = model_summary(model)
     names = list(providers or PROVIDERS)
     # The peaks of the precisions the providers run, in the order measure_peaks lists them.
-    precisions = tuple(p for p in ("fp32", "bf16", "int8") if any(PROVIDERS[n].precision == p for n in names))
+    precisions = tuple(p for p in ("fp32", "bf16", "bf16x3", "int8") if any(PROVIDERS[n].precision == p for n in names))
     measured = {}
     if peaks and device.type == "cpu" and precisions:
         log(f"measuring GEMM peaks ({', '.join(precisions)})")

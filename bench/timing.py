@@ -1,7 +1,7 @@
 """Check every provider against HF fp32 eager, time the correct ones side by side, measure the GEMM peaks.
 
 Checks, per precision:
-- fp32: max-abs error on every value a caller reads (real tokens; all of a pooled output) <= FP32_ATOL.
+- fp32 and bf16x3: max-abs error on every value a caller reads (real tokens; all of a pooled output) <= FP32_ATOL.
 - bf16 and int8: minimum cosine over real tokens (rows of a pooled output) >= LOW_PRECISION_MIN_COSINE.
 A provider that fails its check is WRONG and gets no time.
 """
@@ -25,6 +25,8 @@ FP32_ATOL = 1e-4
 # off by ~1% of its norm, cosine ~0.99995; dynamic int8 with 7-bit activations lands near 0.9995. 0.999 is a
 # 4.5%-of-norm error: a wrong mask, head or scale drops cosine far below it.
 LOW_PRECISION_MIN_COSINE = 0.999
+# Precisions whose results are fp32 and checked as fp32: bf16x3 (fp32 GEMMs as three bf16 products) included.
+FP32_CHECKED = ("fp32", "bf16x3")
 
 
 def _rows(out: torch.Tensor, ref: torch.Tensor, attention_mask: torch.Tensor):
@@ -58,7 +60,7 @@ def check(out: torch.Tensor, ref: torch.Tensor, attention_mask: torch.Tensor, pr
     """{"status": "ok" | "WRONG", "check", "limit", "max_abs_err", "min_cosine"}: both errors recorded, the
     precision's own one decides."""
     row = {"max_abs_err": max_error(out, ref, attention_mask), "min_cosine": min_token_cosine(out, ref, attention_mask)}
-    if precision == "fp32":
+    if precision in FP32_CHECKED:
         ok = row["max_abs_err"] <= FP32_ATOL
         row.update(check="max_abs", limit=FP32_ATOL)
     else:
@@ -160,13 +162,15 @@ def _best_rate(fn, n: int, seconds: float) -> tuple[float, int]:
     return 2 * n ** 3 / best / 1e12, calls
 
 
-def measure_peaks(precisions=("fp32", "bf16", "int8"), n: int = 2048, seconds: float = 1.0) -> dict:
+def measure_peaks(precisions=("fp32", "bf16", "bf16x3", "int8"), n: int = 2048, seconds: float = 1.0) -> dict:
     """Per precision: {"tflops", "method", "calls", "candidates"}, the best of repeated large square GEMMs on
     this machine with the current torch threads, through the fastest of the ways torch offers. The best call,
     not the median: a peak is what the unit can do, and noise only ever slows a call down. A precision torch
     cannot run here gets {"tflops": None, "method": why}."""
     peaks = {}
     for precision in precisions:
+        if precision == "bf16x3":  # derived from the bf16 peak below
+            continue
         rates, failures = {}, []
         for method, fn in _gemm_candidates(precision, n).items():
             try:
@@ -179,6 +183,10 @@ def measure_peaks(precisions=("fp32", "bf16", "int8"), n: int = 2048, seconds: f
         method = max(rates, key=lambda m: rates[m][0])
         peaks[precision] = {"tflops": rates[method][0], "method": method, "calls": rates[method][1],
                             "candidates": {m: r for m, (r, _) in rates.items()}}
+    if "bf16x3" in precisions:  # fp32 FLOPs done as three bf16 products each: a third of the bf16 peak
+        bf16 = peaks.get("bf16") or measure_peaks(("bf16",), n, seconds)["bf16"]
+        peaks["bf16x3"] = {"tflops": None if bf16.get("tflops") is None else bf16["tflops"] / 3,
+                           "method": f"a third of the bf16 peak ({bf16['method']}): three bf16 products per fp32 one"}
     return peaks
 
 

@@ -65,6 +65,26 @@ def test_low_precision_provider_passes_cosine_check(tiny_model, name):
     assert row["check"] == "min_cosine" and row["min_cosine"] >= LOW_PRECISION_MIN_COSINE
 
 
+def test_fp32_high_provider(op_spy):
+    """distilkernels_fp32_high: fp32 under torch's "high" float32 matmul precision, set around its calls only;
+    on a CPU whose matrix unit takes bf16 its GEMMs are linear_bf16x3 and it passes the fp32 check (on a model
+    whose GEMMs are large enough for bf16x3); elsewhere it is unavailable, saying why."""
+    from distilkernels.gemms import use_matrix_unit
+
+    config = transformers.DistilBertConfig(dim=256, n_heads=4, hidden_dim=300, n_layers=2, vocab_size=99)
+    torch.manual_seed(0)
+    model = transformers.DistilBertModel(config).eval()
+    before = torch.get_float32_matmul_precision()
+    (row,) = _rows(model, ["distilkernels_fp32_high"], SHAPES[1])
+    assert torch.get_float32_matmul_precision() == before
+    if not use_matrix_unit("bf16"):
+        assert row["status"] == "unavailable" and "needs a matrix unit that takes bf16" in row["note"]
+        return
+    assert row["status"] == "ok", row
+    assert row["precision"] == "bf16x3" and row["check"] == "max_abs" and row["max_abs_err"] <= FP32_ATOL
+    assert op_spy[("linear_bf16x3", "cpp")] >= 4 * config.n_layers, op_spy
+
+
 @pytest.mark.parametrize("name", ["torch_compile_fp32", "torch_compile_bf16"])
 def test_torch_compile_freezing_provider(tiny_model, name):
     (row,) = _rows(tiny_model, [name], SHAPES[0])
@@ -141,7 +161,9 @@ def test_rows_carry_tflops_and_peak_fraction(tiny_model):
 
 def test_measure_peaks():
     peaks = measure_peaks(n=64, seconds=0.0)
-    assert set(peaks) == {"fp32", "bf16", "int8"}
+    assert set(peaks) == {"fp32", "bf16", "bf16x3", "int8"}
+    if peaks["bf16"]["tflops"]:
+        assert peaks["bf16x3"]["tflops"] == pytest.approx(peaks["bf16"]["tflops"] / 3)
     assert peaks["fp32"]["tflops"] > 0 and peaks["fp32"]["calls"] >= 3
     assert peaks["fp32"]["tflops"] == max(peaks["fp32"]["candidates"].values())
     low = {p: {**e, "tflops": e["tflops"] / 2} for p, e in peaks.items() if e["tflops"]}
