@@ -289,16 +289,22 @@ constexpr int64_t kMaxSuper = 8;
 // rows_done(m0, rows), where given: called by the thread that computed every tile of a row superblock, once the
 // epilogues of all of them have run (a whole row of the output is then final, in its cache): with at least one
 // superblock per thread (1024 rows and 2 threads), every row; rows whose tiles two threads share are not reported.
+// w_k_bytes, where given (> 0): the packed weight holds only the first w_k_bytes of k (a multiple of 64, at least
+// k_bytes / 2), and x's last k_bytes - w_k_bytes of each row multiply the weight's last k_bytes - w_k_bytes again
+// (bf16x3: x's (hi | lo | hi) against the weight's (lo | hi), its hi read twice rather than stored twice).
 template <Kind kKind, class Epilogue, class RowsDone = NoRowsDone>
 void gemm(const void* x, int64_t tokens, int64_t k_bytes, const void* packed, int64_t n_blocks,
-          const Epilogue& epilogue, bool heavy_epilogue, const RowsDone& rows_done = RowsDone()) {
+          const Epilogue& epilogue, bool heavy_epilogue, const RowsDone& rows_done = RowsDone(),
+          int64_t w_k_bytes = 0) {
   const int64_t drain_every = heavy_epilogue ? kDrainEveryHeavy : kDrainEvery;
   using brgemm::kBlockM;
   using brgemm::kBlockN;
   const char* a = static_cast<const char*>(x);
   const char* wp = static_cast<const char*>(packed);
   const int64_t m_blocks = (tokens + kBlockM - 1) / kBlockM;
-  const int64_t block = k_bytes * kBlockN;  // bytes per weight block
+  if (w_k_bytes <= 0) w_k_bytes = k_bytes;
+  const int64_t repeat = k_bytes - w_k_bytes;  // x's k from w_k_bytes on re-reads the weight's from w_k_bytes - repeat
+  const int64_t block = w_k_bytes * kBlockN;  // bytes per weight block
   // Rows in superblocks of up to 8 m blocks (512 rows), as many as keep their x within half of the 2 MiB L2 of
   // every AMX CPU so far: the block stays in L2 while the thread's weight blocks pass it, instead of all of x
   // (1.5-6 MB at 1024 rows) being re-read from beyond L2 for every weight block. At 1024 rows with weights in
@@ -370,15 +376,19 @@ void gemm(const void* x, int64_t tokens, int64_t k_bytes, const void* packed, in
       char* cur = acc + (units % 2) * unit_m * kBlockM * kBlockN * 4;
       const char* w = wp + nb * block;
       int64_t step = 0;
-      for (int64_t k0 = 0; k0 < k_bytes; k0 += chunk) {
-        const int64_t kb = std::min(chunk, k_bytes - k0);
+      for (int64_t k0 = 0, kb = 0; k0 < k_bytes; k0 += kb) {
+        // a chunk, cut where x's k reaches the weight's end (w_k_bytes), from which on the weight repeats
+        kb = std::min(chunk, (k0 < w_k_bytes ? w_k_bytes : k_bytes) - k0);
+        const int64_t wk0 = k0 < w_k_bytes ? k0 : k0 - repeat;  // the weight's k for x's k0
         // Prefetched while this chunk computes: the next chunk of this block or, after the last, this thread's
-        // share of the next block's first chunk when this thread computes that block next.
+        // share of the next block's first chunk when this thread computes that block next. (The repeated part of
+        // the weight was read by this block's earlier chunks: not prefetched again.)
         Prefetch pf;
-        if (k0 + kb < k_bytes) {
-          pf = Prefetch(w + (k0 + kb) * kBlockN, std::min(chunk, k_bytes - k0 - kb) * kBlockN / 64);
-        } else if (nb + 1 < n_blocks && t + sb_m < end) {  // (t + sb_m: this tile's row block, next weight block)
-          const int64_t lines = std::min(chunk, k_bytes) * kBlockN / 64, share = (lines + sb_m - 1) / sb_m;
+        if (k0 + kb < w_k_bytes) {
+          pf = Prefetch(w + (k0 + kb) * kBlockN, std::min(chunk, w_k_bytes - k0 - kb) * kBlockN / 64);
+        } else if (k0 + kb == k_bytes && nb + 1 < n_blocks && t + sb_m < end) {  // (t + sb_m: this tile's row
+                                                                                  // block, next weight block)
+          const int64_t lines = std::min(chunk, w_k_bytes) * kBlockN / 64, share = (lines + sb_m - 1) / sb_m;
           const int64_t own = unit_end - t, first = std::min(lines, (mb - sb * super) * share);
           pf = Prefetch(wp + (nb + 1) * block + first * 64, std::min(own * share, lines - first));
         }
@@ -387,7 +397,7 @@ void gemm(const void* x, int64_t tokens, int64_t k_bytes, const void* packed, in
         for (int64_t h = 0; h < 2; ++h) {  // 32-column halves of the block
           for (int64_t g = 0; g < groups; g += 2) {
             char* cg = cur + (16 * g * kBlockN + 32 * h) * 4;
-            const char* b = w + k0 * kBlockN + 128 * h;
+            const char* b = w + wk0 * kBlockN + 128 * h;
             if (g + 1 < groups)
               step = half_block<kKind, 2>(group[g] + k0, group[g + 1] + k0, k_bytes, b, kb, cg, k0 > 0, pf, per, step,
                                           drain_every, drain);

@@ -47,17 +47,23 @@ void epilogue(const float* acc, int64_t ld_acc, int64_t rows, int64_t cols, cons
 
 // The GEMMs below hand each piece of the fp32 product to store(acc, ld_acc, m0, rows, n0, cols): output rows
 // [m0, m0 + rows) by columns [n0, n0 + cols), at acc with row stride ld_acc; it writes them out.
+// x has k columns and the weight kw <= k rows: x's last `repeat` = k - kw columns multiply the weight's last
+// `repeat` rows again (bf16x3; kw = k everywhere else).
 
 template <class Store>
-void gemm_vnni(const at::BFloat16* a, int64_t tokens, int64_t kp, const at::BFloat16* wp, int64_t out_features,
-               const Store& store) {
+void gemm_vnni(const at::BFloat16* a, int64_t tokens, int64_t k, int64_t kw, const at::BFloat16* wp,
+               int64_t out_features, const Store& store) {
   const int64_t n_blocks = (out_features + kBlockN - 1) / kBlockN;
-  const int64_t block = kp * kBlockN;
+  const int64_t block = kw * kBlockN, repeat = k - kw;
   brgemm::for_each_tile(tokens, n_blocks, [&](int64_t nb, int64_t m0, int64_t rows) {
     alignas(64) float acc[kBlockM * kBlockN];
     const int64_t n0 = nb * kBlockN;
-    at::native::cpublas::brgemm(rows, kBlockN, kp, /*ld_a=*/kp, /*ld_b=*/kBlockN, /*ld_c=*/kBlockN,
-                                /*add_C=*/false, a + m0 * kp, wp + nb * block, acc, /*is_vnni=*/true);
+    at::native::cpublas::brgemm(rows, kBlockN, kw, /*ld_a=*/k, /*ld_b=*/kBlockN, /*ld_c=*/kBlockN,
+                                /*add_C=*/false, a + m0 * k, wp + nb * block, acc, /*is_vnni=*/true);
+    if (repeat > 0)  // a VNNI row holds 2 k of 64 columns: the weight's k row r starts at r * kBlockN
+      at::native::cpublas::brgemm(rows, kBlockN, repeat, /*ld_a=*/k, /*ld_b=*/kBlockN, /*ld_c=*/kBlockN,
+                                  /*add_C=*/true, a + m0 * k + kw, wp + nb * block + (kw - repeat) * kBlockN, acc,
+                                  /*is_vnni=*/true);
     store(acc, kBlockN, m0, rows, n0, std::min(kBlockN, out_features - n0));
   });
 }
@@ -66,15 +72,19 @@ void gemm_vnni(const at::BFloat16* a, int64_t tokens, int64_t kp, const at::BFlo
 // GEMM: oneDNN where the CPU has AVX-512, ATen's own loop elsewhere), then the epilogue, by rows.
 template <class Store>
 void gemm_plain(const at::Tensor& x, const at::Tensor& wt, const Store& store) {
-  const int64_t tokens = x.size(0), k = x.size(1), n = wt.size(1);
+  const int64_t tokens = x.size(0), k = x.size(1), kw = wt.size(0), n = wt.size(1), repeat = k - kw;
   auto acc = cached_empty({tokens, n}, x.options().dtype(at::kFloat));
   float* c = acc.mutable_data_ptr<float>();
-  if (k == 0) {
+  const auto* a = x.const_data_ptr<at::BFloat16>();
+  const auto* b = wt.const_data_ptr<at::BFloat16>();
+  if (kw == 0) {
     acc.zero_();
   } else {
-    at::native::cpublas::brgemm(tokens, n, k, /*ld_a=*/k, /*ld_b=*/n, /*ld_c=*/n, /*add_C=*/false,
-                                x.const_data_ptr<at::BFloat16>(), wt.const_data_ptr<at::BFloat16>(), c,
+    at::native::cpublas::brgemm(tokens, n, kw, /*ld_a=*/k, /*ld_b=*/n, /*ld_c=*/n, /*add_C=*/false, a, b, c,
                                 /*is_vnni=*/false);
+    if (repeat > 0)
+      at::native::cpublas::brgemm(tokens, n, repeat, /*ld_a=*/k, /*ld_b=*/n, /*ld_c=*/n, /*add_C=*/true, a + kw,
+                                  b + (kw - repeat) * n, c, /*is_vnni=*/false);
   }
   at::parallel_for(0, tokens, row_grain(n), [&](int64_t begin, int64_t end) {
     store(c + begin * n, n, begin, end - begin, 0, n);
@@ -83,27 +93,28 @@ void gemm_plain(const at::Tensor& x, const at::Tensor& wt, const Store& store) {
 
 // The fp32 product a (tokens, k) bf16 @ the packed weight, handed to store in pieces (above). a is contiguous
 // with k its packed in_features (the VNNI layout's, rounded up to 2: zero columns where the weight has zero
-// rows). heavy_epilogue: store applies GELU. rows_done: as amx::gemm's, called only where our AMX tile loop runs.
+// rows) plus `repeat` columns (see above). heavy_epilogue: store applies GELU. rows_done: as amx::gemm's, called
+// only where our AMX tile loop runs.
 template <class Store, class RowsDone>
 void gemm_bf16(const at::Tensor& a, const at::Tensor& packed_weight, int64_t out_features, bool heavy_epilogue,
-               const Store& store, const RowsDone& rows_done) {
-  const int64_t tokens = a.size(0), k = a.size(1);
+               const Store& store, const RowsDone& rows_done, int64_t repeat = 0) {
+  const int64_t tokens = a.size(0), k = a.size(1), kw = k - repeat;
   if (tokens == 0 || out_features == 0) return;
   const bool vnni = packed_weight.dim() == 3;
-  if (k == 0 || !vnni) {
+  if (kw == 0 || !vnni) {
     gemm_plain(a, vnni ? at::empty({0, out_features}, packed_weight.options()) : packed_weight, store);
     return;
   }
-  if (k % 32 == 0 && amx::enabled()) {
+  if (k % 32 == 0 && kw % 32 == 0 && amx::enabled()) {
     amx::gemm<amx::Kind::kBf16>(a.const_data_ptr(), tokens, k * 2, packed_weight.const_data_ptr(),
                                 (out_features + kBlockN - 1) / kBlockN,
                                 [&](int64_t nb, int64_t m0, int64_t rows, const void* acc) {
       const int64_t n0 = nb * kBlockN;
       store(static_cast<const float*>(acc), kBlockN, m0, rows, n0, std::min(kBlockN, out_features - n0));
-    }, heavy_epilogue, rows_done);
+    }, heavy_epilogue, rows_done, kw * 2);
     return;
   }
-  gemm_vnni(a.const_data_ptr<at::BFloat16>(), tokens, k, packed_weight.const_data_ptr<at::BFloat16>(),
+  gemm_vnni(a.const_data_ptr<at::BFloat16>(), tokens, k, kw, packed_weight.const_data_ptr<at::BFloat16>(),
             out_features, store);
 }
 
@@ -220,7 +231,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bf16_add_layer_norm_cpu(
 // exact, so v - hi - lo is lo's own rounding, at most 2^-9 |v - hi| <= 2^-18 |v|. Then
 //   x w = xh wh + xh wl + xl wh + xl wl + (x's and w's split remainders)
 // and the GEMM computes the first three products, each exact in fp32, accumulated in fp32 by the bf16 GEMM
-// above over in_features tripled: x's row laid out as (xh | xl | xh) against the weight's (wl | wh | wh), so the
+// above over in_features tripled: x's row laid out as (xh | xl | xh) against the weight's (wl | wh), whose wh the
+// GEMM reads twice (its `repeat`: the weight is stored once, 2x the bf16 weight, the fp32 weight's size), so the
 // two small products are summed before the large one. What it leaves out, xl wl and the remainders, is at most
 // ~3 * 2^-18 |x w| per product: a result within ~1.2e-5 of sum |x_k w_k| (relative) of the exact one, against
 // ~2^-24 per rounding for an fp32 GEMM. This is what torch.set_float32_matmul_precision("high") permits
@@ -253,7 +265,7 @@ at::Tensor pack_linear_bf16x3_cpu(const at::Tensor& weight, bool vnni) {
   auto split = at::empty({weight.size(0), 3 * seg}, weight.options().dtype(at::kBFloat16));
   split_rows_bf16x3(weight.to(at::kFloat).contiguous(), seg, split);  // (hi | lo | hi)
   const auto hi = split.narrow(1, 0, seg), lo = split.narrow(1, seg, seg);
-  return pack_linear_bf16_cpu(at::cat({lo, hi, hi}, 1), vnni);  // against x's (hi | lo | hi)
+  return pack_linear_bf16_cpu(at::cat({lo, hi}, 1), vnni);  // against x's (hi | lo | hi), hi read twice
 }
 
 at::Tensor linear_bf16x3_cpu(const at::Tensor& x, const at::Tensor& packed_weight, int64_t out_features,
@@ -271,13 +283,13 @@ at::Tensor linear_bf16x3_cpu(const at::Tensor& x, const at::Tensor& packed_weigh
   if (vnni) {
     TORCH_CHECK(brgemm::packs(at::kBFloat16), "packed_weight is in the matrix unit's VNNI layout, which this CPU "
                 "cannot run: pack it with pack_linear_bf16x3(weight, vnni=False)");
-    TORCH_CHECK(packed_weight.size(0) == (out_features + kBlockN - 1) / kBlockN && packed_weight.size(1) == 3 * seg &&
+    TORCH_CHECK(packed_weight.size(0) == (out_features + kBlockN - 1) / kBlockN && packed_weight.size(1) == 2 * seg &&
                 packed_weight.size(2) == kBlockN, "packed_weight must be (", (out_features + kBlockN - 1) / kBlockN,
-                ", ", 3 * seg, ", ", kBlockN, ") for out_features=", out_features, " and in_features=", k,
+                ", ", 2 * seg, ", ", kBlockN, ") for out_features=", out_features, " and in_features=", k,
                 ", got shape ", packed_weight.sizes());
   } else {
-    TORCH_CHECK(packed_weight.dim() == 2 && packed_weight.size(0) == 3 * k && packed_weight.size(1) == out_features,
-                "packed_weight must be (3 * in_features=", 3 * k, ", out_features=", out_features,
+    TORCH_CHECK(packed_weight.dim() == 2 && packed_weight.size(0) == 2 * k && packed_weight.size(1) == out_features,
+                "packed_weight must be (2 * in_features=", 2 * k, ", out_features=", out_features,
                 ") from pack_linear_bf16x3(weight, vnni=False), or 3-D from vnni=True; got shape ",
                 packed_weight.sizes());
   }
@@ -295,7 +307,7 @@ at::Tensor linear_bf16x3_cpu(const at::Tensor& x, const at::Tensor& packed_weigh
   gemm_bf16(a, packed_weight, out_features, act == cpu::Activation::kGelu,
             [&](const float* acc, int64_t ld_acc, int64_t m0, int64_t rows, int64_t n0, int64_t cols) {
               kern.bias_act_to_f32(acc, ld_acc, rows, cols, b + n0, act, o + m0 * out_features + n0, out_features);
-            }, amx::NoRowsDone());
+            }, amx::NoRowsDone(), /*repeat=*/seg);
   return out;
 }
 

@@ -99,7 +99,7 @@ def _linear_bf16_add_layer_norm_fake(x, packed_weight, out_features, bias, resid
 @torch.library.register_fake("distilkernels::pack_linear_bf16x3")
 def _pack_linear_bf16x3_fake(weight, vnni):
     n, k = weight.shape
-    shape = (-(-n // 64), 3 * (-(-k // 32) * 32), 64) if vnni else (3 * k, n)
+    shape = (-(-n // 64), 2 * (-(-k // 32) * 32), 64) if vnni else (2 * k, n)
     return weight.new_empty(shape, dtype=torch.bfloat16)
 
 

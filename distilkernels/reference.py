@@ -140,12 +140,12 @@ def split_bf16x3(x):
 
 
 def pack_linear_bf16x3(weight, vnni):
-    """weight (out_features, in_features) -> (lo | hi | hi)^T (3 * in_features, out_features) bf16. The VNNI
-    layout (vnni=True) exists in the C++ backend only."""
+    """weight (out_features, in_features) -> (lo | hi)^T (2 * in_features, out_features) bf16. The VNNI layout
+    (vnni=True) exists in the C++ backend only."""
     if vnni:
         raise ValueError("vnni=True (the matrix unit's layout) needs the C++ backend; use vnni=False")
     hi, lo = split_bf16x3(weight)
-    return torch.cat([lo, hi, hi], 1).t().contiguous()
+    return torch.cat([lo, hi], 1).t().contiguous()
 
 
 def linear_bf16x3(x, packed_weight, out_features, bias, activation):
@@ -154,7 +154,8 @@ def linear_bf16x3(x, packed_weight, out_features, bias, activation):
     if packed_weight.dim() != 2:
         raise ValueError("packed_weight in the VNNI layout needs the C++ backend")
     hi, lo = split_bf16x3(x)
-    y = torch.cat([hi, lo, hi], 1).float() @ packed_weight.float()
+    w_lo, w_hi = packed_weight.float().chunk(2)
+    y = torch.cat([hi, lo], 1).float() @ torch.cat([w_lo, w_hi]) + hi.float() @ w_hi
     return activate(y if bias is None else y + bias.float(), activation)
 
 

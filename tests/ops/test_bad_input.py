@@ -66,7 +66,7 @@ def _plain_bf16():
 
 
 def _plain_bf16x3():
-    """A (5, 4) weight in linear_bf16x3's plain layout ((lo | hi | hi)^T), which every backend and CPU reads."""
+    """A (5, 4) weight in linear_bf16x3's plain layout ((lo | hi)^T), which every backend and CPU reads."""
     return reference.pack_linear_bf16x3(torch.randn(5, 4), False)
 
 

@@ -161,7 +161,7 @@ def test_linear_bf16x3_cpp_bad_input():
     packed = op.pack_linear_bf16x3(weight, False)
     with pytest.raises(RuntimeError, match="x must be float32, got BFloat16"):
         op.linear_bf16x3(x.bfloat16(), packed, 5, None, "none")
-    with pytest.raises(RuntimeError, match="packed_weight must be \\(3 \\* in_features=18, out_features=5\\)"):
+    with pytest.raises(RuntimeError, match="packed_weight must be \\(2 \\* in_features=12, out_features=5\\)"):
         op.linear_bf16x3(torch.randn(3, 6), packed, 5, None, "none")
     with pytest.raises(RuntimeError, match="packed_weight must be bfloat16"):
         op.linear_bf16x3(x, packed.float(), 5, None, "none")
@@ -169,7 +169,7 @@ def test_linear_bf16x3_cpp_bad_input():
         op.linear_bf16x3(x, packed, 5, torch.randn(3), "none")
     if _units_bf16():
         vnni = op.pack_linear_bf16x3(weight, True)
-        with pytest.raises(RuntimeError, match="packed_weight must be \\(2, 96, 64\\) for out_features=70"):
+        with pytest.raises(RuntimeError, match="packed_weight must be \\(2, 64, 64\\) for out_features=70"):
             op.linear_bf16x3(x, vnni, 70, None, "none")
     else:
         with pytest.raises(RuntimeError, match="vnni=True needs a CPU whose matrix unit takes bf16"):
