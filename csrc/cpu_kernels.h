@@ -76,9 +76,10 @@ struct Kernels {
   // (0 where x - hi is not finite), out[2 seg, 2 seg + n) = hi again; zeros in [n, seg) of each segment.
   //   x: (n,) fp32; out: (3 seg,) bf16; seg >= n
   void (*split_bf16x3)(const float* x, int64_t n, int64_t seg, uint16_t* out);
-  // A GEMM's fp32 epilogue: out[r, j] = act(acc[r, j] + bias[j]) (acc and out as bias_act_to_bf16's, out fp32).
+  // A GEMM's fp32 epilogue: out[r, j] = act(acc[r, j] + bias[j]), or act(out[r, j] + acc[r, j] + bias[j]) where
+  // `accumulate` (acc and out as bias_act_to_bf16's, out fp32).
   void (*bias_act_to_f32)(const float* acc, int64_t ld_acc, int64_t rows, int64_t cols, const float* bias,
-                          Activation act, float* out, int64_t ld_out);
+                          Activation act, float* out, int64_t ld_out, bool accumulate);
 };
 
 const Kernels& kernels();

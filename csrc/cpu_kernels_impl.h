@@ -942,28 +942,43 @@ void split_bf16x3(const float* x, int64_t n, int64_t seg, uint16_t* out) {
   __builtin_memcpy(out + 2 * seg, hi, seg * sizeof(uint16_t));
 }
 
-template <class Act>
+template <bool kAccumulate, class Act>
 DK_INLINE void bias_act_to_f32_loop(const float* acc, int64_t ld_acc, int64_t rows, int64_t cols, const float* bias,
                                     float* out, int64_t ld_out, Act act) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* x = acc + r * ld_acc;
     float* y = out + r * ld_out;
-    vector_loop4(
-        cols, [&](int64_t i) { return act(vload(x + i) + vload(bias + i)); },
-        [&](int64_t i, V v) { vstore(y + i, v); }, [&](int64_t i) { y[i] = act(x[i] + bias[i]); });
+    if constexpr (kAccumulate) {
+      vector_loop4(
+          cols, [&](int64_t i) { return act(vload(y + i) + vload(x + i) + vload(bias + i)); },
+          [&](int64_t i, V v) { vstore(y + i, v); }, [&](int64_t i) { y[i] = act(y[i] + x[i] + bias[i]); });
+    } else {
+      vector_loop4(
+          cols, [&](int64_t i) { return act(vload(x + i) + vload(bias + i)); },
+          [&](int64_t i, V v) { vstore(y + i, v); }, [&](int64_t i) { y[i] = act(x[i] + bias[i]); });
+    }
+  }
+}
+
+template <bool kAccumulate>
+void bias_act_to_f32_as(const float* acc, int64_t ld_acc, int64_t rows, int64_t cols, const float* bias,
+                        Activation act, float* out, int64_t ld_out) {
+  switch (act) {
+    case Activation::kGelu:
+      return bias_act_to_f32_loop<kAccumulate>(acc, ld_acc, rows, cols, bias, out, ld_out,
+                                               [](auto y) { return gelu(y); });
+    case Activation::kRelu:
+      return bias_act_to_f32_loop<kAccumulate>(acc, ld_acc, rows, cols, bias, out, ld_out,
+                                               [](auto y) { return relu(y); });
+    default:
+      return bias_act_to_f32_loop<kAccumulate>(acc, ld_acc, rows, cols, bias, out, ld_out, [](auto y) { return y; });
   }
 }
 
 void bias_act_to_f32(const float* acc, int64_t ld_acc, int64_t rows, int64_t cols, const float* bias,
-                     Activation act, float* out, int64_t ld_out) {
-  switch (act) {
-    case Activation::kGelu:
-      return bias_act_to_f32_loop(acc, ld_acc, rows, cols, bias, out, ld_out, [](auto y) { return gelu(y); });
-    case Activation::kRelu:
-      return bias_act_to_f32_loop(acc, ld_acc, rows, cols, bias, out, ld_out, [](auto y) { return relu(y); });
-    default:
-      return bias_act_to_f32_loop(acc, ld_acc, rows, cols, bias, out, ld_out, [](auto y) { return y; });
-  }
+                     Activation act, float* out, int64_t ld_out, bool accumulate) {
+  return accumulate ? bias_act_to_f32_as<true>(acc, ld_acc, rows, cols, bias, act, out, ld_out)
+                    : bias_act_to_f32_as<false>(acc, ld_acc, rows, cols, bias, act, out, ld_out);
 }
 
 template <class T>

@@ -239,19 +239,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bf16_add_layer_norm_cpu(
 // ("each float32 number as the sum of two bfloat16 numbers"); at three bf16 products per product it runs ~2x
 // the fp32 FMA units' rate on a matrix unit that takes bf16 (AMX).
 //
-// Segments of in_features are padded to a multiple of 32 with zeros in the VNNI layout, so that every shape
-// takes our AMX tile loop; the plain layout (other CPUs: brgemm's non-VNNI GEMM, correct but slower than an
-// fp32 GEMM) keeps in_features.
-int64_t bf16x3_segment(int64_t in_features, bool vnni) { return vnni ? round_up(in_features, 32) : in_features; }
+// In the VNNI layout in_features is cut into parts of at most kPartK (parts as equal as whole segments allow),
+// each its own (hi | lo | hi) product over a segment padded to a multiple of 32 with zeros (so every shape takes
+// our AMX tile loop), summed into the fp32 output part by part. One part of in_features 3072 (lin2) gives rows
+// of x 18 KB long, of which one 64-row block fills the tile loop's L2 budget (amx::gemm's superblocks): every
+// weight block was then streamed again for every 64 rows. Parts of 1024 (6 KB rows, as bf16 lin2's) take 2-row-
+// block superblocks: distilbert-base lin2 at 1024 rows, 2 threads, weights from beyond the cache, one part 10.0
+// ms, three 7.95 (two 8.4, four 8.5). The plain layout (other CPUs: brgemm's non-VNNI GEMM, correct but slower
+// than an fp32 GEMM) keeps in_features whole.
+constexpr int64_t kPartK = 1024;
 
-// rows of x (tokens, in_features) fp32, each split into (hi | lo | hi) segments of `seg`: (tokens, 3 seg) bf16.
-void split_rows_bf16x3(const at::Tensor& x, int64_t seg, at::Tensor& out) {
+struct X3Layout {
+  int64_t parts, part_k, seg;  // parts of part_k of in_features (the last may be shorter), each padded to seg
+
+  X3Layout(int64_t in_features, bool vnni) {
+    parts = vnni ? std::max<int64_t>(1, (in_features + kPartK - 1) / kPartK) : 1;
+    part_k = (in_features + parts - 1) / parts;
+    seg = vnni ? round_up(part_k, 32) : in_features;
+  }
+  int64_t width(int64_t p, int64_t in_features) const { return std::min(part_k, in_features - p * part_k); }
+};
+
+// Rows of x (tokens, in_features) fp32 split into (hi | lo | hi) segments per part: out (parts, tokens, 3 seg).
+void split_rows_bf16x3(const at::Tensor& x, const X3Layout& l, at::Tensor& out) {
   const int64_t rows = x.size(0), k = x.size(1);
   const float* src = x.const_data_ptr<float>();
   auto* dst = reinterpret_cast<uint16_t*>(out.mutable_data_ptr<at::BFloat16>());
   const auto& kern = cpu::kernels();
-  at::parallel_for(0, rows, row_grain(3 * seg), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) kern.split_bf16x3(src + r * k, k, seg, dst + r * 3 * seg);
+  at::parallel_for(0, rows, row_grain(3 * l.seg * l.parts), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      for (int64_t p = 0; p < l.parts; ++p)
+        kern.split_bf16x3(src + r * k + p * l.part_k, l.width(p, k), l.seg, dst + (p * rows + r) * 3 * l.seg);
   });
 }
 
@@ -261,11 +279,15 @@ at::Tensor pack_linear_bf16x3_cpu(const at::Tensor& weight, bool vnni) {
   TORCH_CHECK(weight.dim() == 2, "weight must be (out_features, in_features), got shape ", weight.sizes());
   TORCH_CHECK(!vnni || brgemm::packs(at::kBFloat16),
               "vnni=True needs a CPU whose matrix unit takes bf16 (AMX); pack with vnni=False on this CPU");
-  const int64_t seg = bf16x3_segment(weight.size(1), vnni);
-  auto split = at::empty({weight.size(0), 3 * seg}, weight.options().dtype(at::kBFloat16));
-  split_rows_bf16x3(weight.to(at::kFloat).contiguous(), seg, split);  // (hi | lo | hi)
-  const auto hi = split.narrow(1, 0, seg), lo = split.narrow(1, seg, seg);
-  return pack_linear_bf16_cpu(at::cat({lo, hi}, 1), vnni);  // against x's (hi | lo | hi), hi read twice
+  const X3Layout l(weight.size(1), vnni);
+  auto split = at::empty({l.parts, weight.size(0), 3 * l.seg}, weight.options().dtype(at::kBFloat16));
+  split_rows_bf16x3(weight.to(at::kFloat).contiguous(), l, split);  // (hi | lo | hi) per part
+  std::vector<at::Tensor> packed;
+  for (int64_t p = 0; p < l.parts; ++p) {
+    const auto hi = split[p].narrow(1, 0, l.seg), lo = split[p].narrow(1, l.seg, l.seg);
+    packed.push_back(pack_linear_bf16_cpu(at::cat({lo, hi}, 1), vnni));  // against x's (hi | lo | hi)
+  }
+  return l.parts == 1 ? packed[0] : at::cat(packed, 0);
 }
 
 at::Tensor linear_bf16x3_cpu(const at::Tensor& x, const at::Tensor& packed_weight, int64_t out_features,
@@ -279,14 +301,15 @@ at::Tensor linear_bf16x3_cpu(const at::Tensor& x, const at::Tensor& packed_weigh
   TORCH_CHECK(out_features >= 0, "out_features must be >= 0, got ", out_features);
   const int64_t tokens = x.size(0), k = x.size(1);
   const bool vnni = packed_weight.dim() == 3;
-  const int64_t seg = bf16x3_segment(k, vnni);
+  const X3Layout l(k, vnni);
+  const int64_t n_blocks = (out_features + kBlockN - 1) / kBlockN;
   if (vnni) {
     TORCH_CHECK(brgemm::packs(at::kBFloat16), "packed_weight is in the matrix unit's VNNI layout, which this CPU "
                 "cannot run: pack it with pack_linear_bf16x3(weight, vnni=False)");
-    TORCH_CHECK(packed_weight.size(0) == (out_features + kBlockN - 1) / kBlockN && packed_weight.size(1) == 2 * seg &&
-                packed_weight.size(2) == kBlockN, "packed_weight must be (", (out_features + kBlockN - 1) / kBlockN,
-                ", ", 2 * seg, ", ", kBlockN, ") for out_features=", out_features, " and in_features=", k,
-                ", got shape ", packed_weight.sizes());
+    TORCH_CHECK(packed_weight.size(0) == l.parts * n_blocks && packed_weight.size(1) == 2 * l.seg &&
+                packed_weight.size(2) == kBlockN, "packed_weight must be (", l.parts * n_blocks, ", ", 2 * l.seg,
+                ", ", kBlockN, ") for out_features=", out_features, " and in_features=", k, ", got shape ",
+                packed_weight.sizes());
   } else {
     TORCH_CHECK(packed_weight.dim() == 2 && packed_weight.size(0) == 2 * k && packed_weight.size(1) == out_features,
                 "packed_weight must be (2 * in_features=", 2 * k, ", out_features=", out_features,
@@ -299,15 +322,21 @@ at::Tensor linear_bf16x3_cpu(const at::Tensor& x, const at::Tensor& packed_weigh
   const auto act = parse_activation(activation);
   auto out = cached_empty({tokens, out_features}, x.options());
   if (tokens == 0 || out_features == 0) return out;
-  auto a = cached_empty({tokens, 3 * seg}, x.options().dtype(at::kBFloat16));
-  split_rows_bf16x3(x.contiguous(), seg, a);
+  auto a = cached_empty({l.parts, tokens, 3 * l.seg}, x.options().dtype(at::kBFloat16));
+  split_rows_bf16x3(x.contiguous(), l, a);
   float* o = out.mutable_data_ptr<float>();
-  const float* b = bias_f.data();
+  const std::vector<float> zeros(l.parts > 1 ? out_features : 0, 0.0f);
   const auto& kern = cpu::kernels();
-  gemm_bf16(a, packed_weight, out_features, act == cpu::Activation::kGelu,
-            [&](const float* acc, int64_t ld_acc, int64_t m0, int64_t rows, int64_t n0, int64_t cols) {
-              kern.bias_act_to_f32(acc, ld_acc, rows, cols, b + n0, act, o + m0 * out_features + n0, out_features);
-            }, amx::NoRowsDone(), /*repeat=*/seg);
+  for (int64_t p = 0; p < l.parts; ++p) {  // the bias with the first part, the activation with the last
+    const float* b = p == 0 ? bias_f.data() : zeros.data();
+    const auto part_act = p + 1 == l.parts ? act : cpu::Activation::kNone;
+    const auto w = vnni ? packed_weight.narrow(0, p * n_blocks, n_blocks) : packed_weight;
+    gemm_bf16(a[p], w, out_features, part_act == cpu::Activation::kGelu,
+              [&](const float* acc, int64_t ld_acc, int64_t m0, int64_t rows, int64_t n0, int64_t cols) {
+                kern.bias_act_to_f32(acc, ld_acc, rows, cols, b + n0, part_act, o + m0 * out_features + n0,
+                                     out_features, /*accumulate=*/p > 0);
+              }, amx::NoRowsDone(), /*repeat=*/l.seg);
+  }
   return out;
 }
 

@@ -72,9 +72,9 @@ TORCH_LIBRARY(distilkernels, m) {
         " Tensor weight, Tensor ln_bias, float eps) -> (Tensor out, Tensor mean, Tensor rstd)");
   // fp32 linear as three bf16 products on the matrix unit (bf16x3, csrc/linear_bf16.cpp): out = activation(x @
   // weight^T + bias), fp32 in and out, within ~1.2e-5 of sum |x_k w_k| of the exact product.
-  // pack_linear_bf16x3(weight (out_features, in_features), vnni) -> vnni: VNNI blocks (ceil(out_features / 64),
-  // 2 * in_features rounded up to 32, 64) (AMX only); otherwise (2 * in_features, out_features): (lo | hi) of
-  // each weight row.
+  // pack_linear_bf16x3(weight (out_features, in_features), vnni) -> (lo | hi) of each weight row; vnni: VNNI blocks
+  // (AMX only) of in_features in P = ceil(in_features / 1024) parts of ceil(in_features / P), each padded to 32:
+  // (P * ceil(out_features / 64), 2 * padded part, 64); otherwise (2 * in_features, out_features).
   m.def("pack_linear_bf16x3(Tensor weight, bool vnni) -> Tensor");
   m.def("linear_bf16x3(Tensor x, Tensor packed_weight, int out_features, Tensor? bias, str activation) -> Tensor");
   // int8 linear with per-token activation scales (csrc/linear_int8.cpp), fp32 in and out.

@@ -99,7 +99,11 @@ def _linear_bf16_add_layer_norm_fake(x, packed_weight, out_features, bias, resid
 @torch.library.register_fake("distilkernels::pack_linear_bf16x3")
 def _pack_linear_bf16x3_fake(weight, vnni):
     n, k = weight.shape
-    shape = (-(-n // 64), 2 * (-(-k // 32) * 32), 64) if vnni else (2 * k, n)
+    if vnni:  # in parts of at most 1024 of in_features, each padded to 32 (csrc/linear_bf16.cpp, X3Layout)
+        parts = max(1, -(-k // 1024))
+        shape = (parts * -(-n // 64), 2 * (-(-(-(-k // parts)) // 32) * 32), 64)
+    else:
+        shape = (2 * k, n)
     return weight.new_empty(shape, dtype=torch.bfloat16)
 
 

@@ -299,8 +299,9 @@ def linear_bf16_add_layer_norm(x, packed_weight, out_features: int, bias, residu
 def pack_linear_bf16x3(weight, vnni: bool = False):
     """weight (out_features, in_features) float -> the layout `linear_bf16x3` reads: each value split into
     hi = bf16(w) and lo = bf16(w - hi), in_features doubled as (lo | hi). vnni=True: the matrix unit's VNNI
-    blocks (ceil(out_features / 64), 2 * in_features rounded up to 32, 64), on CPUs with AMX only; vnni=False:
-    (2 * in_features, out_features)."""
+    blocks, on CPUs with AMX only, in_features in P = ceil(in_features / 1024) parts of ceil(in_features / P),
+    each padded to 32: (P * ceil(out_features / 64), 2 * padded part, 64); vnni=False: (2 * in_features,
+    out_features)."""
     _check_float("weight", weight)
     if weight.dim() != 2:
         raise ValueError(f"weight must be (out_features, in_features), got shape {tuple(weight.shape)}")

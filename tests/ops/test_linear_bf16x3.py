@@ -29,9 +29,10 @@ def _units_bf16() -> bool:
 # vnni=True: the matrix unit's layout (our AMX tile loop); vnni=False: brgemm's plain bf16 GEMM, every CPU
 LAYOUTS = [False, pytest.param(True, marks=pytest.mark.skipif(not _units_bf16(), reason="needs AMX (bf16)"))]
 # Odd K, N; in_features not a multiple of 32 (segments padded in the VNNI layout), several weight blocks and
-# 16-row groups, partial ones, superblocks of rows, K long enough for the tile loop's k chunks (3 * 1100 bf16).
+# 16-row groups, partial ones, superblocks of rows, the tile loop's k chunks, in_features in parts (over 1024 in
+# the VNNI layout: 1100 in two, 2050 in three of 684, 684 and 682).
 SHAPES = [(1, 8, 1), (7, 37, 129), (13, 33, 65), (64, 96, 64), (130, 200, 70), (33, 768, 129), (300, 128, 130),
-          (65, 1100, 67)]
+          (65, 1100, 67), (40, 2050, 70)]
 SPLIT_TERMS = 3 * 2.0 ** -18
 GELU_SLOPE = 1.13
 
