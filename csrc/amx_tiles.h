@@ -289,22 +289,21 @@ constexpr int64_t kMaxSuper = 8;
 // rows_done(m0, rows), where given: called by the thread that computed every tile of a row superblock, once the
 // epilogues of all of them have run (a whole row of the output is then final, in its cache): with at least one
 // superblock per thread (1024 rows and 2 threads), every row; rows whose tiles two threads share are not reported.
-// w_k_bytes, where given (> 0): the packed weight holds only the first w_k_bytes of k (a multiple of 64, at least
-// k_bytes / 2), and x's last k_bytes - w_k_bytes of each row multiply the weight's last k_bytes - w_k_bytes again
-// (bf16x3: x's (hi | lo | hi) against the weight's (lo | hi), its hi read twice rather than stored twice).
+// repeat_bytes, where given (a multiple of 64, at most k_bytes): after the whole of k, the first repeat_bytes of
+// each row of x multiply the weight's last repeat_bytes again, the tile accumulating over k_bytes + repeat_bytes
+// (bf16x3: x's (hi | lo) against the weight's (lo | hi), then hi against hi, neither stored twice).
 template <Kind kKind, class Epilogue, class RowsDone = NoRowsDone>
 void gemm(const void* x, int64_t tokens, int64_t k_bytes, const void* packed, int64_t n_blocks,
           const Epilogue& epilogue, bool heavy_epilogue, const RowsDone& rows_done = RowsDone(),
-          int64_t w_k_bytes = 0) {
+          int64_t repeat_bytes = 0) {
   const int64_t drain_every = heavy_epilogue ? kDrainEveryHeavy : kDrainEvery;
   using brgemm::kBlockM;
   using brgemm::kBlockN;
   const char* a = static_cast<const char*>(x);
   const char* wp = static_cast<const char*>(packed);
   const int64_t m_blocks = (tokens + kBlockM - 1) / kBlockM;
-  if (w_k_bytes <= 0) w_k_bytes = k_bytes;
-  const int64_t repeat = k_bytes - w_k_bytes;  // x's k from w_k_bytes on re-reads the weight's from w_k_bytes - repeat
-  const int64_t block = w_k_bytes * kBlockN;  // bytes per weight block
+  const int64_t k_total = k_bytes + repeat_bytes;  // the product's k: a row of x, then its first repeat_bytes again
+  const int64_t block = k_bytes * kBlockN;  // bytes per weight block
   // Rows in superblocks of up to 8 m blocks (512 rows), as many as keep their x within half of the 2 MiB L2 of
   // every AMX CPU so far: the block stays in L2 while the thread's weight blocks pass it, instead of all of x
   // (1.5-6 MB at 1024 rows) being re-read from beyond L2 for every weight block. At 1024 rows with weights in
@@ -319,8 +318,8 @@ void gemm(const void* x, int64_t tokens, int64_t k_bytes, const void* packed, in
   const int64_t super = std::min(m_blocks, fit);
   // k in chunks of at most kChunkBytes of each row of x; with more than one, a unit is the thread's tiles of one
   // weight block in a superblock, each chunk computed for all of them before the next (see kChunkBytes).
-  const int64_t chunks = (k_bytes + kChunkBytes - 1) / kChunkBytes;
-  const int64_t chunk = (k_bytes / 64 + chunks - 1) / chunks * 64;
+  const int64_t chunks = (k_total + kChunkBytes - 1) / kChunkBytes;
+  const int64_t chunk = (k_total / 64 + chunks - 1) / chunks * 64;
   const int64_t unit_m = chunks > 1 ? super : 1;
   at::parallel_for(0, m_blocks * n_blocks, 1, [&](int64_t begin, int64_t end) {
     configure();
@@ -368,7 +367,7 @@ void gemm(const void* x, int64_t tokens, int64_t k_bytes, const void* packed, in
         std::memcpy(pad.data(), group[full], (rows - 16 * full) * k_bytes);
         group[full] = pad.data();
       }
-      const int64_t steps = 2 * ((groups + 1) / 2) * (k_bytes / 64);  // the unit's half_block steps
+      const int64_t steps = 2 * ((groups + 1) / 2) * (k_total / 64);  // the unit's half_block steps
       pending.first = pending.next;
       pending.left = pending.rows - pending.next;
       pending.drains = std::max<int64_t>(1, steps / drain_every);
@@ -376,19 +375,20 @@ void gemm(const void* x, int64_t tokens, int64_t k_bytes, const void* packed, in
       char* cur = acc + (units % 2) * unit_m * kBlockM * kBlockN * 4;
       const char* w = wp + nb * block;
       int64_t step = 0;
-      for (int64_t k0 = 0, kb = 0; k0 < k_bytes; k0 += kb) {
-        // a chunk, cut where x's k reaches the weight's end (w_k_bytes), from which on the weight repeats
-        kb = std::min(chunk, (k0 < w_k_bytes ? w_k_bytes : k_bytes) - k0);
-        const int64_t wk0 = k0 < w_k_bytes ? k0 : k0 - repeat;  // the weight's k for x's k0
+      for (int64_t k0 = 0, kb = 0; k0 < k_total; k0 += kb) {
+        // a chunk, cut at the end of x's row, after which the repeated k begins
+        kb = std::min(chunk, (k0 < k_bytes ? k_bytes : k_total) - k0);
+        const int64_t xk0 = k0 < k_bytes ? k0 : k0 - k_bytes;  // x's k for the product's k0, and the weight's:
+        const int64_t wk0 = k0 < k_bytes ? k0 : k0 - repeat_bytes;
         // Prefetched while this chunk computes: the next chunk of this block or, after the last, this thread's
         // share of the next block's first chunk when this thread computes that block next. (The repeated part of
         // the weight was read by this block's earlier chunks: not prefetched again.)
         Prefetch pf;
-        if (k0 + kb < w_k_bytes) {
-          pf = Prefetch(w + (k0 + kb) * kBlockN, std::min(chunk, w_k_bytes - k0 - kb) * kBlockN / 64);
-        } else if (k0 + kb == k_bytes && nb + 1 < n_blocks && t + sb_m < end) {  // (t + sb_m: this tile's row
+        if (k0 + kb < k_bytes) {
+          pf = Prefetch(w + (k0 + kb) * kBlockN, std::min(chunk, k_bytes - k0 - kb) * kBlockN / 64);
+        } else if (k0 + kb == k_total && nb + 1 < n_blocks && t + sb_m < end) {  // (t + sb_m: this tile's row
                                                                                   // block, next weight block)
-          const int64_t lines = std::min(chunk, w_k_bytes) * kBlockN / 64, share = (lines + sb_m - 1) / sb_m;
+          const int64_t lines = std::min(chunk, k_bytes) * kBlockN / 64, share = (lines + sb_m - 1) / sb_m;
           const int64_t own = unit_end - t, first = std::min(lines, (mb - sb * super) * share);
           pf = Prefetch(wp + (nb + 1) * block + first * 64, std::min(own * share, lines - first));
         }
@@ -399,11 +399,11 @@ void gemm(const void* x, int64_t tokens, int64_t k_bytes, const void* packed, in
             char* cg = cur + (16 * g * kBlockN + 32 * h) * 4;
             const char* b = w + wk0 * kBlockN + 128 * h;
             if (g + 1 < groups)
-              step = half_block<kKind, 2>(group[g] + k0, group[g + 1] + k0, k_bytes, b, kb, cg, k0 > 0, pf, per, step,
-                                          drain_every, drain);
+              step = half_block<kKind, 2>(group[g] + xk0, group[g + 1] + xk0, k_bytes, b, kb, cg, k0 > 0, pf, per,
+                                          step, drain_every, drain);
             else
-              step = half_block<kKind, 1>(group[g] + k0, group[g] + k0, k_bytes, b, kb, cg, k0 > 0, pf, per, step,
-                                          drain_every, drain);
+              step = half_block<kKind, 1>(group[g] + xk0, group[g] + xk0, k_bytes, b, kb, cg, k0 > 0, pf, per,
+                                          step, drain_every, drain);
           }
         }
       }

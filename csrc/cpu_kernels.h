@@ -73,8 +73,8 @@ struct Kernels {
   void (*dequant_bias_act)(const int32_t* acc, int64_t ld_acc, int64_t rows, int64_t cols, const float* row_scale,
                            const float* col_scale, const float* bias, Activation act, float* out, int64_t ld_out);
   // fp32 x as bf16 hi + lo for the bf16x3 GEMM: out[0, n) = hi = bf16(x), out[seg, seg + n) = lo = bf16(x - hi)
-  // (0 where x - hi is not finite), out[2 seg, 2 seg + n) = hi again; zeros in [n, seg) of each segment.
-  //   x: (n,) fp32; out: (3 seg,) bf16; seg >= n
+  // (0 where x - hi is not finite); zeros in [n, seg) of each segment.
+  //   x: (n,) fp32; out: (2 seg,) bf16; seg >= n
   void (*split_bf16x3)(const float* x, int64_t n, int64_t seg, uint16_t* out);
   // A GEMM's fp32 epilogue: out[r, j] = act(acc[r, j] + bias[j]), or act(out[r, j] + acc[r, j] + bias[j]) where
   // `accumulate` (acc and out as bias_act_to_bf16's, out fp32).

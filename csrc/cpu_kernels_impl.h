@@ -939,7 +939,6 @@ void split_bf16x3(const float* x, int64_t n, int64_t seg, uint16_t* out) {
     store_bf16_1(lo + i, vabs(d) < __builtin_inff() ? d : 0.0f);
   }
   for (int64_t j = n; j < seg; ++j) hi[j] = lo[j] = 0;
-  __builtin_memcpy(out + 2 * seg, hi, seg * sizeof(uint16_t));
 }
 
 template <bool kAccumulate, class Act>

@@ -47,22 +47,22 @@ void epilogue(const float* acc, int64_t ld_acc, int64_t rows, int64_t cols, cons
 
 // The GEMMs below hand each piece of the fp32 product to store(acc, ld_acc, m0, rows, n0, cols): output rows
 // [m0, m0 + rows) by columns [n0, n0 + cols), at acc with row stride ld_acc; it writes them out.
-// x has k columns and the weight kw <= k rows: x's last `repeat` = k - kw columns multiply the weight's last
-// `repeat` rows again (bf16x3; kw = k everywhere else).
+// `repeat` (bf16x3; 0 everywhere else): after the whole product, x's first `repeat` columns multiply the
+// weight's last `repeat` rows again, into the same accumulators.
 
 template <class Store>
-void gemm_vnni(const at::BFloat16* a, int64_t tokens, int64_t k, int64_t kw, const at::BFloat16* wp,
+void gemm_vnni(const at::BFloat16* a, int64_t tokens, int64_t k, int64_t repeat, const at::BFloat16* wp,
                int64_t out_features, const Store& store) {
   const int64_t n_blocks = (out_features + kBlockN - 1) / kBlockN;
-  const int64_t block = kw * kBlockN, repeat = k - kw;
+  const int64_t block = k * kBlockN;
   brgemm::for_each_tile(tokens, n_blocks, [&](int64_t nb, int64_t m0, int64_t rows) {
     alignas(64) float acc[kBlockM * kBlockN];
     const int64_t n0 = nb * kBlockN;
-    at::native::cpublas::brgemm(rows, kBlockN, kw, /*ld_a=*/k, /*ld_b=*/kBlockN, /*ld_c=*/kBlockN,
+    at::native::cpublas::brgemm(rows, kBlockN, k, /*ld_a=*/k, /*ld_b=*/kBlockN, /*ld_c=*/kBlockN,
                                 /*add_C=*/false, a + m0 * k, wp + nb * block, acc, /*is_vnni=*/true);
     if (repeat > 0)  // a VNNI row holds 2 k of 64 columns: the weight's k row r starts at r * kBlockN
       at::native::cpublas::brgemm(rows, kBlockN, repeat, /*ld_a=*/k, /*ld_b=*/kBlockN, /*ld_c=*/kBlockN,
-                                  /*add_C=*/true, a + m0 * k + kw, wp + nb * block + (kw - repeat) * kBlockN, acc,
+                                  /*add_C=*/true, a + m0 * k, wp + nb * block + (k - repeat) * kBlockN, acc,
                                   /*is_vnni=*/true);
     store(acc, kBlockN, m0, rows, n0, std::min(kBlockN, out_features - n0));
   });
@@ -71,20 +71,20 @@ void gemm_vnni(const at::BFloat16* a, int64_t tokens, int64_t k, int64_t kw, con
 // Without the VNNI layout: brgemm's non-VNNI path, one call for the whole product (ATen's bf16 x bf16 -> fp32
 // GEMM: oneDNN where the CPU has AVX-512, ATen's own loop elsewhere), then the epilogue, by rows.
 template <class Store>
-void gemm_plain(const at::Tensor& x, const at::Tensor& wt, const Store& store) {
-  const int64_t tokens = x.size(0), k = x.size(1), kw = wt.size(0), n = wt.size(1), repeat = k - kw;
+void gemm_plain(const at::Tensor& x, const at::Tensor& wt, const Store& store, int64_t repeat) {
+  const int64_t tokens = x.size(0), k = x.size(1), n = wt.size(1);
   auto acc = cached_empty({tokens, n}, x.options().dtype(at::kFloat));
   float* c = acc.mutable_data_ptr<float>();
   const auto* a = x.const_data_ptr<at::BFloat16>();
   const auto* b = wt.const_data_ptr<at::BFloat16>();
-  if (kw == 0) {
+  if (k == 0) {
     acc.zero_();
   } else {
-    at::native::cpublas::brgemm(tokens, n, kw, /*ld_a=*/k, /*ld_b=*/n, /*ld_c=*/n, /*add_C=*/false, a, b, c,
+    at::native::cpublas::brgemm(tokens, n, k, /*ld_a=*/k, /*ld_b=*/n, /*ld_c=*/n, /*add_C=*/false, a, b, c,
                                 /*is_vnni=*/false);
     if (repeat > 0)
-      at::native::cpublas::brgemm(tokens, n, repeat, /*ld_a=*/k, /*ld_b=*/n, /*ld_c=*/n, /*add_C=*/true, a + kw,
-                                  b + (kw - repeat) * n, c, /*is_vnni=*/false);
+      at::native::cpublas::brgemm(tokens, n, repeat, /*ld_a=*/k, /*ld_b=*/n, /*ld_c=*/n, /*add_C=*/true, a,
+                                  b + (k - repeat) * n, c, /*is_vnni=*/false);
   }
   at::parallel_for(0, tokens, row_grain(n), [&](int64_t begin, int64_t end) {
     store(c + begin * n, n, begin, end - begin, 0, n);
@@ -93,28 +93,28 @@ void gemm_plain(const at::Tensor& x, const at::Tensor& wt, const Store& store) {
 
 // The fp32 product a (tokens, k) bf16 @ the packed weight, handed to store in pieces (above). a is contiguous
 // with k its packed in_features (the VNNI layout's, rounded up to 2: zero columns where the weight has zero
-// rows) plus `repeat` columns (see above). heavy_epilogue: store applies GELU. rows_done: as amx::gemm's, called
-// only where our AMX tile loop runs.
+// rows). heavy_epilogue: store applies GELU. rows_done: as amx::gemm's, called only where our AMX tile loop
+// runs. repeat: see above.
 template <class Store, class RowsDone>
 void gemm_bf16(const at::Tensor& a, const at::Tensor& packed_weight, int64_t out_features, bool heavy_epilogue,
                const Store& store, const RowsDone& rows_done, int64_t repeat = 0) {
-  const int64_t tokens = a.size(0), k = a.size(1), kw = k - repeat;
+  const int64_t tokens = a.size(0), k = a.size(1);
   if (tokens == 0 || out_features == 0) return;
   const bool vnni = packed_weight.dim() == 3;
-  if (kw == 0 || !vnni) {
-    gemm_plain(a, vnni ? at::empty({0, out_features}, packed_weight.options()) : packed_weight, store);
+  if (k == 0 || !vnni) {
+    gemm_plain(a, vnni ? at::empty({0, out_features}, packed_weight.options()) : packed_weight, store, repeat);
     return;
   }
-  if (k % 32 == 0 && kw % 32 == 0 && amx::enabled()) {
+  if (k % 32 == 0 && repeat % 32 == 0 && amx::enabled()) {
     amx::gemm<amx::Kind::kBf16>(a.const_data_ptr(), tokens, k * 2, packed_weight.const_data_ptr(),
                                 (out_features + kBlockN - 1) / kBlockN,
                                 [&](int64_t nb, int64_t m0, int64_t rows, const void* acc) {
       const int64_t n0 = nb * kBlockN;
       store(static_cast<const float*>(acc), kBlockN, m0, rows, n0, std::min(kBlockN, out_features - n0));
-    }, heavy_epilogue, rows_done, kw * 2);
+    }, heavy_epilogue, rows_done, repeat * 2);
     return;
   }
-  gemm_vnni(a.const_data_ptr<at::BFloat16>(), tokens, k, kw, packed_weight.const_data_ptr<at::BFloat16>(),
+  gemm_vnni(a.const_data_ptr<at::BFloat16>(), tokens, k, repeat, packed_weight.const_data_ptr<at::BFloat16>(),
             out_features, store);
 }
 
@@ -231,16 +231,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bf16_add_layer_norm_cpu(
 // exact, so v - hi - lo is lo's own rounding, at most 2^-9 |v - hi| <= 2^-18 |v|. Then
 //   x w = xh wh + xh wl + xl wh + xl wl + (x's and w's split remainders)
 // and the GEMM computes the first three products, each exact in fp32, accumulated in fp32 by the bf16 GEMM
-// above over in_features tripled: x's row laid out as (xh | xl | xh) against the weight's (wl | wh), whose wh the
-// GEMM reads twice (its `repeat`: the weight is stored once, 2x the bf16 weight, the fp32 weight's size), so the
-// two small products are summed before the large one. What it leaves out, xl wl and the remainders, is at most
+// above over in_features tripled: x's row (xh | xl) against the weight's (wl | wh), then xh against wh again
+// (the GEMM's `repeat`: neither is stored twice, x's split and the weight each 2x their bf16 size, the fp32
+// size), so the two small products are summed before the large one. What it leaves out, xl wl and the remainders, is at most
 // ~3 * 2^-18 |x w| per product: a result within ~1.2e-5 of sum |x_k w_k| (relative) of the exact one, against
 // ~2^-24 per rounding for an fp32 GEMM. This is what torch.set_float32_matmul_precision("high") permits
 // ("each float32 number as the sum of two bfloat16 numbers"); at three bf16 products per product it runs ~2x
 // the fp32 FMA units' rate on a matrix unit that takes bf16 (AMX).
 //
 // In the VNNI layout in_features is cut into parts of at most kPartK (parts as equal as whole segments allow),
-// each its own (hi | lo | hi) product over a segment padded to a multiple of 32 with zeros (so every shape takes
+// each its own three products over a segment padded to a multiple of 32 with zeros (so every shape takes
 // our AMX tile loop), summed into the fp32 output part by part. One part of in_features 3072 (lin2) gives rows
 // of x 18 KB long, of which one 64-row block fills the tile loop's L2 budget (amx::gemm's superblocks): every
 // weight block was then streamed again for every 64 rows. Parts of 1024 (6 KB rows, as bf16 lin2's) take 2-row-
@@ -260,16 +260,16 @@ struct X3Layout {
   int64_t width(int64_t p, int64_t in_features) const { return std::min(part_k, in_features - p * part_k); }
 };
 
-// Rows of x (tokens, in_features) fp32 split into (hi | lo | hi) segments per part: out (parts, tokens, 3 seg).
+// Rows of x (tokens, in_features) fp32 split into (hi | lo) segments per part: out (parts, tokens, 2 seg).
 void split_rows_bf16x3(const at::Tensor& x, const X3Layout& l, at::Tensor& out) {
   const int64_t rows = x.size(0), k = x.size(1);
   const float* src = x.const_data_ptr<float>();
   auto* dst = reinterpret_cast<uint16_t*>(out.mutable_data_ptr<at::BFloat16>());
   const auto& kern = cpu::kernels();
-  at::parallel_for(0, rows, row_grain(3 * l.seg * l.parts), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, row_grain(2 * l.seg * l.parts), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r)
       for (int64_t p = 0; p < l.parts; ++p)
-        kern.split_bf16x3(src + r * k + p * l.part_k, l.width(p, k), l.seg, dst + (p * rows + r) * 3 * l.seg);
+        kern.split_bf16x3(src + r * k + p * l.part_k, l.width(p, k), l.seg, dst + (p * rows + r) * 2 * l.seg);
   });
 }
 
@@ -280,12 +280,12 @@ at::Tensor pack_linear_bf16x3_cpu(const at::Tensor& weight, bool vnni) {
   TORCH_CHECK(!vnni || brgemm::packs(at::kBFloat16),
               "vnni=True needs a CPU whose matrix unit takes bf16 (AMX); pack with vnni=False on this CPU");
   const X3Layout l(weight.size(1), vnni);
-  auto split = at::empty({l.parts, weight.size(0), 3 * l.seg}, weight.options().dtype(at::kBFloat16));
-  split_rows_bf16x3(weight.to(at::kFloat).contiguous(), l, split);  // (hi | lo | hi) per part
+  auto split = at::empty({l.parts, weight.size(0), 2 * l.seg}, weight.options().dtype(at::kBFloat16));
+  split_rows_bf16x3(weight.to(at::kFloat).contiguous(), l, split);  // (hi | lo) per part
   std::vector<at::Tensor> packed;
   for (int64_t p = 0; p < l.parts; ++p) {
     const auto hi = split[p].narrow(1, 0, l.seg), lo = split[p].narrow(1, l.seg, l.seg);
-    packed.push_back(pack_linear_bf16_cpu(at::cat({lo, hi}, 1), vnni));  // against x's (hi | lo | hi)
+    packed.push_back(pack_linear_bf16_cpu(at::cat({lo, hi}, 1), vnni));  // against x's (hi | lo), then hi again
   }
   return l.parts == 1 ? packed[0] : at::cat(packed, 0);
 }
@@ -322,7 +322,7 @@ at::Tensor linear_bf16x3_cpu(const at::Tensor& x, const at::Tensor& packed_weigh
   const auto act = parse_activation(activation);
   auto out = cached_empty({tokens, out_features}, x.options());
   if (tokens == 0 || out_features == 0) return out;
-  auto a = cached_empty({l.parts, tokens, 3 * l.seg}, x.options().dtype(at::kBFloat16));
+  auto a = cached_empty({l.parts, tokens, 2 * l.seg}, x.options().dtype(at::kBFloat16));
   split_rows_bf16x3(x.contiguous(), l, a);
   float* o = out.mutable_data_ptr<float>();
   const std::vector<float> zeros(l.parts > 1 ? out_features : 0, 0.0f);
