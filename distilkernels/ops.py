@@ -263,11 +263,17 @@ def pack_linear_bf16(weight, vnni: bool = False):
 def linear_bf16(x, packed_weight, out_features: int, bias=None, activation: str = "none"):
     """bf16(activation(x @ weight^T + bias)), fp32 accumulation, bias + activation in the GEMM's epilogue.
     x: (tokens, in_features) bf16; packed_weight: pack_linear_bf16(weight); bias: (out_features,) bf16/fp32."""
-    if not isinstance(x, torch.Tensor) or x.dtype != torch.bfloat16 or x.dim() != 2:
-        raise TypeError(f"x must be a 2-D (tokens, in_features) bfloat16 tensor, got {_describe(x)}")
+    return _bf16_weight_linear("linear_bf16", torch.bfloat16, x, packed_weight, out_features, bias, activation)
+
+
+def _bf16_weight_linear(op: str, x_dtype, x, packed_weight, out_features, bias, activation):
+    """linear_bf16 / linear_bf16x3 (x of x_dtype, a bf16 packed weight): the checks, then the backend's op."""
+    if not isinstance(x, torch.Tensor) or x.dtype != x_dtype or x.dim() != 2:
+        name = str(x_dtype).removeprefix("torch.")
+        raise TypeError(f"x must be a 2-D (tokens, in_features) {name} tensor, got {_describe(x)}")
     _check_packed(x, packed_weight, torch.bfloat16, out_features, bias, (torch.bfloat16, torch.float32),
                   ("none",) + ACTIVATIONS, activation)
-    return _impl("linear_bf16", x.device)(x, packed_weight, out_features, bias, activation)
+    return _impl(op, x.device)(x, packed_weight, out_features, bias, activation)
 
 
 def linear_bf16_add_layer_norm(x, packed_weight, out_features: int, bias, residual, weight, ln_bias,
@@ -313,11 +319,7 @@ def linear_bf16x3(x, packed_weight, out_features: int, bias=None, activation: st
     each exact in fp32, fp32 accumulation): within ~1.2e-5 of sum_k |x_k w_k| (relative) of the exact result,
     what torch.set_float32_matmul_precision("high") permits; ~2x an fp32 GEMM's speed on AMX.
     x: (tokens, in_features) fp32; packed_weight: pack_linear_bf16x3(weight); bias: (out_features,) fp32/bf16."""
-    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.dim() != 2:
-        raise TypeError(f"x must be a 2-D (tokens, in_features) float32 tensor, got {_describe(x)}")
-    _check_packed(x, packed_weight, torch.bfloat16, out_features, bias, (torch.float32, torch.bfloat16),
-                  ("none",) + ACTIVATIONS, activation)
-    return _impl("linear_bf16x3", x.device)(x, packed_weight, out_features, bias, activation)
+    return _bf16_weight_linear("linear_bf16x3", torch.float32, x, packed_weight, out_features, bias, activation)
 
 
 def pack_linear_int8(weight, vnni: bool = False):
