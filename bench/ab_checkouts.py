@@ -6,7 +6,7 @@
 Each checkout gets its own worker process (PYTHONPATH = that checkout, its extension built in place) that
 builds the same random-init distilbert-base (fixed seed) and the same batch, patches it, and waits. The parent
 then runs interleaved rounds: every round times one forward of HF sdpa (fp32) and of each checkout's patched
-model (fp32, bf16 or int8: `--dtype`), in a shuffled order (seeded), so drifts of a shared machine hit all of
+model (fp32, fp32 under torch's "high" matmul precision, bf16 or int8: `--dtype`), in a shuffled order (seeded), so drifts of a shared machine hit all of
 them alike. Reports medians and ratios.
 """
 from __future__ import annotations
@@ -42,7 +42,10 @@ if dtype != "none":
     if dtype == "int8":
         distilkernels.quantize(patched)
     else:
-        distilkernels.patch(patched, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
+        distilkernels.patch(patched, dtype={"fp32": torch.float32, "fp32-high": torch.float32,
+                                            "bf16": torch.bfloat16}[dtype])
+    if dtype == "fp32-high":  # torch's "high" float32 matmul precision, in this worker only (bf16x3 GEMMs)
+        torch.set_float32_matmul_precision("high")
 with torch.inference_mode():
     err = None
     if "patched" in models:
@@ -121,7 +124,7 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", default="mixed16x128")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--dtype", choices=("fp32", "bf16", "int8"), default="fp32",
+    parser.add_argument("--dtype", choices=("fp32", "fp32-high", "bf16", "int8"), default="fp32",
                         help="the patched models' precision (HF sdpa stays fp32)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)

@@ -205,13 +205,10 @@ DK_AMX_TARGET inline int64_t half_block(const char* a0, const char* a1, int64_t 
 //   a: group g's rows at a0 / a1, row stride lda bytes; k step s (32 bf16 of each row) at + 64 s.
 //   b: VNNI rows (a pair of k per 32-bit word) of ldb bytes; column tile j at b0 / b1, k step s at + 16 s ldb.
 //   c: fp32, row stride ldc bytes, as zero_acc / load_acc / store_acc lay it out; read first where `accumulate`.
+// The k steps of mm_bf16 on accumulators already in tiles 0-3.
 template <int kM, int kN>
-DK_AMX_TARGET inline void mm_bf16(const char* a0, const char* a1, int64_t lda, const char* b0, const char* b1,
-                                  int64_t ldb, int64_t k_steps, char* c, int64_t ldc, bool accumulate) {
-  if (accumulate)
-    load_acc<kM, kN>(c, ldc);
-  else
-    zero_acc<kM, kN>();
+DK_AMX_TARGET inline void mm_bf16_steps(const char* a0, const char* a1, int64_t lda, const char* b0, const char* b1,
+                                        int64_t ldb, int64_t k_steps) {
   for (int64_t s = 0; s < k_steps; ++s) {
     const int64_t ka = 64 * s, kb = 16 * s * ldb;
     _tile_loadd(4, a0 + ka, lda);
@@ -227,6 +224,33 @@ DK_AMX_TARGET inline void mm_bf16(const char* a0, const char* a1, int64_t lda, c
       if (kN == 2) _tile_dpbf16ps(3, 5, 7);
     }
   }
+}
+
+template <int kM, int kN>
+DK_AMX_TARGET inline void mm_bf16(const char* a0, const char* a1, int64_t lda, const char* b0, const char* b1,
+                                  int64_t ldb, int64_t k_steps, char* c, int64_t ldc, bool accumulate) {
+  if (accumulate)
+    load_acc<kM, kN>(c, ldc);
+  else
+    zero_acc<kM, kN>();
+  mm_bf16_steps<kM, kN>(a0, a1, lda, b0, b1, ldb, k_steps);
+  store_acc<kM, kN>(c, ldc);
+}
+
+// c (+)= sum over the n pairs (a[i], b[i]) of a[i] @ b[i] (operands as in mm_bf16, all a[i] with row stride lda
+// and all b[i] with ldb), into the same accumulator tiles: bf16x3's three products, summed in the tiles before
+// one store.
+template <int kM, int kN>
+DK_AMX_TARGET inline void mm_bf16_sum(const char* const* a, const char* const* b, int n, int64_t lda, int64_t ldb,
+                                      int64_t a_off, int64_t b_off, int64_t b1_off, int64_t k_steps, char* c,
+                                      int64_t ldc, bool accumulate) {
+  if (accumulate)
+    load_acc<kM, kN>(c, ldc);
+  else
+    zero_acc<kM, kN>();
+  for (int i = 0; i < n; ++i)
+    mm_bf16_steps<kM, kN>(a[i] + a_off, a[i] + a_off + 16 * lda, lda, b[i] + b_off, b[i] + b_off + b1_off, ldb,
+                          k_steps);
   store_acc<kM, kN>(c, ldc);
 }
 
@@ -247,6 +271,27 @@ DK_AMX_TARGET inline void gemm_bf16_tiles(const char* a, int64_t lda, int64_t gr
         mm_bf16<1, 2>(a0, a0, lda, bj, bj + 64, ldb, k_steps, cj, ldc, accumulate);
       else
         mm_bf16<1, 1>(a0, a0, lda, bj, bj, ldb, k_steps, cj, ldc, accumulate);
+    }
+  }
+}
+
+// gemm_bf16_tiles over the sum of n products a[i] @ b[i] (bf16x3: three), each tile's products summed in the
+// tile unit before one store.
+DK_AMX_TARGET inline void gemm_bf16_sum_tiles(const char* const* a, const char* const* b, int n, int64_t lda,
+                                              int64_t groups, int64_t ldb, int64_t tiles, int64_t k_steps, char* c,
+                                              int64_t ldc, bool accumulate) {
+  for (int64_t g = 0; g < groups; g += 2) {
+    for (int64_t j = 0; j < tiles; j += 2) {
+      const int64_t a_off = 16 * g * lda, b_off = 64 * j;
+      char* cj = c + 16 * g * ldc + 64 * j;
+      if (g + 1 < groups && j + 1 < tiles)
+        mm_bf16_sum<2, 2>(a, b, n, lda, ldb, a_off, b_off, 64, k_steps, cj, ldc, accumulate);
+      else if (g + 1 < groups)
+        mm_bf16_sum<2, 1>(a, b, n, lda, ldb, a_off, b_off, 0, k_steps, cj, ldc, accumulate);
+      else if (j + 1 < tiles)
+        mm_bf16_sum<1, 2>(a, b, n, lda, ldb, a_off, b_off, 64, k_steps, cj, ldc, accumulate);
+      else
+        mm_bf16_sum<1, 1>(a, b, n, lda, ldb, a_off, b_off, 0, k_steps, cj, ldc, accumulate);
     }
   }
 }
@@ -431,6 +476,8 @@ inline void configure() {}
 inline void release() {}
 inline void gemm_bf16_tiles(const char*, int64_t, int64_t, const char*, int64_t, int64_t, int64_t, char*, int64_t,
                             bool) {}
+inline void gemm_bf16_sum_tiles(const char* const*, const char* const*, int, int64_t, int64_t, int64_t, int64_t,
+                                int64_t, char*, int64_t, bool) {}
 template <Kind kKind, class Epilogue, class RowsDone = NoRowsDone>
 void gemm(const void*, int64_t, int64_t, const void*, int64_t, const Epilogue&, bool, const RowsDone& = RowsDone()) {}
 

@@ -1,6 +1,7 @@
 // attention and varlen_attention on CPU: argument checks, the segments of a call, and the blocked
 // (flash-style) kernel core that serves every dtype on every CPU (bf16 on a CPU with AMX tiles goes to
-// attention_amx.cpp instead; see attention.h for the segments and the task split).
+// attention_amx.cpp instead, and so does fp32 under torch's "high" float32 matmul precision, as bf16x3
+// products; see attention.h for the segments and the task split).
 //
 // A key padding mask becomes each segment's key list once per call (masked keys are dropped, not masked in
 // the inner loop), so padding costs nothing. Each thread keeps the current head's keys packed in fp32 (K
@@ -160,6 +161,11 @@ void run_core(const Problem& p, const at::Tensor& q, const at::Tensor& k, const 
     attn::attention_amx(p, q.const_data_ptr<at::BFloat16>(), k.const_data_ptr<at::BFloat16>(),
                         v.const_data_ptr<at::BFloat16>(), out.mutable_data_ptr<at::BFloat16>(),
                         lse.mutable_data_ptr<float>());
+    return;
+  }
+  if (max_keys >= kMatrixUnitMinKeys && attn::use_bf16x3(q.scalar_type())) {
+    attn::attention_amx_x3(p, q.const_data_ptr<float>(), k.const_data_ptr<float>(), v.const_data_ptr<float>(),
+                           out.mutable_data_ptr<float>(), lse.mutable_data_ptr<float>());
     return;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention", [&] {

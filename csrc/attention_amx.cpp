@@ -248,10 +248,180 @@ void attend_block(const Problem& p, const bf16* q, bf16* out, float* lse, int64_
   }
 }
 
+// ---- fp32 attention as bf16x3 products (torch's "high" float32 matmul precision) -------------------------
+//
+// The same tasks, packing and online softmax as above, for fp32 q, k, v and out: each fp32 operand of the two
+// products is split into hi = bf16(v) and lo = bf16(v - hi) (cpu::Kernels::split_bf16x3), and each product is
+// a_hi b_lo + a_lo b_hi + a_hi b_hi summed in the tiles (amx::gemm_bf16_sum_tiles), as linear_bf16x3 computes
+// a GEMM: within ~3 * 2^-18 of sum |a b| per product. Q is scaled by softmax_scale * log2 e in fp32 before its
+// split; the softmax is the fp32 kernel's (fp32 exp2, fp32 P, split for P V); out = acc / row_sum in fp32.
+struct X3Scratch {
+  int64_t dk, dv, kw;
+  std::vector<bf16> kt_hi, kt_lo;   // K^T's hi and lo, packed as AmxScratch::kt_packed
+  std::vector<bf16> v_hi, v_lo;     // V's, as AmxScratch::v_packed
+  std::vector<float> k32, v32;      // (keys, dk) / (keys, dv): the attended keys' rows, zero past head_dim
+  std::vector<bf16> k_rows, v_rows; // (2, keys, dk) / (2, keys, dv): their hi, then their lo
+  std::vector<float> qs;            // (kQueryBlock, dk): Q * softmax_scale * log2 e, zero past head_dim
+  std::vector<bf16> q2;             // (2, kQueryBlock, dk): qs's hi, then its lo
+  std::vector<float> scores;        // (kQueryBlock, kw)
+  std::vector<bf16> p2;             // (2, kQueryBlock, kw): P's hi, then its lo
+  std::vector<float> acc;           // (kQueryBlock, dv)
+  std::vector<float> row_max, row_sum;
+  int64_t seg = -1, head = -1;
+
+  X3Scratch(int64_t head_dim, int64_t max_keys)
+      : dk(round_up(head_dim, kKeyPad)),
+        dv(round_up(head_dim, kColPad)),
+        kw(std::min(kKeyBlock, round_up(std::max<int64_t>(max_keys, 1), kKeyPad))) {
+    const int64_t key_rows = round_up(std::max<int64_t>(max_keys, 1), kw);
+    kt_hi.resize(round_up(key_rows, kChunk) * dk);
+    kt_lo.resize(kt_hi.size());
+    v_hi.resize(key_rows * dv);
+    v_lo.resize(v_hi.size());
+    const int64_t keys = std::max<int64_t>(max_keys, 1);
+    k32.resize(keys * dk);  // value-initialized: the columns past head_dim stay zero
+    v32.resize(keys * dv);
+    k_rows.resize(2 * keys * dk);
+    v_rows.resize(2 * keys * dv);
+    qs.resize(kQueryBlock * dk);
+    q2.resize(2 * kQueryBlock * dk);  // value-initialized: rows past a block's last never hold NaN
+    scores.resize(kQueryBlock * kw);
+    p2.resize(2 * kQueryBlock * kw);
+    acc.resize(kQueryBlock * dv);
+    row_max.resize(kQueryBlock);
+    row_sum.resize(kQueryBlock);
+  }
+};
+
+// Packs K^T and V of (segment s, head h) as hi and lo: the keys' rows gathered, split in one call each.
+void pack_keys_x3(const Problem& p, const float* k, const float* v, int64_t s, int64_t h, X3Scratch& sc) {
+  const auto& kern = cpu::kernels();
+  const Segment& seg = p.segments[s];
+  const Layout& L = p.layout;
+  const int64_t d_n = p.head_dim, n = seg.n_keys, pairs = (d_n + 1) / 2;
+  const float* kbase = k + seg.k_off + h * L.k_head;
+  const float* vbase = v + seg.v_off + h * L.v_head;
+  for (int64_t j = 0; j < n; ++j) {
+    std::memcpy(sc.k32.data() + j * sc.dk, kbase + seg.key_row(j) * L.k_row, d_n * sizeof(float));
+    std::memcpy(sc.v32.data() + j * sc.dv, vbase + seg.key_row(j) * L.v_row, d_n * sizeof(float));
+  }
+  const int64_t keys = static_cast<int64_t>(sc.k32.size()) / sc.dk;  // the split's segment: hi, then lo
+  kern.split_bf16x3(sc.k32.data(), n * sc.dk, keys * sc.dk, reinterpret_cast<uint16_t*>(sc.k_rows.data()));
+  kern.split_bf16x3(sc.v32.data(), n * sc.dv, keys * sc.dv, reinterpret_cast<uint16_t*>(sc.v_rows.data()));
+  for (int half = 0; half < 2; ++half) {  // hi, then lo
+    std::vector<bf16>& kt_packed = half == 0 ? sc.kt_hi : sc.kt_lo;
+    std::vector<bf16>& v_packed = half == 0 ? sc.v_hi : sc.v_lo;
+    const bf16* krows = sc.k_rows.data() + half * keys * sc.dk;
+    const bf16* vrows = sc.v_rows.data() + half * keys * sc.dv;
+    for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
+      const int64_t nc = std::min(kChunk, n - j0), ncp = round_up(nc, kKeyPad);
+      auto* kt = reinterpret_cast<uint32_t*>(kt_packed.data() + j0 * sc.dk);
+      for (int64_t jj = 0; jj < ncp; jj += 16) {
+        const bf16* rows[16];
+        for (int64_t j = 0; j < 16; ++j) rows[j] = jj + j < nc ? krows + (j0 + jj + j) * sc.dk : nullptr;
+        pack_kt16(rows, d_n, kt + jj, ncp);
+      }
+      std::fill(kt + pairs * ncp, kt + sc.dk / 2 * ncp, 0u);
+    }
+    for (int64_t kb = 0; kb < n; kb += sc.kw) {
+      const int64_t nk = std::min(sc.kw, n - kb), nkp = round_up(nk, kKeyPad);
+      for (int64_t e = 0; e < sc.dv; e += kChunk) {
+        const int64_t w = std::min(kChunk, sc.dv - e);
+        auto* dst = reinterpret_cast<uint16_t*>(v_packed.data() + kb * sc.dv + e * sc.kw);
+        for (int64_t j = 0; j < nkp; j += 2) {
+          const bf16* r0 = j < nk ? vrows + (kb + j) * sc.dv + e : nullptr;
+          const bf16* r1 = j + 1 < nk ? vrows + (kb + j + 1) * sc.dv + e : nullptr;
+          pack_v_pair(r0, r1, d_n - e, w, dst + j * w);
+        }
+      }
+    }
+  }
+  sc.seg = s;
+  sc.head = h;
+}
+
+void attend_block_x3(const Problem& p, const float* q, float* out, float* lse, int64_t s, int64_t h, int64_t q0,
+                     X3Scratch& sc) {
+  const auto& kern = cpu::kernels();
+  const Segment& seg = p.segments[s];
+  const Layout& L = p.layout;
+  const int64_t d_n = p.head_dim, rows = std::min(kQueryBlock, seg.n_q - q0);
+  float* out_rows = out + seg.out_off + h * L.out_head + q0 * L.out_row;
+  float* lse_rows = lse + seg.lse_off + h * L.lse_head + q0;
+  if (seg.n_keys == 0) return write_unattended(out_rows, L.out_row, lse_rows, rows, d_n);
+  const float* q_rows = q + seg.q_off + h * L.q_head + q0 * L.q_row;
+  for (int64_t i = 0; i < rows; ++i) kern.scale(q_rows + i * L.q_row, p.softmax_scale * kLog2e, d_n, sc.qs.data() + i * sc.dk);
+  kern.split_bf16x3(sc.qs.data(), rows * sc.dk, kQueryBlock * sc.dk, reinterpret_cast<uint16_t*>(sc.q2.data()));
+  std::fill(sc.row_max.begin(), sc.row_max.end(), -std::numeric_limits<float>::infinity());
+  std::fill(sc.row_sum.begin(), sc.row_sum.end(), 0.0f);
+  std::fill(sc.acc.begin(), sc.acc.end(), 0.0f);
+  const int64_t groups = (rows + 15) / 16;
+  const auto* q_hi = reinterpret_cast<const char*>(sc.q2.data());
+  const char* q_lo = q_hi + kQueryBlock * sc.dk * 2;
+  auto* scores = reinterpret_cast<char*>(sc.scores.data());
+  auto* acc = reinterpret_cast<char*>(sc.acc.data());
+  const auto* p_hi = reinterpret_cast<const char*>(sc.p2.data());
+  const char* p_lo = p_hi + kQueryBlock * sc.kw * 2;
+
+  for (int64_t kb = 0; kb < seg.n_keys; kb += sc.kw) {
+    const int64_t nk = std::min(sc.kw, seg.n_keys - kb), nkp = round_up(nk, kKeyPad);
+    for (int64_t c = 0; c < nkp; c += kChunk) {  // scores of zero pad keys are 0 and never read
+      const int64_t w = std::min(kChunk, nkp - c);
+      const auto* kt_hi = reinterpret_cast<const char*>(sc.kt_hi.data() + (kb + c) * sc.dk);
+      const auto* kt_lo = reinterpret_cast<const char*>(sc.kt_lo.data() + (kb + c) * sc.dk);
+      const char* a[3] = {q_hi, q_lo, q_hi};
+      const char* b[3] = {kt_lo, kt_hi, kt_hi};
+      amx::gemm_bf16_sum_tiles(a, b, 3, sc.dk * 2, groups, w * 4, w / 16, sc.dk / 32, scores + c * 4, sc.kw * 4,
+                               /*accumulate=*/false);
+    }
+    kern.softmax_update(sc.scores.data(), sc.kw, rows, nk, sc.row_max.data(), sc.row_sum.data(), sc.acc.data(),
+                        sc.dv, sc.dv);
+    // P's rows whole (stride kw): past nk a row holds the zero scores of pad keys up to nkp (all the products read)
+    kern.split_bf16x3(sc.scores.data(), rows * sc.kw, kQueryBlock * sc.kw, reinterpret_cast<uint16_t*>(sc.p2.data()));
+    for (int64_t e = 0; e < sc.dv; e += kChunk) {
+      const int64_t w = std::min(kChunk, sc.dv - e);
+      const auto* v_hi = reinterpret_cast<const char*>(sc.v_hi.data() + kb * sc.dv + e * sc.kw);
+      const auto* v_lo = reinterpret_cast<const char*>(sc.v_lo.data() + kb * sc.dv + e * sc.kw);
+      const char* a[3] = {p_hi, p_lo, p_hi};
+      const char* b[3] = {v_lo, v_hi, v_hi};
+      amx::gemm_bf16_sum_tiles(a, b, 3, sc.kw * 2, groups, w * 4, w / 16, nkp / 32, acc + e * 4, sc.dv * 4,
+                               /*accumulate=*/true);
+    }
+  }
+
+  for (int64_t i = 0; i < rows; ++i) {
+    kern.scale(sc.acc.data() + i * sc.dv, 1.0f / sc.row_sum[i], d_n, out_rows + i * L.out_row);
+    lse_rows[i] = (sc.row_max[i] + std::log2(sc.row_sum[i])) * kLn2;
+  }
+}
+
 }  // namespace
 
 bool use_matrix_unit(at::ScalarType dtype) {
   return dtype == at::kBFloat16 && vec::isa() == vec::Isa::kAvx512 && amx::enabled();
+}
+
+bool use_bf16x3(at::ScalarType dtype) {
+  return dtype == at::kFloat && at::globalContext().float32MatmulPrecision() != at::Float32MatmulPrecision::HIGHEST &&
+         vec::isa() == vec::Isa::kAvx512 && amx::enabled();
+}
+
+void attention_amx_x3(const Problem& p, const float* q, const float* k, const float* v, float* out, float* lse) {
+  const Plan plan = plan_tasks(p, kQueryBlock);
+  if (plan.tasks.empty()) return;
+  at::parallel_for(0, static_cast<int64_t>(plan.part_begin.size()) - 1, 1, [&](int64_t begin, int64_t end) {
+    X3Scratch sc(p.head_dim, plan.max_keys);
+    amx::configure();
+    for (int64_t i = plan.part_begin[begin]; i < plan.part_begin[end]; ++i) {
+      const Task& t = plan.tasks[i];
+      attn::prefetch_next(p, plan, i, plan.part_begin[end], kQueryBlock, q, k, v);
+      if ((t.seg != sc.seg || t.head != sc.head) && p.segments[t.seg].n_keys > 0)
+        pack_keys_x3(p, k, v, t.seg, t.head, sc);
+      attend_block_x3(p, q, out, lse, t.seg, t.head, t.q0, sc);
+    }
+    amx::release();
+    cpublas::brgemm_release();
+  });
 }
 
 void attention_amx(const Problem& p, const bf16* q, const bf16* k, const bf16* v, bf16* out, float* lse) {

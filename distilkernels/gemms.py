@@ -80,7 +80,8 @@ def precision_paths() -> dict[str, str]:
     precision = torch.get_float32_matmul_precision()
     if use_matrix_unit("bf16"):
         paths["fp32"] += ("; under torch.set_float32_matmul_precision('high' or 'medium'): linear_bf16x3, each GEMM as "
-                          "three bf16 products on AMX tiles (within ~1.2e-5 of sum |x w|, ~2x the fp32 rate)"
+                          "three bf16 products on AMX tiles (within ~1.2e-5 of sum |x w|, ~2x the fp32 rate), and "
+                          "attention's two products the same way"
                           f"; now {precision!r}: {'bf16x3' if bf16x3_allowed() else 'fp32'}")
     else:
         paths["fp32"] += ("; torch's float32 matmul precision ('high', 'medium') changes nothing here: no bf16 "

@@ -1,6 +1,8 @@
 """attention and varlen_attention on every backend (cpp, triton, torch) against an fp64 reference."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -538,3 +540,73 @@ def test_triton_real_sizes(device, seqlen, dtype):
         ln = ops.add_layer_norm(x, out.flatten(2), weight, bias, 1e-12)
     ln64 = reference.add_layer_norm(x.double(), out.flatten(2).double(), weight.double(), bias.double(), 1e-12)[0]
     assert_lowp(ln, ln64, [reference.add_layer_norm(x, out.flatten(2), weight, bias, 1e-12)[0]])
+
+
+# ---- fp32 under torch's "high" float32 matmul precision: the two products as bf16x3 on the AMX tiles ----------
+
+X3_SPLIT_TERMS = 3 * 2.0 ** -18  # per product: what bf16x3 leaves out (tests/ops/test_linear_bf16x3.py)
+
+
+def x3_out_bound(q, k, v, mask, scale) -> float:
+    """out's error under bf16x3 (where the AMX tiles run it; elsewhere fp32's, far inside). Each score (log2
+    units, q scaled first) is within X3_SPLIT_TERMS * sum_d |q_d k_d| * scale * log2 e of the exact one, which
+    moves each probability by that times ln 2 relative, and out (a convex combination of v's rows) by twice it
+    at max |v| (numerator and normaliser); P's own split moves out by X3_SPLIT_TERMS at max |v|. On top, the
+    fp32 bound (fp32_out_bound) for the rest of the arithmetic."""
+    sums = torch.einsum("bqhd,bkhd->bhqk", q.double().abs(), k.double().abs()) * scale * 1.4426950408889634
+    if mask is not None:
+        sums = sums.masked_fill(~mask[:, None, None, :], 0.0)
+    score_err = X3_SPLIT_TERMS * (sums.max().item() if sums.numel() else 0.0)
+    return (2 * 0.6931471805599453 * score_err + X3_SPLIT_TERMS) * magnitude(v) + fp32_out_bound(v)
+
+
+@pytest.fixture
+def high_precision():
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
+@pytest.mark.parametrize("batch,seqlen,head_dim", [(1, 1, 64), (3, 7, 64), (2, 129, 64), (1, 300, 64),
+                                                   (2, 77, 36), (1, 600, 64), (2, 40, 13)])
+@pytest.mark.parametrize("mask_kind", [None, "holey", "left", "right"])
+def test_cpp_attention_fp32_under_high_matmul_precision(high_precision, batch, seqlen, head_dim, mask_kind):
+    """Under "high", fp32 attention may run its two products as bf16x3 (csrc/attention_amx.cpp, where AMX and
+    AVX-512 run): out within x3_out_bound of fp64, lse as fp32's bound allows plus the same score error, rows
+    without keys as in fp32. Where it ran (a CPU with AMX, 8 keys or more) the result differs from strict fp32's:
+    the bound is not met by an unchanged kernel alone."""
+    torch.manual_seed(11)
+    q, k, v = fused_qkv(batch, seqlen, 4, head_dim)
+    mask = None if mask_kind is None else make_mask(mask_kind, batch, seqlen, seed=3)
+    scale = head_dim ** -0.5
+    out, lse = OPS.attention(q, k, v, mask, scale)
+    out64, lse64 = reference.attention(q.double(), k.double(), v.double(), mask, scale)
+    valid = torch.ones(batch, seqlen, dtype=torch.bool) if mask is None else mask.any(1, keepdim=True).expand(-1, seqlen)
+    assert max_err(out[valid], out64[valid]) <= x3_out_bound(q, k, v, mask, scale)
+    finite = torch.isfinite(lse64)
+    assert torch.equal(torch.isfinite(lse), finite)
+    if finite.any():
+        score_err = x3_out_bound(q, k, v, mask, scale) / max(magnitude(v), 1e-30)
+        assert max_err(lse[finite], lse64[finite]) <= ulps(128, max(magnitude(lse64[finite]), 1.0)) + score_err
+    torch.set_float32_matmul_precision("highest")
+    strict, _ = OPS.attention(q, k, v, mask, scale)
+    torch.set_float32_matmul_precision("high")
+    amx_on = matrix_unit_attention() and os.environ.get("DISTILKERNELS_AMX") != "0"
+    if amx_on and seqlen >= 8 and (mask is None or mask.sum(1).max() >= 8):
+        assert not torch.equal(out, strict)
+
+
+def test_cpp_varlen_attention_fp32_under_high_matmul_precision(high_precision):
+    lengths = [64, 65, 3, 512, 0, 9]
+    torch.manual_seed(12)
+    q, k, v = (torch.randn(sum(lengths), 4, 64) for _ in range(3))
+    cu = cu_seqlens_of(lengths)
+    out, lse = OPS.varlen_attention(q, k, v, cu, max(lengths), 0.125)
+    start = 0
+    for n in lengths:
+        if n:
+            sl = slice(start, start + n)
+            ref, _ = reference.attention(q[None, sl].double(), k[None, sl].double(), v[None, sl].double(), None, 0.125)
+            assert max_err(out[sl], ref[0]) <= x3_out_bound(q[None, sl], k[None, sl], v[None, sl], None, 0.125)
+        start += n
