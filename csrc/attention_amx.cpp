@@ -151,44 +151,51 @@ __attribute__((target("avx512f,avx512bw"))) void pack_v_pair(const bf16* r0, con
 
 #pragma GCC diagnostic pop
 
-// Gathers and packs the attended keys of (segment s, head h): K^T by chunks of keys, V by key block and
-// column chunk.
-void pack_keys(const Problem& p, const bf16* k, const bf16* v, int64_t s, int64_t h, AmxScratch& sc) {
-  const Segment& seg = p.segments[s];
-  const Layout& L = p.layout;
-  const int64_t d_n = p.head_dim, n = seg.n_keys;
-  const bf16* kbase = k + seg.k_off + h * L.k_head;
-  const bf16* vbase = v + seg.v_off + h * L.v_head;
+// Packs n keys' rows (krow(j), vrow(j): bf16 rows of head_dim values) into kt_packed and v_packed as
+// AmxScratch lays them out: K^T by chunks of keys, V by key block (of kw keys) and column chunk.
+template <class KRow, class VRow>
+void pack_rows(const KRow& krow, const VRow& vrow, int64_t n, int64_t d_n, int64_t dk, int64_t dv, int64_t kw,
+               bf16* kt_packed, bf16* v_packed) {
   // K^T goes straight to the VNNI layout, (dk / 2, ncp) 32-bit words per chunk: word (p, j) holds
   // (K[j, 2p], K[j, 2p + 1]), the pair of K^T rows 2p, 2p + 1 at column j. A key's pairs are whole 32-bit
   // words of its row, so the transpose moves words, 16 keys x 16 words at a time.
   const int64_t pairs = (d_n + 1) / 2;  // VNNI rows pack_kt16 writes; those up to dk / 2 are zero
   for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
     const int64_t nc = std::min(kChunk, n - j0), ncp = round_up(nc, kKeyPad);
-    auto* kt = reinterpret_cast<uint32_t*>(sc.kt_packed.data() + j0 * sc.dk);
+    auto* kt = reinterpret_cast<uint32_t*>(kt_packed + j0 * dk);
     for (int64_t jj = 0; jj < ncp; jj += 16) {
       const bf16* rows[16];
-      for (int64_t j = 0; j < 16; ++j)
-        rows[j] = jj + j < nc ? kbase + seg.key_row(j0 + jj + j) * L.k_row : nullptr;
+      for (int64_t j = 0; j < 16; ++j) rows[j] = jj + j < nc ? krow(j0 + jj + j) : nullptr;
       pack_kt16(rows, d_n, kt + jj, ncp);
     }
     // (Written every time: another segment's chunk width puts other words of the buffer under these rows.)
-    std::fill(kt + pairs * ncp, kt + sc.dk / 2 * ncp, 0u);
+    std::fill(kt + pairs * ncp, kt + dk / 2 * ncp, 0u);
   }
   // V by key block and column chunk: chunk e of key block kb holds (nkp / 2) VNNI rows of w columns, gathered
   // from the attended keys' rows; zero past the last key and past head_dim.
-  for (int64_t kb = 0; kb < n; kb += sc.kw) {
-    const int64_t nk = std::min(sc.kw, n - kb), nkp = round_up(nk, kKeyPad);
-    for (int64_t e = 0; e < sc.dv; e += kChunk) {
-      const int64_t w = std::min(kChunk, sc.dv - e);
-      auto* dst = reinterpret_cast<uint16_t*>(sc.v_packed.data() + kb * sc.dv + e * sc.kw);
+  for (int64_t kb = 0; kb < n; kb += kw) {
+    const int64_t nk = std::min(kw, n - kb), nkp = round_up(nk, kKeyPad);
+    for (int64_t e = 0; e < dv; e += kChunk) {
+      const int64_t w = std::min(kChunk, dv - e);
+      auto* dst = reinterpret_cast<uint16_t*>(v_packed + kb * dv + e * kw);
       for (int64_t j = 0; j < nkp; j += 2) {
-        const bf16* r0 = j < nk ? vbase + seg.key_row(kb + j) * L.v_row + e : nullptr;
-        const bf16* r1 = j + 1 < nk ? vbase + seg.key_row(kb + j + 1) * L.v_row + e : nullptr;
+        const bf16* r0 = j < nk ? vrow(kb + j) + e : nullptr;
+        const bf16* r1 = j + 1 < nk ? vrow(kb + j + 1) + e : nullptr;
         pack_v_pair(r0, r1, d_n - e, w, dst + j * w);
       }
     }
   }
+}
+
+// Gathers and packs the attended keys of (segment s, head h).
+void pack_keys(const Problem& p, const bf16* k, const bf16* v, int64_t s, int64_t h, AmxScratch& sc) {
+  const Segment& seg = p.segments[s];
+  const Layout& L = p.layout;
+  const bf16* kbase = k + seg.k_off + h * L.k_head;
+  const bf16* vbase = v + seg.v_off + h * L.v_head;
+  pack_rows([&](int64_t j) { return kbase + seg.key_row(j) * L.k_row; },
+            [&](int64_t j) { return vbase + seg.key_row(j) * L.v_row; }, seg.n_keys, p.head_dim, sc.dk, sc.dv, sc.kw,
+            sc.kt_packed.data(), sc.v_packed.data());
   sc.seg = s;
   sc.head = h;
 }
@@ -298,7 +305,7 @@ void pack_keys_x3(const Problem& p, const float* k, const float* v, int64_t s, i
   const auto& kern = cpu::kernels();
   const Segment& seg = p.segments[s];
   const Layout& L = p.layout;
-  const int64_t d_n = p.head_dim, n = seg.n_keys, pairs = (d_n + 1) / 2;
+  const int64_t d_n = p.head_dim, n = seg.n_keys;
   const float* kbase = k + seg.k_off + h * L.k_head;
   const float* vbase = v + seg.v_off + h * L.v_head;
   for (int64_t j = 0; j < n; ++j) {
@@ -309,32 +316,10 @@ void pack_keys_x3(const Problem& p, const float* k, const float* v, int64_t s, i
   kern.split_bf16x3(sc.k32.data(), n * sc.dk, keys * sc.dk, reinterpret_cast<uint16_t*>(sc.k_rows.data()));
   kern.split_bf16x3(sc.v32.data(), n * sc.dv, keys * sc.dv, reinterpret_cast<uint16_t*>(sc.v_rows.data()));
   for (int half = 0; half < 2; ++half) {  // hi, then lo
-    std::vector<bf16>& kt_packed = half == 0 ? sc.kt_hi : sc.kt_lo;
-    std::vector<bf16>& v_packed = half == 0 ? sc.v_hi : sc.v_lo;
     const bf16* krows = sc.k_rows.data() + half * keys * sc.dk;
     const bf16* vrows = sc.v_rows.data() + half * keys * sc.dv;
-    for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
-      const int64_t nc = std::min(kChunk, n - j0), ncp = round_up(nc, kKeyPad);
-      auto* kt = reinterpret_cast<uint32_t*>(kt_packed.data() + j0 * sc.dk);
-      for (int64_t jj = 0; jj < ncp; jj += 16) {
-        const bf16* rows[16];
-        for (int64_t j = 0; j < 16; ++j) rows[j] = jj + j < nc ? krows + (j0 + jj + j) * sc.dk : nullptr;
-        pack_kt16(rows, d_n, kt + jj, ncp);
-      }
-      std::fill(kt + pairs * ncp, kt + sc.dk / 2 * ncp, 0u);
-    }
-    for (int64_t kb = 0; kb < n; kb += sc.kw) {
-      const int64_t nk = std::min(sc.kw, n - kb), nkp = round_up(nk, kKeyPad);
-      for (int64_t e = 0; e < sc.dv; e += kChunk) {
-        const int64_t w = std::min(kChunk, sc.dv - e);
-        auto* dst = reinterpret_cast<uint16_t*>(v_packed.data() + kb * sc.dv + e * sc.kw);
-        for (int64_t j = 0; j < nkp; j += 2) {
-          const bf16* r0 = j < nk ? vrows + (kb + j) * sc.dv + e : nullptr;
-          const bf16* r1 = j + 1 < nk ? vrows + (kb + j + 1) * sc.dv + e : nullptr;
-          pack_v_pair(r0, r1, d_n - e, w, dst + j * w);
-        }
-      }
-    }
+    pack_rows([&](int64_t j) { return krows + j * sc.dk; }, [&](int64_t j) { return vrows + j * sc.dv; }, n, d_n,
+              sc.dk, sc.dv, sc.kw, (half == 0 ? sc.kt_hi : sc.kt_lo).data(), (half == 0 ? sc.v_hi : sc.v_lo).data());
   }
   sc.seg = s;
   sc.head = h;
