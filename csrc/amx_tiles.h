@@ -200,12 +200,7 @@ DK_AMX_TARGET inline int64_t half_block(const char* a0, const char* a1, int64_t 
   return step;
 }
 
-// Small bf16 products on whole tiles, for attention's Q K^T and P V (attention_amx.cpp), under configure()'s
-// configuration: c (+)= a @ b over kM (1 or 2) groups of 16 rows by kN (1 or 2) tiles of 16 columns.
-//   a: group g's rows at a0 / a1, row stride lda bytes; k step s (32 bf16 of each row) at + 64 s.
-//   b: VNNI rows (a pair of k per 32-bit word) of ldb bytes; column tile j at b0 / b1, k step s at + 16 s ldb.
-//   c: fp32, row stride ldc bytes, as zero_acc / load_acc / store_acc lay it out; read first where `accumulate`.
-// The k steps of mm_bf16 on accumulators already in tiles 0-3.
+// The k steps of mm_bf16 (below) on accumulators already in tiles 0-3.
 template <int kM, int kN>
 DK_AMX_TARGET inline void mm_bf16_steps(const char* a0, const char* a1, int64_t lda, const char* b0, const char* b1,
                                         int64_t ldb, int64_t k_steps) {
@@ -226,6 +221,11 @@ DK_AMX_TARGET inline void mm_bf16_steps(const char* a0, const char* a1, int64_t 
   }
 }
 
+// Small bf16 products on whole tiles, for attention's Q K^T and P V (attention_amx.cpp), under configure()'s
+// configuration: c (+)= a @ b over kM (1 or 2) groups of 16 rows by kN (1 or 2) tiles of 16 columns.
+//   a: group g's rows at a0 / a1, row stride lda bytes; k step s (32 bf16 of each row) at + 64 s.
+//   b: VNNI rows (a pair of k per 32-bit word) of ldb bytes; column tile j at b0 / b1, k step s at + 16 s ldb.
+//   c: fp32, row stride ldc bytes, as zero_acc / load_acc / store_acc lay it out; read first where `accumulate`.
 template <int kM, int kN>
 DK_AMX_TARGET inline void mm_bf16(const char* a0, const char* a1, int64_t lda, const char* b0, const char* b1,
                                   int64_t ldb, int64_t k_steps, char* c, int64_t ldc, bool accumulate) {
@@ -479,7 +479,8 @@ inline void gemm_bf16_tiles(const char*, int64_t, int64_t, const char*, int64_t,
 inline void gemm_bf16_sum_tiles(const char* const*, const char* const*, int, int64_t, int64_t, int64_t, int64_t,
                                 int64_t, char*, int64_t, bool) {}
 template <Kind kKind, class Epilogue, class RowsDone = NoRowsDone>
-void gemm(const void*, int64_t, int64_t, const void*, int64_t, const Epilogue&, bool, const RowsDone& = RowsDone()) {}
+void gemm(const void*, int64_t, int64_t, const void*, int64_t, const Epilogue&, bool, const RowsDone& = RowsDone(),
+          int64_t = 0) {}
 
 #endif
 

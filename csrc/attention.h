@@ -137,13 +137,13 @@ void write_unattended(T* out_rows, int64_t out_row, float* lse_rows, int64_t row
 bool use_matrix_unit(at::ScalarType dtype);
 
 // The bf16 core on the matrix unit; same contract as the blocked core (out, lse as documented in ops.cpp).
+void attention_amx(const Problem& p, const at::BFloat16* q, const at::BFloat16* k, const at::BFloat16* v,
+                   at::BFloat16* out, float* lse);
+
 // fp32 attention with its two products as bf16x3 on the AMX tiles (attention_amx.cpp): where torch's float32
 // matmul precision is not "highest" and the bf16 tiles run (use_matrix_unit's conditions).
 bool use_bf16x3(at::ScalarType dtype);
 void attention_amx_x3(const Problem& p, const float* q, const float* k, const float* v, float* out, float* lse);
-
-void attention_amx(const Problem& p, const at::BFloat16* q, const at::BFloat16* k, const at::BFloat16* v,
-                   at::BFloat16* out, float* lse);
 
 }  // namespace attn
 }  // namespace distilkernels

@@ -55,33 +55,41 @@ constexpr int64_t kColPad = 16;
 // A segment with more than kKeyBlock keys steps through whole K^T chunks; fewer keys take one block.
 static_assert(kKeyBlock % kChunk == 0 && kChunk % kKeyPad == 0, "key blocks are whole chunks of whole pads");
 
-struct AmxScratch {
+// What both cores keep per thread: the padded sizes, one query block's scores, accumulators and statistics, and
+// which (segment, head) the packed keys belong to.
+struct ScratchBase {
   int64_t dk, dv;                   // head_dim padded to kKeyPad (K of Q K^T) and to kColPad (N of P V)
   int64_t kw;                       // keys per block: kKeyBlock, or fewer when no segment has that many
-  std::vector<bf16> kt_packed;      // keys [j0, j0 + kChunk) packed at j0 * dk: (dk, chunk width) VNNI
-  std::vector<bf16> v_packed;       // key block at kb * dv, its column chunk e at + e * kw
-  std::vector<bf16> qb;             // (kQueryBlock, dk): a query block of odd head_dim, zero past it
+  int64_t keys, key_rows;           // the most keys of a segment (at least 1), and that rounded up to kw
   std::vector<float> scores;        // (kQueryBlock, kw)
-  std::vector<bf16> pb;             // (kQueryBlock, kw): P in bf16, zero past the last key
   std::vector<float> acc;           // (kQueryBlock, dv)
   std::vector<float> row_max, row_sum;
   int64_t seg = -1, head = -1;
 
-  AmxScratch(int64_t head_dim, int64_t max_keys)
+  ScratchBase(int64_t head_dim, int64_t max_keys)
       : dk(round_up(head_dim, kKeyPad)),
         dv(round_up(head_dim, kColPad)),
-        kw(std::min(kKeyBlock, round_up(std::max<int64_t>(max_keys, 1), kKeyPad))) {
-    const int64_t key_rows = round_up(std::max<int64_t>(max_keys, 1), kw);
-    // Value-initialized (zero): the pad columns of qb are never written after this.
-    kt_packed.resize(round_up(key_rows, kChunk) * dk);
-    v_packed.resize(key_rows * dv);
-    qb.resize(kQueryBlock * dk);
-    scores.resize(kQueryBlock * kw);
-    pb.resize(kQueryBlock * kw);
-    acc.resize(kQueryBlock * dv);
-    row_max.resize(kQueryBlock);
-    row_sum.resize(kQueryBlock);
-  }
+        kw(std::min(kKeyBlock, round_up(std::max<int64_t>(max_keys, 1), kKeyPad))),
+        keys(std::max<int64_t>(max_keys, 1)),
+        key_rows(round_up(keys, kw)),
+        scores(kQueryBlock * kw),
+        acc(kQueryBlock * dv),
+        row_max(kQueryBlock),
+        row_sum(kQueryBlock) {}
+};
+
+struct AmxScratch : ScratchBase {
+  std::vector<bf16> kt_packed;      // keys [j0, j0 + kChunk) packed at j0 * dk: (dk, chunk width) VNNI
+  std::vector<bf16> v_packed;       // key block at kb * dv, its column chunk e at + e * kw
+  std::vector<bf16> qb;             // (kQueryBlock, dk): a query block of odd head_dim, zero past it
+  std::vector<bf16> pb;             // (kQueryBlock, kw): P in bf16, zero past the last key
+
+  AmxScratch(int64_t head_dim, int64_t max_keys)
+      : ScratchBase(head_dim, max_keys),
+        kt_packed(round_up(key_rows, kChunk) * dk),
+        v_packed(key_rows * dv),
+        qb(kQueryBlock * dk),  // value-initialized (zero): its pad columns are never written after this
+        pb(kQueryBlock * kw) {}
 };
 
 // The packing helpers below are compiled for AVX-512 by target attributes: this core runs only where the
@@ -262,46 +270,33 @@ void attend_block(const Problem& p, const bf16* q, bf16* out, float* lse, int64_
 // a_hi b_lo + a_lo b_hi + a_hi b_hi summed in the tiles (amx::gemm_bf16_sum_tiles), as linear_bf16x3 computes
 // a GEMM: within ~3 * 2^-18 of sum |a b| per product. Q is scaled by softmax_scale * log2 e in fp32 before its
 // split; the softmax is the fp32 kernel's (fp32 exp2, fp32 P, split for P V); out = acc / row_sum in fp32.
-struct X3Scratch {
-  int64_t dk, dv, kw;
+struct X3Scratch : ScratchBase {
   std::vector<bf16> kt_hi, kt_lo;   // K^T's hi and lo, packed as AmxScratch::kt_packed
   std::vector<bf16> v_hi, v_lo;     // V's, as AmxScratch::v_packed
   std::vector<float> k32, v32;      // (keys, dk) / (keys, dv): the attended keys' rows, zero past head_dim
   std::vector<bf16> k_rows, v_rows; // (2, keys, dk) / (2, keys, dv): their hi, then their lo
   std::vector<float> qs;            // (kQueryBlock, dk): Q * softmax_scale * log2 e, zero past head_dim
   std::vector<bf16> q2;             // (2, kQueryBlock, dk): qs's hi, then its lo
-  std::vector<float> scores;        // (kQueryBlock, kw)
   std::vector<bf16> p2;             // (2, kQueryBlock, kw): P's hi, then its lo
-  std::vector<float> acc;           // (kQueryBlock, dv)
-  std::vector<float> row_max, row_sum;
-  int64_t seg = -1, head = -1;
 
+  // Value-initialized (zero): k32's, v32's and qs's columns past head_dim are never written after this.
   X3Scratch(int64_t head_dim, int64_t max_keys)
-      : dk(round_up(head_dim, kKeyPad)),
-        dv(round_up(head_dim, kColPad)),
-        kw(std::min(kKeyBlock, round_up(std::max<int64_t>(max_keys, 1), kKeyPad))) {
-    const int64_t key_rows = round_up(std::max<int64_t>(max_keys, 1), kw);
-    kt_hi.resize(round_up(key_rows, kChunk) * dk);
-    kt_lo.resize(kt_hi.size());
-    v_hi.resize(key_rows * dv);
-    v_lo.resize(v_hi.size());
-    const int64_t keys = std::max<int64_t>(max_keys, 1);
-    k32.resize(keys * dk);  // value-initialized: the columns past head_dim stay zero
-    v32.resize(keys * dv);
-    k_rows.resize(2 * keys * dk);
-    v_rows.resize(2 * keys * dv);
-    qs.resize(kQueryBlock * dk);
-    q2.resize(2 * kQueryBlock * dk);  // value-initialized: rows past a block's last never hold NaN
-    scores.resize(kQueryBlock * kw);
-    p2.resize(2 * kQueryBlock * kw);
-    acc.resize(kQueryBlock * dv);
-    row_max.resize(kQueryBlock);
-    row_sum.resize(kQueryBlock);
-  }
+      : ScratchBase(head_dim, max_keys),
+        kt_hi(round_up(key_rows, kChunk) * dk),
+        kt_lo(kt_hi.size()),
+        v_hi(key_rows * dv),
+        v_lo(v_hi.size()),
+        k32(keys * dk),
+        v32(keys * dv),
+        k_rows(2 * keys * dk),
+        v_rows(2 * keys * dv),
+        qs(kQueryBlock * dk),
+        q2(2 * kQueryBlock * dk),
+        p2(2 * kQueryBlock * kw) {}
 };
 
 // Packs K^T and V of (segment s, head h) as hi and lo: the keys' rows gathered, split in one call each.
-void pack_keys_x3(const Problem& p, const float* k, const float* v, int64_t s, int64_t h, X3Scratch& sc) {
+void pack_keys(const Problem& p, const float* k, const float* v, int64_t s, int64_t h, X3Scratch& sc) {
   const auto& kern = cpu::kernels();
   const Segment& seg = p.segments[s];
   const Layout& L = p.layout;
@@ -312,12 +307,11 @@ void pack_keys_x3(const Problem& p, const float* k, const float* v, int64_t s, i
     std::memcpy(sc.k32.data() + j * sc.dk, kbase + seg.key_row(j) * L.k_row, d_n * sizeof(float));
     std::memcpy(sc.v32.data() + j * sc.dv, vbase + seg.key_row(j) * L.v_row, d_n * sizeof(float));
   }
-  const int64_t keys = static_cast<int64_t>(sc.k32.size()) / sc.dk;  // the split's segment: hi, then lo
-  kern.split_bf16x3(sc.k32.data(), n * sc.dk, keys * sc.dk, reinterpret_cast<uint16_t*>(sc.k_rows.data()));
-  kern.split_bf16x3(sc.v32.data(), n * sc.dv, keys * sc.dv, reinterpret_cast<uint16_t*>(sc.v_rows.data()));
+  kern.split_bf16x3(sc.k32.data(), n * sc.dk, sc.keys * sc.dk, reinterpret_cast<uint16_t*>(sc.k_rows.data()));
+  kern.split_bf16x3(sc.v32.data(), n * sc.dv, sc.keys * sc.dv, reinterpret_cast<uint16_t*>(sc.v_rows.data()));
   for (int half = 0; half < 2; ++half) {  // hi, then lo
-    const bf16* krows = sc.k_rows.data() + half * keys * sc.dk;
-    const bf16* vrows = sc.v_rows.data() + half * keys * sc.dv;
+    const bf16* krows = sc.k_rows.data() + half * sc.keys * sc.dk;  // hi, then lo
+    const bf16* vrows = sc.v_rows.data() + half * sc.keys * sc.dv;
     pack_rows([&](int64_t j) { return krows + j * sc.dk; }, [&](int64_t j) { return vrows + j * sc.dv; }, n, d_n,
               sc.dk, sc.dv, sc.kw, (half == 0 ? sc.kt_hi : sc.kt_lo).data(), (half == 0 ? sc.v_hi : sc.v_lo).data());
   }
@@ -325,8 +319,8 @@ void pack_keys_x3(const Problem& p, const float* k, const float* v, int64_t s, i
   sc.head = h;
 }
 
-void attend_block_x3(const Problem& p, const float* q, float* out, float* lse, int64_t s, int64_t h, int64_t q0,
-                     X3Scratch& sc) {
+void attend_block(const Problem& p, const float* q, float* out, float* lse, int64_t s, int64_t h, int64_t q0,
+                  X3Scratch& sc) {
   const auto& kern = cpu::kernels();
   const Segment& seg = p.segments[s];
   const Layout& L = p.layout;
@@ -335,7 +329,8 @@ void attend_block_x3(const Problem& p, const float* q, float* out, float* lse, i
   float* lse_rows = lse + seg.lse_off + h * L.lse_head + q0;
   if (seg.n_keys == 0) return write_unattended(out_rows, L.out_row, lse_rows, rows, d_n);
   const float* q_rows = q + seg.q_off + h * L.q_head + q0 * L.q_row;
-  for (int64_t i = 0; i < rows; ++i) kern.scale(q_rows + i * L.q_row, p.softmax_scale * kLog2e, d_n, sc.qs.data() + i * sc.dk);
+  for (int64_t i = 0; i < rows; ++i)
+    kern.scale(q_rows + i * L.q_row, p.softmax_scale * kLog2e, d_n, sc.qs.data() + i * sc.dk);
   kern.split_bf16x3(sc.qs.data(), rows * sc.dk, kQueryBlock * sc.dk, reinterpret_cast<uint16_t*>(sc.q2.data()));
   std::fill(sc.row_max.begin(), sc.row_max.end(), -std::numeric_limits<float>::infinity());
   std::fill(sc.row_sum.begin(), sc.row_sum.end(), 0.0f);
@@ -391,29 +386,16 @@ bool use_bf16x3(at::ScalarType dtype) {
          vec::isa() == vec::Isa::kAvx512 && amx::enabled();
 }
 
-void attention_amx_x3(const Problem& p, const float* q, const float* k, const float* v, float* out, float* lse) {
-  const Plan plan = plan_tasks(p, kQueryBlock);
-  if (plan.tasks.empty()) return;
-  at::parallel_for(0, static_cast<int64_t>(plan.part_begin.size()) - 1, 1, [&](int64_t begin, int64_t end) {
-    X3Scratch sc(p.head_dim, plan.max_keys);
-    amx::configure();
-    for (int64_t i = plan.part_begin[begin]; i < plan.part_begin[end]; ++i) {
-      const Task& t = plan.tasks[i];
-      attn::prefetch_next(p, plan, i, plan.part_begin[end], kQueryBlock, q, k, v);
-      if ((t.seg != sc.seg || t.head != sc.head) && p.segments[t.seg].n_keys > 0)
-        pack_keys_x3(p, k, v, t.seg, t.head, sc);
-      attend_block_x3(p, q, out, lse, t.seg, t.head, t.q0, sc);
-    }
-    amx::release();
-    cpublas::brgemm_release();
-  });
-}
+namespace {
 
-void attention_amx(const Problem& p, const bf16* q, const bf16* k, const bf16* v, bf16* out, float* lse) {
+// Every (segment, head, query block) of p, split over threads by estimated cost, on Scratch's core (the bf16 one
+// or the bf16x3 one: pack_keys and attend_block for it).
+template <class Scratch, class T>
+void run_tasks(const Problem& p, const T* q, const T* k, const T* v, T* out, float* lse) {
   const Plan plan = plan_tasks(p, kQueryBlock);
   if (plan.tasks.empty()) return;
   at::parallel_for(0, static_cast<int64_t>(plan.part_begin.size()) - 1, 1, [&](int64_t begin, int64_t end) {
-    AmxScratch sc(p.head_dim, plan.max_keys);
+    Scratch sc(p.head_dim, plan.max_keys);
     amx::configure();
     for (int64_t i = plan.part_begin[begin]; i < plan.part_begin[end]; ++i) {
       const Task& t = plan.tasks[i];
@@ -424,6 +406,16 @@ void attention_amx(const Problem& p, const bf16* q, const bf16* k, const bf16* v
     amx::release();
     cpublas::brgemm_release();  // ATen's brgemm reloads its own tile configuration next time
   });
+}
+
+}  // namespace
+
+void attention_amx(const Problem& p, const bf16* q, const bf16* k, const bf16* v, bf16* out, float* lse) {
+  run_tasks<AmxScratch>(p, q, k, v, out, lse);
+}
+
+void attention_amx_x3(const Problem& p, const float* q, const float* k, const float* v, float* out, float* lse) {
+  run_tasks<X3Scratch>(p, q, k, v, out, lse);
 }
 
 }  // namespace attn

@@ -912,11 +912,6 @@ void dequant_bias_act(const int32_t* acc, int64_t ld_acc, int64_t rows, int64_t 
   }
 }
 
-// 2^x for the probabilities of softmax_update_bf16, which are rounded to bf16 (relative error up to 2^-8)
-// right after: 2^floor(x) times a degree-5 minimax fit of 2^f on f = x - floor(x) in [0, 1). Relative error
-// <= 7.5e-8 in exact arithmetic, <= 1.5e-7 evaluated in fp32: ~10^4 times below the bf16 rounding, and the
-// row sums built from these values (the logsumexp) stay at a few fp32 roundings. The degree-7 exp2_approx
-// keeps the fp32 paths at full precision.
 // fp32 x as hi + lo for the bf16x3 GEMM (linear_bf16x3): hi = bf16(x) (nearest even), lo = bf16(x - hi); x - hi
 // is exact in fp32, so hi + lo is x to within 2^-17 relative (lo's own rounding). A non-finite x - hi (x inf or
 // NaN, or hi overflowed) gives lo = 0, so hi carries the inf or NaN alone.
@@ -980,6 +975,11 @@ void bias_act_to_f32(const float* acc, int64_t ld_acc, int64_t rows, int64_t col
                     : bias_act_to_f32_as<false>(acc, ld_acc, rows, cols, bias, act, out, ld_out);
 }
 
+// 2^x for the probabilities of softmax_update_bf16, which are rounded to bf16 (relative error up to 2^-8)
+// right after: 2^floor(x) times a degree-5 minimax fit of 2^f on f = x - floor(x) in [0, 1). Relative error
+// <= 7.5e-8 in exact arithmetic, <= 1.5e-7 evaluated in fp32: ~10^4 times below the bf16 rounding, and the
+// row sums built from these values (the logsumexp) stay at a few fp32 roundings. The degree-7 exp2_approx
+// keeps the fp32 paths at full precision.
 template <class T>
 DK_INLINE T exp2_bf16_poly(T f) {
   T p = splat(1.877576695e-03f, f);

@@ -29,14 +29,24 @@ namespace {
 using brgemm::kBlockM;
 using brgemm::kBlockN;
 
-at::Tensor pack_linear_bf16_cpu(const at::Tensor& weight, bool vnni) {
+// The weight argument of pack_linear_bf16 and pack_linear_bf16x3.
+void check_pack_weight(const at::Tensor& weight, bool vnni) {
   check_cpu(weight, "weight");
   check_float(weight, "weight");
   TORCH_CHECK(weight.dim() == 2, "weight must be (out_features, in_features), got shape ", weight.sizes());
   TORCH_CHECK(!vnni || brgemm::packs(at::kBFloat16),
               "vnni=True needs a CPU whose matrix unit takes bf16 (AMX); pack with vnni=False on this CPU");
+}
+
+// weight (out_features, in_features), checked, in linear_bf16's layout.
+at::Tensor pack_bf16(const at::Tensor& weight, bool vnni) {
   const auto wt = weight.to(at::kBFloat16).t();  // (in_features, out_features)
   return vnni ? brgemm::pack_blocks(wt) : wt.contiguous();
+}
+
+at::Tensor pack_linear_bf16_cpu(const at::Tensor& weight, bool vnni) {
+  check_pack_weight(weight, vnni);
+  return pack_bf16(weight, vnni);
 }
 
 // out[r, :] = bf16(act(acc[r, :] + bias)) for a (rows, cols) fp32 tile with row stride ld_acc.
@@ -233,11 +243,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bf16_add_layer_norm_cpu(
 // and the GEMM computes the first three products, each exact in fp32, accumulated in fp32 by the bf16 GEMM
 // above over in_features tripled: x's row (xh | xl) against the weight's (wl | wh), then xh against wh again
 // (the GEMM's `repeat`: neither is stored twice, x's split and the weight each 2x their bf16 size, the fp32
-// size), so the two small products are summed before the large one. What it leaves out, xl wl and the remainders, is at most
-// ~3 * 2^-18 |x w| per product: a result within ~1.2e-5 of sum |x_k w_k| (relative) of the exact one, against
-// ~2^-24 per rounding for an fp32 GEMM. This is what torch.set_float32_matmul_precision("high") permits
-// ("each float32 number as the sum of two bfloat16 numbers"); at three bf16 products per product it runs ~2x
-// the fp32 FMA units' rate on a matrix unit that takes bf16 (AMX).
+// size), so the two small products are summed before the large one. What it leaves out, xl wl and the
+// remainders, is at most ~3 * 2^-18 |x w| per product: a result within ~1.2e-5 of sum |x_k w_k| (relative) of
+// the exact one, against ~2^-24 per rounding for an fp32 GEMM. This is what
+// torch.set_float32_matmul_precision("high") permits ("each float32 number as the sum of two bfloat16
+// numbers"); at three bf16 products per product it runs ~2x the fp32 FMA units' rate on a matrix unit that
+// takes bf16 (AMX).
 //
 // In the VNNI layout in_features is cut into parts of at most kPartK (parts as equal as whole segments allow),
 // each its own three products over a segment padded to a multiple of 32 with zeros (so every shape takes
@@ -274,18 +285,14 @@ void split_rows_bf16x3(const at::Tensor& x, const X3Layout& l, at::Tensor& out) 
 }
 
 at::Tensor pack_linear_bf16x3_cpu(const at::Tensor& weight, bool vnni) {
-  check_cpu(weight, "weight");
-  check_float(weight, "weight");
-  TORCH_CHECK(weight.dim() == 2, "weight must be (out_features, in_features), got shape ", weight.sizes());
-  TORCH_CHECK(!vnni || brgemm::packs(at::kBFloat16),
-              "vnni=True needs a CPU whose matrix unit takes bf16 (AMX); pack with vnni=False on this CPU");
+  check_pack_weight(weight, vnni);
   const X3Layout l(weight.size(1), vnni);
   auto split = at::empty({l.parts, weight.size(0), 2 * l.seg}, weight.options().dtype(at::kBFloat16));
   split_rows_bf16x3(weight.to(at::kFloat).contiguous(), l, split);  // (hi | lo) per part
   std::vector<at::Tensor> packed;
   for (int64_t p = 0; p < l.parts; ++p) {
     const auto hi = split[p].narrow(1, 0, l.seg), lo = split[p].narrow(1, l.seg, l.seg);
-    packed.push_back(pack_linear_bf16_cpu(at::cat({lo, hi}, 1), vnni));  // against x's (hi | lo), then hi again
+    packed.push_back(pack_bf16(at::cat({lo, hi}, 1), vnni));  // against x's (hi | lo), then hi again
   }
   return l.parts == 1 ? packed[0] : at::cat(packed, 0);
 }
