@@ -6,8 +6,8 @@
 Each checkout gets its own worker process (PYTHONPATH = that checkout, its extension built in place) that
 builds the same random-init distilbert-base (fixed seed) and the same batch, patches it, and waits. The parent
 then runs interleaved rounds: every round times one forward of HF sdpa (fp32) and of each checkout's patched
-model (fp32, fp32 under torch's "high" matmul precision, bf16 or int8: `--dtype`), in a shuffled order (seeded), so drifts of a shared machine hit all of
-them alike. Reports medians and ratios.
+model (fp32, fp32 under torch's "high" matmul precision, bf16 or int8: `--dtype`), in a shuffled order
+(seeded), so drifts of a shared machine hit all of them alike. Reports medians and ratios.
 """
 from __future__ import annotations
 

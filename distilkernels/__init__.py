@@ -7,8 +7,9 @@
 
 Functional ops: `distilkernels.ops` (linear, pack_linear_weight / linear_packed, add_layer_norm, bias_act_,
 attention, varlen_attention, the matrix-unit GEMMs pack_linear_bf16 / linear_bf16, pack_linear_bf16x3 /
-linear_bf16x3 (fp32 as three bf16 products) and pack_linear_int8 / linear_int8, and normalize_rows / scale_rows_ (per-token row scaling); cpu_cache_stats,
-empty_cpu_cache and set_cpu_cache_limit for the caching allocator behind the C++ ops' outputs).
+linear_bf16x3 (fp32 as three bf16 products) and pack_linear_int8 / linear_int8, and normalize_rows /
+scale_rows_ (per-token row scaling); cpu_cache_stats, empty_cpu_cache and set_cpu_cache_limit for the caching
+allocator behind the C++ ops' outputs).
 """
 from __future__ import annotations
 

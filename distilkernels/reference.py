@@ -154,8 +154,8 @@ def linear_bf16x3(x, packed_weight, out_features, bias, activation):
     if packed_weight.dim() != 2:
         raise ValueError("packed_weight in the VNNI layout needs the C++ backend")
     hi, lo = split_bf16x3(x)
-    w_lo, w_hi = packed_weight.float().chunk(2)
-    y = torch.cat([hi, lo], 1).float() @ torch.cat([w_lo, w_hi]) + hi.float() @ w_hi
+    w = packed_weight.float()  # (w_lo | w_hi)^T
+    y = torch.cat([hi, lo], 1).float() @ w + hi.float() @ w[x.shape[1]:]
     return activate(y if bias is None else y + bias.float(), activation)
 
 

@@ -67,6 +67,14 @@ def base_config(**overrides) -> transformers.DistilBertConfig:
 
 
 @pytest.fixture
+def fp32_matmul_precision():
+    """torch.set_float32_matmul_precision for one test; the previous setting is put back after it."""
+    before = torch.get_float32_matmul_precision()
+    yield torch.set_float32_matmul_precision
+    torch.set_float32_matmul_precision(before)
+
+
+@pytest.fixture
 def op_spy(monkeypatch):
     """Counts calls per (op, backend) through the dispatch table (Triton entries stay lazy: the wrapper calls
     the table's entry, which imports its module on first use)."""

@@ -51,7 +51,7 @@ def test_minilm_real_weights():
 
 
 @requires_minilm
-def test_minilm_real_weights_under_high_matmul_precision():
+def test_minilm_real_weights_under_high_matmul_precision(fp32_matmul_precision):
     """Under torch.set_float32_matmul_precision("high") a patched model's fp32 GEMMs run as three bf16 products
     where the CPU's matrix unit takes bf16 (bf16x3): on real weights, every real token's hidden state within
     ATOL of stock HF in strict fp32 and sentence embeddings at cosine >= 0.99999, as in strict fp32 (measured
@@ -63,24 +63,20 @@ def test_minilm_real_weights_under_high_matmul_precision():
     stock = transformers.BertModel.from_pretrained(MINILM_DIR, attn_implementation="sdpa").eval()
     patched = copy.deepcopy(stock)
     distilkernels.patch(patched)
-    before = torch.get_float32_matmul_precision()
     worst_abs, ours, ref = 0.0, [], []
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(sentences), 32):
-                batch = tokenizer(sentences[start:start + 32], padding=True, truncation=True, max_length=256,
-                                  return_tensors="pt")
-                torch.set_float32_matmul_precision("highest")
-                want = stock(**batch).last_hidden_state
-                torch.set_float32_matmul_precision("high")
-                assert bf16x3_allowed() == distilkernels.gemms.use_matrix_unit("bf16")
-                got = patched(**batch).last_hidden_state
-                valid = batch["attention_mask"].bool()
-                worst_abs = max(worst_abs, (got - want)[valid].abs().max().item())
-                ours.append(mean_pool(got, batch["attention_mask"]))
-                ref.append(mean_pool(want, batch["attention_mask"]))
-    finally:
-        torch.set_float32_matmul_precision(before)
+    with torch.inference_mode():
+        for start in range(0, len(sentences), 32):
+            batch = tokenizer(sentences[start:start + 32], padding=True, truncation=True, max_length=256,
+                              return_tensors="pt")
+            fp32_matmul_precision("highest")
+            want = stock(**batch).last_hidden_state
+            fp32_matmul_precision("high")
+            assert bf16x3_allowed() == distilkernels.gemms.use_matrix_unit("bf16")
+            got = patched(**batch).last_hidden_state
+            valid = batch["attention_mask"].bool()
+            worst_abs = max(worst_abs, (got - want)[valid].abs().max().item())
+            ours.append(mean_pool(got, batch["attention_mask"]))
+            ref.append(mean_pool(want, batch["attention_mask"]))
     ours, ref = torch.cat(ours), torch.cat(ref)
     assert worst_abs <= ATOL, worst_abs
     assert torch.nn.functional.cosine_similarity(ours, ref, dim=-1).min() >= 0.99999

@@ -126,7 +126,7 @@ def test_no_contest_where_the_amx_tile_loop_runs(monkeypatch):
 
 
 @pytest.mark.parametrize("precision", ["highest", "high", "medium"])
-def test_fp32_gemms_follow_torch_matmul_precision(precision, monkeypatch):
+def test_fp32_gemms_follow_torch_matmul_precision(precision, monkeypatch, fp32_matmul_precision):
     """fp32 GEMMs large enough to be contested take bf16x3 (three bf16 products on the matrix unit) exactly where
     torch's float32 matmul precision permits it ("high", "medium") and the CPU's matrix unit takes bf16, at
     every row count and without a contest; smaller ones, bf16 ones and every GEMM under "highest" are as before.
@@ -134,21 +134,17 @@ def test_fp32_gemms_follow_torch_matmul_precision(precision, monkeypatch):
     contested = []
     monkeypatch.setattr(gemms, "_WINNER", {})
     monkeypatch.setattr(gemms, "_contest", lambda *key: contested.append(key) or ("packed",) * len(gemms._CONTEST_ROWS))
-    before = torch.get_float32_matmul_precision()
-    try:
-        torch.set_float32_matmul_precision(precision)
-        x3 = precision != "highest" and gemms.use_matrix_unit("bf16")
-        assert gemms.bf16x3_allowed() == x3
-        for rows in (1, 128, 1024, 5000):
-            assert (gemms.dense_kernel(torch.float32, 768, 3072, "gelu", rows) == "bf16x3") == x3
-        assert gemms.dense_kernel(torch.float32, 64, 64, "none", 128) == "packed"  # below the contest's size
-        assert gemms.dense_kernel(torch.bfloat16, 768, 3072, "gelu", 128) != "bf16x3"
-        assert (contested == []) == x3
-        monkeypatch.setenv(gemms.MATRIX_UNITS_ENV, "off")
-        assert not gemms.bf16x3_allowed()
-        assert gemms.dense_kernel(torch.float32, 768, 3072, "gelu", 128) != "bf16x3"
-    finally:
-        torch.set_float32_matmul_precision(before)
+    fp32_matmul_precision(precision)
+    x3 = precision != "highest" and gemms.use_matrix_unit("bf16")
+    assert gemms.bf16x3_allowed() == x3
+    for rows in (1, 128, 1024, 5000):
+        assert (gemms.dense_kernel(torch.float32, 768, 3072, "gelu", rows) == "bf16x3") == x3
+    assert gemms.dense_kernel(torch.float32, 64, 64, "none", 128) == "packed"  # below the contest's size
+    assert gemms.dense_kernel(torch.bfloat16, 768, 3072, "gelu", 128) != "bf16x3"
+    assert (contested == []) == x3
+    monkeypatch.setenv(gemms.MATRIX_UNITS_ENV, "off")
+    assert not gemms.bf16x3_allowed()
+    assert gemms.dense_kernel(torch.float32, 768, 3072, "gelu", 128) != "bf16x3"
 
 
 def test_derived_weights_read_what_attribute_lookup_reads():

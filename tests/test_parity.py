@@ -67,14 +67,6 @@ def test_base_shape_2x128(family, head):
     assert_parity(head.hf_class, ref, got, mask, unpad=True)
 
 
-@pytest.fixture
-def fp32_matmul_precision():
-    """torch.set_float32_matmul_precision for one test; the previous setting is put back after it."""
-    before = torch.get_float32_matmul_precision()
-    yield torch.set_float32_matmul_precision
-    torch.set_float32_matmul_precision(before)
-
-
 @pytest.mark.parametrize("family, head", HEAD_PARAMS)
 def test_base_shape_under_high_matmul_precision(family, head, fp32_matmul_precision, op_spy):
     """torch.set_float32_matmul_precision("high") lets the fp32 GEMMs run as three bf16 products where the

@@ -560,22 +560,16 @@ def x3_out_bound(q, k, v, mask, scale) -> float:
     return (2 * 0.6931471805599453 * score_err + X3_SPLIT_TERMS) * magnitude(v) + fp32_out_bound(v)
 
 
-@pytest.fixture
-def high_precision():
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")
-    yield
-    torch.set_float32_matmul_precision(before)
-
-
 @pytest.mark.parametrize("batch,seqlen,head_dim", [(1, 1, 64), (3, 7, 64), (2, 129, 64), (1, 300, 64),
                                                    (2, 77, 36), (1, 600, 64), (2, 40, 13)])
 @pytest.mark.parametrize("mask_kind", [None, "holey", "left", "right"])
-def test_cpp_attention_fp32_under_high_matmul_precision(high_precision, batch, seqlen, head_dim, mask_kind):
+def test_cpp_attention_fp32_under_high_matmul_precision(fp32_matmul_precision, batch, seqlen, head_dim,
+                                                        mask_kind):
     """Under "high", fp32 attention may run its two products as bf16x3 (csrc/attention_amx.cpp, where AMX and
     AVX-512 run): out within x3_out_bound of fp64, lse as fp32's bound allows plus the same score error, rows
     without keys as in fp32. Where it ran (a CPU with AMX, 8 keys or more) the result differs from strict fp32's:
     the bound is not met by an unchanged kernel alone."""
+    fp32_matmul_precision("high")
     torch.manual_seed(11)
     q, k, v = fused_qkv(batch, seqlen, 4, head_dim)
     mask = None if mask_kind is None else make_mask(mask_kind, batch, seqlen, seed=3)
@@ -589,15 +583,16 @@ def test_cpp_attention_fp32_under_high_matmul_precision(high_precision, batch, s
     if finite.any():
         score_err = x3_out_bound(q, k, v, mask, scale) / max(magnitude(v), 1e-30)
         assert max_err(lse[finite], lse64[finite]) <= ulps(128, max(magnitude(lse64[finite]), 1.0)) + score_err
-    torch.set_float32_matmul_precision("highest")
+    fp32_matmul_precision("highest")
     strict, _ = OPS.attention(q, k, v, mask, scale)
-    torch.set_float32_matmul_precision("high")
+    fp32_matmul_precision("high")
     amx_on = matrix_unit_attention() and os.environ.get("DISTILKERNELS_AMX") != "0"
     if amx_on and seqlen >= 8 and (mask is None or mask.sum(1).max() >= 8):
         assert not torch.equal(out, strict)
 
 
-def test_cpp_varlen_attention_fp32_under_high_matmul_precision(high_precision):
+def test_cpp_varlen_attention_fp32_under_high_matmul_precision(fp32_matmul_precision):
+    fp32_matmul_precision("high")
     lengths = [64, 65, 3, 512, 0, 9]
     torch.manual_seed(12)
     q, k, v = (torch.randn(sum(lengths), 4, 64) for _ in range(3))
