@@ -25,7 +25,6 @@ namespace {
 
 constexpr int64_t kQueryBlock = 64;
 constexpr int64_t kKeyBlock = 256;  // a multiple of every vector width
-using attn::kLn2;
 using attn::kLog2e;
 using attn::Layout;
 using attn::Problem;
@@ -126,7 +125,7 @@ void attend_block(const Problem& p, const T* q, T* out, float* lse, int64_t s, i
     } else {
       for (int64_t d = 0; d < d_n; ++d) o[d] = static_cast<T>(a[d] * inv);
     }
-    lse_rows[i] = (sc.row_max[i] + std::log2(sc.row_sum[i])) * kLn2;
+    lse_rows[i] = attn::lse_from_stats(sc.row_max[i], sc.row_sum[i]);
   }
 }
 

@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <vector>
 
@@ -121,6 +122,11 @@ void prefetch_next(const Problem& p, const Plan& plan, int64_t i, int64_t end, i
     return;
   }
 }
+
+// A query row's logsumexp (natural log) from the online softmax's statistics, which every core keeps in log2
+// units (scores scaled by softmax_scale * log2 e): row_max the largest scaled score, row_sum the sum of
+// exp2(score - row_max). The one definition the cores share, so that a backward pass can rely on it.
+inline float lse_from_stats(float row_max, float row_sum) { return (row_max + std::log2(row_sum)) * kLn2; }
 
 // The rows of a query block whose segment has no key to attend: zeros out, lse -inf (both cores).
 template <typename T>

@@ -259,7 +259,7 @@ void attend_block(const Problem& p, const bf16* q, bf16* out, float* lse, int64_
   for (int64_t i = 0; i < rows; ++i) {
     kern.scale_to_bf16(sc.acc.data() + i * sc.dv, 1.0f / sc.row_sum[i], d_n,
                        reinterpret_cast<uint16_t*>(out_rows + i * L.out_row));
-    lse_rows[i] = (sc.row_max[i] + std::log2(sc.row_sum[i])) * kLn2;
+    lse_rows[i] = lse_from_stats(sc.row_max[i], sc.row_sum[i]);
   }
 }
 
@@ -371,7 +371,7 @@ void attend_block(const Problem& p, const float* q, float* out, float* lse, int6
 
   for (int64_t i = 0; i < rows; ++i) {
     kern.scale(sc.acc.data() + i * sc.dv, 1.0f / sc.row_sum[i], d_n, out_rows + i * L.out_row);
-    lse_rows[i] = (sc.row_max[i] + std::log2(sc.row_sum[i])) * kLn2;
+    lse_rows[i] = lse_from_stats(sc.row_max[i], sc.row_sum[i]);
   }
 }
 
