@@ -72,6 +72,10 @@ struct Kernels {
   //   row stride ld_out.
   void (*dequant_bias_act)(const int32_t* acc, int64_t ld_acc, int64_t rows, int64_t cols, const float* row_scale,
                            const float* col_scale, const float* bias, Activation act, float* out, int64_t ld_out);
+  // The same, rounded to bf16 (as bias_act_to_bf16 rounds): out (rows, cols) bf16 row stride ld_out.
+  void (*dequant_bias_act_bf16)(const int32_t* acc, int64_t ld_acc, int64_t rows, int64_t cols,
+                                const float* row_scale, const float* col_scale, const float* bias, Activation act,
+                                uint16_t* out, int64_t ld_out);
   // fp32 x as bf16 hi + lo for the bf16x3 GEMM: out[0, n) = hi = bf16(x), out[seg, seg + n) = lo = bf16(x - hi)
   // (0 where x - hi is not finite); zeros in [n, seg) of each segment.
   //   x: (n,) fp32; out: (2 seg,) bf16; seg >= n

@@ -881,35 +881,54 @@ void bias_act_to_bf16(const float* acc, int64_t ld_acc, int64_t rows, int64_t co
   }
 }
 
-template <class Act>
+// Store(y_row, i, v) / StoreOne(y_row, i, value): how a row of the output takes a vector / one value.
+template <class Out, class Act, class Store, class StoreOne>
 DK_INLINE void dequant_bias_act_loop(const int32_t* acc, int64_t ld_acc, int64_t rows, int64_t cols,
-                                     const float* row_scale, const float* col_scale, const float* bias, float* out,
-                                     int64_t ld_out, Act act) {
+                                     const float* row_scale, const float* col_scale, const float* bias, Out* out,
+                                     int64_t ld_out, Act act, Store store, StoreOne store_one) {
   for (int64_t r = 0; r < rows; ++r) {
     const int32_t* x = acc + r * ld_acc;
-    float* y = out + r * ld_out;
+    Out* y = out + r * ld_out;
     const float rs = row_scale[r];
     const V vrs = splat(rs, V());
     vector_loop4(
         cols, [&](int64_t i) { return act(vload_i32(x + i) * (vrs * vload(col_scale + i)) + vload(bias + i)); },
-        [&](int64_t i, V v) { vstore(y + i, v); },
-        [&](int64_t i) { y[i] = act(static_cast<float>(x[i]) * (rs * col_scale[i]) + bias[i]); });
+        [&](int64_t i, V v) { store(y, i, v); },
+        [&](int64_t i) { store_one(y, i, act(static_cast<float>(x[i]) * (rs * col_scale[i]) + bias[i])); });
+  }
+}
+
+template <class Out, class Store, class StoreOne>
+DK_INLINE void dequant_bias_act_as(const int32_t* acc, int64_t ld_acc, int64_t rows, int64_t cols,
+                                   const float* row_scale, const float* col_scale, const float* bias, Activation act,
+                                   Out* out, int64_t ld_out, Store store, StoreOne store_one) {
+  switch (act) {
+    case Activation::kGelu:
+      return dequant_bias_act_loop(acc, ld_acc, rows, cols, row_scale, col_scale, bias, out, ld_out,
+                                   [](auto y) { return gelu(y); }, store, store_one);
+    case Activation::kRelu:
+      return dequant_bias_act_loop(acc, ld_acc, rows, cols, row_scale, col_scale, bias, out, ld_out,
+                                   [](auto y) { return relu(y); }, store, store_one);
+    default:
+      return dequant_bias_act_loop(acc, ld_acc, rows, cols, row_scale, col_scale, bias, out, ld_out,
+                                   [](auto y) { return y; }, store, store_one);
   }
 }
 
 void dequant_bias_act(const int32_t* acc, int64_t ld_acc, int64_t rows, int64_t cols, const float* row_scale,
                       const float* col_scale, const float* bias, Activation act, float* out, int64_t ld_out) {
-  switch (act) {
-    case Activation::kGelu:
-      return dequant_bias_act_loop(acc, ld_acc, rows, cols, row_scale, col_scale, bias, out, ld_out,
-                                   [](auto y) { return gelu(y); });
-    case Activation::kRelu:
-      return dequant_bias_act_loop(acc, ld_acc, rows, cols, row_scale, col_scale, bias, out, ld_out,
-                                   [](auto y) { return relu(y); });
-    default:
-      return dequant_bias_act_loop(acc, ld_acc, rows, cols, row_scale, col_scale, bias, out, ld_out,
-                                   [](auto y) { return y; });
-  }
+  dequant_bias_act_as(acc, ld_acc, rows, cols, row_scale, col_scale, bias, act, out, ld_out,
+                      [](float* y, int64_t i, V v) { vstore(y + i, v); },
+                      [](float* y, int64_t i, float v) { y[i] = v; });
+}
+
+// kNative: see store_bf16_as.
+template <bool kNative>
+void dequant_bias_act_bf16(const int32_t* acc, int64_t ld_acc, int64_t rows, int64_t cols, const float* row_scale,
+                           const float* col_scale, const float* bias, Activation act, uint16_t* out, int64_t ld_out) {
+  dequant_bias_act_as(acc, ld_acc, rows, cols, row_scale, col_scale, bias, act, out, ld_out,
+                      [](uint16_t* y, int64_t i, V v) { store_bf16_as<kNative>(y + i, v); },
+                      [](uint16_t* y, int64_t i, float v) { store_bf16_1(y + i, v); });
 }
 
 // fp32 x as hi + lo for the bf16x3 GEMM (linear_bf16x3): hi = bf16(x) (nearest even), lo = bf16(x - hi); x - hi
@@ -1102,6 +1121,7 @@ const Kernels table = {kW,
                        bf16_variant(softmax_update_bf16<true>, softmax_update_bf16<false>),
                        bf16_variant(bias_act_to_bf16<true>, bias_act_to_bf16<false>),
                        dequant_bias_act,
+                       bf16_variant(dequant_bias_act_bf16<true>, dequant_bias_act_bf16<false>),
                        bf16_variant(split_bf16x3<true>, split_bf16x3<false>),
                        bias_act_to_f32};
 

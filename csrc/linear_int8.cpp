@@ -1,4 +1,5 @@
-// int8 linear with per-token activation scales: out = activation(dequant(q(x) @ q(W)^T) + bias), fp32 in/out.
+// int8 linear with per-token activation scales: out = activation(dequant(q(x) @ q(W)^T) + bias); x fp32 or bf16,
+// out fp32 or bf16 (out_dtype, by default x's).
 //
 // The weight is quantized once per output channel (symmetric int8, scale = max|w[n]| / 127). Each call
 // quantizes every row of x with its own scale (symmetric int8, max|x[r]| / 127) in one pass, multiplies in
@@ -14,6 +15,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "amx_tiles.h"
@@ -58,6 +60,28 @@ float quantize_row(const float* x, int64_t n, int8_t* q) {
   return scale;
 }
 
+// y[i] = x[i] for a row of bf16 (raw bits): exact, a bf16 is the high half of an fp32.
+inline void widen_loop(const uint16_t* x, int64_t n, float* y) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t bits = static_cast<uint32_t>(x[i]) << 16;
+    std::memcpy(y + i, &bits, sizeof(bits));
+  }
+}
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void widen_avx512(const uint16_t* x, int64_t n, float* y) {
+  widen_loop(x, n, y);
+}
+__attribute__((target("avx2"))) void widen_avx2(const uint16_t* x, int64_t n, float* y) { widen_loop(x, n, y); }
+
+// quantize_row of a bf16 row, widened into `row` (n floats of scratch) first.
+float quantize_row_bf16(const uint16_t* x, int64_t n, float* row, int8_t* q) {
+  switch (vec::isa()) {
+    case vec::Isa::kAvx512: widen_avx512(x, n, row); break;
+    case vec::Isa::kAvx2: widen_avx2(x, n, row); break;
+    default: widen_loop(x, n, row);
+  }
+  return quantize_row(row, n, q);
+}
+
 std::tuple<at::Tensor, at::Tensor> pack_linear_int8_cpu(const at::Tensor& weight, bool vnni) {
   check_cpu(weight, "weight");
   check_float(weight, "weight");
@@ -72,14 +96,27 @@ std::tuple<at::Tensor, at::Tensor> pack_linear_int8_cpu(const at::Tensor& weight
   return std::make_tuple(vnni ? brgemm::pack_blocks(q.t()) : q.t().contiguous(), scale);
 }
 
-// out[r, :] = act(acc[r, :] * x_scale[r] * w_scale + bias) for a (rows, cols) int32 tile with row stride ld_acc.
+// The output of a call: fp32 or bf16 rows of out_features values.
+struct Out {
+  float* f32;      // null when bf16
+  uint16_t* bf16;  // null when fp32
+  int64_t ld;
+};
+
+// out[r, :] = act(acc[r, :] * x_scale[r] * w_scale + bias) for a (rows, cols) int32 tile with row stride ld_acc,
+// into out's rows from m0 and columns from n0.
 void epilogue(const int32_t* acc, int64_t ld_acc, int64_t rows, int64_t cols, const float* x_scale,
-              const float* w_scale, const float* bias, cpu::Activation act, float* out, int64_t ld_out) {
-  cpu::kernels().dequant_bias_act(acc, ld_acc, rows, cols, x_scale, w_scale, bias, act, out, ld_out);
+              const float* w_scale, const float* bias, cpu::Activation act, const Out& out, int64_t m0, int64_t n0) {
+  const auto& kern = cpu::kernels();
+  if (out.bf16 != nullptr)
+    kern.dequant_bias_act_bf16(acc, ld_acc, rows, cols, x_scale, w_scale, bias, act, out.bf16 + m0 * out.ld + n0,
+                               out.ld);
+  else
+    kern.dequant_bias_act(acc, ld_acc, rows, cols, x_scale, w_scale, bias, act, out.f32 + m0 * out.ld + n0, out.ld);
 }
 
 void gemm_vnni(const int8_t* a, const float* x_scale, int64_t tokens, int64_t kp, const int8_t* wp,
-               const float* w_scale, int64_t out_features, const float* bias, cpu::Activation act, float* c) {
+               const float* w_scale, int64_t out_features, const float* bias, cpu::Activation act, const Out& c) {
   const int64_t n_blocks = (out_features + kBlockN - 1) / kBlockN;
   const int64_t block = kp * kBlockN;
   brgemm::for_each_tile(tokens, n_blocks, [&](int64_t nb, int64_t m0, int64_t rows) {
@@ -87,8 +124,7 @@ void gemm_vnni(const int8_t* a, const float* x_scale, int64_t tokens, int64_t kp
     const int64_t n0 = nb * kBlockN, cols = std::min(kBlockN, out_features - n0);
     at::native::cpublas::brgemm(rows, kBlockN, kp, /*ld_a=*/kp, /*ld_b=*/kBlockN, /*ld_c=*/kBlockN,
                                 /*add_C=*/false, a + m0 * kp, wp + nb * block, acc, /*is_vnni=*/true);
-    epilogue(acc, kBlockN, rows, cols, x_scale + m0, w_scale + n0, bias + n0, act, c + m0 * out_features + n0,
-             out_features);
+    epilogue(acc, kBlockN, rows, cols, x_scale + m0, w_scale + n0, bias + n0, act, c, m0, n0);
   });
 }
 
@@ -116,10 +152,15 @@ void check_args(const at::Tensor& x, const at::Tensor& packed_weight, const at::
 }
 
 at::Tensor linear_int8_cpu(const at::Tensor& x, const at::Tensor& packed_weight, const at::Tensor& weight_scale,
-                           int64_t out_features, const c10::optional<at::Tensor>& bias, c10::string_view activation) {
+                           int64_t out_features, const c10::optional<at::Tensor>& bias, c10::string_view activation,
+                           c10::optional<at::ScalarType> out_dtype) {
   check_cpu(x, "x");
   check_cpu(packed_weight, "packed_weight");
-  check_fp32(x, "x");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "x must be float32 or bfloat16, got ", x.scalar_type());
+  const auto out_type = out_dtype.value_or(x.scalar_type());
+  TORCH_CHECK(out_type == at::kFloat || out_type == at::kBFloat16, "out_dtype must be float32 or bfloat16, got ",
+              out_type);
   TORCH_CHECK(packed_weight.scalar_type() == at::kChar, "packed_weight must be int8, got ",
               packed_weight.scalar_type());
   TORCH_CHECK(x.dim() == 2, "x must be (tokens, in_features), got shape ", x.sizes());
@@ -131,29 +172,38 @@ at::Tensor linear_int8_cpu(const at::Tensor& x, const at::Tensor& packed_weight,
   if (bias.has_value()) check_fp32_vector(*bias, "bias", out_features);
   const Fp32Values bias_f(bias, out_features);
   const auto act = parse_activation(activation);
-  auto out = cached_empty({tokens, out_features}, x.options());
+  auto out = cached_empty({tokens, out_features}, x.options().dtype(out_type));
   if (tokens == 0 || out_features == 0) return out;
   // Per-token quantization, one pass per row; VNNI's zero padding of in_features stays zero.
   const auto xc = x.contiguous();
   auto xq = (kp == k ? at::empty({tokens, kp}, x.options().dtype(at::kChar))
                      : at::zeros({tokens, kp}, x.options().dtype(at::kChar)));
-  auto x_scale = at::empty({tokens}, x.options());
-  const float* xs_src = xc.const_data_ptr<float>();
+  auto x_scale = at::empty({tokens}, x.options().dtype(at::kFloat));
   auto* q = xq.mutable_data_ptr<int8_t>();
   auto* xs = x_scale.mutable_data_ptr<float>();
-  at::parallel_for(0, tokens, row_grain(k), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) xs[r] = quantize_row(xs_src + r * k, k, q + r * kp);
-  });
+  if (xc.scalar_type() == at::kFloat) {
+    const float* src = xc.const_data_ptr<float>();
+    at::parallel_for(0, tokens, row_grain(k), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) xs[r] = quantize_row(src + r * k, k, q + r * kp);
+    });
+  } else {
+    const auto* src = reinterpret_cast<const uint16_t*>(xc.const_data_ptr<at::BFloat16>());
+    at::parallel_for(0, tokens, row_grain(k), [&](int64_t begin, int64_t end) {
+      std::vector<float> row(k);
+      for (int64_t r = begin; r < end; ++r) xs[r] = quantize_row_bf16(src + r * k, k, row.data(), q + r * kp);
+    });
+  }
   const float* ws = weight_scale.const_data_ptr<float>();
   const float* b = bias_f.data();
-  float* c = out.mutable_data_ptr<float>();
+  const Out c = out_type == at::kFloat
+                    ? Out{out.mutable_data_ptr<float>(), nullptr, out_features}
+                    : Out{nullptr, reinterpret_cast<uint16_t*>(out.mutable_data_ptr<at::BFloat16>()), out_features};
   if (vnni && k > 0 && kp % 64 == 0 && amx::enabled()) {
     const int8_t* wq = packed_weight.const_data_ptr<int8_t>();
     amx::gemm<amx::Kind::kInt8>(q, tokens, kp, wq, (out_features + kBlockN - 1) / kBlockN,
                                 [&](int64_t nb, int64_t m0, int64_t rows, const void* acc) {
       const int64_t n0 = nb * kBlockN, cols = std::min(kBlockN, out_features - n0);
-      epilogue(static_cast<const int32_t*>(acc), kBlockN, rows, cols, xs + m0, ws + n0, b + n0, act,
-               c + m0 * out_features + n0, out_features);
+      epilogue(static_cast<const int32_t*>(acc), kBlockN, rows, cols, xs + m0, ws + n0, b + n0, act, c, m0, n0);
     }, /*heavy_epilogue=*/act == cpu::Activation::kGelu);
     return out;
   }
@@ -164,8 +214,7 @@ at::Tensor linear_int8_cpu(const at::Tensor& x, const at::Tensor& packed_weight,
   const auto acc = k > 0 ? at::_int_mm(xq, packed_weight) : at::zeros({tokens, out_features}, xq.options().dtype(at::kInt));
   const int32_t* a = acc.const_data_ptr<int32_t>();
   at::parallel_for(0, tokens, row_grain(out_features), [&](int64_t begin, int64_t end) {
-    epilogue(a + begin * out_features, out_features, end - begin, out_features, xs + begin, ws, b, act,
-             c + begin * out_features, out_features);
+    epilogue(a + begin * out_features, out_features, end - begin, out_features, xs + begin, ws, b, act, c, begin, 0);
   });
   return out;
 }

@@ -77,13 +77,14 @@ TORCH_LIBRARY(distilkernels, m) {
   // (P * ceil(out_features / 64), 2 * padded part, 64); otherwise (2 * in_features, out_features).
   m.def("pack_linear_bf16x3(Tensor weight, bool vnni) -> Tensor");
   m.def("linear_bf16x3(Tensor x, Tensor packed_weight, int out_features, Tensor? bias, str activation) -> Tensor");
-  // int8 linear with per-token activation scales (csrc/linear_int8.cpp), fp32 in and out.
+  // int8 linear with per-token activation scales (csrc/linear_int8.cpp), fp32 or bf16 in and out.
   // pack_linear_int8(weight (out_features, in_features), vnni) -> (packed int8: VNNI blocks (ceil(out_features
   // / 64), in_features rounded up to 4, 64) or weight^T (in_features, out_features); weight_scale
-  // (out_features,) fp32). linear_int8: x (tokens, in_features) fp32; bias: (out_features,) fp32 or None.
+  // (out_features,) fp32). linear_int8: x (tokens, in_features) fp32 or bf16; bias: (out_features,) fp32 or None;
+  // out_dtype: fp32 or bf16, None = x's.
   m.def("pack_linear_int8(Tensor weight, bool vnni) -> (Tensor packed_weight, Tensor weight_scale)");
   m.def("linear_int8(Tensor x, Tensor packed_weight, Tensor weight_scale, int out_features, Tensor? bias,"
-        " str activation) -> Tensor");
+        " str activation, ScalarType? out_dtype=None) -> Tensor");
 }
 
 namespace distilkernels {

@@ -119,5 +119,5 @@ def _pack_linear_int8_fake(weight, vnni):
 
 
 @torch.library.register_fake("distilkernels::linear_int8")
-def _linear_int8_fake(x, packed_weight, weight_scale, out_features, bias, activation):
-    return x.new_empty((x.shape[0], out_features))
+def _linear_int8_fake(x, packed_weight, weight_scale, out_features, bias, activation, out_dtype=None):
+    return x.new_empty((x.shape[0], out_features), dtype=out_dtype or x.dtype)

@@ -58,7 +58,7 @@ _ROWS: dict[str, _Row] = {
     "pack_linear_bf16x3": _Row(_FLOATS),
     "linear_bf16x3": _Row(_FP32),  # fp32 as three bf16 products (torch's "high" float32 matmul precision)
     "pack_linear_int8": _Row(_FP32),
-    "linear_int8": _Row(_FP32),
+    "linear_int8": _Row((torch.float32, torch.bfloat16)),
 }
 OPS = tuple(_ROWS)
 

@@ -332,12 +332,20 @@ def pack_linear_int8(weight, vnni: bool = False):
     return _impl("pack_linear_int8", weight.device)(weight, bool(vnni))
 
 
-def linear_int8(x, packed_weight, weight_scale, out_features: int, bias=None, activation: str = "none"):
+def linear_int8(x, packed_weight, weight_scale, out_features: int, bias=None, activation: str = "none",
+                out_dtype=None):
     """activation(q(x) @ q(W)^T * x_scale * weight_scale + bias) with per-token scales: each row of x is quantized
     to int8 with its own scale (max|x[r]| / 127), the product accumulates in int32, the epilogue dequantizes.
-    x: (tokens, in_features) fp32; (packed_weight, weight_scale): pack_linear_int8(weight); bias fp32."""
-    _check_fp32_matrix("x", x)
+    x: (tokens, in_features) fp32 or bf16; (packed_weight, weight_scale): pack_linear_int8(weight); bias fp32;
+    out_dtype: torch.float32 or torch.bfloat16 (the epilogue's fp32 result rounded once), None = x's dtype."""
+    if not isinstance(x, torch.Tensor) or x.dtype not in _INT8_IO or x.dim() != 2:
+        raise TypeError(f"x must be a 2-D (tokens, in_features) float32 or bfloat16 tensor, got {_describe(x)}")
+    if out_dtype is not None and out_dtype not in _INT8_IO:
+        raise TypeError(f"out_dtype must be None, torch.float32 or torch.bfloat16, got {out_dtype!r}")
     _check_packed(x, packed_weight, torch.int8, out_features, bias, (torch.float32,), ("none",) + ACTIVATIONS,
                   activation)
     _check_fp32_vector("weight_scale", weight_scale, out_features, optional=False)
-    return _impl("linear_int8", x.device)(x, packed_weight, weight_scale, out_features, bias, activation)
+    return _impl("linear_int8", x.device)(x, packed_weight, weight_scale, out_features, bias, activation, out_dtype)
+
+
+_INT8_IO = (torch.float32, torch.bfloat16)  # linear_int8's x and output dtypes

@@ -175,11 +175,12 @@ def quantize_rows(x):
     return torch.round(x * (1.0 / scale)[:, None]).to(torch.int8), scale
 
 
-def linear_int8(x, packed_weight, weight_scale, out_features, bias, activation):
+def linear_int8(x, packed_weight, weight_scale, out_features, bias, activation, out_dtype=None):
     """activation(q(x) @ q(W)^T * x_scale * w_scale + bias), from pack_linear_int8(weight, vnni=False); the
-    integer product in fp64 (exact)."""
+    integer product in fp64 (exact); x fp32 or bf16 (quantized from its exact fp32 value), the result rounded
+    once to out_dtype (None: x's dtype)."""
     if packed_weight.dim() != 2:
         raise ValueError("packed_weight in the VNNI layout needs the C++ backend")
-    q, x_scale = quantize_rows(x)
+    q, x_scale = quantize_rows(x.float())
     y = (q.double() @ packed_weight.double()).float() * (x_scale[:, None] * weight_scale)
-    return activate(y if bias is None else y + bias, activation)
+    return activate(y if bias is None else y + bias, activation).to(out_dtype or x.dtype)

@@ -292,7 +292,9 @@ def test_int8_uses_no_deprecated_torch_ao_ops():
 @pytest.mark.parametrize("precision", ["int8", "bf16"])
 def test_forced_fallback_path_matches_matrix_unit(precision, monkeypatch, op_spy):
     """DISTILKERNELS_MATRIX_UNITS=off packs for torch's GEMM (what a CPU without AMX runs), and both paths agree:
-    int8 exactly up to fp32 rounding (the same integers), bf16 within its rounding (2x torch bf16's error)."""
+    int8 exactly up to fp32 rounding (the same integers) with attention in fp32 on both, and within bf16's
+    rounding with q|k|v and attention in bf16 where the matrix unit takes bf16 (quant.bf16_attention); bf16
+    within its rounding (2x torch bf16's error)."""
     config = tiny_config()
     model = make_model(transformers.DistilBertModel, config)
     mask = holey_mask(5, 9, seed=4)
@@ -300,31 +302,63 @@ def test_forced_fallback_path_matches_matrix_unit(precision, monkeypatch, op_spy
     ref = hidden(model, inputs)
     plain_bf16 = hidden(copy.deepcopy(model).to(torch.bfloat16), inputs)
     outs = {}
-    for setting in ("on", "off"):
-        monkeypatch.setenv(gemms.MATRIX_UNITS_ENV, setting)
-        m = copy.deepcopy(model)
-        if precision == "int8":
-            distilkernels.quantize(m)
-        else:
-            distilkernels.patch(m.to(torch.bfloat16))
-        outs[setting] = hidden(m, inputs)
+    settings = ("on", "on, fp32 attention", "off") if precision == "int8" else ("on", "off")
+    for setting in settings:
+        monkeypatch.setenv(gemms.MATRIX_UNITS_ENV, setting.split(",")[0])
+        with monkeypatch.context() as patched:
+            if setting == "on, fp32 attention":
+                patched.setattr(quant, "bf16_attention", lambda: False)
+            m = copy.deepcopy(model)
+            if precision == "int8":
+                distilkernels.quantize(m)
+            else:
+                distilkernels.patch(m.to(torch.bfloat16))
+            outs[setting] = hidden(m, inputs)
         block_gemms = _blocks(m)[0]._parts.gemms
         if precision == "int8":
             packed = block_gemms.packed["qkv"].value[0]
         else:
             assert list(block_gemms.packed["qkv"]) == ["packed"]  # tiny weights: no contest (_MIN_CONTEST_WEIGHT)
             kernel, packed, _ = block_gemms.packed["qkv"]["packed"].value
-        assert packed.dim() == (3 if setting == "on" and gemms.use_matrix_unit(precision) else 2)
+        assert packed.dim() == (3 if setting.startswith("on") and gemms.use_matrix_unit(precision) else 2)
     calls = op_count(op_spy, f"linear_{precision}")
     if precision == "bf16":  # out and lin2 run with their add + LayerNorm, in one op
         calls += op_count(op_spy, "linear_bf16_add_layer_norm")
-    assert calls == 2 * 4 * config.n_layers
+    assert calls == len(settings) * 4 * config.n_layers
+    peer = max_error(plain_bf16, ref, mask)
     if precision == "int8":
-        assert torch.allclose(outs["on"], outs["off"], atol=1e-4, rtol=1e-4)
+        assert torch.allclose(outs["on, fp32 attention"], outs["off"], atol=1e-4, rtol=1e-4)
+        monkeypatch.setenv(gemms.MATRIX_UNITS_ENV, "on")
+        if quant.bf16_attention():
+            assert max_error(outs["on"], outs["off"], mask) <= max(RELATIVE * peer, FLOOR["bf16"])
+        else:
+            assert torch.equal(outs["on"], outs["on, fp32 attention"])
     else:
-        peer = max_error(plain_bf16, ref, mask)
         for out in outs.values():
             assert max_error(out, ref, mask) <= max(RELATIVE * peer, FLOOR["bf16"])
+
+
+def test_int8_attention_dtype(op_spy):
+    """q|k|v (the GEMM's output) and attention are bf16 in an int8 model where quant.bf16_attention(), fp32
+    elsewhere; the residual stream and the model's output stay fp32."""
+    config = tiny_config()
+    model = distilkernels.quantize(make_model(transformers.DistilBertModel, config))
+    inputs = model_inputs(transformers.DistilBertModel, config, 3, 8, holey_mask(3, 8, seed=2), with_labels=False)
+    seen = []
+    block = _blocks(model)[0]
+    original = block._parts.gemms._bind
+
+    def spy(name, activation):
+        call = original(name, activation)
+        if name != "qkv" or call is None:
+            return call
+        return lambda x: seen.append(call(x)) or seen[-1]
+
+    block._parts.gemms._bind = spy
+    block._parts.gemms.bound.clear()
+    out = hidden(model, inputs)
+    assert out.dtype == torch.float32
+    assert seen and {t.dtype for t in seen} == {torch.bfloat16 if quant.bf16_attention() else torch.float32}
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])

@@ -253,11 +253,15 @@ ROWS = {
                                    lambda: (_x_bf16(), _plain_bf16(), 5, None, torch.randn(3, 5).bfloat16(),
                                             torch.ones(5), torch.zeros(5, dtype=torch.int32)),
                                    TypeError, "ln_bias must be", False),
-    # pack_linear_int8(weight), linear_int8(x, packed_weight, weight_scale, out_features, bias, activation)
+    # pack_linear_int8(weight), linear_int8(x, packed_weight, weight_scale, out_features, bias, activation,
+    # out_dtype)
     "pack_int8-weight-1d": ("pack_linear_int8", lambda: (torch.randn(5),),
                             ValueError, r"weight must be \(out_features, in_features\)", False),
-    "linear_int8-x-bf16": ("linear_int8", lambda: (torch.randn(3, 4).bfloat16(), *_plain_int8(), 5),
-                           TypeError, "x must be float32", False),
+    "linear_int8-x-fp16": ("linear_int8", lambda: (torch.randn(3, 4).half(), *_plain_int8(), 5),
+                           TypeError, "x must be a 2-D .* float32 or bfloat16", False),
+    "linear_int8-out-dtype": ("linear_int8", lambda: (torch.randn(3, 4), *_plain_int8(), 5, None, "none",
+                                                      torch.float16),
+                              TypeError, "out_dtype must be None, torch.float32 or torch.bfloat16", False),
     "linear_int8-packed-dtype": ("linear_int8", lambda: (lambda p, s: (torch.randn(3, 4), p.float(), s, 5))(
                                      *_plain_int8()),
                                  ValueError, "packed_weight must be a 2-D or 3-D torch.int8", False),

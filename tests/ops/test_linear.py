@@ -400,6 +400,32 @@ def test_linear_int8_matches_reference(tokens, in_features, out_features, bias, 
     assert (got.double() - exact).abs().max() <= 2 * (peer - exact).abs().max() + 1e-6
 
 
+@pytest.mark.parametrize("x_dtype, out_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, None),
+                                                 (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("activation", ["none", "gelu"])
+@pytest.mark.parametrize("tokens, in_features, out_features", SHAPES)
+@pytest.mark.parametrize("vnni", LAYOUTS_INT8)
+def test_linear_int8_bf16_io(tokens, in_features, out_features, activation, x_dtype, out_dtype, vnni):
+    """bf16 x (quantized from its exact fp32 value) and a bf16 output (out_dtype, by default x's): the reference's
+    fp32 result, to which ours is equal up to ~1e-5 relative (test above), rounded once to bf16, so at most one
+    bf16 rounding (2^-8 relative) apart; fp32 output as above."""
+    torch.manual_seed(1)
+    x = (torch.randn(tokens, in_features) * torch.rand(tokens, 1) * 4).to(x_dtype)
+    weight, b = torch.randn(out_features, in_features) * 0.1, torch.randn(out_features)
+    packed, scale = ops.pack_linear_int8(weight, vnni=vnni)
+    got = ops.linear_int8(x, packed, scale, out_features, b, activation, out_dtype)
+    want_dtype = out_dtype or x_dtype
+    ref = reference.linear_int8(x.float(), *reference.pack_linear_int8(weight, False), out_features, b, activation)
+    assert got.shape == (tokens, out_features) and got.dtype == want_dtype
+    assert torch.equal(reference.linear_int8(x, *reference.pack_linear_int8(weight, False), out_features, b,
+                                             activation, out_dtype), ref.to(want_dtype))
+    slack = 1e-5 * ref.abs().max().clamp_min(1)
+    if want_dtype == torch.bfloat16:
+        assert ((got.float() - ref).abs() <= 2 ** -8 * ref.abs() + slack).all()
+    else:
+        assert (got - ref).abs().max() <= slack
+
+
 @pytest.mark.parametrize("vnni", LAYOUTS_INT8)
 def test_linear_int8_zero_rows_and_empty(vnni):
     x = torch.randn(4, 40)
@@ -418,7 +444,9 @@ def test_linear_int8_opcheck():
     for vnni in (False, True) if _units("int8") else (False,):
         torch.library.opcheck(torch.ops.distilkernels.pack_linear_int8.default, (weight, vnni))
         packed, scale = ops.pack_linear_int8(weight, vnni)
-        for args in ((x, packed, scale, 37, bias, "gelu"), (x, packed, scale, 37, None, "none")):
+        for args in ((x, packed, scale, 37, bias, "gelu"), (x, packed, scale, 37, None, "none"),
+                     (x, packed, scale, 37, bias, "none", torch.bfloat16), (x.bfloat16(), packed, scale, 37, bias,
+                                                                             "relu", torch.float32)):
             torch.library.opcheck(torch.ops.distilkernels.linear_int8.default, args)
 
 
@@ -432,6 +460,10 @@ def test_linear_int8_bad_input():
         torch.ops.distilkernels.linear_int8(x, packed, scale[:3], 5, None, "none")
     with pytest.raises(RuntimeError, match="activation must be"):
         torch.ops.distilkernels.linear_int8(x, packed, scale, 5, None, "tanh")
+    with pytest.raises(RuntimeError, match="x must be float32 or bfloat16, got Half"):
+        torch.ops.distilkernels.linear_int8(x.half(), packed, scale, 5, None, "none")
+    with pytest.raises(RuntimeError, match="out_dtype must be float32 or bfloat16, got Half"):
+        torch.ops.distilkernels.linear_int8(x, packed, scale, 5, None, "none", torch.float16)
     if not _units("int8"):
         with pytest.raises(RuntimeError, match="vnni=True needs a CPU whose matrix unit takes int8"):
             torch.ops.distilkernels.pack_linear_int8(weight, True)
@@ -456,6 +488,9 @@ def test_bf16_int8_gemms_on_capped_isa(isa):
         "    got = ops.linear_int8(x, *ops.pack_linear_int8(w, vnni), 67, b, 'relu')\n"
         "    ref = reference.linear_int8(x, *reference.pack_linear_int8(w, False), 67, b, 'relu')\n"
         "    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max(), (vnni, (got - ref).abs().max())\n"
+        "    got = ops.linear_int8(x.bfloat16(), *ops.pack_linear_int8(w, vnni), 67, b, 'relu').float()\n"
+        "    ref = reference.linear_int8(x.bfloat16().float(), *reference.pack_linear_int8(w, False), 67, b, 'relu')\n"
+        "    assert ((got - ref).abs() <= 2 ** -8 * ref.abs() + 1e-5 * ref.abs().max()).all(), vnni\n"
         "print(ops._extension().vector_isa())\n"
     )
     import os
