@@ -106,7 +106,10 @@ def _worst(rows: list[dict]) -> str:
 def markdown_report(results: dict) -> str:
     shapes, providers, cells = _by_shape(results)
     lines = ["# distilkernels end-to-end benchmark", "", _caption(results), "", *_machine_lines(results), "",
-             f"Median ms ± IQR over up to {results.get('rounds')} interleaved rounds; (speedup vs {BASELINE}). "
+             f"Median ms ± IQR over up to {results.get('rounds')} interleaved rounds"
+             + (f", each timed call after {results['warm_calls']} untimed call(s) of the same provider"
+                if results.get("warm_calls") else "")
+             + f"; (speedup vs {BASELINE}). "
              "WRONG = outside its check vs HF fp32 eager (fp32: max-abs on real tokens; bf16/int8: min token "
              "cosine), not timed.", ""]
     lines += _table("shape", shapes, providers, lambda s, p: _ms_cell(cells, s, p))

@@ -41,10 +41,12 @@ def _bar(done: int, total: int, label: str, width: int = 30) -> str:
 
 def run_bench(grid, threads: int | None = None, out_dir: str | os.PathLike | None = None, progress: bool = True,
               model: torch.nn.Module | None = None, providers=None, rounds: int = 7, warmup: int = 1,
-              budget_s: float = 120.0, device=None, peaks: bool = True) -> dict:
+              budget_s: float = 120.0, device=None, peaks: bool = True, warm_calls: int = 0) -> dict:
     """Benchmark `providers` (default: all) on each Shape of `grid`. Each shape gets up to `rounds` interleaved
-    rounds (at least 3), none started after `budget_s` seconds of its timing. Returns {"env", "model", "peaks",
-    "rounds", "warmup", "results": [row, ...]} and writes it (reports.write_outputs) to out_dir when given."""
+    rounds (at least 3), none started after `budget_s` seconds of its timing; with `warm_calls`, each timed call
+    follows that many untimed calls of the same provider (distilkernels.timing.time_interleaved). Returns {"env",
+    "model", "peaks", "rounds", "warmup", "warm_calls", "results": [row, ...]} and writes it
+    (reports.write_outputs) to out_dir when given."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if threads is not None:
         torch.set_num_threads(threads)
@@ -67,7 +69,7 @@ def run_bench(grid, threads: int | None = None, out_dir: str | os.PathLike | Non
     for i, shape in enumerate(grid):
         log(_bar(i, len(grid), f"{shape.name}: checking and timing (up to {rounds} rounds, {budget_s:.0f} s)"))
         rows += bench_shape(built, shape, summary, device, rounds, warmup, reference_run, log, budget_s=budget_s,
-                            peaks=measured)
+                            peaks=measured, warm_calls=warm_calls)
     if measured:
         log("measuring GEMM peaks again (the higher of the two counts)")
         measured = best_peaks(measured, measure_peaks(precisions))
@@ -77,7 +79,7 @@ def run_bench(grid, threads: int | None = None, out_dir: str | os.PathLike | Non
                 row["peak_fraction"] = row["tflops"] / peak
     log(_bar(len(grid), len(grid), "done"))
     results = {"env": env, "model": summary, "peaks": measured, "rounds": rounds, "warmup": warmup,
-               "results": rows}
+               "warm_calls": warm_calls, "results": rows}
     if out_dir is not None:
         reports.write_outputs(results, out_dir)
         log(f"wrote {out_dir}/results.json, report.md, speedup.png")
@@ -98,6 +100,9 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds per shape before the timed ones")
     parser.add_argument("--budget", type=float, default=120.0,
                         help="seconds of timing per shape after which no new round starts (at least 3 rounds)")
+    parser.add_argument("--warm-calls", type=int, default=0,
+                        help="untimed calls of the same provider right before each timed one (0: each timed call "
+                             "follows whichever provider ran before it in the round)")
     parser.add_argument("--no-peaks", action="store_true", help="skip measuring the GEMM peaks")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     args = parser.parse_args(argv)
@@ -114,7 +119,7 @@ def main(argv=None) -> int:
     model = load_model(args.model, device) if args.model else None
     results = run_bench(grid, threads=args.threads, out_dir=args.out, model=model, providers=providers,
                         rounds=args.rounds, warmup=args.warmup, budget_s=args.budget, device=device,
-                        peaks=not args.no_peaks)
+                        peaks=not args.no_peaks, warm_calls=args.warm_calls)
     print(reports.markdown_report(results))
     return 1 if any(r["status"] in ("WRONG", "error") for r in results["results"]) else 0
 

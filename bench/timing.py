@@ -100,7 +100,7 @@ def _check_all(built: dict[str, dict], shape: Shape, inputs, reference: torch.Te
 
 def bench_shape(built: dict[str, dict], shape: Shape, model_summary: dict, device, rounds: int, warmup: int,
                 reference_run, log=lambda msg: None, budget_s: float = float("inf"),
-                peaks: dict | None = None) -> list[dict]:
+                peaks: dict | None = None, warm_calls: int = 0) -> list[dict]:
     """One row per provider at this shape: checked against HF fp32 eager, then the correct ones timed
     interleaved. Rows carry the forward's FLOPs (bench.flops), TFLOP/s and, given `peaks`, the fraction of the
     measured peak of the provider's precision."""
@@ -110,7 +110,8 @@ def bench_shape(built: dict[str, dict], shape: Shape, model_summary: dict, devic
     log(f"    timing {len(ok)} providers: {warmup} warm-up + up to {rounds} interleaved rounds")
     runs = {name: (lambda run=built[name]["run"]: run(*inputs)) for name in ok}
     flops = forward_flops(model_summary, shape.seq_lengths)
-    for name, seconds in time_interleaved(runs, device, rounds, warmup, budget_s=budget_s).items():
+    for name, seconds in time_interleaved(runs, device, rounds, warmup, budget_s=budget_s,
+                                          warm_calls=warm_calls).items():
         row = ok[name]
         row.update(summarize(seconds), samples_ms=[s * 1e3 for s in seconds], flops=flops)
         row["tokens_per_s"] = shape.tokens / (row["median_ms"] / 1e3)

@@ -32,9 +32,13 @@ def time_call(fn: Callable[[], object], device="cpu") -> float:
 
 
 def time_interleaved(runs: dict[str, Callable[[], object]], device="cpu", rounds: int = 7, warmup: int = 1,
-                     min_rounds: int = 3, budget_s: float = float("inf")) -> dict[str, list[float]]:
+                     min_rounds: int = 3, budget_s: float = float("inf"),
+                     warm_calls: int = 0) -> dict[str, list[float]]:
     """Seconds per call for each of `runs`, round-robin: up to `rounds` rounds, none started after `budget_s`
-    seconds once `min_rounds` are done."""
+    seconds once `min_rounds` are done. warm_calls: untimed calls of the same callable right before each timed
+    one, so that each is timed as in a process that runs only it (its own thread pool awake, its weights in
+    cache) rather than just after another callable: runtimes with their own thread pools (OpenVINO, ONNX Runtime,
+    torch's OpenMP) each lose a few percent when they follow another one, more at one sequence."""
     names, device = list(runs), torch.device(device)
     if not names:
         return {}
@@ -49,6 +53,8 @@ def time_interleaved(runs: dict[str, Callable[[], object]], device="cpu", rounds
         order = list(names)
         random.Random(r).shuffle(order)
         for name in order:
+            for _ in range(warm_calls):
+                runs[name]()
             samples[name].append(time_call(runs[name], device))
     return samples
 

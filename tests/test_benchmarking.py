@@ -318,3 +318,20 @@ def test_machine_matrix_units(monkeypatch, flags, units):
     assert machine.cpu_model() == "Test CPU"
     assert set(machine.isa_flags()) == flags  # only the flags the kernels care about, in ISA_FLAGS order
     assert machine.matrix_units() == units
+
+
+def test_warm_calls_precede_each_timed_call():
+    """With warm_calls, every timed call of a provider comes right after that many untimed calls of the same
+    provider; the samples are the timed calls only, one per round. The report says so."""
+    from distilkernels.timing import time_interleaved
+
+    log = []
+    runs = {name: (lambda name=name: log.append(name)) for name in ("a", "b", "c")}
+    samples = time_interleaved(runs, rounds=4, warmup=0, warm_calls=2)
+    assert {name: len(s) for name, s in samples.items()} == {"a": 4, "b": 4, "c": 4}
+    assert len(log) == 4 * 3 * 3
+    assert all(log[i] == log[i + 1] == log[i + 2] for i in range(0, len(log), 3))  # runs of three, one provider
+    assert len(time_interleaved(runs, rounds=2, warmup=0)["a"]) == 2 and len(log) == 36 + 6
+    results = dict(_synthetic_results(), warm_calls=1)
+    assert "each timed call after 1 untimed call(s) of the same provider" in reports.markdown_report(results)
+    assert "untimed call" not in reports.markdown_report(_synthetic_results())
