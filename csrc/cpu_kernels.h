@@ -48,6 +48,8 @@ struct Kernels {
   // -> 0x7FC0, bit for bit what c10::BFloat16 does.
   // In place: x = act(x + bias).  x: (n,) bf16; bias: (n,) fp32
   void (*bias_act_row_bf16)(uint16_t* x, const float* bias, int64_t n, Activation act);
+  // y = x, widened exactly.  x: (n,) bf16; y: (n,) fp32
+  void (*widen_bf16)(const uint16_t* x, int64_t n, float* y);
   // out = (h - mean) * rstd * weight + bias with h = x + residual (residual may be null) summed in fp32 into h
   // (scratch).  x, residual, out: (dim,) bf16; h: (dim,) fp32 scratch; weight, bias: (dim,) fp32
   void (*add_layer_norm_row_bf16)(const uint16_t* x, const uint16_t* residual, const float* weight,

@@ -758,6 +758,13 @@ DK_INLINE V load_bf16(const uint16_t* p) { return load_bf16_1(p); }
 DK_INLINE void store_bf16(uint16_t* p, V x) { store_bf16_1(p, x); }
 #endif
 
+void widen_bf16(const uint16_t* x, int64_t n, float* y) {
+  const int64_t vec_end = n - n % kW;
+  int64_t i = 0;
+  for (; i < vec_end; i += kW) vstore(y + i, load_bf16(x + i));
+  for (; i < n; ++i) y[i] = load_bf16_1(x + i);
+}
+
 // The kernels with bf16 outputs come in two variants (bf16_variant, at the table, picks one at start-up):
 // kNative stores through AVX512-BF16's conversions, vcvtneps2bf16 (one instruction against store_bf16's nine)
 // and vcvtne2ps2bf16 (two vectors in one); only CPUs that have them run that variant. The same round to nearest
@@ -1116,6 +1123,7 @@ const Kernels table = {kW,
                        scale_add,
                        transpose_rows,
                        bias_act_row_bf16,
+                       widen_bf16,
                        bf16_variant(add_layer_norm_row_bf16<true>, add_layer_norm_row_bf16<false>),
                        bf16_variant(scale_to_bf16<true>, scale_to_bf16<false>),
                        bf16_variant(softmax_update_bf16<true>, softmax_update_bf16<false>),

@@ -15,7 +15,6 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <cstring>
 #include <vector>
 
 #include "amx_tiles.h"
@@ -60,25 +59,9 @@ float quantize_row(const float* x, int64_t n, int8_t* q) {
   return scale;
 }
 
-// y[i] = x[i] for a row of bf16 (raw bits): exact, a bf16 is the high half of an fp32.
-inline void widen_loop(const uint16_t* x, int64_t n, float* y) {
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t bits = static_cast<uint32_t>(x[i]) << 16;
-    std::memcpy(y + i, &bits, sizeof(bits));
-  }
-}
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void widen_avx512(const uint16_t* x, int64_t n, float* y) {
-  widen_loop(x, n, y);
-}
-__attribute__((target("avx2"))) void widen_avx2(const uint16_t* x, int64_t n, float* y) { widen_loop(x, n, y); }
-
 // quantize_row of a bf16 row, widened into `row` (n floats of scratch) first.
 float quantize_row_bf16(const uint16_t* x, int64_t n, float* row, int8_t* q) {
-  switch (vec::isa()) {
-    case vec::Isa::kAvx512: widen_avx512(x, n, row); break;
-    case vec::Isa::kAvx2: widen_avx2(x, n, row); break;
-    default: widen_loop(x, n, row);
-  }
+  cpu::kernels().widen_bf16(x, n, row);
   return quantize_row(row, n, q);
 }
 

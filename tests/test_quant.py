@@ -338,7 +338,7 @@ def test_forced_fallback_path_matches_matrix_unit(precision, monkeypatch, op_spy
             assert max_error(out, ref, mask) <= max(RELATIVE * peer, FLOOR["bf16"])
 
 
-def test_int8_attention_dtype(op_spy):
+def test_int8_attention_dtype():
     """q|k|v (the GEMM's output) and attention are bf16 in an int8 model where quant.bf16_attention(), fp32
     elsewhere; the residual stream and the model's output stay fp32."""
     config = tiny_config()
