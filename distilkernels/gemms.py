@@ -100,9 +100,8 @@ def precision_paths() -> dict[str, str]:
                      "packed once (VNNI), per-token scales, fused epilogue"
                      if use_matrix_unit("int8") else
                      "torch _int_mm (oneDNN int8 GEMM, VNNI where present), per-token scales, fused epilogue")
-    from .quant import bf16_attention  # (quant imports this module)
-
-    paths["int8"] += ("; q|k|v written in bf16 and attention on the bf16 tiles" if bf16_attention() else
+    # quant.bf16_attention()'s condition (quant imports this module, not the other way round)
+    paths["int8"] += ("; q|k|v written in bf16 and attention on the bf16 tiles" if use_matrix_unit("bf16") else
                       "; attention in fp32")
     return paths
 
