@@ -39,6 +39,8 @@ struct Kernels {
   void (*scale)(const float* x, float scale, int64_t n, float* y);
   // max |x[i]| over (n,) (0 for n = 0).
   float (*absmax)(const float* x, int64_t n);
+  // q[i] = int8(round_to_nearest_even(x[i] * inv)).  x: (n,) fp32 with |x[i] * inv| <= 127.5; q: (n,)
+  void (*quantize_int8)(const float* x, int64_t n, float inv, int8_t* q);
   // In place: y = y * scale + bias.  y, bias: (n,)
   void (*scale_add)(float* y, float scale, const float* bias, int64_t n);
   // dst[d * ld + j] = rows[j][d] for j < n, d < dim: n rows, each given by a pointer, transposed.

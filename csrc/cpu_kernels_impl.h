@@ -699,6 +699,12 @@ float absmax(const float* x, int64_t n) {
   return m;
 }
 
+// One plain loop: the compiler vectorizes it for each instruction set this file is compiled for (round to
+// nearest even, as the default rounding mode gives both rintf and the vector conversions).
+void quantize_int8(const float* x, int64_t n, float inv, int8_t* q) {
+  for (int64_t i = 0; i < n; ++i) q[i] = static_cast<int8_t>(vround(x[i] * inv));
+}
+
 void scale_add(float* y, float factor, const float* bias, int64_t n) {
   const V vf = splat(factor, V());
   const int64_t vec_end = n - n % kW;
@@ -1120,6 +1126,7 @@ const Kernels table = {kW,
                        softmax_update,
                        scale,
                        absmax,
+                       quantize_int8,
                        scale_add,
                        transpose_rows,
                        bias_act_row_bf16,

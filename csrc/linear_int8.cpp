@@ -22,7 +22,6 @@
 #include "checks.h"
 #include "cpu_cache.h"
 #include "cpu_kernels.h"
-#include "vec.h"
 
 namespace distilkernels {
 
@@ -36,26 +35,11 @@ using brgemm::kBlockN;
 // A row whose max-abs is below this (all zeros, say) is quantized with this scale: its values round to 0.
 constexpr float kMinScale = 1e-12f;
 
-inline void quantize_loop(const float* x, int64_t n, float inv, int8_t* q) {
-  for (int64_t i = 0; i < n; ++i) q[i] = static_cast<int8_t>(__builtin_rintf(x[i] * inv));
-}
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void quantize_avx512(const float* x, int64_t n, float inv,
-                                                                            int8_t* q) {
-  quantize_loop(x, n, inv, q);
-}
-__attribute__((target("avx2"))) void quantize_avx2(const float* x, int64_t n, float inv, int8_t* q) {
-  quantize_loop(x, n, inv, q);
-}
-
 // q[i] = round(x[i] / scale) in [-127, 127], scale = max(max|x|, kMinScale * 127) / 127; returns scale.
 float quantize_row(const float* x, int64_t n, int8_t* q) {
-  const float scale = std::max(cpu::kernels().absmax(x, n) / 127.0f, kMinScale);
-  const float inv = 1.0f / scale;
-  switch (vec::isa()) {
-    case vec::Isa::kAvx512: quantize_avx512(x, n, inv, q); break;
-    case vec::Isa::kAvx2: quantize_avx2(x, n, inv, q); break;
-    default: quantize_loop(x, n, inv, q);
-  }
+  const auto& kern = cpu::kernels();
+  const float scale = std::max(kern.absmax(x, n) / 127.0f, kMinScale);
+  kern.quantize_int8(x, n, 1.0f / scale, q);
   return scale;
 }
 
