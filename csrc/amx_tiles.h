@@ -335,6 +335,12 @@ constexpr int64_t kChunkBytes = 3072;
 //   the epilogues' cost: with the rows sent to a scratch tile instead, q|k|v went from 1.30 to 1.58 and lin1 from
 //   1.14 to 1.31 (lin2, with a quarter of the output per FLOP, unchanged). Prefetching the output lines for
 //   writing a unit ahead, CLDEMOTE after writing them, and 2 MiB pages (THP) each measured no gain.
+// - The epilogues' vector work adds to the loop's time rather than hiding under the tile unit's (bf16 lin1, 1024 x
+//   768 -> 3072, 2 threads, weights of six layers in turn): GELU costs 310-400 us a call over no activation, about
+//   what the same GELU takes on its own (bias_act_ in place on 1024 x 3072: 445 us over ReLU), the same with its
+//   rows drained every 1, 2, 3 or 6 steps; the AVX2 build of the GELU, twice the instructions, costs twice that.
+//   Also no gain: non-temporal stores of the output (the bf16 forward at 8 x 128 0.93-0.97x: the next GEMM then
+//   reads it from memory) and each step's tile instructions in mm_bf16_steps' interleaved order (within 3%).
 // So this loop runs at ~40% of what the tile unit can do, and what is left is the memory traffic around it, not
 // the tile instructions.
 
