@@ -21,7 +21,7 @@
 // Measured at 8 x 128 tokens, 2 threads, and not kept: q|k|v written head-major by its GEMM (each head's rows
 // contiguous, 128 bytes apart rather than 4.5 KiB) made that GEMM 4% and this core 10% faster on their own, but
 // this core slower in the model (944-1092 us a call against 884-964), with or without padding between the heads'
-// planes. Right after a large GEMM this core runs slower than back to back: after MKL's fp32 GEMM by 25-30% in
+// planes. Right after a large GEMM this core runs slower than back to back: after MKL's fp32 GEMM by ~30% in
 // every run, after our bf16 one by 0-35% depending on what ran before. The extra time is in the Q K^T products
 // (+50-70%), and stays with Q's rows read into L1 first, the scratch kept across calls, or a fence between the
 // vector stores of packing and the tile loads; a 1-3 ms busy wait after the GEMM made it worse, not better.
