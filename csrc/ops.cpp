@@ -88,6 +88,7 @@ TORCH_LIBRARY(distilkernels, m) {
 }
 
 namespace distilkernels {
+void init_blocks(pybind11::module& m);  // blocks.cpp
 bool mkl_packs();  // linear_mkl.cpp
 int64_t mkl_packed_floats(int64_t n, int64_t k);
 }  // namespace distilkernels
@@ -112,6 +113,7 @@ int64_t parallel_threads_used() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "distilkernels C++ CPU extension (ops are under torch.ops.distilkernels)";
+  distilkernels::init_blocks(m);
   m.def("parallel_threads_used", &parallel_threads_used,
         "Distinct threads that at::parallel_for used for a large loop");
   m.def("vector_isa", &distilkernels::vec::isa_name, "Instruction set the CPU kernels dispatch to");

@@ -172,10 +172,32 @@ class GemmCalls(NamedTuple):
     out: Callable  # -> (tokens, dim), bias included
     lin1_act: Callable  # -> activation(lin1(x)), (tokens, hidden_dim)
     lin2: Callable  # -> (tokens, dim), bias included
-    # (x, residual, layer_norm) -> layer_norm(out(x) + residual), (tokens, dim), in one op; None where the GEMM
-    # has no such op (everything but our bf16 GEMM): the block then calls out and add_layer_norm
+    # (x, residual, ln_weight, ln_bias, eps) -> LayerNorm(out(x) + residual), (tokens, dim), in one op; None where
+    # the GEMM has no such op (everything but our bf16 GEMM): the block then calls out and add_layer_norm
     out_add_ln: Callable | None = None
     lin2_add_ln: Callable | None = None  # the same for lin2
+
+
+class BoundOp:
+    """A GEMM bound for one kind of call: op(x, *args), or, with add_ln (a GEMM with the residual add + LayerNorm
+    in its call), op(x, *args, residual, ln_weight, ln_bias, eps)[0]. Called from Python like any GemmCalls entry,
+    and handed to the C++ block loop as one (modules.run_blocks; csrc/blocks.cpp), which calls `op` through the
+    dispatcher with no Python in between where it is a dispatcher op (torch.ops.<ns>.<name>.<overload>)."""
+
+    __slots__ = ("op", "args", "add_ln")
+
+    def __init__(self, op, args: tuple, add_ln: bool = False):
+        self.op, self.args, self.add_ln = op, tuple(args), add_ln
+
+    def __call__(self, x, *inputs):
+        out = self.op(x, *self.args, *inputs)
+        return out[0] if self.add_ln else out
+
+    def to_cpp(self, ext):
+        """This GEMM for the C++ block loop (ext: the loaded extension)."""
+        if isinstance(self.op, torch._ops.OpOverload):
+            return ext.BlockOp(self.op._schema.name, self.op._schema.overload_name, list(self.args), 1)
+        return ext.BlockOp(self)  # called back in Python
 
 
 class BoundCalls(dict):
@@ -224,6 +246,8 @@ class _Kernel(NamedTuple):
     available: Callable[[torch.dtype], bool]
     pack: Callable  # weight (out_features, in_features) -> the packed weight this kernel reads
     call: Callable  # (x, packed, out_features, bias, activation) -> activation(x @ weight^T + bias)
+    # () -> the dispatcher op that `call` is, taking the same arguments (x contiguous), where it is one op
+    op: Callable | None = None
 
 
 def _ours_pack(weight):
@@ -325,10 +349,12 @@ def _bf16x3_call(x, packed, out_features, bias, activation):  # csrc/linear_bf16
 _KERNELS: dict[str, _Kernel] = {
     "packed": _Kernel(lambda dtype: True, _ours_pack, _ours_call),  # linear_packed (fp32) / linear_bf16
     "onednn": _Kernel(_onednn_available, _onednn_pack, _onednn_linear),  # what inductor freezing runs for bf16
-    "mkl": _Kernel(_mkl_available, _mkl_pack, _mkl_call),  # what inductor freezing runs for fp32
+    "mkl": _Kernel(_mkl_available, _mkl_pack, _mkl_call,  # what inductor freezing runs for fp32
+                   lambda: torch.ops.distilkernels.linear_mkl.default),
     # fp32 as three bf16 products on AMX, where torch's float32 matmul precision permits (bf16x3_allowed); not in
     # the contest: taken wherever allowed, on every GEMM large enough to be contested (dense_kernel)
-    "bf16x3": _Kernel(lambda dtype: False, _bf16x3_pack, _bf16x3_call),
+    "bf16x3": _Kernel(lambda dtype: False, _bf16x3_pack, _bf16x3_call,
+                      lambda: dispatch.implementation("linear_bf16x3", "cpp")),
 }
 # (dtype, in, out features, activation) -> the winner at each of _CONTEST_ROWS
 _WINNER: dict[tuple[torch.dtype, int, int, str], tuple[str, ...]] = {}
@@ -509,11 +535,13 @@ class DenseGemms:
             kernel, packed, bias = self._packing(name[:-3], x)
             if kernel != "packed" or x.dtype != torch.bfloat16:
                 return None
-            fused, out_features = dispatch.implementation("linear_bf16_add_layer_norm", "cpp"), bias.shape[0]
-            return lambda x, residual, ln: fused(x, packed, out_features, bias, residual, ln.weight, ln.bias,
-                                                 ln.eps)[0]
+            fused = dispatch.implementation("linear_bf16_add_layer_norm", "cpp")
+            return BoundOp(fused, (packed, bias.shape[0], bias), add_ln=True)
         kernel, packed, bias = self._packing(name, x)
-        call, out_features = (ours if kernel == "packed" else _KERNELS[kernel].call), bias.shape[0]
+        op = _KERNELS[kernel].op
+        if kernel == "packed" or op is not None:  # one op of the dispatcher: runnable from C++ (BoundOp)
+            return BoundOp(ours if kernel == "packed" else op(), (packed, bias.shape[0], bias, activation))
+        call, out_features = _KERNELS[kernel].call, bias.shape[0]
         return lambda x: call(x, packed, out_features, bias, activation)
 
     @staticmethod

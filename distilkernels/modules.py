@@ -25,7 +25,8 @@ import torch
 
 from . import dispatch, ops
 from . import hf
-from .gemms import DenseGemms
+from ._ext import load_extension
+from .gemms import BoundOp, DenseGemms
 from .padding import pad, unpad, unpad_info
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -195,6 +196,7 @@ class _Parts:
                              layout.ln2))
         self.act = activation_name(get(layout.act))
         self.gemms = DenseGemms(self)
+        self.cpp_blocks = {}  # id(GemmCalls) -> (what the block was bound from, the block for csrc/blocks.cpp)
         self.inner = tuple(m for m in block.modules() if m is not block)  # whose hooks the fused path skips
 
 
@@ -251,14 +253,50 @@ class FusedBlock:
     def forward_tokens(self, x, *, batch=None, seqlen=None, key_padding_mask=None, cu_seqlens=None,
                        max_seqlen=None):
         """x: (tokens, dim). Padded layout: tokens = batch * seqlen with an optional key_padding_mask
-        (batch, seqlen). Packed layout: cu_seqlens (batch + 1,) int32 and max_seqlen. Returns (tokens, dim).
+        (batch, seqlen). Packed layout: cu_seqlens (batch + 1,) int32 and max_seqlen. Returns (tokens, dim)."""
+        return run_blocks((self,), x, batch=batch, seqlen=seqlen, key_padding_mask=key_padding_mask,
+                          cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+
+    def _cpp_block(self, x):
+        """This block bound for the C++ block loop (csrc/blocks.cpp) for inputs like x, or None where the loop
+        cannot run it (another backend than C++, CPU autocast). Rebuilt when its GEMMs' binding (gemms.DenseGemms.
+        calls: new on a weight change) or a LayerNorm parameter is another object."""
+        p = self._parts
+        if _autocast_bf16(x) and x.dtype == torch.float32:
+            return None
+        calls = p.gemms.calls(x, p.act)
+        key = (calls, p.ln1.weight, p.ln1.bias, p.ln1.eps, p.ln2.weight, p.ln2.bias, p.ln2.eps, p.scaling)
+        plans = p.cpp_blocks
+        hit = plans.get(id(calls))
+        if hit is not None and all(a is b for a, b in zip(hit[0], key)):
+            return hit[1]
+        ext = load_extension()
+
+        def gemm(bound):
+            return bound.to_cpp(ext) if isinstance(bound, BoundOp) else ext.BlockOp(bound)
+
+        block = ext.Block(
+            gemm(calls.qkv), gemm(calls.out), gemm(calls.lin1_act), gemm(calls.lin2),
+            None if calls.out_add_ln is None else gemm(calls.out_add_ln),
+            None if calls.lin2_add_ln is None else gemm(calls.lin2_add_ln),
+            p.ln1.weight, p.ln1.bias, p.ln1.eps, p.ln2.weight, p.ln2.bias, p.ln2.eps, p.n_heads, p.head_dim,
+            p.scaling)
+        if len(plans) >= 8:  # bindings of replaced weights: dropped, not kept alive
+            plans.clear()
+        plans[id(calls)] = (key, block)
+        return block
+
+    def _forward_tokens_python(self, x, *, batch=None, seqlen=None, key_padding_mask=None, cu_seqlens=None,
+                               max_seqlen=None):
+        """forward_tokens one op call at a time from Python: on the Triton and torch backends, and under CPU
+        autocast.
 
         Under CPU autocast to bf16, an fp32 block runs as HF's block runs there: the GEMMs (on a bf16 packing of
         its weights) and attention in bf16, the residual stream and add + LayerNorm in fp32.
 
-        The Python here runs once per block and call, and it costs more than its hot timing says: a forward of a
-        tiny 6-block model (the same calls, next to no arithmetic) took 1.1 ms back to back but 2.0-2.4 ms with
-        other work between forwards (interleaved with OpenVINO, or after reading 1.2 GB), 2 cores, bf16. So the
+        This Python costs more than its hot timing says: a forward of a tiny 6-block model (the same calls, next
+        to no arithmetic) took 1.1 ms back to back but 2.0-2.4 ms with other work between forwards (interleaved
+        with OpenVINO, or after reading 1.2 GB), 2 cores, bf16. Hence run_blocks on the C++ backend; here the
         GEMMs come bound once per call (gemms.DenseGemms.calls) and the ops are called directly."""
         p = self._parts
         cpp = dispatch.backend_for(x.device) == "cpp"
@@ -277,13 +315,47 @@ class FusedBlock:
                    if cpp else ops.varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale=p.scaling))
         ctx = ctx.view(low.shape)
         if gemms.out_add_ln is not None and low is x:  # bf16 on our GEMM: the add + LayerNorm in its call
-            h = gemms.out_add_ln(ctx, x, p.ln1)
+            h = gemms.out_add_ln(ctx, x, p.ln1.weight, p.ln1.bias, p.ln1.eps)
         else:
             h = _add_layer_norm(cpp, _cast(gemms.out(ctx), x.dtype), x, p.ln1)
         f = gemms.lin1_act(_cast(h, low.dtype))
         if gemms.lin2_add_ln is not None and low is x:
-            return gemms.lin2_add_ln(f, h, p.ln2)
+            return gemms.lin2_add_ln(f, h, p.ln2.weight, p.ln2.bias, p.ln2.eps)
         return _add_layer_norm(cpp, _cast(gemms.lin2(f), x.dtype), h, p.ln2)
+
+
+def run_blocks(blocks, x, *, batch=None, seqlen=None, key_padding_mask=None, cu_seqlens=None, max_seqlen=None):
+    """The FusedBlocks' forward_tokens one after another (the layout arguments as there): on the C++ backend in one
+    call into csrc/blocks.cpp, which runs every block's ops with no Python between them (a distilbert-base forward
+    spent 0.5-0.7 ms in that Python on 2 cores, ~6% of it in bf16 at 1 x 128); elsewhere block by block."""
+    if dispatch.backend_for(x.device) == "cpp" and not torch.compiler.is_compiling():
+        cpp = [block._cpp_block(x) for block in blocks]
+        if all(b is not None for b in cpp):
+            ext = load_extension()
+            shared = [_cpp_op(ext, dispatch.implementation(op, "cpp"))
+                      for op in ("attention", "varlen_attention", "add_layer_norm")]
+            return ext.run_blocks(cpp, x, batch or 0, seqlen or 0, key_padding_mask, cu_seqlens, max_seqlen or 0,
+                                  *shared)
+    for block in blocks:
+        x = block._forward_tokens_python(x, batch=batch, seqlen=seqlen, key_padding_mask=key_padding_mask,
+                                         cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    return x
+
+
+_CPP_OPS: dict[int, tuple] = {}  # id(dispatch-table entry) -> (the entry, the same for the C++ block loop)
+
+
+def _cpp_op(ext, fn):
+    """A dispatch-table entry for the C++ block loop: the dispatcher op it is, or a Python callable (whatever
+    else the table holds, e.g. the tests' counting wrappers), made once per entry."""
+    hit = _CPP_OPS.get(id(fn))
+    if hit is None or hit[0] is not fn:
+        if len(_CPP_OPS) >= 32:  # entries of replaced tables: dropped, not kept alive
+            _CPP_OPS.clear()
+        op = (ext.BlockOp(fn._schema.name, fn._schema.overload_name, [], 0) if isinstance(fn, torch._ops.OpOverload)
+              else ext.BlockOp(fn))
+        hit = _CPP_OPS[id(fn)] = (fn, op)
+    return hit[1]
 
 
 def _cast(t, dtype):
@@ -334,15 +406,13 @@ class FusedEncoder:
                 return super().forward(hidden_states, attention_mask, *args, **kwargs)
             batch, seqlen, dim = hidden_states.shape
             fused = Decision("fused", "", decision.mask)  # what each block would decide (counted as such)
-            x = hidden_states.reshape(batch * seqlen, dim)
             for layer in self.layer:
                 _count(layer, "block", fused)
-                x = layer.forward_tokens(x, batch=batch, seqlen=seqlen, key_padding_mask=decision.mask)
+            x = run_blocks(self.layer, hidden_states.reshape(batch * seqlen, dim), batch=batch, seqlen=seqlen,
+                           key_padding_mask=decision.mask)
             return self.OUTPUT(last_hidden_state=x.view(batch, seqlen, dim))
         info = unpad_info(decision.mask)
-        x = unpad(hidden_states, info)
-        for layer in self.layer:
-            x = layer.forward_tokens(x, cu_seqlens=info.cu_seqlens, max_seqlen=info.max_seqlen)
+        x = run_blocks(self.layer, unpad(hidden_states, info), cu_seqlens=info.cu_seqlens, max_seqlen=info.max_seqlen)
         return self.OUTPUT(last_hidden_state=pad(x, info))
 
 

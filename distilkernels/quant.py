@@ -22,10 +22,12 @@ forward runs instead of the fused one (gradients needed, attention weights reque
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import dispatch, ops
-from .gemms import BoundCalls, DerivedWeights, GemmCalls, bound_calls, use_matrix_unit
+from .gemms import BoundCalls, BoundOp, DerivedWeights, GemmCalls, bound_calls, use_matrix_unit
 from .modules import FusedBlock
 
 # One scale per token: quantizing each row costs one fused pass, so a coarser per-tensor mode gains nothing.
@@ -62,13 +64,15 @@ class Int8Gemms:
             ("qkv", (parts.q, parts.k, parts.v)), ("out", (parts.out,)), ("lin1", (parts.lin1,)),
             ("lin2", (parts.lin2,)))}
         self.linears = tuple(lin for derived in self.packed.values() for lin in derived.linears)
-        self.bound = BoundCalls()  # activation -> (params_key of the linears, GemmCalls): gemms.bound_calls
+        self.bound = BoundCalls()  # (activation, backend) -> (params_key of the linears, GemmCalls): gemms.bound_calls
 
     def calls(self, x, activation: str) -> GemmCalls:
         """The four GEMMs bound to their int8 packings, lin1's with `activation` (see DenseGemms.calls)."""
-        return bound_calls(self.bound, activation, self.linears, self._bind, activation)
+        backend = dispatch.backend_for(x.device)
+        return bound_calls(self.bound, (activation, backend), self.linears,
+                           functools.partial(self._bind, backend=backend), activation)
 
-    def _bind(self, name, activation):
+    def _bind(self, name, activation, *, backend):
         if name.endswith("+ln"):  # fp32 output: the block adds and normalizes it itself
             return None
         packed, scale, bias = self.packed[name].get()
@@ -76,6 +80,9 @@ class Int8Gemms:
         # q|k|v in bf16 for attention on the matrix unit; every other output fp32, the residual stream's dtype
         # (the attention output's GEMM reads bf16)
         out_dtype = torch.bfloat16 if name == "qkv" and bf16_attention() else torch.float32
+        if backend == "cpp":  # the C++ op itself (its checks in C++): runnable by the C++ block loop
+            return BoundOp(dispatch.implementation("linear_int8", "cpp"),
+                           (packed, scale, out_features, bias, activation, out_dtype))
         return lambda x: ops.linear_int8(x, packed, scale, out_features, bias, activation, out_dtype)
 
 

@@ -348,8 +348,8 @@ def test_int8_attention_dtype():
     block = _blocks(model)[0]
     original = block._parts.gemms._bind
 
-    def spy(name, activation):
-        call = original(name, activation)
+    def spy(name, activation, **options):
+        call = original(name, activation, **options)
         if name != "qkv" or call is None:
             return call
         return lambda x: seen.append(call(x)) or seen[-1]
