@@ -17,7 +17,7 @@ from bench.reports import markdown_report  # noqa: E402
 @pytest.mark.parametrize("run, shapes", [
     ("cpu-2026-11-21", ("1x128", "8x128", "8x512", "32x128", "mixed16x128", "mixed8x512")),
     ("cpu-minilm-2026-11-21", ("32x128", "mixed32x128")),
-    ("cpu-xeon-amx-2026-12-03-r28", ("1x128", "8x128", "mixed16x128")),
+    ("cpu-xeon-amx-2026-12-03-r32", ("1x128", "8x128", "mixed16x128")),
 ])
 def test_readme_table_reproduced_from_results_json(run, shapes):
     results = json.loads((ROOT / "bench/results" / run / "results.json").read_text())
