@@ -159,3 +159,38 @@ def test_bad_bindings_raise():
                         p.ln1.eps, p.ln2.weight, p.ln2.bias, p.ln2.eps, p.n_heads, p.head_dim, p.scaling)
         with pytest.raises(ValueError, match="a GEMM of the test failed"):
             ext.run_blocks([bad], x, 3, 4, None, None, 0, *table)
+
+
+@pytest.mark.parametrize("mode", ["fp32", "bf16"])
+def test_threads_share_a_model(mode):
+    """The C++ loop runs without the GIL: two Python threads running one patched model at once (one with a padded
+    batch, one unpadded) each get what the model gives them alone."""
+    import threading
+
+    config = tiny_config(n_layers=2)
+    model = _patched(mode, config)
+    g = torch.Generator().manual_seed(4)
+    batches = [(torch.randint(1, config.vocab_size, (3, 29), generator=g), holey_mask(3, 29, seed=s, kind=k))
+               for s, k in ((6, "holey"), (7, "right"))]
+    with torch.inference_mode():
+        alone = [model(input_ids=ids, attention_mask=mask).last_hidden_state for ids, mask in batches]
+    results, errors = [[], []], []
+
+    def work(i):
+        try:
+            with torch.inference_mode():
+                for _ in range(20):
+                    ids, mask = batches[i]
+                    results[i].append(model(input_ids=ids, attention_mask=mask).last_hidden_state)
+        except Exception as exc:  # reported below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for i in range(2):
+        valid = batches[i][1].bool()
+        assert len(results[i]) == 20 and all(torch.equal(r[valid], alone[i][valid]) for r in results[i])
