@@ -3,7 +3,7 @@
 // activation; out = LayerNorm(GEMM(f) + h). The ops are the ones the Python block loop calls, with the same
 // arguments in the same order, so the results are the same bits; what goes is the Python between them. In
 // distilbert-base on the 2-core AMX Xeon (2 threads, interleaved medians in one process, ms per forward, this
-// loop vs the Python one, two runs each): bf16 6.96-7.07 vs 7.34-7.52 at 1 x 128 and 42.8-43.2 vs 43.5-44.4 at
+// loop vs the Python one, two or three runs each): bf16 6.96-7.07 vs 7.34-7.52 at 1 x 128 and 42.8-43.2 vs 43.5-44.4 at
 // 8 x 128; int8 5.11-5.12 vs 5.56-5.62 at 1 x 128; fp32 33.4-33.5 vs 34.2-34.3 at 1 x 128 and 256-263 vs 263-268
 // at 8 x 128. More than the Python's own time at 8 x 128; why is not known (the ops are the same calls).
 //
