@@ -3,9 +3,10 @@
 // activation; out = LayerNorm(GEMM(f) + h). The ops are the ones the Python block loop calls, with the same
 // arguments in the same order, so the results are the same bits; what goes is the Python between them. In
 // distilbert-base on the 2-core AMX Xeon (2 threads, interleaved medians in one process, ms per forward, this
-// loop vs the Python one, two or three runs each): bf16 6.96-7.07 vs 7.34-7.52 at 1 x 128 and 42.8-43.2 vs 43.5-44.4 at
-// 8 x 128; int8 5.11-5.12 vs 5.56-5.62 at 1 x 128; fp32 33.4-33.5 vs 34.2-34.3 at 1 x 128 and 256-263 vs 263-268
-// at 8 x 128. More than the Python's own time at 8 x 128; why is not known (the ops are the same calls).
+// loop vs the Python one, two or three runs each): bf16 6.96-7.07 vs 7.34-7.52 at 1 x 128 and 42.8-43.2 vs
+// 43.5-44.4 at 8 x 128; int8 5.11-5.12 vs 5.56-5.62 at 1 x 128; fp32 33.4-33.5 vs 34.2-34.3 at 1 x 128 and
+// 256-263 vs 263-268 at 8 x 128. More than the Python's own time at 8 x 128; why is not known (the ops are the
+// same calls).
 //
 // Every op comes from Python as an Op: a dispatcher op with some of its arguments bound once (a GEMM's packed
 // weight, bias, activation), or a Python callable (a GEMM that is not one op, such as oneDNN's linear in row
@@ -33,8 +34,8 @@ class Op {
       : bound_at_(bound_at) {
     op_ = c10::Dispatcher::singleton().findSchemaOrThrow(name.c_str(), overload.c_str());
     const auto& params = op_->schema().arguments();
-    TORCH_CHECK(bound_at >= 0 && static_cast<size_t>(bound_at) + bound.size() <= params.size(), name, " takes ", params.size(),
-                " arguments; cannot bind ", bound.size(), " from index ", bound_at);
+    TORCH_CHECK(bound_at >= 0 && static_cast<size_t>(bound_at) + bound.size() <= params.size(), name, " takes ",
+                params.size(), " arguments; cannot bind ", bound.size(), " from index ", bound_at);
     for (size_t i = 0; i < bound.size(); ++i)
       bound_.push_back(torch::jit::toIValue(bound[i], params[bound_at + i].type()));
   }

@@ -196,8 +196,17 @@ class BoundOp:
     def to_cpp(self, ext):
         """This GEMM for the C++ block loop (ext: the loaded extension)."""
         if isinstance(self.op, torch._ops.OpOverload):
-            return ext.BlockOp(self.op._schema.name, self.op._schema.overload_name, list(self.args), 1)
-        return ext.BlockOp(self)  # called back in Python
+            return cpp_op(ext, self.op, self.args, 1)
+        return cpp_op(ext, self)  # called back in Python, which appends self.args
+
+
+def cpp_op(ext, fn, bound: tuple = (), bound_at: int = 0):
+    """fn for the C++ block loop (csrc/blocks.cpp, BlockOp): a dispatcher op (torch.ops.<ns>.<name>.<overload>)
+    with `bound` as its arguments from index `bound_at` on, called there with no Python; any other callable is
+    called back in Python."""
+    if isinstance(fn, torch._ops.OpOverload):
+        return ext.BlockOp(fn._schema.name, fn._schema.overload_name, list(bound), bound_at)
+    return ext.BlockOp(fn)
 
 
 class BoundCalls(dict):
@@ -246,7 +255,7 @@ class _Kernel(NamedTuple):
     available: Callable[[torch.dtype], bool]
     pack: Callable  # weight (out_features, in_features) -> the packed weight this kernel reads
     call: Callable  # (x, packed, out_features, bias, activation) -> activation(x @ weight^T + bias)
-    # () -> the dispatcher op that `call` is, taking the same arguments (x contiguous), where it is one op
+    # dtype -> the dispatcher op that `call` is for inputs of that dtype, taking the same arguments, where it is one
     op: Callable | None = None
 
 
@@ -347,14 +356,14 @@ def _bf16x3_call(x, packed, out_features, bias, activation):  # csrc/linear_bf16
 
 
 _KERNELS: dict[str, _Kernel] = {
-    "packed": _Kernel(lambda dtype: True, _ours_pack, _ours_call),  # linear_packed (fp32) / linear_bf16
+    "packed": _Kernel(lambda dtype: True, _ours_pack, _ours_call, _ours_op),  # linear_packed (fp32) / linear_bf16
     "onednn": _Kernel(_onednn_available, _onednn_pack, _onednn_linear),  # what inductor freezing runs for bf16
     "mkl": _Kernel(_mkl_available, _mkl_pack, _mkl_call,  # what inductor freezing runs for fp32
-                   lambda: torch.ops.distilkernels.linear_mkl.default),
+                   lambda dtype: torch.ops.distilkernels.linear_mkl.default),
     # fp32 as three bf16 products on AMX, where torch's float32 matmul precision permits (bf16x3_allowed); not in
     # the contest: taken wherever allowed, on every GEMM large enough to be contested (dense_kernel)
     "bf16x3": _Kernel(lambda dtype: False, _bf16x3_pack, _bf16x3_call,
-                      lambda: dispatch.implementation("linear_bf16x3", "cpp")),
+                      lambda dtype: dispatch.implementation("linear_bf16x3", "cpp")),
 }
 # (dtype, in, out features, activation) -> the winner at each of _CONTEST_ROWS
 _WINNER: dict[tuple[torch.dtype, int, int, str], tuple[str, ...]] = {}
@@ -521,16 +530,16 @@ class DenseGemms:
         """The four GEMMs for inputs like x (its dtype and row count), lin1's with `activation`, bound to their
         packed weights: resolved once per kind of call and kept while the block's weights and biases are the
         same tensors, unchanged: one check of them all per block call, not one per GEMM, and no lookups per
-        GEMM (a block of a tiny model at 1 x 128 on 2 cores: 116 -> 99 us a call; see FusedBlock.forward_tokens
-        for why those microseconds count)."""
+        GEMM (a block of a tiny model at 1 x 128 on 2 cores: 116 -> 99 us a call; see
+        FusedBlock._forward_tokens_python for why those microseconds count)."""
         if not self._use_packed(x):
             return GemmCalls(self.qkv, self.out, functools.partial(self.lin1_act, activation=activation), self.lin2)
         ours = _ours_op(x.dtype)
         precision = torch.get_float32_matmul_precision() if x.dtype == torch.float32 else None
         key = (x.dtype, activation, bisect.bisect(_BUCKET_EDGES, x.shape[0]), ours, precision)
-        return bound_calls(self.bound, key, self.linears, functools.partial(self._bind, x=x, ours=ours), activation)
+        return bound_calls(self.bound, key, self.linears, functools.partial(self._bind, x=x), activation)
 
-    def _bind(self, name, activation, *, x, ours):
+    def _bind(self, name, activation, *, x):
         if name.endswith("+ln"):
             kernel, packed, bias = self._packing(name[:-3], x)
             if kernel != "packed" or x.dtype != torch.bfloat16:
@@ -539,8 +548,8 @@ class DenseGemms:
             return BoundOp(fused, (packed, bias.shape[0], bias), add_ln=True)
         kernel, packed, bias = self._packing(name, x)
         op = _KERNELS[kernel].op
-        if kernel == "packed" or op is not None:  # one op of the dispatcher: runnable from C++ (BoundOp)
-            return BoundOp(ours if kernel == "packed" else op(), (packed, bias.shape[0], bias, activation))
+        if op is not None:  # one op of the dispatcher: runnable from C++ (BoundOp)
+            return BoundOp(op(x.dtype), (packed, bias.shape[0], bias, activation))
         call, out_features = _KERNELS[kernel].call, bias.shape[0]
         return lambda x: call(x, packed, out_features, bias, activation)
 

@@ -26,7 +26,7 @@ import torch
 from . import dispatch, ops
 from . import hf
 from ._ext import load_extension
-from .gemms import BoundOp, DenseGemms
+from .gemms import BoundOp, DenseGemms, cpp_op
 from .padding import pad, unpad, unpad_info
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -258,9 +258,9 @@ class FusedBlock:
                           cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
     def _cpp_block(self, x):
-        """This block bound for the C++ block loop (csrc/blocks.cpp) for inputs like x, or None where the loop
-        cannot run it (another backend than C++, CPU autocast). Rebuilt when its GEMMs' binding (gemms.DenseGemms.
-        calls: new on a weight change) or a LayerNorm parameter is another object."""
+        """This block bound for the C++ block loop (csrc/blocks.cpp) for inputs like x (on the C++ backend: see
+        run_blocks), or None under CPU autocast, which the loop does not run. Rebuilt when its GEMMs' binding
+        (gemms.DenseGemms.calls: new on a weight change) or a LayerNorm parameter is another object."""
         p = self._parts
         if _autocast_bf16(x) and x.dtype == torch.float32:
             return None
@@ -273,7 +273,7 @@ class FusedBlock:
         ext = load_extension()
 
         def gemm(bound):
-            return bound.to_cpp(ext) if isinstance(bound, BoundOp) else ext.BlockOp(bound)
+            return bound.to_cpp(ext) if isinstance(bound, BoundOp) else cpp_op(ext, bound)
 
         block = ext.Block(
             gemm(calls.qkv), gemm(calls.out), gemm(calls.lin1_act), gemm(calls.lin2),
@@ -352,9 +352,7 @@ def _cpp_op(ext, fn):
     if hit is None or hit[0] is not fn:
         if len(_CPP_OPS) >= 32:  # entries of replaced tables: dropped, not kept alive
             _CPP_OPS.clear()
-        op = (ext.BlockOp(fn._schema.name, fn._schema.overload_name, [], 0) if isinstance(fn, torch._ops.OpOverload)
-              else ext.BlockOp(fn))
-        hit = _CPP_OPS[id(fn)] = (fn, op)
+        hit = _CPP_OPS[id(fn)] = (fn, cpp_op(ext, fn))
     return hit[1]
 
 

@@ -15,7 +15,7 @@ from distilkernels import gemms, modules
 from distilkernels._ext import load_extension
 
 from conftest import base_config, tiny_config
-from helpers import holey_mask, make_model, matrix_unit_attention  # noqa: F401
+from helpers import holey_mask, make_model
 
 pytestmark = pytest.mark.requires_ext
 
@@ -84,8 +84,8 @@ def test_python_gemm_in_the_cpp_loop(dtype, monkeypatch):
         pytest.skip("oneDNN's prepacked linear is not available in this torch build")
     config = base_config(n_layers=1, dim=256, n_heads=4, hidden_dim=512)
     forced = ("onednn",) * len(gemms._CONTEST_ROWS)
-    monkeypatch.setattr(gemms, "_WINNER", {(dtype, k, n, act): forced for k, n in
-                                           ((256, 768), (256, 256), (256, 512), (512, 256)) for act in ("none", "gelu")})
+    shapes = ((256, 768), (256, 256), (256, 512), (512, 256))
+    monkeypatch.setattr(gemms, "_WINNER", {(dtype, k, n, act): forced for k, n in shapes for act in ("none", "gelu")})
     monkeypatch.setattr(gemms, "_ROW_CHUNK", {})
     monkeypatch.setattr(gemms, "amx_loop_runs", lambda dtype, in_features: False)
     model = _patched("bf16" if dtype == torch.bfloat16 else "fp32", config)
