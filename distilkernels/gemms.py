@@ -252,11 +252,18 @@ _MARGIN = 0.05
 
 
 class _Kernel(NamedTuple):
+    """A GEMM kernel: its packing, and either a dispatcher op per input dtype (`op`; runnable from the C++ block
+    loop) or a Python callable (`call`), both taking (x, packed, out_features, bias, activation) and returning
+    activation(x @ weight^T + bias)."""
+
     available: Callable[[torch.dtype], bool]
     pack: Callable  # weight (out_features, in_features) -> the packed weight this kernel reads
-    call: Callable  # (x, packed, out_features, bias, activation) -> activation(x @ weight^T + bias)
-    # dtype -> the dispatcher op that `call` is for inputs of that dtype, taking the same arguments, where it is one
-    op: Callable | None = None
+    op: Callable[[torch.dtype], Callable] | None = None  # input dtype -> the dispatcher op
+    call: Callable | None = None  # where there is no op
+
+    def run(self, x, packed, out_features, bias, activation):
+        fn = self.call if self.op is None else self.op(x.dtype)
+        return fn(x, packed, out_features, bias, activation)
 
 
 def _ours_pack(weight):
@@ -268,10 +275,6 @@ def _ours_pack(weight):
 def _ours_op(dtype):
     # The C++ ops' table entries (DenseGemms runs packed kernels on the C++ backend only): checks in C++ only.
     return dispatch.implementation("linear_bf16" if dtype == torch.bfloat16 else "linear_packed", "cpp")
-
-
-def _ours_call(x, packed, out_features, bias, activation):
-    return _ours_op(x.dtype)(x, packed, out_features, bias, activation)
 
 
 def _onednn_available(dtype: torch.dtype) -> bool:
@@ -297,10 +300,6 @@ def _mkl_available(dtype: torch.dtype) -> bool:
 
 def _mkl_pack(weight):
     return torch.ops.distilkernels.pack_linear_mkl(weight.detach())
-
-
-def _mkl_call(x, packed, out_features, bias, activation):  # csrc/linear_mkl.cpp
-    return torch.ops.distilkernels.linear_mkl(x.contiguous(), packed, out_features, bias, activation)
 
 
 # oneDNN picks its blocking from the number of rows, and some row counts fall off a cliff: in bf16 on a 2-core
@@ -351,18 +350,15 @@ def _bf16x3_pack(weight):
     return ops.pack_linear_bf16x3(weight, vnni=True)
 
 
-def _bf16x3_call(x, packed, out_features, bias, activation):  # csrc/linear_bf16.cpp
-    return dispatch.implementation("linear_bf16x3", "cpp")(x, packed, out_features, bias, activation)
-
-
 _KERNELS: dict[str, _Kernel] = {
-    "packed": _Kernel(lambda dtype: True, _ours_pack, _ours_call, _ours_op),  # linear_packed (fp32) / linear_bf16
-    "onednn": _Kernel(_onednn_available, _onednn_pack, _onednn_linear),  # what inductor freezing runs for bf16
-    "mkl": _Kernel(_mkl_available, _mkl_pack, _mkl_call,  # what inductor freezing runs for fp32
-                   lambda dtype: torch.ops.distilkernels.linear_mkl.default),
+    "packed": _Kernel(lambda dtype: True, _ours_pack, _ours_op),  # linear_packed (fp32) / linear_bf16
+    # what inductor freezing runs for bf16
+    "onednn": _Kernel(_onednn_available, _onednn_pack, call=_onednn_linear),
+    # what inductor freezing runs for fp32 (csrc/linear_mkl.cpp)
+    "mkl": _Kernel(_mkl_available, _mkl_pack, lambda dtype: torch.ops.distilkernels.linear_mkl.default),
     # fp32 as three bf16 products on AMX, where torch's float32 matmul precision permits (bf16x3_allowed); not in
     # the contest: taken wherever allowed, on every GEMM large enough to be contested (dense_kernel)
-    "bf16x3": _Kernel(lambda dtype: False, _bf16x3_pack, _bf16x3_call,
+    "bf16x3": _Kernel(lambda dtype: False, _bf16x3_pack,  # csrc/linear_bf16.cpp
                       lambda dtype: dispatch.implementation("linear_bf16x3", "cpp")),
 }
 # (dtype, in, out features, activation) -> the winner at each of _CONTEST_ROWS
@@ -384,7 +380,7 @@ def _interleaved_medians(candidates: dict, rounds: int = 5) -> dict:
 
 
 class _Rotating:
-    """kernel.call on x with the next of several packed copies of one weight, in turn."""
+    """kernel.run on x with the next of several packed copies of one weight, in turn."""
 
     def __init__(self, kernel, packs, out_features, bias, activation):
         self.kernel, self.packs, self.i = kernel, packs, 0
@@ -392,7 +388,7 @@ class _Rotating:
 
     def __call__(self, x):
         self.i = (self.i + 1) % len(self.packs)
-        return self.kernel.call(x, self.packs[self.i], *self.args)
+        return self.kernel.run(x, self.packs[self.i], *self.args)
 
 
 def _agrees(got, want, in_features: int) -> bool:
@@ -561,7 +557,7 @@ class DenseGemms:
 
     def _packed(self, name, x, activation="none"):
         kernel, packed, bias = self._packing(name, x)
-        return _KERNELS[kernel].call(x, packed, bias.shape[0], bias, activation)
+        return _KERNELS[kernel].run(x, packed, bias.shape[0], bias, activation)
 
     def _packing(self, name, x):
         """(kernel name, packed weight, bias) of GEMM `name` for inputs like x, packed on first use and
