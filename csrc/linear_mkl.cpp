@@ -3,9 +3,10 @@
 // The x86 torch CPU build links MKL and exports its packed-GEMM API (cblas_sgemm_pack / cblas_sgemm_compute);
 // torch's inductor freezing runs fp32 linears on it. The weight is packed once into MKL's internal layout
 // and a call is one cblas_sgemm_compute (MKL's own threading, sized by torch.set_num_threads) followed by one
-// pass per row that adds the bias and applies the activation, or, with enough rows, one such pair per thread
-// and chunk of rows (kSplitRows). On the 2-core AMX Xeon, distilbert-base fp32 at 1 x 128 ran in 37.3 ms on it
-// against 41.0 ms on oneDNN's prepacked linear (gemms.py measures which one a shape takes on the CPU at hand).
+// pass per row that adds the bias and applies the activation, or, with row_chunk > 0 and at least row_chunk rows
+// per thread, one such pair per thread and chunk of row_chunk rows. On the 2-core AMX Xeon, distilbert-base fp32
+// at 1 x 128 ran in 37.3 ms on it against 41.0 ms on oneDNN's prepacked linear (gemms.py measures which kernel,
+// and which row_chunk, a shape takes on the CPU at hand).
 //
 // The symbols are declared weak: where torch was built without MKL they resolve to null and mkl_packs() is
 // false. MKL sizes the packed B the same for every row count m (cblas_sgemm_pack_get_size); the weight is
@@ -43,15 +44,14 @@ bool mkl_packs() {
 namespace {
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151, kMatrixB = 162;
 constexpr int64_t kPackRows = 128;  // MKL's hint for the row count; the layout does not depend on it
-// From kSplitRows rows per thread on, the threads split the rows instead of MKL splitting the work: each thread
-// streams every weight (twice the weight traffic of MKL's own split, which is why 1 x 128 keeps that), but its
-// rows' output chunks stay in its L2 for the bias/activation pass instead of a second pass over the whole
-// output. On the 2-core AMX Xeon, weights not in cache, 256-1024 rows: q|k|v +2-4%, attention output
-// (768 x 768) +13-17%, lin1 + GELU +1-4%, lin2 even; at 128 rows the split was 20% slower.
-// The residual add + LayerNorm after the attention output and lin2 in this epilogue too (bit-identical to the two
-// ops) measured no gain in distilbert-base (the C++ block loop, interleaved: 0.995x at 1 x 128, 0.997x at
-// 8 x 128): the separate add_layer_norm right after the GEMM finds its rows in cache already.
-constexpr int64_t kSplitRows = 128;
+// With row_chunk > 0 and at least row_chunk rows per thread, the threads split the rows instead of MKL
+// splitting the work: each thread streams every weight (twice the weight traffic of MKL's own split), but its
+// rows' output chunks stay in its cache for the bias/activation pass instead of a second pass over the whole
+// output. Which pays depends on the CPU's caches, so gemms.py measures both per shape (kernels "mkl" and
+// "mkl_rows"). The residual add + LayerNorm after the attention output and lin2 in this epilogue too
+// (bit-identical to the two ops) measured no gain in distilbert-base on the 2-core AMX Xeon (the C++ block loop,
+// interleaved: 0.995x at 1 x 128, 0.997x at 8 x 128): the separate add_layer_norm right after the GEMM finds its
+// rows in cache already.
 }  // namespace
 
 // The packed weight is one 1-D fp32 tensor: a header of kHeader floats, then MKL's packing, 64 bytes in like the
@@ -93,7 +93,7 @@ at::Tensor pack_linear_mkl_cpu(const at::Tensor& weight) {
 }
 
 at::Tensor linear_mkl_cpu(const at::Tensor& x, const at::Tensor& packed_weight, int64_t out_features,
-                          const c10::optional<at::Tensor>& bias, c10::string_view activation) {
+                          const c10::optional<at::Tensor>& bias, c10::string_view activation, int64_t row_chunk) {
   check_cpu(x, "x");
   check_cpu(packed_weight, "packed_weight");
   check_fp32(x, "x");
@@ -102,6 +102,7 @@ at::Tensor linear_mkl_cpu(const at::Tensor& x, const at::Tensor& packed_weight, 
   TORCH_CHECK(x.dim() == 2 && x.size(1) > 0, "x must be (tokens, in_features) with in_features > 0, got shape ",
               x.sizes());
   TORCH_CHECK(out_features > 0, "out_features must be > 0, got ", out_features);
+  TORCH_CHECK(row_chunk >= 0, "row_chunk must be >= 0 (0: MKL's own threading over all rows), got ", row_chunk);
   const int64_t tokens = x.size(0), k = x.size(1);
   Header header{-1, -1, 0};
   if (packed_weight.dim() == 1 && packed_weight.is_contiguous() && packed_weight.size(0) >= kHeader)
@@ -130,12 +131,12 @@ at::Tensor linear_mkl_cpu(const at::Tensor& x, const at::Tensor& packed_weight, 
     for (int64_t r = r0; r < r1; ++r) kern.bias_act_row(c + r * out_features, b.data(), out_features, act);
   };
   const int64_t threads = at::get_num_threads();
-  if (threads > 1 && tokens >= kSplitRows * threads) {
+  if (row_chunk > 0 && threads > 1 && tokens >= row_chunk * threads) {
     // Each thread takes its own rows and runs MKL single-threaded on them (MKL inside a parallel region), in
-    // chunks of kSplitRows whose epilogue runs while the chunk is still in this core's L2.
+    // chunks of row_chunk whose epilogue runs while the chunk is still in this core's cache.
     at::parallel_for(0, tokens, (tokens + threads - 1) / threads, [&](int64_t begin, int64_t end) {
-      for (int64_t r0 = begin; r0 < end; r0 += kSplitRows) {
-        const int64_t rows = std::min(kSplitRows, end - r0);
+      for (int64_t r0 = begin; r0 < end; r0 += row_chunk) {
+        const int64_t rows = std::min(row_chunk, end - r0);
         cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, rows, out_features, k, a + r0 * k, k, w, out_features,
                             0.0f, c + r0 * out_features, out_features);
         if (has_epilogue) epilogue(r0, r0 + rows);

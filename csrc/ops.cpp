@@ -37,8 +37,11 @@ TORCH_LIBRARY(distilkernels, m) {
   m.def("linear_packed(Tensor x, Tensor packed_weight, int out_features, Tensor? bias, str activation) -> Tensor");
   // The same on MKL's packed-weight GEMM (csrc/linear_mkl.cpp; torch builds that link MKL): pack_linear_mkl(weight
   // (out_features, in_features) fp32) -> MKL's opaque packing as a 1-D fp32 tensor, used where it was made.
+  // row_chunk 0: MKL threads the whole GEMM; > 0: each thread its own rows, in chunks of row_chunk rows, where
+  // every thread has at least that many.
   m.def("pack_linear_mkl(Tensor weight) -> Tensor");
-  m.def("linear_mkl(Tensor x, Tensor packed_weight, int out_features, Tensor? bias, str activation) -> Tensor");
+  m.def("linear_mkl(Tensor x, Tensor packed_weight, int out_features, Tensor? bias, str activation, int row_chunk=0) "
+        "-> Tensor");
   // In place: x = activation(x + bias), activation in {"gelu" (exact erf), "relu"}.
   //   x: (..., hidden_dim) contiguous; bias: (hidden_dim,)
   m.def("bias_act_(Tensor(a!) x, Tensor bias, str activation) -> ()");

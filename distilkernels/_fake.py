@@ -30,7 +30,7 @@ def _pack_linear_mkl_fake(weight):
 
 
 @torch.library.register_fake("distilkernels::linear_mkl")
-def _linear_mkl_fake(x, packed_weight, out_features, bias, activation):
+def _linear_mkl_fake(x, packed_weight, out_features, bias, activation, row_chunk=0):
     return x.new_empty((x.shape[0], out_features))
 
 

@@ -69,7 +69,8 @@ def precision_paths() -> dict[str, str]:
 
     onednn = (f"oneDNN's prepacked linear (rows in chunks of {_CHUNK_ROWS} where that measures faster per bucket "
               "of rows)")
-    labels = {"onednn": onednn, "mkl": "MKL's packed GEMM"}
+    labels = {"onednn": onednn,
+              "mkl": f"MKL's packed GEMM (threaded by MKL or by us over rows in chunks of {_MKL_ROW_CHUNK})"}
 
     def contest(dtype):
         libraries = [label for name, label in labels.items() if _KERNELS[name].available(dtype)]
@@ -253,17 +254,19 @@ _MARGIN = 0.05
 
 class _Kernel(NamedTuple):
     """A GEMM kernel: its packing, and either a dispatcher op per input dtype (`op`; runnable from the C++ block
-    loop) or a Python callable (`call`), both taking (x, packed, out_features, bias, activation) and returning
-    activation(x @ weight^T + bias)."""
+    loop) or a Python callable (`call`), both taking (x, packed, out_features, bias, activation, *args) and
+    returning activation(x @ weight^T + bias)."""
 
     available: Callable[[torch.dtype], bool]
     pack: Callable  # weight (out_features, in_features) -> the packed weight this kernel reads
     op: Callable[[torch.dtype], Callable] | None = None  # input dtype -> the dispatcher op
     call: Callable | None = None  # where there is no op
+    args: tuple = ()  # the kernel's own arguments after the common five
+    packing: str | None = None  # another kernel whose packing this one reads (one packing kept for both)
 
     def run(self, x, packed, out_features, bias, activation):
         fn = self.call if self.op is None else self.op(x.dtype)
-        return fn(x, packed, out_features, bias, activation)
+        return fn(x, packed, out_features, bias, activation, *self.args)
 
 
 def _ours_pack(weight):
@@ -300,6 +303,17 @@ def _mkl_available(dtype: torch.dtype) -> bool:
 
 def _mkl_pack(weight):
     return torch.ops.distilkernels.pack_linear_mkl(weight.detach())
+
+
+def _mkl_op(dtype):
+    return torch.ops.distilkernels.linear_mkl.default
+
+
+# linear_mkl's row_chunk for the "mkl_rows" kernel. On the 2-core AMX Xeon (2 MiB L2 per core), weights not in
+# cache, 256-1024 rows, against MKL's own threading: q|k|v +2-4%, attention output (768 x 768) +13-17%, lin1 +
+# GELU +1-4%, lin2 even; chunks of 128 rows with 128 rows in all (no split) were 20% slower. The contest
+# measures the two on the CPU at hand.
+_MKL_ROW_CHUNK = 128
 
 
 # oneDNN picks its blocking from the number of rows, and some row counts fall off a cliff: in bf16 on a 2-core
@@ -354,8 +368,11 @@ _KERNELS: dict[str, _Kernel] = {
     "packed": _Kernel(lambda dtype: True, _ours_pack, _ours_op),  # linear_packed (fp32) / linear_bf16
     # what inductor freezing runs for bf16
     "onednn": _Kernel(_onednn_available, _onednn_pack, call=_onednn_linear),
-    # what inductor freezing runs for fp32 (csrc/linear_mkl.cpp)
-    "mkl": _Kernel(_mkl_available, _mkl_pack, lambda dtype: torch.ops.distilkernels.linear_mkl.default),
+    # what inductor freezing runs for fp32 (csrc/linear_mkl.cpp): MKL's threading over the whole GEMM, or
+    # (mkl_rows) each thread its own rows in chunks of _MKL_ROW_CHUNK, the bias/activation pass on each chunk
+    # while it is in cache
+    "mkl": _Kernel(_mkl_available, _mkl_pack, _mkl_op, args=(0,)),
+    "mkl_rows": _Kernel(_mkl_available, _mkl_pack, _mkl_op, args=(_MKL_ROW_CHUNK,), packing="mkl"),
     # fp32 as three bf16 products on AMX, where torch's float32 matmul precision permits (bf16x3_allowed); not in
     # the contest: taken wherever allowed, on every GEMM large enough to be contested (dense_kernel)
     "bf16x3": _Kernel(lambda dtype: False, _bf16x3_pack,  # csrc/linear_bf16.cpp
@@ -416,19 +433,19 @@ _CONTEST_MAX_COPIES = 64
 
 def dense_kernel(dtype: torch.dtype, in_features: int, out_features: int, activation: str = "none",
                  rows: int = _CONTEST_ROWS[0]) -> str:
-    """The _KERNELS entry for an fp32/bf16 GEMM of this shape and epilogue activation on `rows` rows: "packed"
-    (our linear_packed / linear_bf16), "onednn" (oneDNN's prepacked linear, fused post-ops) or "mkl" (MKL's
-    packed GEMM, fp32), measured once per process at first use, among the kernels this torch build has that
-    compute what ours computes (checked on another row count first). Each runs on random inputs of every row
-    count in _CONTEST_ROWS (interleaved medians of 5 calls), on packed copies of the weight filling
-    _CONTEST_BYTES, so that, as in a forward, the weight comes from beyond the cache. The shape's kernel has the
-    least sum of its times relative to the fastest at each row count, if that sum is _MARGIN below ours (else
-    ours); a row count takes another kernel where that one is _MARGIN faster there, and a call takes the pick of
-    the contest row count nearest its own (in ratio): one sequence and a batch can differ. Which wins depends on
-    the CPU and shape, so none is assumed: at the DistilBERT shapes on the AMX Xeon, oneDNN led ours in fp32 by
-    3-14% per GEMM, and MKL led oneDNN in the model by ~9% at 1 x 128 (weights streamed from memory); with oneDNN
-    capped to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2) linear_packed's AVX2 build led oneDNN by 4-16%. bf16 GEMMs that our
-    AMX tile loop runs are not contested (amx_loop_runs), nor fp32 ones where torch's float32 matmul precision
+    """The _KERNELS entry for an fp32/bf16 GEMM of this shape and epilogue activation on `rows` rows: "packed" (our
+    linear_packed / linear_bf16), "onednn" (oneDNN's prepacked linear, fused post-ops), "mkl" or "mkl_rows" (MKL's
+    packed GEMM, fp32, threaded by MKL or by us over chunks of rows), measured once per process at first use, among
+    the kernels this torch build has that compute what ours computes (checked on another row count first). Each runs
+    on random inputs of every row count in _CONTEST_ROWS (interleaved medians of 5 calls), on packed copies of the
+    weight filling _CONTEST_BYTES, so that, as in a forward, the weight comes from beyond the cache. The shape's
+    kernel has the least sum of its times relative to the fastest at each row count, if that sum is _MARGIN below
+    ours (else ours); a row count takes another kernel where that one is _MARGIN faster there, and a call takes the
+    pick of the contest row count nearest its own (in ratio): one sequence and a batch can differ. Which wins
+    depends on the CPU and shape, so none is assumed: at the DistilBERT shapes on the AMX Xeon, oneDNN led ours in
+    fp32 by 3-14% per GEMM, and MKL led oneDNN in the model by ~9% at 1 x 128 (weights streamed from memory); with
+    oneDNN capped to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2) linear_packed's AVX2 build led oneDNN by 4-16%. bf16 GEMMs that
+    our AMX tile loop runs are not contested (amx_loop_runs), nor fp32 ones where torch's float32 matmul precision
     lets them run as three bf16 products (bf16x3_allowed: "bf16x3", ~2x the fp32 kernels' rate on AMX)."""
     if (dtype == torch.float32 and in_features * out_features >= _MIN_CONTEST_WEIGHT and in_features > 0
             and bf16x3_allowed()):
@@ -543,11 +560,10 @@ class DenseGemms:
             fused = dispatch.implementation("linear_bf16_add_layer_norm", "cpp")
             return BoundOp(fused, (packed, bias.shape[0], bias), add_ln=True)
         kernel, packed, bias = self._packing(name, x)
-        op = _KERNELS[kernel].op
-        if op is not None:  # one op of the dispatcher: runnable from C++ (BoundOp)
-            return BoundOp(op(x.dtype), (packed, bias.shape[0], bias, activation))
-        call, out_features = _KERNELS[kernel].call, bias.shape[0]
-        return lambda x: call(x, packed, out_features, bias, activation)
+        k = _KERNELS[kernel]
+        if k.op is not None:  # one op of the dispatcher: runnable from C++ (BoundOp)
+            return BoundOp(k.op(x.dtype), (packed, bias.shape[0], bias, activation, *k.args))
+        return functools.partial(k.run, packed=packed, out_features=bias.shape[0], bias=bias, activation=activation)
 
     @staticmethod
     def _use_packed(x) -> bool:
@@ -572,9 +588,11 @@ class DenseGemms:
         cast = None if dtype == weight_dtype else dtype
         packs = self.packed[name] if cast is None else self.cast_packed.setdefault((dtype, name), {})
         kernel = dense_kernel(dtype, in_features, out_features, act, x.shape[0])
-        if kernel not in packs:
-            packs[kernel] = DerivedWeights(linears, functools.partial(pack_dense, kernel=kernel, dtype=cast))
-        return packs[kernel].get()
+        packing = _KERNELS[kernel].packing or kernel
+        if packing not in packs:
+            packs[packing] = DerivedWeights(linears, functools.partial(pack_dense, kernel=packing, dtype=cast))
+        _, packed, bias = packs[packing].get()
+        return kernel, packed, bias
 
     def qkv(self, x):  # (tokens, dim) -> (tokens, 3*dim), bias included: one GEMM for q|k|v
         if self._use_packed(x):

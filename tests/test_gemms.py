@@ -75,7 +75,11 @@ def test_every_contest_kernel_matches_hf(kernel, dtype, monkeypatch):
     with torch.inference_mode():
         got = patched(**inputs).last_hidden_state[valid]
     gemm = next(b for b in patched.modules() if hasattr(b, "_parts"))._parts.gemms
-    assert list(gemm.packed["lin1"]) == [kernel] and gemm.packed["lin1"][kernel].value[0] == kernel  # it ran
+    packing = gemms._KERNELS[kernel].packing or kernel  # mkl_rows reads mkl's packing
+    assert list(gemm.packed["lin1"]) == [packing] and gemm.packed["lin1"][packing].value[0] == packing  # it ran
+    (_, calls), = gemm.bound.values()
+    own = gemms._KERNELS[kernel].args  # mkl_rows: its row chunk, bound after the common arguments
+    assert not own or calls.lin1_act.args[-len(own):] == own
     if dtype == torch.float32:
         assert max_err(got, ref) <= 1e-4
     else:
@@ -107,6 +111,25 @@ def test_kernel_per_row_count(dtype, monkeypatch):
     with torch.inference_mode():
         block_gemms.out(x[:100].to(other))
     assert block_gemms.packed_dtype == other and len(block_gemms.packed["out"]) == 1
+
+
+def test_mkl_kernels_share_one_packing(monkeypatch):
+    """MKL threaded over the whole GEMM ("mkl") and by us over chunks of rows ("mkl_rows") read one packing: a
+    GEMM that takes each at one row count packs once, and the two agree to fp32 rounding (each output row is its
+    own input row's, whoever splits the rows)."""
+    if not gemms._mkl_available(torch.float32):
+        pytest.skip("this torch build does not export MKL's packed GEMM")
+    torch.manual_seed(0)
+    model = make_model(transformers.DistilBertModel, base_config(n_layers=1))
+    distilkernels.patch(model)
+    block_gemms = next(b for b in model.modules() if hasattr(b, "_parts"))._parts.gemms
+    monkeypatch.setattr(gemms, "_WINNER", {(torch.float32, 768, 768, "none"): ("mkl_rows", "mkl")})
+    x = torch.randn(2000, 768)
+    with torch.inference_mode():
+        chunked, whole = block_gemms.out(x[:gemms._MKL_ROW_CHUNK * 2]), block_gemms.out(x)
+    assert list(block_gemms.packed["out"]) == ["mkl"]
+    assert max_err(chunked, whole[: gemms._MKL_ROW_CHUNK * 2]) <= 100 * torch.finfo().eps * 768 ** 0.5 * max(
+        1.0, magnitude(whole))
 
 
 def test_no_contest_where_the_amx_tile_loop_runs(monkeypatch):

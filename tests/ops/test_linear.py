@@ -518,7 +518,8 @@ def _mkl_or_skip():
     (1, 8, 1), (37, 37, 129), (128, 64, 200), (300, 800, 64), (1100, 96, 77),  # row counts on both sides of 128
 ])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_linear_mkl_matches_fp64(tokens, in_features, out_features, bias, activation, threads):
+@pytest.mark.parametrize("row_chunk", [0, 128, 100])  # MKL's threading; ours over rows (even, ragged chunks)
+def test_linear_mkl_matches_fp64(tokens, in_features, out_features, bias, activation, threads, row_chunk):
     """The weight is packed once (for 128 rows, MKL's hint) and used for every row count."""
     _mkl_or_skip()
     torch.manual_seed(0)
@@ -526,8 +527,8 @@ def test_linear_mkl_matches_fp64(tokens, in_features, out_features, bias, activa
     b = torch.randn(out_features) if bias else None
     with num_threads(threads):
         packed = torch.ops.distilkernels.pack_linear_mkl(weight)
-        got = torch.ops.distilkernels.linear_mkl(x, packed, out_features, b, activation)
-        again = torch.ops.distilkernels.linear_mkl(x[:5], packed, out_features, b, activation)
+        got = torch.ops.distilkernels.linear_mkl(x, packed, out_features, b, activation, row_chunk)
+        again = torch.ops.distilkernels.linear_mkl(x[:5], packed, out_features, b, activation, row_chunk)
     ref = reference.activate(F.linear(x.double(), weight.double(), None if b is None else b.double()), activation)
     assert got.shape == (tokens, out_features) and got.is_contiguous()
     assert max_err(got, ref) <= fp32_gemm_bound(ref, in_features)
@@ -561,6 +562,8 @@ def test_linear_mkl_bad_input():
         linear_mkl(x, packed, 5, torch.randn(4), "none")
     with pytest.raises(RuntimeError, match="activation must be one of"):
         linear_mkl(x, packed, 5, None, "tanh")
+    with pytest.raises(RuntimeError, match="row_chunk must be >= 0"):
+        linear_mkl(x, packed, 5, None, "none", -1)
     for copied in (packed.clone(), copy.deepcopy(packed), torch.empty(packed.numel() + 1)[1:].copy_(packed)):
         with pytest.raises(RuntimeError, match="cannot be moved or copied"):  # MKL itself would crash
             linear_mkl(x, copied, 5, None, "none")
