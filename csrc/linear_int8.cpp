@@ -160,7 +160,8 @@ at::Tensor linear_int8_cpu(const at::Tensor& x, const at::Tensor& packed_weight,
       for (int64_t r = begin; r < end; ++r) xs[r] = quantize_row_bf16(src + r * k, k, row.data(), q + r * kp);
     });
   }
-  const float* ws = weight_scale.const_data_ptr<float>();
+  const Fp32Values scale_f(weight_scale, out_features);  // a strided or expanded scale read as its values
+  const float* ws = scale_f.data();
   const float* b = bias_f.data();
   const Out c = out_type == at::kFloat
                     ? Out{out.mutable_data_ptr<float>(), nullptr, out_features}

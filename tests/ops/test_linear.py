@@ -427,6 +427,27 @@ def test_linear_int8_bf16_io(tokens, in_features, out_features, activation, x_dt
 
 
 @pytest.mark.parametrize("vnni", LAYOUTS_INT8)
+def test_linear_int8_strided_scales(vnni):
+    """weight_scale and bias are read as their values whatever their strides (a strided scale was once read as
+    if contiguous: wrong numbers, and past its buffer when expanded), on every backend alike."""
+    torch.manual_seed(2)
+    x, weight, bias = torch.randn(5, 40), torch.randn(70, 40), torch.randn(70)
+    packed, scale = ops.pack_linear_int8(weight, vnni=vnni)
+    want = ops.linear_int8(x, packed, scale, 70, bias, "gelu")
+    strided = torch.stack([scale, torch.full_like(scale, float("nan"))], 1)[:, 0]
+    bias_strided = torch.stack([bias, torch.full_like(bias, float("nan"))], 1)[:, 0]
+    assert torch.equal(ops.linear_int8(x, packed, strided, 70, bias_strided, "gelu"), want)
+    one = torch.full((1,), 0.01)
+    expanded = ops.linear_int8(x, packed, one.expand(70), 70, bias, "gelu")
+    assert torch.equal(expanded, ops.linear_int8(x, packed, one.expand(70).contiguous(), 70, bias, "gelu"))
+    if vnni:  # the torch backend takes the plain layout only
+        return
+    with ops.force_backend("torch"):
+        assert (ops.linear_int8(x, packed, strided, 70, bias_strided, "gelu") - want).abs().max() <= 1e-5 * (
+            want.abs().max().clamp_min(1))
+
+
+@pytest.mark.parametrize("vnni", LAYOUTS_INT8)
 def test_linear_int8_zero_rows_and_empty(vnni):
     x = torch.randn(4, 40)
     x[1] = 0  # an all-zero token: its scale is clamped, its output is the bias
