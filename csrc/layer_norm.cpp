@@ -83,15 +83,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_cpu(const at::Tens
   return {out, mean, rstd};
 }
 
-// The (batch, seqlen) int64 indices `ids` into a table of `rows` rows, as a contiguous tensor; every value in
-// range (checked here: an index past the table would read beyond it).
+// The (batch, seqlen) int64 or int32 indices `ids` into a table of `rows` rows, as a contiguous int64 tensor;
+// every value in range (checked here: an index past the table would read beyond it).
 at::Tensor checked_ids(const at::Tensor& ids, const char* name, int64_t batch, int64_t seqlen, int64_t rows,
                        const char* table) {
   check_cpu(ids, name);
-  TORCH_CHECK(ids.scalar_type() == at::kLong, name, " must be int64, got ", ids.scalar_type());
+  TORCH_CHECK(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt, name, " must be int64 or int32, got ",
+              ids.scalar_type());
   TORCH_CHECK(ids.dim() == 2 && ids.size(0) == batch && ids.size(1) == seqlen, name, " must be (batch, seqlen) = (",
               batch, ", ", seqlen, "), got shape ", ids.sizes());
-  at::Tensor c = ids.contiguous();
+  at::Tensor c = ids.to(at::kLong).contiguous();
   const int64_t* v = c.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < c.numel(); ++i)
     TORCH_CHECK_INDEX(v[i] >= 0 && v[i] < rows, name, " holds ", v[i], ", out of range for the ", rows, " rows of ",

@@ -51,12 +51,12 @@ def check_device(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -
 
 
 def check_index(name: str, t, table: torch.Tensor, table_name: str) -> None:
-    """int64 indices into the rows of `table`, on its device. Their range is checked on CPU only (elsewhere it
-    would cost a device-to-host copy and a sync; the C++ op checks it again, since an index past the table would
-    read beyond it)."""
+    """int64 or int32 indices (as torch.nn.Embedding takes) into the rows of `table`, on its device. Their range is
+    checked on CPU only (elsewhere it would cost a device-to-host copy and a sync; the C++ op checks it again,
+    since an index past the table would read beyond it)."""
     check_tensor(name, t)
-    if t.dtype != torch.int64:
-        raise TypeError(f"{name} must be int64, got {t.dtype}")
+    if t.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must be int64 or int32, got {t.dtype}")
     check_device(name, t, table_name, table)
     if t.device.type == "cpu" and t.numel() > 0:
         low, high = (v.item() for v in torch.aminmax(t))

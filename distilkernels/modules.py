@@ -457,7 +457,12 @@ class FusedEmbeddings:
         Position ids default to the layer's position_ids buffer from `first_position` on; with `token_types`,
         token type ids default as HF's BertEmbeddings makes them (its token_type_ids buffer at the positions)."""
         reason = self._stock_reason(input_ids, inputs_embeds)
+        given = (input_ids, position_ids, token_type_ids)
+        if not reason and any(t is not None and t.dtype not in _INDEX_DTYPES for t in given):
+            reason = "ids neither int64 nor int32"  # HF's forward raises its own error
         if not reason:
+            # int32 ids, which HF's embeddings take too, as the int64 the op reads
+            input_ids, position_ids, token_type_ids = (None if t is None else t.long() for t in given)
             batch, seqlen = input_ids.shape
             if position_ids is None:
                 position_ids = (self.position_ids[:, first_position:first_position + seqlen]
@@ -485,6 +490,9 @@ class FusedEmbeddings:
         return dispatch.implementation("embed_layer_norm", "cpp")(
             self.word_embeddings.weight, input_ids, self.position_embeddings.weight, position_ids.expand(batch, seqlen),
             table, token_type_ids, ln.weight, ln.bias, ln.eps)[0]
+
+
+_INDEX_DTYPES = (torch.int64, torch.int32)  # what torch.nn.Embedding takes as indices
 
 
 def clone_as(module: torch.nn.Module, cls: type) -> torch.nn.Module:

@@ -115,10 +115,13 @@ def embed_layer_norm(word, input_ids, position, position_ids, token_type, token_
 
     word (vocab, dim), position (positions, dim), token_type (types, dim) or None (with token_type_ids None): one
     float dtype and device;
-    input_ids, position_ids, token_type_ids: (batch, seqlen) int64 (position_ids and token_type_ids may be
-    (1, seqlen), shared by the batch); weight, bias: (dim,). Returns out (batch, seqlen, dim), or (out, mean,
+    input_ids, position_ids, token_type_ids: (batch, seqlen) int64 or int32 (position_ids and token_type_ids may
+    be (1, seqlen), shared by the batch); weight, bias: (dim,). Returns out (batch, seqlen, dim), or (out, mean,
     rstd) with mean/rstd (batch, seqlen) fp32 if return_stats. An index past its table is an IndexError.
     """
+    for name, t in (("position", position), ("position_ids", position_ids)):
+        if t is None:
+            raise TypeError(f"{name} must be a tensor (every BERT-family embedding has positions), got None")
     _check_float("word", word)
     if word.dim() != 2 or word.shape[1] == 0:
         raise ValueError(f"word must be (vocab, dim) with dim > 0, got shape {tuple(word.shape)}")
@@ -142,10 +145,10 @@ def embed_layer_norm(word, input_ids, position, position_ids, token_type, token_
         if t.dim() != 2 or t.shape[1] != input_ids.shape[1] or t.shape[0] not in (1, input_ids.shape[0]):
             raise ValueError(f"{name} must be (batch, seqlen) = {tuple(input_ids.shape)} or (1, seqlen), "
                              f"got shape {tuple(t.shape)}")
-        ids[name] = t.expand(input_ids.shape)
+        ids[name] = t.long().expand(input_ids.shape)
     _check_vector("weight", weight, word.shape[1], "word", word)
     _check_vector("bias", bias, word.shape[1], "word", word)
-    out, mean, rstd = _impl("embed_layer_norm", word.device)(word, input_ids, position, ids["position_ids"],
+    out, mean, rstd = _impl("embed_layer_norm", word.device)(word, input_ids.long(), position, ids["position_ids"],
                                                             token_type, ids["token_type_ids"], weight, bias,
                                                             float(eps))
     return (out, mean, rstd) if return_stats else out

@@ -9,7 +9,7 @@ import transformers
 import distilkernels
 from distilkernels.modules import FusedBlock, FusedEncoder
 
-from conftest import tiny_config
+from conftest import by_name, tiny_config
 from helpers import ATOL, holey_mask, make_model, model_inputs, op_count
 
 
@@ -132,6 +132,30 @@ def test_weights_changed_after_patch_are_seen():
         model.load_state_dict(other.state_dict())
         got = model(**inputs).last_hidden_state
         ref = other(**inputs).last_hidden_state
+    assert (got - ref)[mask.bool()].abs().max() <= ATOL
+
+
+@pytest.mark.parametrize("family", ["distilbert", "bert", "roberta"])
+def test_int32_ids(family, op_spy):
+    """int32 input_ids, token_type_ids and position_ids, which HF's embeddings take, give what HF gives (patched
+    and stock alike); ids of another integer dtype get HF's own error."""
+    fam = by_name(family)
+    config = fam.test.tiny()
+    cls = fam.base_model
+    mask = holey_mask(3, 8, seed=10)
+    model = make_model(cls, config)
+    inputs = model_inputs(cls, config, 3, 8, mask, with_labels=False)
+    if family == "bert":
+        inputs["position_ids"] = torch.arange(2, 10)[None]
+    narrow = {k: v.int() if k != "attention_mask" else v for k, v in inputs.items()}
+    with torch.inference_mode():
+        ref = model(**inputs).last_hidden_state
+        with distilkernels.patch(model):
+            got = model(**narrow).last_hidden_state
+            fused = family != "roberta"  # RoBERTa's embeddings run HF's forward
+            assert op_spy.get(("embed_layer_norm", "cpp"), 0) == fused  # the fused embedding ran them
+            with pytest.raises((RuntimeError, IndexError, TypeError)):
+                model(**dict(narrow, input_ids=narrow["input_ids"].short()))
     assert (got - ref)[mask.bool()].abs().max() <= ATOL
 
 

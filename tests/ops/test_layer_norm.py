@@ -218,6 +218,27 @@ def test_embed_layer_norm_matches_fp64(backend, dtype, token_types, threads):
 
 
 @requires_ext
+def test_embed_layer_norm_int32_ids(backend):
+    """int32 ids (torch.nn.Embedding takes them too) give what int64 ids give, bit for bit, through the op and
+    through the raw C++ op, whose range check sees them as well."""
+    g = torch.Generator().manual_seed(6)
+    word, position, token_type = torch.randn(23, 8, generator=g), torch.randn(9, 8), torch.randn(2, 8)
+    ids, pos, types = torch.randint(0, 23, (2, 9), generator=g), torch.arange(9)[None], torch.ones(2, 9).long()
+    ln = (torch.randn(8, generator=g), torch.randn(8, generator=g))
+    with ops.force_backend(backend):
+        want = ops.embed_layer_norm(word, ids, position, pos, token_type, types, *ln)
+        got = ops.embed_layer_norm(word, ids.int(), position, pos.int(), token_type, types.int(), *ln)
+    assert torch.equal(got, want)
+    if backend == "cpp":
+        raw = OPS.embed_layer_norm(word, ids.int(), position, pos.int().expand(2, 9), token_type, types.int(), *ln,
+                                   1e-12)[0]
+        assert torch.equal(raw, want)
+        past = ids.int().clone()
+        past[1, 3] = 23
+        with pytest.raises(IndexError, match="input_ids holds 23, out of range"):
+            OPS.embed_layer_norm(word, past, position, pos.expand(2, 9), None, None, *ln, 1e-12)
+
+
 def test_embed_layer_norm_raw_op_rejects_indices_past_the_table():
     """The C++ op checks every index itself (a raw call skips distilkernels.ops' checks): an index past a table
     would read beyond it."""
