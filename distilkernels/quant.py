@@ -73,6 +73,11 @@ class Int8Gemms:
                            functools.partial(self._bind, backend=backend), activation)
 
     def _bind(self, name, activation, *, backend):
+        bad = {(p.dtype, p.device.type) for lin in self.linears for p in (lin.weight, lin.bias)}
+        if bad - {(torch.float32, "cpu")}:  # what quantize() requires, checked again after a cast or move
+            raise TypeError(f"a quantized model runs from its fp32 weights on the CPU, got (dtype, device) "
+                            f"{sorted(map(str, bad))}: cast or moved after distilkernels.quantize? model.float() / "
+                            "model.cpu() restores it; for bf16, patch a bf16 copy of the fp32 model instead")
         if name.endswith("+ln"):  # fp32 output: the block adds and normalizes it itself
             return None
         packed, scale, bias = self.packed[name].get()

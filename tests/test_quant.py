@@ -141,6 +141,22 @@ def test_int8_follows_new_weights():
     assert torch.equal(hidden(model, inputs), expected)
 
 
+def test_int8_model_cast_after_quantize():
+    """A quantized model cast to bf16 afterwards says so (it failed deep in the C++ block loop: "bias must be
+    float32"), and cast back it runs int8 again, as a model quantized from its (now bf16-rounded) weights does."""
+    config = tiny_config()
+    model = distilkernels.quantize(make_model(transformers.DistilBertModel, config))
+    inputs = model_inputs(transformers.DistilBertModel, config, 3, 6, holey_mask(3, 6), with_labels=False)
+    hidden(model, inputs)
+    model.to(torch.bfloat16)
+    with pytest.raises(TypeError, match="quantized model runs from its fp32 weights.*bfloat16"):
+        hidden(model, inputs)
+    model.float()
+    fresh = make_model(transformers.DistilBertModel, config)
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(hidden(model, inputs), hidden(distilkernels.quantize(fresh), inputs))
+
+
 def test_int8_optimized_class(tmp_path):
     config = tiny_config()
     make_model(transformers.DistilBertModel, config).save_pretrained(tmp_path)
