@@ -179,12 +179,20 @@ def check_cu_seqlens(cu_seqlens, max_seqlen, total: int, q: torch.Tensor) -> int
     return max_seqlen
 
 
-def check_packed(x, packed_weight, dtype, out_features, bias, bias_dtypes, activations: tuple, activation) -> None:
-    """The arguments of the matrix-unit GEMMs (linear_bf16, linear_int8) besides x."""
+def check_packed(x, packed_weight, dtype, out_features, bias, bias_dtypes, activations: tuple, activation,
+                 rows_per_feature: int = 1) -> None:
+    """The arguments of the matrix-unit GEMMs (linear_bf16, linear_bf16x3, linear_int8) besides x. The plain
+    layout (2-D) is weight^T, (rows_per_feature * in_features, out_features), checked here on every backend; the
+    matrix unit's VNNI blocks (3-D, the C++ backend only) are checked by the C++ op, which knows their blocking."""
     if not isinstance(packed_weight, torch.Tensor) or packed_weight.dtype != dtype or packed_weight.dim() not in (2, 3):
         raise ValueError(f"packed_weight must be a 2-D or 3-D {dtype} tensor from its pack op, got {describe(packed_weight)}")
     if isinstance(out_features, bool) or not isinstance(out_features, int) or out_features < 0:
         raise ValueError(f"out_features must be a non-negative int, got {out_features!r}")
+    k = x.shape[1]
+    if packed_weight.dim() == 2 and tuple(packed_weight.shape) != (rows_per_feature * k, out_features):
+        rows = f"in_features={k}" if rows_per_feature == 1 else f"{rows_per_feature} * in_features={rows_per_feature * k}"
+        raise ValueError(f"packed_weight must be ({rows}, out_features={out_features}) from its pack op with "
+                         f"vnni=False, or 3-D from vnni=True; got shape {tuple(packed_weight.shape)}")
     if bias is not None and (not isinstance(bias, torch.Tensor) or bias.dtype not in bias_dtypes
                              or tuple(bias.shape) != (out_features,)):
         raise ValueError(f"bias must be None or a tensor of shape ({out_features},) and dtype in {bias_dtypes}, "

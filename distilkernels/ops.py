@@ -275,7 +275,7 @@ def _bf16_weight_linear(op: str, x_dtype, x, packed_weight, out_features, bias, 
         name = str(x_dtype).removeprefix("torch.")
         raise TypeError(f"x must be a 2-D (tokens, in_features) {name} tensor, got {_describe(x)}")
     _check_packed(x, packed_weight, torch.bfloat16, out_features, bias, (torch.bfloat16, torch.float32),
-                  ("none",) + ACTIVATIONS, activation)
+                  ("none",) + ACTIVATIONS, activation, rows_per_feature=2 if op == "linear_bf16x3" else 1)
     return _impl(op, x.device)(x, packed_weight, out_features, bias, activation)
 
 

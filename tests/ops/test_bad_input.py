@@ -226,6 +226,8 @@ ROWS = {
                            TypeError, r"x must be a 2-D \(tokens, in_features\) bfloat16", False),
     "linear_bf16-packed-dtype": ("linear_bf16", lambda: (_x_bf16(), _plain_bf16().float(), 5),
                                  ValueError, "packed_weight must be a 2-D or 3-D torch.bfloat16", False),
+    "linear_bf16-packed-shape": ("linear_bf16", lambda: (_x_bf16(), _plain_bf16(), 6),
+                                 ValueError, r"packed_weight must be \(in_features=4, out_features=6\)", False),
     "linear_bf16-bias-size": ("linear_bf16", lambda: (_x_bf16(), _plain_bf16(), 5, torch.randn(4)),
                               ValueError, r"bias must be None or a tensor of shape \(5,\)", False),
     "linear_bf16-activation": ("linear_bf16", lambda: (_x_bf16(), _plain_bf16(), 5, None, "tanh"),
@@ -239,6 +241,8 @@ ROWS = {
                              TypeError, r"x must be a 2-D \(tokens, in_features\) float32", False),
     "linear_bf16x3-packed-dtype": ("linear_bf16x3", lambda: (torch.randn(3, 4), _plain_bf16x3().float(), 5),
                                    ValueError, "packed_weight must be a 2-D or 3-D torch.bfloat16", False),
+    "linear_bf16x3-packed-shape": ("linear_bf16x3", lambda: (torch.randn(3, 4), _plain_bf16x3(), 6),
+                                   ValueError, r"packed_weight must be \(2 \* in_features=8, out_features=6\)", False),
     "linear_bf16x3-bias-size": ("linear_bf16x3", lambda: (torch.randn(3, 4), _plain_bf16x3(), 5, torch.randn(4)),
                                 ValueError, r"bias must be None or a tensor of shape \(5,\)", False),
     "linear_bf16x3-activation": ("linear_bf16x3", lambda: (torch.randn(3, 4), _plain_bf16x3(), 5, None, "tanh"),
@@ -270,6 +274,9 @@ ROWS = {
     "linear_int8-packed-dtype": ("linear_int8", lambda: (lambda p, s: (torch.randn(3, 4), p.float(), s, 5))(
                                      *_plain_int8()),
                                  ValueError, "packed_weight must be a 2-D or 3-D torch.int8", False),
+    "linear_int8-packed-shape": ("linear_int8", lambda: (lambda p, s: (torch.randn(3, 4), p, s[:4], 4))(
+                                     *_plain_int8()),
+                                 ValueError, r"packed_weight must be \(in_features=4, out_features=4\)", False),
     "linear_int8-scale-size": ("linear_int8", lambda: (lambda p, s: (torch.randn(3, 4), p, s[:4], 5))(
                                    *_plain_int8()),
                                ValueError, r"weight_scale must be a float32 tensor of shape \(5,\)", False),
