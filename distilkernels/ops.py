@@ -78,7 +78,7 @@ def linear_packed(x, packed_weight, out_features: int, bias=None, activation: st
     if isinstance(out_features, bool) or not isinstance(out_features, int) or out_features < 0:
         raise ValueError(f"out_features must be a non-negative int, got {out_features!r}")
     n_panels, in_features, panel = packed_weight.shape
-    if in_features != x.shape[1] or n_panels != -(-out_features // panel):
+    if panel == 0 or in_features != x.shape[1] or n_panels != -(-out_features // panel):
         raise ValueError(f"packed_weight {tuple(packed_weight.shape)} does not hold a ({out_features}, {x.shape[1]}) "
                          "weight: pack it with pack_linear_weight(weight)")
     if not packed_weight.is_contiguous():
@@ -244,8 +244,8 @@ def empty_cpu_cache() -> int:
 def set_cpu_cache_limit(nbytes: int) -> None:
     """Keep at most `nbytes` of freed blocks (0 turns caching off). The default is 512 MiB, or
     DISTILKERNELS_CPU_CACHE_MB at import."""
-    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
-        raise ValueError(f"nbytes must be a non-negative int, got {nbytes!r}")
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or not 0 <= nbytes < 1 << 63:
+        raise ValueError(f"nbytes must be an int in [0, 2**63), got {nbytes!r}")
     _extension().cpu_cache_set_limit(nbytes)
 
 
@@ -257,10 +257,18 @@ def pack_linear_bf16(weight, vnni: bool = False):
     """weight (out_features, in_features) float -> the bf16 layout `linear_bf16` reads: vnni=True, the matrix
     unit's VNNI blocks (ceil(out_features / 64), in_features rounded up to 2, 64), on CPUs with AMX only;
     vnni=False, weight^T (in_features, out_features)."""
+    return _pack_for_matrix_unit("pack_linear_bf16", weight, vnni)
+
+
+def _pack_for_matrix_unit(op: str, weight, vnni):
+    """pack_linear_bf16 / _bf16x3 / _int8: the checks, then the backend's op."""
     _check_float("weight", weight)
     if weight.dim() != 2:
         raise ValueError(f"weight must be (out_features, in_features), got shape {tuple(weight.shape)}")
-    return _impl("pack_linear_bf16", weight.device)(weight, bool(vnni))
+    if vnni and weight.shape[1] == 0:
+        raise ValueError("weight must have in_features > 0 for vnni=True (the matrix unit's blocks); "
+                         "an empty weight packs with vnni=False")
+    return _impl(op, weight.device)(weight, bool(vnni))
 
 
 def linear_bf16(x, packed_weight, out_features: int, bias=None, activation: str = "none"):
@@ -311,10 +319,7 @@ def pack_linear_bf16x3(weight, vnni: bool = False):
     blocks, on CPUs with AMX only, in_features in P = ceil(in_features / 1024) parts of ceil(in_features / P),
     each padded to 32: (P * ceil(out_features / 64), 2 * padded part, 64); vnni=False: (2 * in_features,
     out_features)."""
-    _check_float("weight", weight)
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be (out_features, in_features), got shape {tuple(weight.shape)}")
-    return _impl("pack_linear_bf16x3", weight.device)(weight, bool(vnni))
+    return _pack_for_matrix_unit("pack_linear_bf16x3", weight, vnni)
 
 
 def linear_bf16x3(x, packed_weight, out_features: int, bias=None, activation: str = "none"):
@@ -329,10 +334,7 @@ def pack_linear_int8(weight, vnni: bool = False):
     """weight (out_features, in_features) float -> (packed int8 weight, weight_scale (out_features,) fp32):
     symmetric per output channel (scale = max|w[n]| / 127); packed as pack_linear_bf16 lays it out, VNNI
     groups of 4 along in_features."""
-    _check_float("weight", weight)
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be (out_features, in_features), got shape {tuple(weight.shape)}")
-    return _impl("pack_linear_int8", weight.device)(weight, bool(vnni))
+    return _pack_for_matrix_unit("pack_linear_int8", weight, vnni)
 
 
 def linear_int8(x, packed_weight, weight_scale, out_features: int, bias=None, activation: str = "none",

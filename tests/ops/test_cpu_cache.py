@@ -61,8 +61,9 @@ def test_cpu_cache_limit_and_small_outputs(cpu_cache):
     before = ops.cpu_cache_stats()
     del small
     assert ops.cpu_cache_stats() == before
-    with pytest.raises(ValueError, match="nbytes must be a non-negative int"):
-        ops.set_cpu_cache_limit(-1)
+    for bad in (-1, 1 << 63, 2.0, True):
+        with pytest.raises(ValueError, match=r"nbytes must be an int in \[0, 2\*\*63\)"):
+            ops.set_cpu_cache_limit(bad)
 
 
 @pytest.mark.parametrize("value, limit, warns", [("7", 7 << 20, False), ("0", 0, False),
