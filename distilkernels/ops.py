@@ -35,6 +35,21 @@ def _impl(op: str, device: torch.device):
     return dispatch.lookup(op, device)
 
 
+def _run(op: str, device: torch.device, *args):
+    """The backend's `op` on args, which must not need gradients: the ops have no backward (inference only), so
+    an output would silently come out of the autograd graph."""
+    if torch.is_grad_enabled():
+        for i, a in enumerate(args):
+            if isinstance(a, torch.Tensor) and a.requires_grad:
+                import inspect  # the error path only: the argument's name in the op's signature here
+
+                name = list(inspect.signature(globals()[op]).parameters)[i]
+                raise RuntimeError(
+                    f"distilkernels.ops.{op} has no backward (the ops are inference-only), and {name} requires grad: "
+                    "call it under torch.no_grad() or torch.inference_mode(), or pass detached tensors")
+    return dispatch.lookup(op, device)(*args)
+
+
 def _scale(softmax_scale, head_dim: int) -> float:
     return float(head_dim) ** -0.5 if softmax_scale is None else float(softmax_scale)
 
@@ -57,7 +72,7 @@ def linear(x, weight, bias=None):
         raise ValueError(f"bias must be None or (out_features,) = ({weight.shape[0]},), got "
                          f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
     _check_same("x", x, weight=weight, bias=bias)
-    return _impl("linear", x.device)(x, weight, bias)
+    return _run("linear", x.device, x, weight, bias)
 
 
 def pack_linear_weight(weight):
@@ -86,7 +101,7 @@ def linear_packed(x, packed_weight, out_features: int, bias=None, activation: st
     _check_fp32_vector("bias", bias, out_features, optional=True)
     _check_activation(activation, ("none",) + ACTIVATIONS)
     _check_same("x", x, packed_weight=packed_weight, bias=bias)
-    return _impl("linear_packed", x.device)(x, packed_weight, out_features, bias, activation)
+    return _run("linear_packed", x.device, x, packed_weight, out_features, bias, activation)
 
 
 def add_layer_norm(x, residual, weight, bias, eps: float = 1e-12, return_stats: bool = False):
@@ -104,7 +119,7 @@ def add_layer_norm(x, residual, weight, bias, eps: float = 1e-12, return_stats: 
             raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
     _check_vector("weight", weight, x.shape[-1], "x", x)
     _check_vector("bias", bias, x.shape[-1], "x", x)
-    out, mean, rstd = _impl("add_layer_norm", x.device)(x, residual, weight, bias, float(eps))
+    out, mean, rstd = _run("add_layer_norm", x.device, x, residual, weight, bias, float(eps))
     return (out, mean, rstd) if return_stats else out
 
 
@@ -148,9 +163,8 @@ def embed_layer_norm(word, input_ids, position, position_ids, token_type, token_
         ids[name] = t.long().expand(input_ids.shape)
     _check_vector("weight", weight, word.shape[1], "word", word)
     _check_vector("bias", bias, word.shape[1], "word", word)
-    out, mean, rstd = _impl("embed_layer_norm", word.device)(word, input_ids.long(), position, ids["position_ids"],
-                                                            token_type, ids["token_type_ids"], weight, bias,
-                                                            float(eps))
+    out, mean, rstd = _run("embed_layer_norm", word.device, word, input_ids.long(), position, ids["position_ids"],
+                           token_type, ids["token_type_ids"], weight, bias, float(eps))
     return (out, mean, rstd) if return_stats else out
 
 
@@ -163,7 +177,7 @@ def bias_act_(x, bias, activation: str = "gelu"):
     _check_vector("bias", bias, x.shape[-1], "x", x)
     _check_same("x", x, bias=bias)
     _check_activation(activation, ACTIVATIONS)
-    _impl("bias_act_", x.device)(x, bias, activation)
+    _run("bias_act_", x.device, x, bias, activation)
     return x
 
 
@@ -178,7 +192,7 @@ def attention(q, k, v, key_padding_mask=None, softmax_scale=None, return_lse: bo
     """
     _check_qkv(q, k, v, "(batch, seqlen, n_heads, head_dim)", 4)
     _check_key_padding_mask(key_padding_mask, q)
-    out, lse = _impl("attention", q.device)(q, k, v, key_padding_mask, _scale(softmax_scale, q.shape[-1]))
+    out, lse = _run("attention", q.device, q, k, v, key_padding_mask, _scale(softmax_scale, q.shape[-1]))
     return (out, lse) if return_lse else out
 
 
@@ -195,8 +209,7 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale=None, r
     """
     _check_qkv(q, k, v, "(total_tokens, n_heads, head_dim)", 3)
     max_seqlen = _check_cu_seqlens(cu_seqlens, max_seqlen, q.shape[0], q)
-    out, lse = _impl("varlen_attention", q.device)(q, k, v, cu_seqlens, max_seqlen,
-                                                   _scale(softmax_scale, q.shape[-1]))
+    out, lse = _run("varlen_attention", q.device, q, k, v, cu_seqlens, max_seqlen, _scale(softmax_scale, q.shape[-1]))
     return (out, lse) if return_lse else out
 
 
@@ -204,7 +217,7 @@ def normalize_rows(x):
     """Per-token scaling before a per-tensor int8 GEMM. x: (rows, cols) float32.
     Returns (x / scale[:, None], scale) with scale (rows,) = max(max |x[r]|, 1e-12)."""
     _check_fp32_matrix("x", x)
-    return _impl("normalize_rows", x.device)(x)
+    return _run("normalize_rows", x.device, x)
 
 
 def scale_rows_(y, scale, bias=None):
@@ -215,7 +228,7 @@ def scale_rows_(y, scale, bias=None):
     _check_fp32_vector("scale", scale, y.shape[0], optional=False)
     _check_fp32_vector("bias", bias, y.shape[1], optional=True)
     _check_same("y", y, scale=scale, bias=bias)
-    _impl("scale_rows_", y.device)(y, scale, bias)
+    _run("scale_rows_", y.device, y, scale, bias)
     return y
 
 
@@ -284,7 +297,7 @@ def _bf16_weight_linear(op: str, x_dtype, x, packed_weight, out_features, bias, 
         raise TypeError(f"x must be a 2-D (tokens, in_features) {name} tensor, got {_describe(x)}")
     _check_packed(x, packed_weight, torch.bfloat16, out_features, bias, (torch.bfloat16, torch.float32),
                   ("none",) + ACTIVATIONS, activation, rows_per_feature=2 if op == "linear_bf16x3" else 1)
-    return _impl(op, x.device)(x, packed_weight, out_features, bias, activation)
+    return _run(op, x.device, x, packed_weight, out_features, bias, activation)
 
 
 def linear_bf16_add_layer_norm(x, packed_weight, out_features: int, bias, residual, weight, ln_bias,
@@ -308,8 +321,8 @@ def linear_bf16_add_layer_norm(x, packed_weight, out_features: int, bias, residu
     _check_vector("weight", weight, out_features, "x", x)
     _check_vector("ln_bias", ln_bias, out_features, "x", x)
     _check_same("x", x, residual=residual)
-    out, mean, rstd = _impl("linear_bf16_add_layer_norm", x.device)(x, packed_weight, out_features, bias, residual,
-                                                                    weight, ln_bias, float(eps))
+    out, mean, rstd = _run("linear_bf16_add_layer_norm", x.device, x, packed_weight, out_features, bias, residual,
+                           weight, ln_bias, float(eps))
     return (out, mean, rstd) if return_stats else out
 
 
@@ -350,7 +363,7 @@ def linear_int8(x, packed_weight, weight_scale, out_features: int, bias=None, ac
     _check_packed(x, packed_weight, torch.int8, out_features, bias, (torch.float32,), ("none",) + ACTIVATIONS,
                   activation)
     _check_fp32_vector("weight_scale", weight_scale, out_features, optional=False)
-    return _impl("linear_int8", x.device)(x, packed_weight, weight_scale, out_features, bias, activation, out_dtype)
+    return _run("linear_int8", x.device, x, packed_weight, weight_scale, out_features, bias, activation, out_dtype)
 
 
 _INT8_IO = (torch.float32, torch.bfloat16)  # linear_int8's x and output dtypes

@@ -11,6 +11,8 @@ same fully written result: nothing uninitialized, no rows left unwritten.
 """
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -313,6 +315,41 @@ def test_bad_input_same_error_on_every_backend(backend, case):
     with ops.force_backend(backend), pytest.raises(error, match=message) as caught:
         getattr(ops, op)(*make_args())
     assert type(caught.value) is error, caught.value  # the same class, not a subclass, on every backend
+
+
+def _grad_cases():
+    """op -> (args, index of the argument made to require grad): one call per compute op."""
+    x, w, b = torch.randn(3, 4), torch.randn(5, 4), torch.randn(5)
+    q = torch.randn(2, 3, 2, 8)
+    v = torch.randn(6, 2, 8)
+    return {
+        "linear": ((x, w, b), 1),
+        "linear_packed": ((x, ops.pack_linear_weight(w), 5, b), 3),
+        "add_layer_norm": ((_x(), _x(), torch.ones(6), torch.zeros(6)), 0),
+        "embed_layer_norm": ((_word(), _ids(), _word(), _ids(), None, None, *_ln()), 0),
+        "bias_act_": ((torch.randn(3, 5), b, "gelu"), 1),
+        "attention": ((q, q, q), 2),
+        "varlen_attention": ((v, v, v, cu_seqlens_of([2, 4]), 4), 0),
+        "normalize_rows": ((x,), 0),
+        "scale_rows_": ((x.clone(), torch.rand(3)), 1),
+        "linear_bf16": ((_x_bf16(), _plain_bf16(), 5, b), 3),
+        "linear_int8": ((x, *_plain_int8(), 5), 0),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_grad_cases()))
+def test_inputs_that_need_grad_are_refused(backend, case):
+    """The ops have no backward: an argument that requires grad, with grad mode on, is an error that names it
+    (its output would otherwise leave the autograd graph silently); under no_grad the same call runs."""
+    args, i = _grad_cases()[case]
+    args = list(args)
+    args[i] = args[i].clone().requires_grad_()
+    name = list(inspect.signature(getattr(ops, case)).parameters)[i]
+    with ops.force_backend(backend):
+        with pytest.raises(RuntimeError, match=f"ops.{case} has no backward .* {name} requires grad"):
+            getattr(ops, case)(*args)
+        with torch.no_grad():
+            getattr(ops, case)(*args)
 
 
 @pytest.mark.requires_ext
