@@ -4,6 +4,7 @@
     handle = distilkernels.patch(model)   # fused C++ (CPU) / Triton (GPU) path, same results
     handle.restore()                      # original modules back
     distilkernels.quantize(model)         # CPU int8 GEMMs (dynamic quantization) in the fused blocks
+    distilkernels.refresh(model)          # repack after weight writes torch does not version (.data, ...)
 
 Functional ops: `distilkernels.ops` (linear, pack_linear_weight / linear_packed, add_layer_norm, bias_act_,
 attention, varlen_attention, the matrix-unit GEMMs pack_linear_bf16 / linear_bf16, pack_linear_bf16x3 /
@@ -20,9 +21,9 @@ from ._ext import load_extension  # noqa: E402
 
 load_extension()
 
-from .patching import PatchHandle, patch, quantize  # noqa: E402
+from .patching import PatchHandle, patch, quantize, refresh  # noqa: E402
 from . import hf_attention as _hf_attention  # noqa: E402
 
 _hf_attention.register()
 
-__all__ = ["ops", "patch", "PatchHandle", "quantize", "__version__"]
+__all__ = ["ops", "patch", "PatchHandle", "quantize", "refresh", "__version__"]

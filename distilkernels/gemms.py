@@ -130,7 +130,8 @@ def _param(module, name: str):
 class DerivedWeights:
     """A value derived from the concatenated weights and biases of some linears (one q|k|v projection, an int8
     packing), rebuilt whenever a source parameter is replaced or modified in place (tracked by data pointer
-    and version counter), so load_state_dict, optimizer steps and .to() are all seen."""
+    and version counter), so load_state_dict, optimizer steps and .to() are all seen. Writes torch does not
+    version (through .data; to inference tensors inside inference_mode) need distilkernels.refresh(model)."""
 
     def __init__(self, linears, derive=None):
         self.linears = tuple(linears)
@@ -139,6 +140,10 @@ class DerivedWeights:
 
     def __getstate__(self):  # the derived copy is rebuilt after unpickling, not saved
         return dict(self.__dict__, key=None, value=None)
+
+    def forget(self) -> None:
+        """Drop the derived value: the next get() derives it again."""
+        self.key = self.value = None
 
     def get(self):
         weights = [_param(lin, "weight") for lin in self.linears]
@@ -155,8 +160,9 @@ class DerivedWeights:
 
 def params_key(params) -> tuple:
     """What identifies the values of `params` (tensors): a value derived from them is current while this is
-    unchanged (a replaced tensor has another data pointer, an in-place change bumps the version counter;
-    inference tensors have none, and cannot change outside inference mode either)."""
+    unchanged (a replaced tensor has another data pointer, an in-place change bumps the version counter).
+    Inference tensors have no version counter: an in-place write to one inside inference_mode is not seen
+    here, nor is a write through .data (distilkernels.refresh drops what was derived)."""
     return tuple([(p.data_ptr(), 0 if p.is_inference() else p._version, p.dtype, p.device) for p in params])
 
 
@@ -593,6 +599,13 @@ class DenseGemms:
             packs[packing] = DerivedWeights(linears, functools.partial(pack_dense, kernel=packing, dtype=cast))
         _, packed, bias = packs[packing].get()
         return kernel, packed, bias
+
+    def forget(self) -> None:
+        """Drop every packing and binding of the weights (distilkernels.refresh): the next call packs again."""
+        self.packed = {name: {} for name in self.groups}
+        self.cast_packed = {}
+        self.fused_qkv.forget()
+        self.bound.clear()
 
     def qkv(self, x):  # (tokens, dim) -> (tokens, 3*dim), bias included: one GEMM for q|k|v
         if self._use_packed(x):

@@ -190,6 +190,21 @@ def patch(model: torch.nn.Module, *, unpad: bool = True, dtype=None) -> PatchHan
     return handle
 
 
+def refresh(model: torch.nn.Module) -> torch.nn.Module:
+    """Drop every packed, fused or quantized copy of the weights that `model`'s fused blocks keep; the next
+    forward derives them from the weights as they are then. Changes torch counts are seen without this: a
+    parameter replaced or loaded (load_state_dict), or changed in place where torch bumps its version counter
+    (under no_grad too). Two kinds of change torch does not count need it: writes through `.data`, and in-place
+    writes inside torch.inference_mode() to parameters created there (inference tensors have no version
+    counter). Returns the model; a model without fused blocks is left as it is."""
+    from .quant import fused_blocks
+
+    for block in fused_blocks(model):
+        block._parts.gemms.forget()
+        block._parts.cpp_blocks.clear()
+    return model
+
+
 def quantize(model: torch.nn.Module, dtype=torch.qint8, *, activations: str = "per_token") -> torch.nn.Module:
     """Run the GEMMs of every fused encoder block of `model` in int8 (dynamic quantization, CPU); returns
     `model`, changed in place.

@@ -66,6 +66,12 @@ class Int8Gemms:
         self.linears = tuple(lin for derived in self.packed.values() for lin in derived.linears)
         self.bound = BoundCalls()  # (activation, backend) -> (params_key of the linears, GemmCalls): gemms.bound_calls
 
+    def forget(self) -> None:
+        """Drop the int8 packings and bindings (distilkernels.refresh): the next call quantizes again."""
+        for derived in self.packed.values():
+            derived.forget()
+        self.bound.clear()
+
     def calls(self, x, activation: str) -> GemmCalls:
         """The four GEMMs bound to their int8 packings, lin1's with `activation` (see DenseGemms.calls)."""
         backend = dispatch.backend_for(x.device)

@@ -159,6 +159,46 @@ def test_int32_ids(family, op_spy):
     assert (got - ref)[mask.bool()].abs().max() <= ATOL
 
 
+@pytest.mark.parametrize("mode", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("write", ["inference", "data"])
+def test_refresh_after_unversioned_weight_writes(mode, write):
+    """Writes torch does not version (in place to inference tensors inside inference_mode; through .data) leave
+    the packed copies as they were; distilkernels.refresh(model) drops them and the next forward matches the
+    changed weights exactly as a model patched from them does. A versioned write is seen without it."""
+    config = tiny_config()
+    mask = holey_mask(3, 8, seed=11)
+    inputs = model_inputs(transformers.DistilBertModel, config, 3, 8, mask, with_labels=False)
+
+    def build():
+        model = make_model(transformers.DistilBertModel, config)
+        if mode == "int8":
+            return distilkernels.quantize(model)
+        distilkernels.patch(model, dtype=torch.bfloat16 if mode == "bf16" else None)
+        return model
+
+    def change(model):
+        weight = model.transformer.layer[0].attention.v_lin.weight
+        (weight if write == "inference" else weight.data).mul_(3)
+
+    ctx = torch.inference_mode if write == "inference" else torch.no_grad
+    with ctx():
+        model, fresh = build(), build()
+        model(**inputs)  # packs
+        change(model)
+        change(fresh)
+        want = fresh(**inputs).last_hidden_state
+        stale = model(**inputs).last_hidden_state
+        assert not torch.equal(stale, want)  # the write went unseen (why refresh exists)
+        assert distilkernels.refresh(model) is model
+        assert torch.equal(model(**inputs).last_hidden_state, want)
+    with torch.no_grad():  # a versioned in-place write: seen with no refresh
+        other = build()
+        other(**inputs)
+        if write == "data":
+            other.transformer.layer[0].attention.v_lin.weight.mul_(3)
+            assert torch.equal(other(**inputs).last_hidden_state, want)
+
+
 def test_unsupported_model_is_type_error():
     gpt2 = transformers.GPT2Model(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=99))
     with pytest.raises(TypeError, match="DistilBertModel.*BertModel.*RobertaModel"):
