@@ -684,19 +684,32 @@ void transpose_rows(const float* const* rows, int64_t n, int64_t dim, float* dst
     for (int64_t d = 0; d < dim; ++d) dst[d * ld + j0] = rows[j0][d];
 }
 
+// max |x[i]|, NaN where any x[i] is NaN (as torch's amax, the reference, gives it): the max instructions drop a
+// NaN, so the values that are not below infinity (NaN, inf) are summed beside the max, which is then NaN exactly
+// where a NaN was seen.
 float absmax(const float* x, int64_t n) {
-  const V z = splat(0.0f, V());
+  const V z = splat(0.0f, V()), inf = splat(__builtin_inff(), V());
   const int64_t vec_end = n - n % kW;
-  V m0 = z, m1 = z;
+  V m0 = z, m1 = z, odd = z;
   int64_t i = 0;
   for (; i + 2 * kW <= vec_end; i += 2 * kW) {
-    m0 = vmax(m0, vabs(vload(x + i)));
-    m1 = vmax(m1, vabs(vload(x + i + kW)));
+    const V a0 = vabs(vload(x + i)), a1 = vabs(vload(x + i + kW));
+    m0 = vmax(m0, a0);
+    m1 = vmax(m1, a1);
+    odd = odd + vselect_lt(a0, inf, z, a0) + vselect_lt(a1, inf, z, a1);
   }
-  for (; i < vec_end; i += kW) m0 = vmax(m0, vabs(vload(x + i)));
-  float m = hmax(vmax(m0, m1));
-  for (; i < n; ++i) m = vmax(m, vabs(x[i]));
-  return m;
+  for (; i < vec_end; i += kW) {
+    const V a = vabs(vload(x + i));
+    m0 = vmax(m0, a);
+    odd = odd + vselect_lt(a, inf, z, a);
+  }
+  float m = hmax(vmax(m0, m1)), odd_sum = hsum(odd);
+  for (; i < n; ++i) {
+    const float a = vabs(x[i]);
+    m = vmax(m, a);
+    odd_sum += vselect_lt(a, __builtin_inff(), 0.0f, a);
+  }
+  return odd_sum != odd_sum ? odd_sum : m;
 }
 
 // One plain loop: the compiler vectorizes it for each instruction set this file is compiled for (round to

@@ -39,6 +39,10 @@ constexpr float kMinScale = 1e-12f;
 float quantize_row(const float* x, int64_t n, int8_t* q) {
   const auto& kern = cpu::kernels();
   const float scale = std::max(kern.absmax(x, n) / 127.0f, kMinScale);
+  if (scale != scale) {  // a NaN in the row: its scale is NaN, so is every output of the row, as in fp32
+    std::fill(q, q + n, int8_t{0});
+    return scale;
+  }
   kern.quantize_int8(x, n, 1.0f / scale, q);
   return scale;
 }

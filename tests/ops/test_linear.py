@@ -447,6 +447,23 @@ def test_linear_int8_strided_scales(vnni):
             want.abs().max().clamp_min(1))
 
 
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vnni", LAYOUTS_INT8)
+def test_linear_int8_nan_rows(vnni, x_dtype):
+    """A NaN in a token gives NaN in every output of that token, as an fp32 linear does (the quantization's max
+    once dropped it and the token came out finite); the other tokens are as without it."""
+    torch.manual_seed(3)
+    x, weight, bias = torch.randn(4, 70).to(x_dtype), torch.randn(9, 70), torch.randn(9)
+    packed, scale = ops.pack_linear_int8(weight, vnni=vnni)
+    want = ops.linear_int8(x, packed, scale, 9, bias, "gelu", torch.float32)
+    bad = x.clone()
+    bad[1, 69] = float("nan")  # in the tail past the vectors
+    bad[2, 3] = float("nan")
+    got = ops.linear_int8(bad, packed, scale, 9, bias, "gelu", torch.float32)
+    assert got[1].isnan().all() and got[2].isnan().all()
+    assert torch.equal(got[[0, 3]], want[[0, 3]])
+
+
 @pytest.mark.parametrize("vnni", LAYOUTS_INT8)
 def test_linear_int8_zero_rows_and_empty(vnni):
     x = torch.randn(4, 40)

@@ -42,3 +42,21 @@ def test_normalize_and_scale_rows_backends(backend, shape):
     # on the triton backend these are the reference's (per-token int8 scaling serves the CPU-only int8 mode)
     with ops.force_backend(backend):
         check_round_trip(ops.normalize_rows, lambda y, s, b: ops.scale_rows_(y, s, b), shape)
+
+
+@pytest.mark.parametrize("cols", [5, 37, 768])  # a scalar tail only, vectors and a tail, vectors only
+def test_normalize_rows_nan_and_inf(backend, cols):
+    """A row's scale is what torch's amax gives: NaN where the row holds a NaN (wherever it sits: vector body or
+    tail), inf where it holds an inf and no NaN; the other rows are untouched by them."""
+    x = torch.randn(5, cols)
+    x[1, cols - 1] = float("nan")
+    x[2, 0] = float("nan")
+    x[2, 1] = float("inf")
+    x[3, cols // 2] = float("-inf")
+    with ops.force_backend(backend):
+        out, scale = ops.normalize_rows(x)
+    want_out, want = reference.normalize_rows(x)
+    assert scale[1].isnan() and scale[2].isnan() and scale[3].item() == float("inf")
+    assert torch.equal(scale[[0, 4]], want[[0, 4]]) and torch.equal(scale[3], want[3])
+    assert out[1].isnan().all() and out[2].isnan().all()
+    assert torch.allclose(out[[0, 4]], want_out[[0, 4]], rtol=2 ** -22, atol=0)
