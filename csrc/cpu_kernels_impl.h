@@ -690,20 +690,21 @@ void transpose_rows(const float* const* rows, int64_t n, int64_t dim, float* dst
 float absmax(const float* x, int64_t n) {
   const V z = splat(0.0f, V()), inf = splat(__builtin_inff(), V());
   const int64_t vec_end = n - n % kW;
-  V m0 = z, m1 = z, odd = z;
+  V m0 = z, m1 = z, odd0 = z, odd1 = z;  // two chains of each (one add's latency per pair of vectors)
   int64_t i = 0;
   for (; i + 2 * kW <= vec_end; i += 2 * kW) {
     const V a0 = vabs(vload(x + i)), a1 = vabs(vload(x + i + kW));
     m0 = vmax(m0, a0);
     m1 = vmax(m1, a1);
-    odd = odd + vselect_lt(a0, inf, z, a0) + vselect_lt(a1, inf, z, a1);
+    odd0 = odd0 + vselect_lt(a0, inf, z, a0);
+    odd1 = odd1 + vselect_lt(a1, inf, z, a1);
   }
   for (; i < vec_end; i += kW) {
     const V a = vabs(vload(x + i));
     m0 = vmax(m0, a);
-    odd = odd + vselect_lt(a, inf, z, a);
+    odd0 = odd0 + vselect_lt(a, inf, z, a);
   }
-  float m = hmax(vmax(m0, m1)), odd_sum = hsum(odd);
+  float m = hmax(vmax(m0, m1)), odd_sum = hsum(odd0 + odd1);
   for (; i < n; ++i) {
     const float a = vabs(x[i]);
     m = vmax(m, a);
