@@ -98,6 +98,10 @@ def linear_packed(x, packed_weight, out_features: int, bias=None, activation: st
                          "weight: pack it with pack_linear_weight(weight)")
     if not packed_weight.is_contiguous():
         raise ValueError(f"packed_weight must be contiguous, got strides {packed_weight.stride()}")
+    if dispatch.backend_for(x.device) == "cpp" and panel != load_extension().linear_panel_width():
+        width = load_extension().linear_panel_width()  # the C++ kernels read their own panel width only
+        raise ValueError(f"packed_weight must be (n_panels, in_features, {width}) as pack_linear_weight makes it on "
+                         f"this CPU, got shape {tuple(packed_weight.shape)}")
     _check_fp32_vector("bias", bias, out_features, optional=True)
     _check_activation(activation, ("none",) + ACTIVATIONS)
     _check_same("x", x, packed_weight=packed_weight, bias=bias)

@@ -317,6 +317,19 @@ def test_bad_input_same_error_on_every_backend(backend, case):
     assert type(caught.value) is error, caught.value  # the same class, not a subclass, on every backend
 
 
+@pytest.mark.requires_ext
+def test_linear_packed_panel_width_of_another_backend():
+    """The C++ kernels read panels of their own width only (two vectors of this CPU's ISA): another width (a
+    packing from another CPU or backend) is a ValueError, as the other checks are; the torch and Triton
+    backends unpack any width, so there it runs."""
+    x, weight = torch.randn(2, 8), torch.randn(5, 8)
+    other = reference.pack_linear_weight(weight, panel=64)
+    with ops.force_backend("cpp"), pytest.raises(ValueError, match="as pack_linear_weight makes it on this CPU"):
+        ops.linear_packed(x, other, 5)
+    with ops.force_backend("torch"):
+        assert torch.allclose(ops.linear_packed(x, other, 5), x @ weight.T, atol=1e-5)
+
+
 def _grad_cases():
     """op -> (args, index of the argument made to require grad): one call per compute op."""
     x, w, b = torch.randn(3, 4), torch.randn(5, 4), torch.randn(5)
