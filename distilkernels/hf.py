@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextvars
 import inspect
+import sys
 
 import torch
 
@@ -62,12 +63,50 @@ def exporting() -> bool:
 
 # ---- labels: losses read positions that padding removal would drop -------------------------------------
 LABEL_ARGUMENTS = ("labels", "start_positions", "end_positions", "next_sentence_label")
-_labels_given = contextvars.ContextVar("distilkernels_labels_given", default=False)
+# True / False while the forward of a patched head runs (its hooks set it); None where no such hook ran
+_labels_given = contextvars.ContextVar("distilkernels_labels_given", default=None)
 
 
 def labels_given() -> bool:
-    """True inside the forward of a head model that was given labels (its loss reads padded positions)."""
-    return _labels_given.get()
+    """True inside the forward of a head model that was given labels (its loss reads padded positions).
+
+    The hooks of a patched head (watch_labels) say so. Where none ran, the head's forward may still be on the
+    stack: called as head.forward(...) directly (as wrappers such as PEFT's do, skipping module hooks), or the
+    head's base model patched on its own (patch(head.bert)). Then the calling frames are read: a `forward` of a
+    module whose signature takes label arguments, holding one that is not None, means labels (a padded layout:
+    slower where a caller's own module names an argument `labels`, never wrong)."""
+    given = _labels_given.get()
+    return _labels_in_callers() if given is None else given
+
+
+_LABEL_PARAMS: dict[type, tuple] = {}  # module type -> the label arguments its forward takes
+_MAX_FRAMES = 64  # how far up the stack a head's forward is looked for
+
+
+def _label_params(cls: type) -> tuple:
+    if cls not in _LABEL_PARAMS:
+        try:
+            params = inspect.signature(cls.forward).parameters
+        except (TypeError, ValueError):  # pragma: no cover - a forward without a signature
+            params = {}
+        _LABEL_PARAMS[cls] = tuple(n for n in LABEL_ARGUMENTS if n in params)
+    return _LABEL_PARAMS[cls]
+
+
+def _labels_in_callers() -> bool:
+    frame = sys._getframe(2)
+    for _ in range(_MAX_FRAMES):
+        if frame is None:
+            return False
+        if frame.f_code.co_name == "forward":
+            local = frame.f_locals
+            module = local.get("self")
+            if isinstance(module, torch.nn.Module):
+                names = _label_params(type(module))
+                if any(local.get(n) is not None for n in names):
+                    return True
+        frame = frame.f_back
+    return False
 
 
 class _LabelWatch:

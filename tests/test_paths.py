@@ -101,6 +101,33 @@ def test_fallback_reason(case, expected):
     assert run(model, **extra) == expected
 
 
+@pytest.mark.parametrize("way", ["forward", "base_patched", "hooked"])
+def test_labels_seen_without_the_heads_hooks(way):
+    """A QA loss spans every position, padded ones too (and here the answer sits on padding), so labels must
+    give the padded layout however the head runs: through its hooks (model(...)), called as model.forward(...)
+    (wrappers such as PEFT's skip module hooks), or with only its base model patched (patch(model.bert)). The
+    loss matches HF's to 1e-4; without labels the same calls run unpadded."""
+    config = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4,
+                                     intermediate_size=37)
+    torch.manual_seed(0)
+    stock = transformers.BertForQuestionAnswering(config).eval()
+    model = copy.deepcopy(stock)
+    distilkernels.patch(model.bert if way == "base_patched" else model)
+    mask = torch.ones(4, 9, dtype=torch.long)
+    mask[1, 5:], mask[2, 3], mask[3, 7:] = 0, 0, 0
+    ids = torch.randint(3, 90, (4, 9), generator=torch.Generator().manual_seed(1))
+    labels = {"start_positions": torch.tensor([0, 7, 3, 8]), "end_positions": torch.tensor([1, 8, 3, 8])}
+    call = model.forward if way == "forward" else model
+    with torch.no_grad():
+        want = stock(input_ids=ids, attention_mask=mask, **labels).loss
+        modules.reset_path_stats(model)
+        got = call(input_ids=ids, attention_mask=mask, **labels).loss
+        assert path_stats(model).get("encoder.padded: " + modules.LABELS) == 1
+        assert (got - want).abs().item() <= 1e-4
+        call(input_ids=ids, attention_mask=mask)
+        assert path_stats(model).get("encoder.unpadded") == 1
+
+
 def test_decoder_reason():
     config = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4,
                                      intermediate_size=37, is_decoder=True, add_cross_attention=True)
