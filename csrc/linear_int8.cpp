@@ -9,7 +9,7 @@
 // (brgemm_utils.h) and each 64 x 64 output tile is computed by our AMX loop (amx_tiles.h) where in_features is a
 // multiple of 64, else by one s8 x s8 -> s32 brgemm call. Elsewhere the weight is
 // kept as plain W^T (in_features, out_features) int8 and the product is one at::_int_mm (oneDNN's int8 GEMM:
-// VNNI where the CPU has it), followed by the same epilogue.
+// VNNI where the CPU has it), followed by the same epilogue, where that GEMM is exact (int_mm_exact).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -26,6 +26,37 @@
 namespace distilkernels {
 
 cpu::Activation parse_activation(c10::string_view activation);  // linear.cpp
+
+// Whether at::_int_mm (oneDNN's s8 x s8 -> s32 GEMM) gives the exact integer product on this CPU. Without VNNI
+// (AVX2, AVX-512 without VNNI, or oneDNN capped below it by ONEDNN_MAX_CPU_ISA) oneDNN sums pairs of u8 x s8
+// products in saturating 16-bit lanes, and full-range int8 operands come out wrong: on the AMX Xeon under
+// ONEDNN_MAX_CPU_ISA=AVX2, errors up to 1.4e5 on 128 x 768 x 768 products (our per-token int8 linear: 2.7-7.7 off
+// on outputs of ~10). Checked once per process on operands spanning [-127, 127], against int64 sums.
+bool int_mm_exact() {
+  static const bool exact = [] {
+    constexpr int64_t m = 16, k = 64, n = 16;
+    auto a = at::empty({m, k}, at::kChar), b = at::empty({k, n}, at::kChar);
+    int8_t* pa = a.mutable_data_ptr<int8_t>();
+    int8_t* pb = b.mutable_data_ptr<int8_t>();
+    for (int64_t i = 0; i < m * k; ++i) pa[i] = static_cast<int8_t>((i * 37) % 255 - 127);
+    for (int64_t i = 0; i < k * n; ++i) pb[i] = static_cast<int8_t>((i * 53) % 255 - 127);
+    at::Tensor c;
+    try {
+      c = at::_int_mm(a, b).contiguous();
+    } catch (const std::exception&) {  // a torch build without it: the fp32 path
+      return false;
+    }
+    const int32_t* pc = c.const_data_ptr<int32_t>();
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) {
+        int64_t sum = 0;
+        for (int64_t p = 0; p < k; ++p) sum += int64_t{pa[i * k + p]} * pb[p * n + j];
+        if (pc[i * n + j] != sum) return false;
+      }
+    return true;
+  }();
+  return exact;
+}
 
 namespace {
 
@@ -84,6 +115,14 @@ void epilogue(const int32_t* acc, int64_t ld_acc, int64_t rows, int64_t cols, co
                                out.ld);
   else
     kern.dequant_bias_act(acc, ld_acc, rows, cols, x_scale, w_scale, bias, act, out.f32 + m0 * out.ld + n0, out.ld);
+}
+
+// The plain layout's product q(x) @ W^T as int32: at::_int_mm where it is exact; elsewhere an fp32 GEMM of the
+// int8 values, exact while partial sums stay below 2^24 (in_features <= 1040 always: 1040 * 127^2 < 2^24), and
+// otherwise off by fp32 rounding of sums that large (relative 6e-8, far below the quantization's own error).
+at::Tensor int_product(const at::Tensor& xq, const at::Tensor& w) {
+  if (int_mm_exact()) return at::_int_mm(xq, w);
+  return at::mm(xq.to(at::kFloat), w.to(at::kFloat)).to(at::kInt);
 }
 
 void gemm_vnni(const int8_t* a, const float* x_scale, int64_t tokens, int64_t kp, const int8_t* wp,
@@ -183,7 +222,7 @@ at::Tensor linear_int8_cpu(const at::Tensor& x, const at::Tensor& packed_weight,
     gemm_vnni(q, xs, tokens, kp, packed_weight.const_data_ptr<int8_t>(), ws, out_features, b, act, c);
     return out;
   }
-  const auto acc = k > 0 ? at::_int_mm(xq, packed_weight) : at::zeros({tokens, out_features}, xq.options().dtype(at::kInt));
+  const auto acc = k > 0 ? int_product(xq, packed_weight) : at::zeros({tokens, out_features}, xq.options().dtype(at::kInt));
   const int32_t* a = acc.const_data_ptr<int32_t>();
   at::parallel_for(0, tokens, row_grain(out_features), [&](int64_t begin, int64_t end) {
     epilogue(a + begin * out_features, out_features, end - begin, out_features, xs + begin, ws, b, act, c, begin, 0);

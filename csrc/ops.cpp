@@ -93,6 +93,7 @@ TORCH_LIBRARY(distilkernels, m) {
 namespace distilkernels {
 void init_blocks(pybind11::module& m);  // blocks.cpp
 bool mkl_packs();  // linear_mkl.cpp
+bool int_mm_exact();  // linear_int8.cpp
 int64_t mkl_packed_floats(int64_t n, int64_t k);
 }  // namespace distilkernels
 
@@ -136,6 +137,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return distilkernels::brgemm::packs(dtype == "bf16" ? at::kBFloat16 : at::kChar);
   }, pybind11::arg("dtype"), "Whether brgemm runs packed (VNNI) weights of this dtype on this CPU's matrix unit");
   m.def("mkl_packs", &distilkernels::mkl_packs, "Whether this torch build exports MKL's packed fp32 GEMM");
+  m.def("int_mm_exact", &distilkernels::int_mm_exact,
+        "Whether torch's int8 GEMM (at::_int_mm) is exact on this CPU (no VNNI: oneDNN's 16-bit pair sums saturate)");
   m.def("mkl_packed_floats", &distilkernels::mkl_packed_floats, pybind11::arg("out_features"),
         pybind11::arg("in_features"), "Length of pack_linear_mkl's output for a weight of this shape");
   m.def("openmp_enabled", []() {

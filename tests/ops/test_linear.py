@@ -507,10 +507,11 @@ def test_linear_int8_bad_input():
             torch.ops.distilkernels.pack_linear_int8(weight, True)
 
 
-@pytest.mark.parametrize("isa", ["scalar", "avx2"])
-def test_bf16_int8_gemms_on_capped_isa(isa):
+@pytest.mark.parametrize("isa, onednn", [("scalar", None), ("avx2", None), ("avx2", "AVX2")])
+def test_bf16_int8_gemms_on_capped_isa(isa, onednn):
     """The instruction-set branches of the epilogues (bf16 rounding, per-token quantization), forced through
-    DISTILKERNELS_ISA in a fresh process, against the torch reference."""
+    DISTILKERNELS_ISA in a fresh process, against the torch reference. With oneDNN capped to AVX2 as well (a CPU
+    without VNNI, whose int8 GEMM in oneDNN saturates 16-bit pair sums), the int8 product must still be exact."""
     import subprocess
     import sys
 
@@ -533,8 +534,13 @@ def test_bf16_int8_gemms_on_capped_isa(isa):
     )
     import os
 
-    result = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, DISTILKERNELS_ISA=isa),
-                            capture_output=True, text=True, timeout=300)
+    env = dict(os.environ, DISTILKERNELS_ISA=isa)
+    if onednn:
+        env.update(ONEDNN_MAX_CPU_ISA=onednn, DISTILKERNELS_MATRIX_UNITS="off")
+        script += ("from distilkernels._C import int_mm_exact\n"
+                   "assert not int_mm_exact(), 'oneDNN capped to AVX2 gave an exact int8 GEMM: the cap did not hold'\n"
+                   "print(ops._extension().vector_isa())\n")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split()[-1] in (isa, "scalar")  # a CPU without AVX2 caps avx2 to scalar
 
