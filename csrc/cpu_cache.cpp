@@ -20,6 +20,7 @@
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 
+#include <cstdint>
 #include <cstdlib>
 #include <mutex>
 #include <string>
@@ -46,10 +47,11 @@ int64_t limit_from_env() {
   try {
     size_t used = 0;
     const long long mib = std::stoll(env, &used);
-    if (used == std::string(env).size() && mib >= 0) return static_cast<int64_t>(mib) << 20;
+    // the byte count must fit in int64 (a wrapped, negative limit broke eviction: a crash, not a warning)
+    if (used == std::string(env).size() && mib >= 0 && mib <= (INT64_MAX >> 20)) return static_cast<int64_t>(mib) << 20;
   } catch (const std::exception&) {
   }
-  TORCH_WARN("DISTILKERNELS_CPU_CACHE_MB must be a non-negative integer (MiB), got '", env, "'; using ",
+  TORCH_WARN("DISTILKERNELS_CPU_CACHE_MB must be a non-negative integer (MiB) below 2**43, got '", env, "'; using ",
              kDefaultLimitMiB);
   return kDefaultLimitMiB << 20;
 }

@@ -67,7 +67,7 @@ def test_cpu_cache_limit_and_small_outputs(cpu_cache):
 
 
 @pytest.mark.parametrize("value, limit, warns", [("7", 7 << 20, False), ("0", 0, False),
-                                                 ("lots", 512 << 20, True)])
+                                                 ("lots", 512 << 20, True), ("8796093022208", 512 << 20, True)])
 def test_cpu_cache_limit_from_environment(value, limit, warns):
     script = "import distilkernels\nprint(distilkernels.ops.cpu_cache_stats()['limit_bytes'])\n"
     env = dict(os.environ, DISTILKERNELS_CPU_CACHE_MB=value)
