@@ -484,12 +484,15 @@ def _contest(dtype, in_features, out_features, activation) -> tuple[str, ...]:
         bias = torch.randn(out_features).to(dtype)
         inputs = [torch.randn(rows, in_features).to(dtype) for rows in _CONTEST_ROWS]
         check_rows = inputs[0][: _CONTEST_ROWS[0] // 3]
-        calls = {}
+        calls, packs = {}, {}  # packs: packing name -> the copies (kernels that share a packing share them)
         copies = min(_CONTEST_MAX_COPIES, -(-_CONTEST_BYTES // (weight.numel() * weight.element_size())))
         for name, kernel in _KERNELS.items():
             if not kernel.available(dtype):
                 continue
-            run = _Rotating(kernel, [kernel.pack(weight) for _ in range(copies)], out_features, bias, activation)
+            packing = kernel.packing or name
+            if packing not in packs:
+                packs[packing] = [_KERNELS[packing].pack(weight) for _ in range(copies)]
+            run = _Rotating(kernel, packs[packing], out_features, bias, activation)
             if name != "packed" and not _agrees(run(check_rows), calls["packed"](check_rows), in_features):
                 continue
             calls[name] = run
