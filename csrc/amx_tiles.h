@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "brgemm_utils.h"
+#include "env.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define DK_HAVE_AMX_TILES 1
@@ -70,12 +71,9 @@ inline bool ready() {
   return ok;
 }
 
-// Whether the GEMMs take this loop now: ready(), and DISTILKERNELS_AMX (read on every call, as the AMX attention
-// reads it) is not "0", which sends them to brgemm.
-inline bool enabled() {
-  const char* flag = std::getenv("DISTILKERNELS_AMX");
-  return ready() && !(flag != nullptr && flag[0] == '0' && flag[1] == '\0');
-}
+// Whether the GEMMs take this loop now: ready(), and the switch DISTILKERNELS_AMX (env.h; read on every call, as the
+// AMX attention reads it) is not off, which sends them to brgemm.
+inline bool enabled() { return ready() && env::switch_on("DISTILKERNELS_AMX", true); }
 
 struct alignas(64) TileConfig {
   uint8_t palette = 1;

@@ -24,6 +24,9 @@ namespace distilkernels {
 
 cpu::Activation parse_activation(c10::string_view activation);  // linear.cpp
 
+// Whether our AMX tile loops run now (the CPU has the tiles, Linux granted them, DISTILKERNELS_AMX is not off).
+bool amx_tiles_enabled() { return amx::enabled(); }
+
 namespace {
 
 using brgemm::kBlockM;

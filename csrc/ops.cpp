@@ -94,6 +94,7 @@ namespace distilkernels {
 void init_blocks(pybind11::module& m);  // blocks.cpp
 bool mkl_packs();  // linear_mkl.cpp
 bool int_mm_exact();  // linear_int8.cpp
+bool amx_tiles_enabled();  // linear_bf16.cpp
 int64_t mkl_packed_floats(int64_t n, int64_t k);
 }  // namespace distilkernels
 
@@ -139,6 +140,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mkl_packs", &distilkernels::mkl_packs, "Whether this torch build exports MKL's packed fp32 GEMM");
   m.def("int_mm_exact", &distilkernels::int_mm_exact,
         "Whether torch's int8 GEMM (at::_int_mm) is exact on this CPU (no VNNI: oneDNN's 16-bit pair sums saturate)");
+  m.def("amx_tiles_enabled", &distilkernels::amx_tiles_enabled,
+        "Whether our AMX tile loops run now: the CPU has the tiles and DISTILKERNELS_AMX is not off (read per call)");
   m.def("mkl_packed_floats", &distilkernels::mkl_packed_floats, pybind11::arg("out_features"),
         pybind11::arg("in_features"), "Length of pack_linear_mkl's output for a weight of this shape");
   m.def("openmp_enabled", []() {

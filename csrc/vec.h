@@ -3,12 +3,14 @@
 // The one mechanism: csrc/cpu_kernels.cpp compiles csrc/cpu_kernels_impl.h three times, inside
 // `#pragma GCC target` regions for AVX-512, AVX2+FMA and baseline x86-64, each into its own namespace, and
 // fills one `Kernels` table per instruction set. `kernels()` hands out the table for `isa()`, chosen once
-// from the CPU's flags. DISTILKERNELS_ISA=avx2|scalar (read once) caps the choice, to test the slower paths.
+// from the CPU's flags. DISTILKERNELS_ISA=avx512|avx2|scalar (read once, env.h) caps the choice, to test the slower paths.
 #pragma once
 
 #include <cstdlib>
 #include <cstring>
 #include <string>
+
+#include "env.h"
 
 namespace distilkernels {
 namespace vec {
@@ -25,11 +27,10 @@ inline Isa detect_isa() {
   else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
     best = Isa::kAvx2;
 #endif
-  const char* cap = std::getenv("DISTILKERNELS_ISA");
-  if (cap != nullptr) {
-    if (std::strcmp(cap, "scalar") == 0) return Isa::kScalar;
-    if (std::strcmp(cap, "avx2") == 0 && best == Isa::kAvx512) return Isa::kAvx2;
-  }
+  // A cap, never a raise: avx512 on an AVX2 CPU stays AVX2.
+  const std::string cap = env::choice("DISTILKERNELS_ISA", {"avx512", "avx2", "scalar"});
+  if (cap == "scalar") return Isa::kScalar;
+  if (cap == "avx2" && best == Isa::kAvx512) return Isa::kAvx2;
   return best;
 }
 

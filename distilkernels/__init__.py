@@ -16,7 +16,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import ops  # noqa: E402
+from . import _env, ops  # noqa: E402
+
+_env.check_names()
 from ._ext import load_extension  # noqa: E402
 
 load_extension()

@@ -47,7 +47,8 @@ def cmd_info(args) -> int:
     else:
         used = C.parallel_threads_used()
         print(f"  cpp     available: vector ISA {C.vector_isa()}, OpenMP {'on' if C.openmp_enabled() else 'OFF'}, "
-              f"at::parallel_for used {used} of {torch.get_num_threads()} threads")
+              f"at::parallel_for used {used} of {torch.get_num_threads()} threads, our AMX tile loops "
+              f"{'on' if C.amx_tiles_enabled() else 'off'}")
     why = ops.triton_error()
     if why is not None:
         print(f"  triton  unavailable: {why}")
@@ -62,6 +63,10 @@ def cmd_info(args) -> int:
     print(f"dispatch      cpu -> {cpu}, cuda -> {cuda}"
           + (f"  (forced by DISTILKERNELS_BACKEND={os.environ['DISTILKERNELS_BACKEND']})"
              if os.environ.get("DISTILKERNELS_BACKEND") else ""))
+    for kind, backend in (("cpu", cpu), ("cuda", cuda)):  # a forced backend that cannot run here: ops will raise
+        why = ops.backend_unavailable_reason(backend, torch.device(kind))
+        if why is not None and (kind == "cpu" or torch.cuda.is_available()):
+            print(f"  WARNING: ops on {kind} tensors will raise: {why}")
     return 0
 
 
@@ -100,6 +105,13 @@ def cmd_demo(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = _demo_model(args.model)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and "roberta" in model.config.model_type:  # positions start after the padding index
+        limit -= model.config.pad_token_id + 1
+    if limit is not None and args.seqlen > limit:
+        print(f"python -m distilkernels demo: error: --seqlen must be at most {limit} (the model's positions), got "
+              f"{args.seqlen}", file=sys.stderr)
+        return 2
     ids, mask = _padded_batch(model.config.vocab_size, args.batch, args.seqlen)
     real = mask.bool()
     print(f"model    {type(model).__name__} ({args.model or 'distilbert-base config, random init'}), "
@@ -131,16 +143,28 @@ def cmd_demo(args) -> int:
     return 0 if ok else 1
 
 
+def _at_least(low: int):
+    """An argparse type: an integer >= low (argparse turns the ValueError into a usage error naming the option)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise ValueError(text)
+        return value
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m distilkernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, CPU features and matrix units, available backends and why not")
     demo = sub.add_parser("demo", help="patched vs stock DistilBERT on a padded batch: parity and speed")
     demo.add_argument("--model", help="local HF checkpoint directory (default: distilbert-base, random init)")
-    demo.add_argument("--batch", type=int, default=8)
-    demo.add_argument("--seqlen", type=int, default=128)
-    demo.add_argument("--repeats", type=int, default=7)
-    demo.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    demo.add_argument("--batch", type=_at_least(1), default=8)
+    demo.add_argument("--seqlen", type=_at_least(1), default=128,
+                      help="at most the model's positions")
+    demo.add_argument("--repeats", type=_at_least(1), default=7)
+    demo.add_argument("--threads", type=_at_least(0), default=0, help="torch threads (default 0: torch's choice)")
     sub.add_parser("bench", help="moved: `python bench/run.py` in a checkout of the repository", add_help=False)
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # the benchmark harness is not part of the installed package

@@ -12,9 +12,10 @@ need its data on the host: checked always on CPU; on other devices only with DIS
 from __future__ import annotations
 
 import operator
-import os
 
 import torch
+
+from . import _env
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -141,7 +142,7 @@ def check_key_padding_mask(mask, q: torch.Tensor) -> None:
 def _host_check_wanted(device: torch.device) -> bool:
     if torch.compiler.is_compiling():  # a data-dependent check would break the graph; the C++ op checks
         return False
-    return device.type == "cpu" or os.environ.get("DISTILKERNELS_CHECK_CU_SEQLENS") == "1"
+    return device.type == "cpu" or _env.switch("DISTILKERNELS_CHECK_CU_SEQLENS", False)
 
 
 def check_cu_seqlens(cu_seqlens, max_seqlen, total: int, q: torch.Tensor) -> int:

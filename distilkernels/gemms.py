@@ -17,12 +17,11 @@ from __future__ import annotations
 import bisect
 import functools
 import math
-import os
 from typing import Callable, NamedTuple
 
 import torch
 
-from . import dispatch, ops
+from . import _env, dispatch, ops
 
 MATRIX_UNITS_ENV = "DISTILKERNELS_MATRIX_UNITS"
 
@@ -37,8 +36,8 @@ def _unit_packs(dtype: str) -> bool:
 
 def use_matrix_unit(dtype: str) -> bool:
     """Whether the `dtype` ("bf16" or "int8") GEMMs pack their weights for this CPU's matrix unit (brgemm on
-    AMX): the unit is present and DISTILKERNELS_MATRIX_UNITS is not "off"/"0"."""
-    if os.environ.get(MATRIX_UNITS_ENV, "").lower() in ("off", "0", "false"):
+    AMX): the unit is present and the switch DISTILKERNELS_MATRIX_UNITS (distilkernels._env) is not off."""
+    if not _env.switch(MATRIX_UNITS_ENV, True):
         return False
     return _unit_packs(dtype)
 

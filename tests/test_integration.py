@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import copy
+import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -122,3 +124,86 @@ def test_cli_info():
     out = subprocess.run([sys.executable, "-m", "distilkernels", "info"], capture_output=True, text=True, check=True)
     for needle in ("torch", "transformers", "cpu features", "cpp", "triton", "dispatch"):
         assert needle in out.stdout, out.stdout
+
+
+def _run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "distilkernels", *args], capture_output=True, text=True,
+                          env=None if env is None else dict(os.environ, **env))
+
+
+@pytest.mark.parametrize("value, isa_shown", [("AVX2", "avx2"), ("scalar", "scalar"), ("garbage", None)])
+def test_isa_setting_spellings(value, isa_shown):
+    """DISTILKERNELS_ISA in any case caps the vector ISA; a value it does not take warns, naming the variable and
+    what it takes, and leaves the CPU's own choice."""
+    from distilkernels import _ext
+
+    best = _ext.load_extension().vector_isa() if "DISTILKERNELS_ISA" not in os.environ else None
+    if best is None:
+        pytest.skip("DISTILKERNELS_ISA already caps this process")
+    out = _run_cli("info", env={"DISTILKERNELS_ISA": value})
+    assert out.returncode == 0, out.stderr
+    shown = isa_shown if isa_shown != "avx2" or best == "avx512" else best  # a cap, never a raise
+    assert f"vector ISA {shown or best}," in out.stdout, out.stdout
+    warned = "DISTILKERNELS_ISA must be one of avx512|avx2|scalar, got 'garbage'" in out.stderr
+    assert warned == (isa_shown is None), out.stderr
+
+
+@pytest.mark.parametrize("value, on", [("off", False), ("0", False), ("FALSE", False), ("on", True), ("1", True),
+                                       ("Yes", True), ("maybe", True)])
+def test_amx_switch_spellings(value, on, monkeypatch):
+    """DISTILKERNELS_AMX (read on every call) in every switch spelling; a misspelt one keeps the default (on) and
+    warns, naming the variable and what it takes."""
+    from distilkernels import _ext
+
+    C = _ext.load_extension()
+    if C is None:
+        pytest.skip("the C++ extension did not load")
+    monkeypatch.delenv("DISTILKERNELS_AMX", raising=False)
+    present = C.amx_tiles_enabled()  # the CPU has the tiles and Linux granted them
+    monkeypatch.setenv("DISTILKERNELS_AMX", value)
+    assert C.amx_tiles_enabled() == (on and present)
+    if value == "maybe":
+        out = _run_cli("info", env={"DISTILKERNELS_AMX": value})
+        assert out.returncode == 0, out.stderr
+        assert "DISTILKERNELS_AMX must be one of 1/on/true/yes or 0/off/false/no, got 'maybe'; using on" in out.stderr
+
+
+def test_matrix_units_switch_and_unknown_names(monkeypatch):
+    """DISTILKERNELS_MATRIX_UNITS misspelt warns once and keeps the default; a DISTILKERNELS_* name the package
+    does not read warns at import, naming it."""
+    from distilkernels import _env, gemms
+
+    monkeypatch.setattr(_env, "_warned", set())
+    monkeypatch.setenv(gemms.MATRIX_UNITS_ENV, "Off")
+    assert not gemms.use_matrix_unit("bf16")
+    monkeypatch.setenv(gemms.MATRIX_UNITS_ENV, "garbage")
+    with pytest.warns(RuntimeWarning, match="DISTILKERNELS_MATRIX_UNITS must be one of .* got 'garbage'; using on"):
+        assert gemms.use_matrix_unit("bf16") == gemms._unit_packs("bf16")
+    monkeypatch.setenv("DISTILKERNELS_MATRIX_UNIT", "off")  # the typo: a missing S
+    with pytest.warns(RuntimeWarning, match="DISTILKERNELS_MATRIX_UNIT is not a distilkernels setting"):
+        _env.check_names()
+    monkeypatch.delenv("DISTILKERNELS_MATRIX_UNIT")
+    monkeypatch.setenv("DISTILKERNELS_BENCH_ROUNDS", "3")  # the bench suite's own variables are not warned about
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _env.check_names()
+
+
+def test_cli_info_says_a_forced_backend_cannot_run():
+    out = _run_cli("info", env={"DISTILKERNELS_BACKEND": "triton", "TRITON_INTERPRET": "0"})
+    assert out.returncode == 0, out.stderr
+    assert "WARNING: ops on cpu tensors will raise" in out.stdout, out.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--batch", "0"), "argument --batch: invalid integer >= 1 value: '0'"),
+    (("--repeats", "-2"), "argument --repeats: invalid integer >= 1 value: '-2'"),
+    (("--threads", "-1"), "argument --threads: invalid integer >= 0 value: '-1'"),
+    (("--seqlen", "x"), "argument --seqlen: invalid integer >= 1 value: 'x'"),
+    (("--seqlen", "513"), "--seqlen must be at most 512 (the model's positions), got 513"),
+])
+def test_cli_demo_bad_options(args, message):
+    """Bad demo options end in a usage error naming the option (exit 2), not a traceback."""
+    out = _run_cli("demo", *args)
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert message in out.stderr and "Traceback" not in out.stderr, out.stderr
