@@ -1,7 +1,8 @@
 // int8 linear with per-token activation scales: out = activation(dequant(q(x) @ q(W)^T) + bias); x fp32 or bf16,
 // out fp32 or bf16 (out_dtype, by default x's).
 //
-// The weight is quantized once per output channel (symmetric int8, scale = max|w[n]| / 127). Each call
+// The weight is quantized once per output channel (symmetric int8, scale = max|w[n]| / weight_max: 127, or 63
+// where torch's int8 GEMM is exact only on weights that narrow, int_mm_weight_max). Each call
 // quantizes every row of x with its own scale (symmetric int8, max|x[r]| / 127) in one pass, multiplies in
 // int8 with int32 accumulation, and dequantizes (x scale * weight scale) + bias + activation in the epilogue.
 //
@@ -9,7 +10,8 @@
 // (brgemm_utils.h) and each 64 x 64 output tile is computed by our AMX loop (amx_tiles.h) where in_features is a
 // multiple of 64, else by one s8 x s8 -> s32 brgemm call. Elsewhere the weight is
 // kept as plain W^T (in_features, out_features) int8 and the product is one at::_int_mm (oneDNN's int8 GEMM:
-// VNNI where the CPU has it), followed by the same epilogue, where that GEMM is exact (int_mm_exact).
+// VNNI where the CPU has it), followed by the same epilogue, where that GEMM is exact for the weight's range
+// (int_product).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -27,36 +29,50 @@ namespace distilkernels {
 
 cpu::Activation parse_activation(c10::string_view activation);  // linear.cpp
 
-// Whether at::_int_mm (oneDNN's s8 x s8 -> s32 GEMM) gives the exact integer product on this CPU. Without VNNI
-// (AVX2, AVX-512 without VNNI, or oneDNN capped below it by ONEDNN_MAX_CPU_ISA) oneDNN sums pairs of u8 x s8
-// products in saturating 16-bit lanes, and full-range int8 operands come out wrong: on the AMX Xeon under
-// ONEDNN_MAX_CPU_ISA=AVX2, errors up to 1.4e5 on 128 x 768 x 768 products (our per-token int8 linear: 2.7-7.7 off
-// on outputs of ~10). Checked once per process on operands spanning [-127, 127], against int64 sums.
-bool int_mm_exact() {
-  static const bool exact = [] {
-    constexpr int64_t m = 16, k = 64, n = 16;
-    auto a = at::empty({m, k}, at::kChar), b = at::empty({k, n}, at::kChar);
-    int8_t* pa = a.mutable_data_ptr<int8_t>();
-    int8_t* pb = b.mutable_data_ptr<int8_t>();
-    for (int64_t i = 0; i < m * k; ++i) pa[i] = static_cast<int8_t>((i * 37) % 255 - 127);
-    for (int64_t i = 0; i < k * n; ++i) pb[i] = static_cast<int8_t>((i * 53) % 255 - 127);
-    at::Tensor c;
-    try {
-      c = at::_int_mm(a, b).contiguous();
-    } catch (const std::exception&) {  // a torch build without it: the fp32 path
-      return false;
+namespace {
+
+// Whether at::_int_mm (oneDNN's s8 x s8 -> s32 GEMM) gives the exact integer product of activations spanning
+// [-127, 127] and weights spanning [-weight_max, weight_max], checked against int64 sums.
+bool int_mm_exact_for(int weight_max) {
+  constexpr int64_t m = 16, k = 64, n = 16;
+  auto a = at::empty({m, k}, at::kChar), b = at::empty({k, n}, at::kChar);
+  int8_t* pa = a.mutable_data_ptr<int8_t>();
+  int8_t* pb = b.mutable_data_ptr<int8_t>();
+  for (int64_t i = 0; i < m * k; ++i) pa[i] = static_cast<int8_t>((i * 37) % 255 - 127);
+  for (int64_t i = 0; i < k * n; ++i) pb[i] = static_cast<int8_t>((i * 53) % (2 * weight_max + 1) - weight_max);
+  at::Tensor c;
+  try {
+    c = at::_int_mm(a, b).contiguous();
+  } catch (const std::exception&) {  // a torch build without it: the fp32 path
+    return false;
+  }
+  const int32_t* pc = c.const_data_ptr<int32_t>();
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      int64_t sum = 0;
+      for (int64_t p = 0; p < k; ++p) sum += int64_t{pa[i * k + p]} * pb[p * n + j];
+      if (pc[i * n + j] != sum) return false;
     }
-    const int32_t* pc = c.const_data_ptr<int32_t>();
-    for (int64_t i = 0; i < m; ++i)
-      for (int64_t j = 0; j < n; ++j) {
-        int64_t sum = 0;
-        for (int64_t p = 0; p < k; ++p) sum += int64_t{pa[i * k + p]} * pb[p * n + j];
-        if (pc[i * n + j] != sum) return false;
-      }
-    return true;
-  }();
-  return exact;
+  return true;
 }
+
+}  // namespace
+
+// The widest symmetric weight range on which at::_int_mm is exact here, checked once per process:
+// - 127 (full int8) where oneDNN's int8 GEMM has VNNI (or AMX);
+// - 63 without VNNI (AVX2, AVX-512 without VNNI, or oneDNN capped below it by ONEDNN_MAX_CPU_ISA). oneDNN then
+//   shifts the activations to u8 and sums pairs of u8 x s8 products in saturating 16-bit lanes: full-range
+//   weights come out wrong (on the AMX Xeon under ONEDNN_MAX_CPU_ISA=AVX2, errors up to 1.4e5 on 128 x 768 x 768
+//   products; our per-token int8 linear 2.7-7.7 off on outputs of ~10), while 2 * 255 * 63 = 32130 < 2^15 cannot
+//   saturate. There it still ran 1.6x the fp32 GEMM's rate (0.38-0.40 TOPS against 0.24 TFLOP/s at 1024 x 768 x
+//   3072 and 1024 x 3072 x 768, 2 threads);
+// - 0 where neither is exact: the product runs as an fp32 GEMM of the int8 values (int_product).
+int64_t int_mm_weight_max() {
+  static const int64_t limit = int_mm_exact_for(127) ? 127 : int_mm_exact_for(63) ? 63 : 0;
+  return limit;
+}
+
+bool int_mm_exact() { return int_mm_weight_max() == 127; }
 
 namespace {
 
@@ -84,17 +100,18 @@ float quantize_row_bf16(const uint16_t* x, int64_t n, float* row, int8_t* q) {
   return quantize_row(row, n, q);
 }
 
-std::tuple<at::Tensor, at::Tensor> pack_linear_int8_cpu(const at::Tensor& weight, bool vnni) {
+std::tuple<at::Tensor, at::Tensor> pack_linear_int8_cpu(const at::Tensor& weight, bool vnni, int64_t weight_max) {
   check_cpu(weight, "weight");
+  TORCH_CHECK(weight_max >= 1 && weight_max <= 127, "weight_max must be an integer in [1, 127], got ", weight_max);
   check_float(weight, "weight");
   TORCH_CHECK(weight.dim() == 2, "weight must be (out_features, in_features), got shape ", weight.sizes());
   TORCH_CHECK(!vnni || brgemm::packs(at::kChar),
               "vnni=True needs a CPU whose matrix unit takes int8 (AMX); pack with vnni=False on this CPU");
   const auto w = weight.to(at::kFloat).contiguous();
   const int64_t n = w.size(0), k = w.size(1);
-  const auto scale = k > 0 ? (w.abs().amax({1}) / 127.0).clamp_min(kMinScale).contiguous()  // (n,)
-                           : at::full({n}, kMinScale, w.options());
-  const auto q = at::round(w / scale.unsqueeze(1)).to(at::kChar);  // |q| <= 127
+  const auto scale = k > 0 ? (w.abs().amax({1}) / static_cast<double>(weight_max)).clamp_min(kMinScale).contiguous()
+                           : at::full({n}, kMinScale, w.options());  // (n,)
+  const auto q = at::round(w / scale.unsqueeze(1)).to(at::kChar);  // |q| <= weight_max
   return std::make_tuple(vnni ? brgemm::pack_blocks(q.t()) : q.t().contiguous(), scale);
 }
 
@@ -117,11 +134,18 @@ void epilogue(const int32_t* acc, int64_t ld_acc, int64_t rows, int64_t cols, co
     kern.dequant_bias_act(acc, ld_acc, rows, cols, x_scale, w_scale, bias, act, out.f32 + m0 * out.ld + n0, out.ld);
 }
 
-// The plain layout's product q(x) @ W^T as int32: at::_int_mm where it is exact; elsewhere an fp32 GEMM of the
-// int8 values, exact while partial sums stay below 2^24 (in_features <= 1040 always: 1040 * 127^2 < 2^24), and
+// The plain layout's product q(x) @ W^T as int32: at::_int_mm where it is exact for this weight's range
+// (int_mm_weight_max: a pass over the int8 weight where that is below 127); elsewhere an fp32 GEMM of the int8
+// values, exact while partial sums stay below 2^24 (in_features <= 1040 always: 1040 * 127^2 < 2^24), and
 // otherwise off by fp32 rounding of sums that large (relative 6e-8, far below the quantization's own error).
 at::Tensor int_product(const at::Tensor& xq, const at::Tensor& w) {
-  if (int_mm_exact()) return at::_int_mm(xq, w);
+  const int64_t limit = int_mm_weight_max();
+  bool exact = limit == 127;
+  if (!exact && limit > 0) {
+    const auto range = at::aminmax(w);
+    exact = std::get<0>(range).item<int8_t>() >= -limit && std::get<1>(range).item<int8_t>() <= limit;
+  }
+  if (exact) return at::_int_mm(xq, w);
   return at::mm(xq.to(at::kFloat), w.to(at::kFloat)).to(at::kInt);
 }
 

@@ -85,7 +85,9 @@ TORCH_LIBRARY(distilkernels, m) {
   // / 64), in_features rounded up to 4, 64) or weight^T (in_features, out_features); weight_scale
   // (out_features,) fp32). linear_int8: x (tokens, in_features) fp32 or bf16; bias: (out_features,) fp32 or None;
   // out_dtype: fp32 or bf16, None = x's.
-  m.def("pack_linear_int8(Tensor weight, bool vnni) -> (Tensor packed_weight, Tensor weight_scale)");
+  // weight_max: the int8 grid's largest level (scale = max|w[n]| / weight_max); 127, or 63 where torch's int8
+  // GEMM is exact only for weights that narrow (int_mm_weight_max).
+  m.def("pack_linear_int8(Tensor weight, bool vnni, int weight_max=127) -> (Tensor packed_weight, Tensor weight_scale)");
   m.def("linear_int8(Tensor x, Tensor packed_weight, Tensor weight_scale, int out_features, Tensor? bias,"
         " str activation, ScalarType? out_dtype=None) -> Tensor");
 }
@@ -94,6 +96,7 @@ namespace distilkernels {
 void init_blocks(pybind11::module& m);  // blocks.cpp
 bool mkl_packs();  // linear_mkl.cpp
 bool int_mm_exact();  // linear_int8.cpp
+int64_t int_mm_weight_max();  // linear_int8.cpp
 bool amx_tiles_enabled();  // linear_bf16.cpp
 int64_t mkl_packed_floats(int64_t n, int64_t k);
 }  // namespace distilkernels
@@ -140,6 +143,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mkl_packs", &distilkernels::mkl_packs, "Whether this torch build exports MKL's packed fp32 GEMM");
   m.def("int_mm_exact", &distilkernels::int_mm_exact,
         "Whether torch's int8 GEMM (at::_int_mm) is exact on this CPU (no VNNI: oneDNN's 16-bit pair sums saturate)");
+  m.def("int_mm_weight_max", &distilkernels::int_mm_weight_max,
+        "The widest symmetric int8 weight range on which torch's int8 GEMM is exact here: 127, 63 (no VNNI: "
+        "16-bit pair sums), or 0 (neither: an fp32 GEMM of the int8 values runs)");
   m.def("amx_tiles_enabled", &distilkernels::amx_tiles_enabled,
         "Whether our AMX tile loops run now: the CPU has the tiles and DISTILKERNELS_AMX is not off (read per call)");
   m.def("mkl_packed_floats", &distilkernels::mkl_packed_floats, pybind11::arg("out_features"),

@@ -25,3 +25,12 @@ def extension_error() -> str | None:
     """Why the C++ extension is unavailable (None when it loaded)."""
     load_extension()
     return _C_ERROR
+
+
+def int8_weight_max(vnni: bool) -> int:
+    """The int8 weight grid's largest level for pack_linear_int8 on this CPU: 127, except for the plain layout
+    (vnni=False) where torch's int8 GEMM is exact only on weights within [-63, 63] (no VNNI: oneDNN sums pairs of
+    u8 x s8 products in 16 bits; csrc/linear_int8.cpp int_mm_weight_max). There the 7-bit grid keeps that GEMM,
+    ~1.6x the fp32 GEMM's rate, where the full grid would need an fp32 GEMM of the int8 values."""
+    C = load_extension()
+    return 63 if not vnni and C is not None and C.int_mm_weight_max() == 63 else 127

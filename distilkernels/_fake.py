@@ -113,7 +113,7 @@ def _linear_bf16x3_fake(x, packed_weight, out_features, bias, activation):
 
 
 @torch.library.register_fake("distilkernels::pack_linear_int8")
-def _pack_linear_int8_fake(weight, vnni):
+def _pack_linear_int8_fake(weight, vnni, weight_max=127):
     shape = _vnni_blocks(weight, 4) if vnni else (weight.shape[1], weight.shape[0])
     return weight.new_empty(shape, dtype=torch.int8), weight.new_empty(weight.shape[:1], dtype=torch.float32)
 

@@ -99,9 +99,12 @@ def precision_paths() -> dict[str, str]:
     paths["int8"] = ("s8 x s8 -> s32 on AMX tiles (our tile loop; brgemm where in_features % 64 != 0), weights "
                      "packed once (VNNI), per-token scales, fused epilogue"
                      if use_matrix_unit("int8") else
-                     ("torch _int_mm (oneDNN's int8 GEMM, exact on this CPU: VNNI)" if ext.int_mm_exact() else
-                      "an fp32 GEMM of the int8 values (torch's int8 GEMM is not exact here: without VNNI, "
-                      "oneDNN's 16-bit pair sums saturate)") + ", per-token scales, fused epilogue")
+                     {127: "torch _int_mm (oneDNN's int8 GEMM, exact on this CPU: VNNI)",
+                      63: "torch _int_mm on weights quantized to [-63, 63] (without VNNI oneDNN sums pairs of "
+                          "products in 16 bits, exact only on weights that narrow; full-range weights take an "
+                          "fp32 GEMM of their int8 values)",
+                      0: "an fp32 GEMM of the int8 values (torch's int8 GEMM is not exact here)",
+                      }[ext.int_mm_weight_max()] + ", per-token scales, fused epilogue")
     # quant.bf16_attention()'s condition (quant imports this module, not the other way round)
     paths["int8"] += ("; q|k|v written in bf16 and attention on the bf16 tiles" if use_matrix_unit("bf16") else
                       "; attention in fp32")

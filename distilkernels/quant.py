@@ -5,7 +5,8 @@ dynamic int8 quantization of the fused blocks' four GEMMs (CPU).
     with torch.inference_mode():
         out = model(**batch)
 
-Weights are quantized once per output channel (symmetric int8, scale = max|w| / 127) and packed for the
+Weights are quantized once per output channel (symmetric int8, scale = max|w| / 127; / 63 where the CPU's int8
+GEMM is exact only on weights that narrow: no VNNI, see `ops.pack_linear_int8`) and packed for the
 int8 GEMM (`ops.pack_linear_int8`: brgemm's VNNI blocks on CPUs whose matrix unit takes int8, AMX; W^T for
 torch's int8 GEMM elsewhere). Activations get one scale per token (symmetric int8, max|x[r]| / 127), quantized
 in one pass inside `ops.linear_int8`, whose epilogue dequantizes and adds the bias (and lin1's activation).

@@ -159,13 +159,18 @@ def linear_bf16x3(x, packed_weight, out_features, bias, activation):
     return activate(y if bias is None else y + bias.float(), activation)
 
 
-def pack_linear_int8(weight, vnni):
+def pack_linear_int8(weight, vnni, weight_max=None):
     """weight (out_features, in_features) -> (int8 weight^T (in_features, out_features), scale (out_features,)):
-    symmetric per output channel, scale = max(max|w[n]| / 127, 1e-12)."""
+    symmetric per output channel, scale = max(max|w[n]| / weight_max, 1e-12); weight_max None: this CPU's for
+    the plain layout (distilkernels._ext.int8_weight_max), as ops.pack_linear_int8's default."""
     if vnni:
         raise ValueError("vnni=True (the matrix unit's layout) needs the C++ backend; use vnni=False")
+    if weight_max is None:
+        from ._ext import int8_weight_max
+
+        weight_max = int8_weight_max(False)
     weight = weight.float()
-    scale = (weight.abs().amax(dim=1) / 127).clamp_min(1e-12)
+    scale = (weight.abs().amax(dim=1) / weight_max).clamp_min(1e-12)
     return torch.round(weight / scale[:, None]).to(torch.int8).t().contiguous(), scale
 
 

@@ -537,8 +537,18 @@ def test_bf16_int8_gemms_on_capped_isa(isa, onednn):
     env = dict(os.environ, DISTILKERNELS_ISA=isa)
     if onednn:
         env.update(ONEDNN_MAX_CPU_ISA=onednn, DISTILKERNELS_MATRIX_UNITS="off")
-        script += ("from distilkernels._C import int_mm_exact\n"
+        script += ("from distilkernels._C import int_mm_exact, int_mm_weight_max\n"
                    "assert not int_mm_exact(), 'oneDNN capped to AVX2 gave an exact int8 GEMM: the cap did not hold'\n"
+                   # the 7-bit grid keeps torch's int8 GEMM; a full-range weight takes the fp32 GEMM, still exact
+                   "assert int_mm_weight_max() == 63, int_mm_weight_max()\n"
+                   "packed, scale = ops.pack_linear_int8(w)\n"
+                   "assert packed.abs().max() == 63 and torch.equal(packed, reference.pack_linear_int8(w, False)[0])\n"
+                   "x = torch.randn(70, 768) * 3; w = torch.randn(67, 768); w[5, 7] = 50\n"
+                   "for weight_max in (127, 63):\n"
+                   "    pw = ops.pack_linear_int8(w, weight_max=weight_max)\n"
+                   "    got = ops.linear_int8(x, *pw, 67, b, 'relu')\n"
+                   "    ref = reference.linear_int8(x, *reference.pack_linear_int8(w, False, weight_max), 67, b, 'relu')\n"
+                   "    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max(), (weight_max, (got - ref).abs().max())\n"
                    "print(ops._extension().vector_isa())\n")
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
