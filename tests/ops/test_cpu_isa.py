@@ -3,7 +3,10 @@
 The extension picks its inner loops once per process (csrc/vec.h): AVX-512, AVX2+FMA or baseline x86-64, capped
 by DISTILKERNELS_ISA=avx2|scalar. The in-process op tests run on the best one (their ids say which: cpp-avx512);
 test_cpp_op_tests_under_isa reruns every cpp case of the op files in a fresh process per lower instruction set,
-so an AVX-512 machine also tests what an AVX2-only CPU (AMD EPYC in CI) and a baseline x86-64 CPU run.
+so an AVX-512 machine also tests what an AVX2-only CPU (AMD EPYC in CI) and a baseline x86-64 CPU run. The avx2
+rerun caps the libraries too (AVX2_CAPS: torch's own kernels, MKL, oneDNN, no matrix units), because the tests
+compare against torch, whose numbers depend on the instruction set as well: with only our kernels capped, a
+bf16 GELU test passed here that failed against torch under MKL's AVX2 code.
 """
 from __future__ import annotations
 
@@ -23,6 +26,11 @@ pytestmark = pytest.mark.requires_ext
 ISAS = ("avx512", "avx2", "scalar")  # best first
 OP_TEST_FILES = ("test_attention.py", "test_layer_norm.py", "test_bias_act.py", "test_row_scale.py",
                  "test_linear_bf16x3.py", "test_bad_input.py", "test_dispatch.py")
+
+
+# What an AVX2-only CPU runs, for every library a test compares against (each reads its cap at start-up).
+AVX2_CAPS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+             "DISTILKERNELS_MATRIX_UNITS": "off", "DISTILKERNELS_AMX": "off"}
 
 
 def cpu_flags() -> set[str]:
@@ -46,14 +54,17 @@ def test_vector_isa_is_the_best_available():
 
 @pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="needs /proc/cpuinfo")
 @pytest.mark.parametrize("isa", ISAS[1:])
-def test_cpp_op_tests_under_isa(isa):
+def test_cpp_op_tests_under_isa(isa, tmp_path):
     """Every cpp case of the op files (tests whose id says cpp), under DISTILKERNELS_ISA=isa."""
     if "DISTILKERNELS_ISA" in os.environ:
         pytest.skip("already running under DISTILKERNELS_ISA (this is the rerun)")
     if ISAS.index(isa) <= ISAS.index(best_isa()):
         pytest.skip(f"{isa} is this CPU's best instruction set: the in-process tests ran on it")
     here = pathlib.Path(__file__).parent
-    env = dict(os.environ, DISTILKERNELS_ISA=isa)
+    # Its own inductor cache: torch's on-disk cache does not key on ATEN_CPU_CAPABILITY, and code compiled under
+    # one capability and loaded under another gave NaN or corrupted the heap (even for a stock HF model).
+    env = dict(os.environ, DISTILKERNELS_ISA=isa, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"),
+               **(AVX2_CAPS if isa == "avx2" else {}))
     env.pop("DISTILKERNELS_BACKEND", None)
     cmd = [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "-k", "cpp",
            *(str(here / name) for name in OP_TEST_FILES)]
