@@ -15,6 +15,7 @@
 //
 // Tensors made here are ordinary resizable CPU tensors; only where their memory comes from differs.
 #include "cpu_cache.h"
+#include "env.h"
 
 #include <ATen/EmptyTensor.h>
 #include <c10/core/CPUAllocator.h>
@@ -44,15 +45,17 @@ size_t size_class(size_t n) {
 int64_t limit_from_env() {
   const char* env = std::getenv("DISTILKERNELS_CPU_CACHE_MB");
   if (env == nullptr || *env == '\0') return kDefaultLimitMiB << 20;
-  try {
-    size_t used = 0;
-    const long long mib = std::stoll(env, &used);
-    // the byte count must fit in int64 (a wrapped, negative limit broke eviction: a crash, not a warning)
-    if (used == std::string(env).size() && mib >= 0 && mib <= (INT64_MAX >> 20)) return static_cast<int64_t>(mib) << 20;
-  } catch (const std::exception&) {
+  // Digits only (distilkernels/_env.py checks the same at import), and the byte count must fit in int64: a
+  // wrapped, negative limit broke eviction, a crash rather than a warning.
+  int64_t mib = 0;
+  bool ok = true;
+  for (const char* c = env; *c != '\0' && ok; ++c) {
+    ok = *c >= '0' && *c <= '9' && mib <= (INT64_MAX >> 20) / 10;
+    if (ok) mib = mib * 10 + (*c - '0');
   }
-  TORCH_WARN("DISTILKERNELS_CPU_CACHE_MB must be a non-negative integer (MiB) below 2**43, got '", env, "'; using ",
-             kDefaultLimitMiB);
+  if (ok && mib <= (INT64_MAX >> 20)) return mib << 20;
+  env::warn_once("DISTILKERNELS_CPU_CACHE_MB", env, "a non-negative integer (MiB) below 2**43",
+                 std::to_string(kDefaultLimitMiB));
   return kDefaultLimitMiB << 20;
 }
 

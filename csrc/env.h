@@ -24,15 +24,18 @@ inline std::string lower(const char* text) {
   return out;
 }
 
-// Warns about name=value once per process (a switch read on every call must not warn on every call).
-inline void warn_once(const char* name, const char* value, const std::string& expected, const std::string& kept) {
+// Records name=value as warned about; false if it already was. distilkernels/_env.py marks what it reported at
+// import (a Python warning, which this one, printed by c10 on stderr, is not), so that it is not said twice.
+inline bool first_report(const std::string& name, const std::string& value) {
   static std::mutex mu;
   static std::set<std::string> seen;
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    if (!seen.insert(std::string(name) + "=" + value).second) return;
-  }
-  TORCH_WARN(name, " must be ", expected, ", got '", value, "'; using ", kept);
+  std::lock_guard<std::mutex> lock(mu);
+  return seen.insert(name + "=" + value).second;
+}
+
+// Warns about name=value once per process (a switch read on every call must not warn on every call).
+inline void warn_once(const char* name, const char* value, const std::string& expected, const std::string& kept) {
+  if (first_report(name, value)) TORCH_WARN(name, " must be ", expected, ", got '", value, "'; using ", kept);
 }
 
 // The switch `name`: `fallback` when unset, empty or misspelt (the last with a warning).

@@ -145,7 +145,13 @@ at::Tensor int_product(const at::Tensor& xq, const at::Tensor& w) {
     const auto range = at::aminmax(w);
     exact = std::get<0>(range).item<int8_t>() >= -limit && std::get<1>(range).item<int8_t>() <= limit;
   }
-  if (exact) return at::_int_mm(xq, w);
+  if (exact) {
+    // Row-major strides spelt out: a (rows, 1) or (1, cols) matrix is contiguous with either stride on its size-1
+    // dimension (pack_linear_int8 of an (n, 1) weight gives (1, n) with strides (1, 1)), and at::_int_mm misread
+    // that one: in_features 1 came out 2.4e5 off. Both are contiguous, so these are views of the same memory.
+    const auto rows = [](const at::Tensor& t) { return t.as_strided(t.sizes(), {t.size(1), 1}); };
+    return at::_int_mm(rows(xq), rows(w));
+  }
   return at::mm(xq.to(at::kFloat), w.to(at::kFloat)).to(at::kInt);
 }
 

@@ -12,6 +12,7 @@
 #include "cpu_cache.h"
 #include "cpu_kernels.h"
 #include "brgemm_utils.h"
+#include "env.h"
 #include "vec.h"
 
 TORCH_LIBRARY(distilkernels, m) {
@@ -146,6 +147,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int_mm_weight_max", &distilkernels::int_mm_weight_max,
         "The widest symmetric int8 weight range on which torch's int8 GEMM is exact here: 127, 63 (no VNNI: "
         "16-bit pair sums), or 0 (neither: an fp32 GEMM of the int8 values runs)");
+  m.def("env_reported", [](const std::string& name, const std::string& value) {
+    distilkernels::env::first_report(name, value);
+  }, pybind11::arg("name"), pybind11::arg("value"),
+        "Marks a setting's bad value as reported (by distilkernels._env): the C++ reader does not warn again");
   m.def("amx_tiles_enabled", &distilkernels::amx_tiles_enabled,
         "Whether our AMX tile loops run now: the CPU has the tiles and DISTILKERNELS_AMX is not off (read per call)");
   m.def("mkl_packed_floats", &distilkernels::mkl_packed_floats, pybind11::arg("out_features"),

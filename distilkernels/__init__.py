@@ -17,11 +17,10 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from . import _env, ops  # noqa: E402
-
-_env.check_names()
 from ._ext import load_extension  # noqa: E402
 
 load_extension()
+_env.check_environment()
 
 from .patching import PatchHandle, patch, quantize, refresh  # noqa: E402
 from . import hf_attention as _hf_attention  # noqa: E402

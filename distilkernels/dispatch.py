@@ -129,10 +129,10 @@ def is_reference(op: str, backend: str) -> bool:
 
 
 def _env_backend() -> str | None:
-    name = os.environ.get("DISTILKERNELS_BACKEND") or None
-    if name is not None and name not in BACKENDS:
-        raise ValueError(f"DISTILKERNELS_BACKEND must be one of {BACKENDS}, got {name!r}")
-    return name
+    """DISTILKERNELS_BACKEND, any case; a value that is no backend warns and leaves dispatch automatic."""
+    from . import _env
+
+    return _env.choice("DISTILKERNELS_BACKEND", BACKENDS)
 
 
 _forced: str | None = _env_backend()
