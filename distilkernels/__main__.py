@@ -143,14 +143,15 @@ def cmd_demo(args) -> int:
     return 0 if ok else 1
 
 
-def _at_least(low: int):
-    """An argparse type: an integer >= low (argparse turns the ValueError into a usage error naming the option)."""
+def _at_least(low: int, high: int = 1 << 20):
+    """An argparse type: an integer in [low, high] (argparse turns the ValueError into a usage error naming the
+    option; the upper end keeps torch from overflowing on a huge --threads)."""
     def parse(text: str) -> int:
         value = int(text)
-        if value < low:
+        if not low <= value <= high:
             raise ValueError(text)
         return value
-    parse.__name__ = f"integer >= {low}"
+    parse.__name__ = f"integer in [{low}, {high}]"
     return parse
 
 

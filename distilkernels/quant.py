@@ -44,11 +44,14 @@ def check_dtype(dtype) -> None:
 
 
 class PackInt8:
-    """derive for DerivedWeights: (packed int8 weight, weight scales, fp32 bias), packed for this CPU."""
+    """derive for DerivedWeights: (packed int8 weight, weight scales, fp32 bias), in the matrix unit's VNNI layout
+    or the plain one."""
+
+    def __init__(self, vnni: bool):
+        self.vnni = vnni
 
     def __call__(self, weight, bias):
-        vnni = use_matrix_unit("int8") and dispatch.has_kernel("pack_linear_int8", weight)
-        return (*ops.pack_linear_int8(weight, vnni=vnni), bias)
+        return (*ops.pack_linear_int8(weight, vnni=self.vnni), bias)
 
 
 class Int8Gemms:
@@ -61,16 +64,19 @@ class Int8Gemms:
             raise ValueError(f"activations must be one of {ACTIVATION_MODES}, got {activations!r}")
         self.parts = parts
         self.activations = activations
-        self.packed = {name: DerivedWeights(linears, PackInt8()) for name, linears in (
-            ("qkv", (parts.q, parts.k, parts.v)), ("out", (parts.out,)), ("lin1", (parts.lin1,)),
-            ("lin2", (parts.lin2,)))}
-        self.linears = tuple(lin for derived in self.packed.values() for lin in derived.linears)
+        self.groups = {"qkv": (parts.q, parts.k, parts.v), "out": (parts.out,), "lin1": (parts.lin1,),
+                       "lin2": (parts.lin2,)}
+        # name -> {vnni: DerivedWeights}: the C++ backend on AMX packs in the VNNI layout, any other backend (the
+        # torch reference, under force_backend) in the plain one, so each layout is kept apart
+        self.packed = {name: {} for name in self.groups}
+        self.linears = tuple(lin for linears in self.groups.values() for lin in linears)
         self.bound = BoundCalls()  # (activation, backend) -> (params_key of the linears, GemmCalls): gemms.bound_calls
 
     def forget(self) -> None:
         """Drop the int8 packings and bindings (distilkernels.refresh): the next call quantizes again."""
-        for derived in self.packed.values():
-            derived.forget()
+        for layouts in self.packed.values():
+            for derived in layouts.values():
+                derived.forget()
         self.bound.clear()
 
     def calls(self, x, activation: str) -> GemmCalls:
@@ -87,7 +93,11 @@ class Int8Gemms:
                             "model.cpu() restores it; for bf16, patch a bf16 copy of the fp32 model instead")
         if name.endswith("+ln"):  # fp32 output: the block adds and normalizes it itself
             return None
-        packed, scale, bias = self.packed[name].get()
+        vnni = backend == "cpp" and use_matrix_unit("int8")
+        layouts = self.packed[name]
+        if vnni not in layouts:
+            layouts[vnni] = DerivedWeights(self.groups[name], PackInt8(vnni))
+        packed, scale, bias = layouts[vnni].get()
         out_features = bias.shape[0]
         # q|k|v in bf16 for attention on the matrix unit; every other output fp32, the residual stream's dtype
         # (the attention output's GEMM reads bf16)

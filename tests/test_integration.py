@@ -226,10 +226,11 @@ def test_cli_info_says_a_forced_backend_cannot_run():
 
 
 @pytest.mark.parametrize("args, message", [
-    (("--batch", "0"), "argument --batch: invalid integer >= 1 value: '0'"),
-    (("--repeats", "-2"), "argument --repeats: invalid integer >= 1 value: '-2'"),
-    (("--threads", "-1"), "argument --threads: invalid integer >= 0 value: '-1'"),
-    (("--seqlen", "x"), "argument --seqlen: invalid integer >= 1 value: 'x'"),
+    (("--batch", "0"), "argument --batch: invalid integer in [1, 1048576] value: '0'"),
+    (("--repeats", "-2"), "argument --repeats: invalid integer in [1, 1048576] value: '-2'"),
+    (("--threads", "-1"), "argument --threads: invalid integer in [0, 1048576] value: '-1'"),
+    (("--threads", "9" * 25), "argument --threads: invalid integer in [0, 1048576] value: '" + "9" * 25 + "'"),
+    (("--seqlen", "x"), "argument --seqlen: invalid integer in [1, 1048576] value: 'x'"),
     (("--seqlen", "513"), "--seqlen must be at most 512 (the model's positions), got 513"),
 ])
 def test_cli_demo_bad_options(args, message):

@@ -107,6 +107,24 @@ def test_int8_base_config_cosine(activations):
     assert 1 - cos <= RELATIVE * (1 - peer), (cos, peer)
 
 
+def test_int8_model_on_another_backend_after_cpp():
+    """A quantized model that ran on the C++ backend (VNNI packings on AMX) runs under force_backend("torch")
+    too: each layout is packed apart (the reference used to get the VNNI packing and refuse it)."""
+    config = tiny_config()
+    model = make_model(transformers.DistilBertModel, config)
+    mask = holey_mask(5, 9, seed=2)
+    mask[:, 0] = 1
+    inputs = model_inputs(transformers.DistilBertModel, config, 5, 9, mask, with_labels=False)
+    ref = hidden(model, inputs)
+    peer = max_error(hidden(torch_int8(model), inputs), ref, mask)
+    distilkernels.quantize(model)
+    errors = [max_error(hidden(model, inputs), ref, mask)]
+    with ops.force_backend("torch"):
+        errors.append(max_error(hidden(model, inputs), ref, mask))
+    errors.append(max_error(hidden(model, inputs), ref, mask))
+    assert all(0 < e <= max(RELATIVE * peer, FLOOR["int8"]) for e in errors), (errors, peer)
+
+
 def test_int8_twice_restore_state_dict():
     config = tiny_config()
     model = make_model(transformers.DistilBertForSequenceClassification, config)
@@ -332,7 +350,8 @@ def test_forced_fallback_path_matches_matrix_unit(precision, monkeypatch, op_spy
             outs[setting] = hidden(m, inputs)
         block_gemms = _blocks(m)[0]._parts.gemms
         if precision == "int8":
-            packed = block_gemms.packed["qkv"].value[0]
+            [derived] = block_gemms.packed["qkv"].values()  # one layout: only the C++ backend ran
+            packed = derived.value[0]
         else:
             assert list(block_gemms.packed["qkv"]) == ["packed"]  # tiny weights: no contest (_MIN_CONTEST_WEIGHT)
             kernel, packed, _ = block_gemms.packed["qkv"]["packed"].value
@@ -392,8 +411,8 @@ def test_gemms_pickle(precision):
         calls = block_gemms.calls(x, "gelu")  # bindings made before pickling: not saved either
         before = [calls.qkv(x), calls.lin1_act(x)]
         loaded = pickle.loads(pickle.dumps(block_gemms))
-        # int8: name -> DerivedWeights; fp32/bf16: name -> {kernel: DerivedWeights}
-        derived = [d for v in loaded.packed.values() for d in (v.values() if isinstance(v, dict) else [v])]
+        # int8: name -> {vnni: DerivedWeights}; fp32/bf16: name -> {kernel: DerivedWeights}
+        derived = [d for v in loaded.packed.values() for d in v.values()]
         assert derived and all(d.value is None and d.key is None for d in derived)  # packed copies not saved
         assert not loaded.bound
         calls = loaded.calls(x, "gelu")
