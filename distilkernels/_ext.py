@@ -1,7 +1,10 @@
 """Loading the C++ extension, and why it did not load when it did not."""
 from __future__ import annotations
 
+import functools
 import importlib
+
+import torch
 
 _C = None
 _C_ERROR: str | None = None
@@ -12,8 +15,6 @@ def load_extension():
     global _C, _C_ERROR
     if _C is None and _C_ERROR is None:
         try:
-            import torch  # noqa: F401  (the extension links against libtorch)
-
             _C = importlib.import_module("distilkernels._C")
             from . import _fake  # noqa: F401  (fake kernels for the ops the extension defined)
         except ImportError as exc:  # not built, or built against another torch
@@ -32,5 +33,15 @@ def int8_weight_max(vnni: bool) -> int:
     (vnni=False) where torch's int8 GEMM is exact only on weights within [-63, 63] (no VNNI: oneDNN sums pairs of
     u8 x s8 products in 16 bits; csrc/linear_int8.cpp int_mm_weight_max). There the 7-bit grid keeps that GEMM,
     ~1.6x the fp32 GEMM's rate, where the full grid would need an fp32 GEMM of the int8 values."""
+    return 63 if not vnni and _int_mm_weight_max() == 63 else 127
+
+
+@functools.lru_cache(maxsize=None)
+def _int_mm_weight_max_once() -> int:
     C = load_extension()
-    return 63 if not vnni and C is not None and C.int_mm_weight_max() == 63 else 127
+    return 127 if C is None else C.int_mm_weight_max()
+
+
+@torch.compiler.assume_constant_result  # a fact of the CPU: torch.compile takes it as a constant, not a graph break
+def _int_mm_weight_max() -> int:
+    return _int_mm_weight_max_once()

@@ -28,11 +28,16 @@ MATRIX_UNITS_ENV = "DISTILKERNELS_MATRIX_UNITS"
 
 
 @functools.lru_cache(maxsize=None)
-def _unit_packs(dtype: str) -> bool:
+def _unit_packs_once(dtype: str) -> bool:
     from ._ext import load_extension
 
     ext = load_extension()
     return ext is not None and ext.matrix_unit_packs(dtype)
+
+
+@torch.compiler.assume_constant_result  # a fact of the CPU: torch.compile takes it as a constant, not a graph break
+def _unit_packs(dtype: str) -> bool:
+    return _unit_packs_once(dtype)
 
 
 def use_matrix_unit(dtype: str) -> bool:
@@ -233,14 +238,21 @@ def bound_calls(bound: BoundCalls, key, linears, bind: Callable, activation: str
     """The GemmCalls kept in `bound` under `key` while the weights and biases of `linears` are the same tensors,
     unchanged (one check of them all); otherwise bind(name, activation) for each GEMM ("qkv", "out", "lin1" with
     `activation`, "lin2", and "out+ln", "lin2+ln": the GEMM with the residual add and LayerNorm after it, or
-    None), kept in its place, and every binding of older weights dropped from `bound`."""
+    None), kept in its place, and every binding of older weights dropped from `bound`. While torch.compile traces,
+    bound afresh and not kept: the graph is traced once, and fake tensors have no data pointers to key on (the
+    int8 GEMMs then pack inside the graph, as DerivedWeights.get does)."""
+    def bind_all():
+        return GemmCalls(*(bind(name, act) for name, act in (
+            ("qkv", "none"), ("out", "none"), ("lin1", activation), ("lin2", "none"), ("out+ln", "none"),
+            ("lin2+ln", "none"))))
+
+    if torch.compiler.is_compiling():
+        return bind_all()
     params = params_key(linears_params(linears))
     hit = bound.get(key)
     if hit is not None and hit[0] == params:
         return hit[1]
-    calls = GemmCalls(*(bind(name, act) for name, act in (
-        ("qkv", "none"), ("out", "none"), ("lin1", activation), ("lin2", "none"), ("out+ln", "none"),
-        ("lin2+ln", "none"))))
+    calls = bind_all()
     for stale in [k for k, (p, _) in bound.items() if p != params]:
         del bound[stale]
     bound[key] = (params, calls)
