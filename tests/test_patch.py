@@ -2,6 +2,8 @@
 for every family and head is in test_parity.py."""
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 import transformers
@@ -243,6 +245,56 @@ def test_model_built_in_inference_mode():
             got = model(**inputs).last_hidden_state
     assert (got - ref)[mask.bool()].abs().max() <= ATOL
 
+
+
+def test_threads_share_one_patched_head():
+    """Threads serving one patched head at once: each call's labels are its own. A pre-hook on the head holds
+    every thread inside its forward until all have entered (so their label hooks interleave on every call),
+    half of them with labels. The QA answers sit on padding, so the loss reads padded positions: a call given
+    labels that ran unpadded would be off. (Before, the hooks kept one list of ContextVar tokens per model and
+    a thread reset another's: ValueError "was created in a different Context".)"""
+    cls, config = transformers.DistilBertForQuestionAnswering, tiny_config()
+    model = make_model(cls, config)
+    mask = holey_mask(4, 9, seed=11, kind="right")
+    mask[0, 6:] = 0
+    inputs = model_inputs(cls, config, 4, 9, mask, with_labels=False)
+    labels = {"start_positions": torch.tensor([7, 1, 8, 0]), "end_positions": torch.tensor([8, 2, 8, 3])}
+    assert not mask[0, 7:].any()  # the first answer is padding
+    with torch.inference_mode():
+        want = model(**inputs, **labels)
+    distilkernels.patch(model)
+    n_threads, calls = 4, 10
+    barrier = threading.Barrier(n_threads, timeout=30)
+    errors, results = [], []
+
+    def all_inside(module, args):
+        barrier.wait()  # (returns None: a pre-hook's result would replace the arguments)
+
+    model.register_forward_pre_hook(all_inside)
+
+    def serve(with_labels):
+        try:
+            with torch.inference_mode():
+                for _ in range(calls):
+                    results.append((with_labels, model(**inputs, **(labels if with_labels else {}))))
+        except Exception as exc:  # noqa: BLE001 - reported by the test
+            errors.append(f"{type(exc).__name__}: {exc}")
+            barrier.abort()
+
+    threads = [threading.Thread(target=serve, args=(i % 2 == 0,)) for i in range(n_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(results) == n_threads * calls
+    real = mask.bool()
+    for with_labels, got in results:
+        for key in ("start_logits", "end_logits"):
+            assert (got[key] - want[key])[real].abs().max() <= ATOL, key
+        assert (got.loss is not None) == with_labels
+        if with_labels:
+            assert (got.loss - want.loss).abs() <= ATOL
 
 # ---- patch(model, dtype=...) --------------------------------------------------------------------------------
 
