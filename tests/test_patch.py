@@ -12,7 +12,7 @@ import distilkernels
 from distilkernels.modules import FusedBlock, FusedEncoder
 
 from conftest import by_name, tiny_config
-from helpers import ATOL, holey_mask, make_model, model_inputs, op_count
+from helpers import ATOL, FAMILY_PARAMS, holey_mask, make_model, model_inputs, op_count
 
 
 def test_handle_restore_and_structure():
@@ -232,6 +232,30 @@ def test_too_long_sequence():
     with distilkernels.patch(model), torch.inference_mode(), pytest.raises(ValueError, match="max_position_embeddings"):
         model(input_ids=ids)
 
+
+@pytest.mark.parametrize("bad, error, match", [
+    (lambda ids, dim: {"input_ids": ids[0]}, ValueError, r"input_ids must be \(batch, seqlen\), got shape \(6,\)"),
+    (lambda ids, dim: {"input_ids": ids[None]}, ValueError, r"input_ids must be \(batch, seqlen\), got shape \(1, 2"),
+    (lambda ids, dim: {"input_ids": ids.tolist()}, TypeError, "input_ids must be a torch.Tensor, got list"),
+    (lambda ids, dim: {"inputs_embeds": torch.randn(6, dim)}, ValueError,
+     r"inputs_embeds must be \(batch, seqlen, dim\), got shape \(6, \d+\): add the batch dimension"),
+    (lambda ids, dim: {"inputs_embeds": torch.randn(1, 200, dim)}, ValueError,
+     "inputs_embeds has seqlen 200 > config.max_position_embeddings"),
+], ids=["1-D ids", "3-D ids", "list ids", "2-D embeds", "embeds too long"])
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
+def test_bad_input_shape_names_the_argument(family, bad, error, match):
+    """Input that stock HF fails on too (each family with its own IndexError, ValueError or RuntimeError from
+    deep inside) is rejected before the forward, naming the argument given."""
+    config = family.test.tiny()
+    cls = family.base_model
+    model = make_model(cls, config)
+    ids = model_inputs(cls, config, 2, 6, torch.ones(2, 6, dtype=torch.long), with_labels=False)["input_ids"]
+    inputs = bad(ids, model.get_input_embeddings().embedding_dim)
+    with torch.inference_mode():
+        with pytest.raises(Exception):
+            model(**inputs)  # stock HF fails too: nothing it runs is refused
+        with distilkernels.patch(model), pytest.raises(error, match=match):
+            model(**inputs)
 
 def test_model_built_in_inference_mode():
     """Parameters created under inference_mode have no version counter; the fused weights still work."""
