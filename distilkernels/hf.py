@@ -4,8 +4,8 @@ hf_attention.py (it asks modules.decide, which reads this module: kept apart so 
 
 Whatever attention implementation a config names, `key_padding_mask_of` recovers the (batch, kv_len) mask
 from it: our 2-D mask, sdpa's 4-D bool mask or eager's additive 4-D mask, as long as it is a pure key-padding
-mask (every query row the same, only "attend" / "do not attend" values); anything else is reported as a
-mask-format fallback and HF's own code runs.
+mask (every query row the same, only "attend" / "do not attend" values; an additive one with a real token in
+every row, see FULLY_MASKED); anything else is reported as a mask-format fallback and HF's own code runs.
 """
 from __future__ import annotations
 
@@ -63,8 +63,10 @@ def exporting() -> bool:
 
 # ---- labels: losses read positions that padding removal would drop -------------------------------------
 LABEL_ARGUMENTS = ("labels", "start_positions", "end_positions", "next_sentence_label")
-# True / False while the forward of a patched head runs (its hooks set it); None where no such hook ran
-_labels_given = contextvars.ContextVar("distilkernels_labels_given", default=None)
+# The forwards of patched heads running in this context, innermost last, as (id of the head's watch, whether it
+# got labels); () where no such hook ran. A tuple in a ContextVar, not a stack on the watch: threads (and asyncio
+# tasks) sharing one model each have their own context, so one call never pops another's entry.
+_labels_given = contextvars.ContextVar("distilkernels_labels_given", default=())
 
 
 def labels_given() -> bool:
@@ -75,8 +77,8 @@ def labels_given() -> bool:
     head's base model patched on its own (patch(head.bert)). Then the calling frames are read: a `forward` of a
     module whose signature takes label arguments, holding one that is not None, means labels (a padded layout:
     slower where a caller's own module names an argument `labels`, never wrong)."""
-    given = _labels_given.get()
-    return _labels_in_callers() if given is None else given
+    running = _labels_given.get()
+    return running[-1][1] if running else _labels_in_callers()
 
 
 _LABEL_PARAMS: dict[type, tuple] = {}  # module type -> the label arguments its forward takes
@@ -110,22 +112,23 @@ def _labels_in_callers() -> bool:
 
 
 class _LabelWatch:
-    """Pre- and post-forward hook pair (a module-level class, so hooked models still pickle and deepcopy)."""
+    """Pre- and post-forward hook pair (a module-level class, so hooked models still pickle and deepcopy).
+    It keeps no per-call state itself: a head shared by threads runs several forwards at once (before, one list
+    of ContextVar tokens per model let one thread reset another's token: ValueError, "created in a different
+    Context"); each call's entry lives in its own context (_labels_given)."""
 
     def __init__(self, names: tuple, positions: tuple):
-        self.names, self.positions, self.tokens = names, positions, []
-
-    def __getstate__(self):
-        return {"names": self.names, "positions": self.positions, "tokens": []}
+        self.names, self.positions = names, positions
 
     def before(self, module, args, kwargs):
         given = any(kwargs.get(n) is not None for n in self.names) or any(
             i < len(args) and args[i] is not None for i in self.positions)
-        self.tokens.append(_labels_given.set(given))
+        _labels_given.set(_labels_given.get() + ((id(self), given),))
 
     def after(self, module, args, kwargs, output):
-        if self.tokens:
-            _labels_given.reset(self.tokens.pop())
+        running = _labels_given.get()
+        if running and running[-1][0] == id(self):  # not where an earlier pre-hook raised before ours ran
+            _labels_given.set(running[:-1])
 
 
 def watch_labels(model: torch.nn.Module) -> list:
@@ -144,6 +147,13 @@ def watch_labels(model: torch.nn.Module) -> list:
 
 
 # ---- masks -------------------------------------------------------------------------------------------------
+# A row with no real token under an additive (eager) mask: every score there rounds to the dtype's minimum, so
+# HF's softmax attends uniformly over all keys (the mean of V), where our kernels, like torch's sdpa on a bool
+# mask, give a query with no key zeros (BERT, tiny config: pooler_output 2.7e-3 off, that row's
+# last_hidden_state 3e-2). Such a mask runs HF's code; HF's sdpa and our numbers agree there.
+FULLY_MASKED = "additive 4-D mask with a fully masked row (HF attends to every key there)"
+
+
 def key_padding_mask_of(attention_mask, batch: int, kv_len: int):
     """(mask, why): mask is None (no padding), the (batch, kv_len) bool key-padding mask (True = attend), or
     NotImplemented when `attention_mask` is not a pure key-padding mask in a format we know; `why` then
@@ -172,6 +182,8 @@ def key_padding_mask_of(attention_mask, batch: int, kv_len: int):
         mask = row == 0
         if not bool((mask | (row <= torch.finfo(row.dtype).min)).all()):
             return NotImplemented, "additive 4-D mask with values other than 0 and the dtype's minimum"
+        if not bool(mask.any(-1).all()):  # ~3 us (1 to 16 rows of 128 to 512, 2 cores)
+            return NotImplemented, FULLY_MASKED
     return mask.expand(batch, kv_len), ""
 
 

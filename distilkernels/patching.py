@@ -66,13 +66,20 @@ def validate_inputs(base_model, args, kwargs) -> None:
     input_ids = kwargs.get("input_ids", args[0] if args else None)
     embeds = kwargs.get("inputs_embeds")
     mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-    shaped = input_ids if input_ids is not None else embeds
+    name, shaped = ("input_ids", input_ids) if input_ids is not None else ("inputs_embeds", embeds)
     if shaped is None:
         return
+    # HF takes batched input only (a 1-D input_ids fails inside every family's forward, each differently)
+    if not isinstance(shaped, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(shaped).__name__}")
+    dims, expected = (2, "(batch, seqlen)") if name == "input_ids" else (3, "(batch, seqlen, dim)")
+    if shaped.dim() != dims:
+        hint = f": add the batch dimension, {name}[None]" if shaped.dim() == dims - 1 else ""
+        raise ValueError(f"{name} must be {expected}, got shape {tuple(shaped.shape)}{hint}")
     batch, seqlen = shaped.shape[0], shaped.shape[1]
     limit = base_model.config.max_position_embeddings
     if seqlen > limit and kwargs.get("position_ids") is None:
-        raise ValueError(f"input_ids has seqlen {seqlen} > config.max_position_embeddings={limit}: "
+        raise ValueError(f"{name} has seqlen {seqlen} > config.max_position_embeddings={limit}: "
                          f"the model has no position embedding beyond {limit}; truncate the input")
     if mask is None:
         return

@@ -10,6 +10,7 @@ import torch
 
 import distilkernels
 from distilkernels import ops
+from distilkernels.hf import FULLY_MASKED
 
 from helpers import (ATOL, DECODER_PARAMS, FAMILY_PARAMS, HEAD_PARAMS, OPTIMIZED_PARAMS, TOKEN_LEVEL_HEAD_PARAMS,
                      assert_parity, holey_mask, make_model, model_inputs, op_count, outputs, run_pair)
@@ -141,6 +142,41 @@ def test_fully_padded_row_no_nan(family):
                 got = model(**inputs).last_hidden_state
             assert torch.isfinite(got).all()
             assert (got - ref)[mask.bool()].abs().max() <= ATOL  # other rows unaffected
+
+
+@pytest.mark.parametrize("unpad", [False, True])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
+def test_fully_padded_row_matches_the_models_attention(family, attn, unpad):
+    """A row with no real token: HF's eager attends uniformly over every key there (its additive mask puts the
+    dtype's minimum on each score), HF's sdpa gives such a query zeros, as our kernels do. A patched model matches
+    the stock model in its own implementation, every value of the row included (eager: HF's code runs)."""
+    config = family.test.tiny()
+    mask = holey_mask(4, 9, seed=5)
+    mask[:, 0] = 1
+    mask[2] = 0
+    stock = {}
+    for head in (family.heads[0], next(h for h in family.heads if h.labels == "sequence")):
+        cls = head.hf_class
+        inputs = model_inputs(cls, config, 4, 9, mask)
+        for built_with in ("eager", "sdpa"):
+            with torch.inference_mode():
+                stock[cls, built_with] = outputs(make_model(cls, config, attn_implementation=built_with)(**inputs))
+        model = make_model(cls, config, attn_implementation=attn)
+        with torch.inference_mode(), distilkernels.patch(model, unpad=unpad) as handle:
+            got = outputs(model(**inputs))
+            stats = handle.stats()
+        assert got.keys() == stock[cls, attn].keys()
+        for key, want in stock[cls, attn].items():
+            assert torch.isfinite(got[key]).all(), key
+            err = (got[key] - want).abs().max().item()
+            assert err <= ATOL, f"{cls.__name__}.{key}: max-abs {err:.3g} > {ATOL}"
+        assert any(k.startswith("encoder.") for k in stats), stats
+        assert (f"encoder.padded: mask format: {FULLY_MASKED}" in stats) == (attn == "eager"), stats
+    # the case tells the two implementations apart (the tiny heads' logits by ~1e-4 only, BERT's pooler by 4.6e-3)
+    base = family.heads[0].hf_class
+    eager, sdpa = stock[base, "eager"]["last_hidden_state"][2], stock[base, "sdpa"]["last_hidden_state"][2]
+    assert (eager - sdpa).abs().max() > 100 * ATOL
 
 
 @pytest.mark.parametrize("batch,seqlen,kind", [

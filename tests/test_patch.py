@@ -2,6 +2,8 @@
 for every family and head is in test_parity.py."""
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 import transformers
@@ -10,7 +12,7 @@ import distilkernels
 from distilkernels.modules import FusedBlock, FusedEncoder
 
 from conftest import by_name, tiny_config
-from helpers import ATOL, holey_mask, make_model, model_inputs, op_count
+from helpers import ATOL, FAMILY_PARAMS, holey_mask, make_model, model_inputs, op_count
 
 
 def test_handle_restore_and_structure():
@@ -231,6 +233,30 @@ def test_too_long_sequence():
         model(input_ids=ids)
 
 
+@pytest.mark.parametrize("bad, error, match", [
+    (lambda ids, dim: {"input_ids": ids[0]}, ValueError, r"input_ids must be \(batch, seqlen\), got shape \(6,\)"),
+    (lambda ids, dim: {"input_ids": ids[None]}, ValueError, r"input_ids must be \(batch, seqlen\), got shape \(1, 2"),
+    (lambda ids, dim: {"input_ids": ids.tolist()}, TypeError, "input_ids must be a torch.Tensor, got list"),
+    (lambda ids, dim: {"inputs_embeds": torch.randn(6, dim)}, ValueError,
+     r"inputs_embeds must be \(batch, seqlen, dim\), got shape \(6, \d+\): add the batch dimension"),
+    (lambda ids, dim: {"inputs_embeds": torch.randn(1, 200, dim)}, ValueError,
+     "inputs_embeds has seqlen 200 > config.max_position_embeddings"),
+], ids=["1-D ids", "3-D ids", "list ids", "2-D embeds", "embeds too long"])
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
+def test_bad_input_shape_names_the_argument(family, bad, error, match):
+    """Input that stock HF fails on too (each family with its own IndexError, ValueError or RuntimeError from
+    deep inside) is rejected before the forward, naming the argument given."""
+    config = family.test.tiny()
+    cls = family.base_model
+    model = make_model(cls, config)
+    ids = model_inputs(cls, config, 2, 6, torch.ones(2, 6, dtype=torch.long), with_labels=False)["input_ids"]
+    inputs = bad(ids, model.get_input_embeddings().embedding_dim)
+    with torch.inference_mode():
+        with pytest.raises(Exception):
+            model(**inputs)  # stock HF fails too: nothing it runs is refused
+        with distilkernels.patch(model), pytest.raises(error, match=match):
+            model(**inputs)
+
 def test_model_built_in_inference_mode():
     """Parameters created under inference_mode have no version counter; the fused weights still work."""
     config = tiny_config()
@@ -243,6 +269,56 @@ def test_model_built_in_inference_mode():
             got = model(**inputs).last_hidden_state
     assert (got - ref)[mask.bool()].abs().max() <= ATOL
 
+
+
+def test_threads_share_one_patched_head():
+    """Threads serving one patched head at once: each call's labels are its own. A pre-hook on the head holds
+    every thread inside its forward until all have entered (so their label hooks interleave on every call),
+    half of them with labels. The QA answers sit on padding, so the loss reads padded positions: a call given
+    labels that ran unpadded would be off. (Before, the hooks kept one list of ContextVar tokens per model and
+    a thread reset another's: ValueError "was created in a different Context".)"""
+    cls, config = transformers.DistilBertForQuestionAnswering, tiny_config()
+    model = make_model(cls, config)
+    mask = holey_mask(4, 9, seed=11, kind="right")
+    mask[0, 6:] = 0
+    inputs = model_inputs(cls, config, 4, 9, mask, with_labels=False)
+    labels = {"start_positions": torch.tensor([7, 1, 8, 0]), "end_positions": torch.tensor([8, 2, 8, 3])}
+    assert not mask[0, 7:].any()  # the first answer is padding
+    with torch.inference_mode():
+        want = model(**inputs, **labels)
+    distilkernels.patch(model)
+    n_threads, calls = 4, 10
+    barrier = threading.Barrier(n_threads, timeout=30)
+    errors, results = [], []
+
+    def all_inside(module, args):
+        barrier.wait()  # (returns None: a pre-hook's result would replace the arguments)
+
+    model.register_forward_pre_hook(all_inside)
+
+    def serve(with_labels):
+        try:
+            with torch.inference_mode():
+                for _ in range(calls):
+                    results.append((with_labels, model(**inputs, **(labels if with_labels else {}))))
+        except Exception as exc:  # noqa: BLE001 - reported by the test
+            errors.append(f"{type(exc).__name__}: {exc}")
+            barrier.abort()
+
+    threads = [threading.Thread(target=serve, args=(i % 2 == 0,)) for i in range(n_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(results) == n_threads * calls
+    real = mask.bool()
+    for with_labels, got in results:
+        for key in ("start_logits", "end_logits"):
+            assert (got[key] - want[key])[real].abs().max() <= ATOL, key
+        assert (got.loss is not None) == with_labels
+        if with_labels:
+            assert (got.loss - want.loss).abs() <= ATOL
 
 # ---- patch(model, dtype=...) --------------------------------------------------------------------------------
 
