@@ -196,12 +196,15 @@ def refresh(model: torch.nn.Module) -> torch.nn.Module:
     parameter replaced or loaded (load_state_dict), or changed in place where torch bumps its version counter
     (under no_grad too). Two kinds of change torch does not count need it: writes through `.data`, and in-place
     writes inside torch.inference_mode() to parameters created there (inference tensors have no version
-    counter). Returns the model; a model without fused blocks is left as it is."""
+    counter). A submodule replaced (a new nn.Linear, an adapter, another activation) is seen without it too: each
+    block call checks its modules are the ones it resolved (FusedBlock._current_parts). Returns the model; a model
+    without fused blocks is left as it is."""
     from .quant import fused_blocks
 
     for block in fused_blocks(model):
-        block._parts.gemms.forget()
-        block._parts.cpp_blocks.clear()
+        parts = block._current_parts()
+        parts.gemms.forget()
+        parts.cpp_blocks.clear()
     return model
 
 
