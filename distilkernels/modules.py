@@ -11,7 +11,7 @@ mechanism serves every family; a `BlockLayout` says where each piece lives in th
 The fused path is inference-only for now. `decide` (below) is the one function that chooses, per call,
 between the fused path and HF's stock forward (gradients needed, dropout active, attention weights
 requested, a decoder or cross-attention, a mask that is not a key-padding mask, an activation we have no
-kernel for, exporting) and, for the encoder, between the unpadded and the padded layout; every choice is
+kernel for, a submodule replaced by one the fused path cannot run, exporting) and, for the encoder, between the unpadded and the padded layout; every choice is
 counted with its reason (`path_stats(model)`).
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 from . import dispatch, ops
 from . import hf
 from ._ext import load_extension
-from .gemms import BoundOp, DenseGemms, cpp_op
+from .gemms import BoundOp, DenseGemms, _param, cpp_op
 from .padding import pad, unpad, unpad_info
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -80,6 +80,7 @@ class Decision(NamedTuple):
 EXPORTING = "exporting (stock computation)"
 DECODER = "decoder / cross-attention"
 ACTIVATION = "unsupported activation"
+MODULES = "submodules the fused path cannot run"
 DTYPE = "unsupported dtype"
 GRADIENTS = "gradients needed"
 DROPOUT = "dropout active"
@@ -128,15 +129,19 @@ def _decide(level, module, x, attention_mask, kv_len, cross, attn_dropout) -> De
         return Decision(fallback, EXPORTING)
     if level == "attention":
         decoder = cross or kv_len != q_len or bool(getattr(module, "is_causal", False))
-        activation_ok = True
+        problem = ""
     else:
         blocks = module.layer if level == "encoder" else (module,)
         decoder = cross or any(getattr(b, "is_decoder", False) for b in blocks)
-        activation_ok = all(isinstance(b, FusedBlock) and b._parts.act is not None for b in blocks)
+        problem = ""  # each block's parts brought up to date with its modules here (what follows reads them)
+        for b in blocks:
+            problem = b._current_parts().problem if isinstance(b, FusedBlock) else MODULES
+            if problem:
+                break
     if decoder:
         return Decision(fallback, DECODER)
-    if not activation_ok:
-        return Decision(fallback, ACTIVATION)
+    if problem:
+        return Decision(fallback, problem)
     if level != "attention" and hf.forward_hooks(
             m for b in blocks for m in ((b,) if level == "encoder" else ()) + b._parts.inner):
         return Decision(fallback, HOOKS)
@@ -183,28 +188,100 @@ def reset_path_stats(model: torch.nn.Module) -> None:
 
 
 class _Parts:
-    """The block's pieces resolved from its layout (a plain object: not registered as submodules)."""
+    """The block's pieces resolved from its layout (a plain object: not registered as submodules), and what says
+    they are still the block's: `dicts`, `names`, `children`, every link (parent's _modules, name, child) of the
+    block's module tree, which FusedBlock._current_parts compares by identity on every block call.
 
-    def __init__(self, block: torch.nn.Module, layout: BlockLayout):
-        get = lambda path: operator.attrgetter(path)(block)  # noqa: E731
-        self.attention = get(layout.attention)
-        self.n_heads = getattr(self.attention, layout.n_heads)
-        self.head_dim = self.attention.attention_head_size
-        self.scaling = self.attention.scaling
-        self.q, self.k, self.v, self.out, self.ln1, self.lin1, self.lin2, self.ln2 = (
-            get(p) for p in (layout.q, layout.k, layout.v, layout.out, layout.ln1, layout.lin1, layout.lin2,
-                             layout.ln2))
-        self.act = activation_name(get(layout.act))
-        self.gemms = DenseGemms(self)
-        self.cpp_blocks = {}  # id(GemmCalls) -> (what the block was bound from, the block for csrc/blocks.cpp)
+    problem: "" where the fused path runs these pieces; otherwise why HF's stock forward must run: ACTIVATION (no
+    kernel of ours for the activation) or MODULES (`why` names the module): a GEMM's module not a plain nn.Linear
+    with a bias, a LayerNorm's not a plain affine nn.LayerNorm, either not of the block's sizes or not of one
+    dtype and device with the others, or any other module of the tree not of the class it had when the block was
+    patched (its forward, which the fused path does not call, may do anything: an adapter, a custom attention;
+    a Dropout and an Identity count as one class).
+    types: path -> class of every module of the tree when the block was patched, kept across rebuilds.
+    recipe: (class, constructor options) of the GEMMs, None for DenseGemms; no GEMMs are made where problem is
+    MODULES (their modules may have no weights): `gemms` then only remembers the recipe (_NoGemms)."""
+
+    def __init__(self, block: torch.nn.Module, layout: BlockLayout, recipe: tuple | None = None,
+                 types: dict | None = None):
+        links = [(f"{prefix}.{name}" if prefix else name, parent._modules, name, child)
+                 for prefix, parent in block.named_modules() for name, child in parent._modules.items()]
+        paths, self.dicts, self.names, self.children = (tuple(c) for c in zip(*links)) if links else ((),) * 4
+        self.types = {path: type(child) for path, child in zip(paths, self.children)} if types is None else types
         self.inner = tuple(m for m in block.modules() if m is not block)  # whose hooks the fused path skips
+        self.cpp_blocks = {}  # id(GemmCalls) -> (what the block was bound from, the block for csrc/blocks.cpp)
+        self.problem, self.why = _check_parts(self, block, layout, dict(zip(paths, self.children)))
+        gemms_class, options = recipe or (DenseGemms, {})
+        self.gemms = _NoGemms((gemms_class, options)) if self.problem == MODULES else gemms_class(self, **options)
 
 
-def _constructor_options(gemms) -> dict:
-    """The arguments `type(gemms)(parts, **options)` rebuilds `gemms` with: its constructor's keyword
-    parameters, read from the attributes of the same names (e.g. Int8Gemms' `activations`)."""
+def _check_parts(parts: _Parts, block, layout: BlockLayout, tree: dict) -> tuple[str, str]:
+    """(problem, why) of _Parts, resolving the pieces into `parts` where the fused path can run them."""
+    slots = {layout.q: "linear", layout.k: "linear", layout.v: "linear", layout.out: "linear",
+             layout.lin1: "linear", layout.lin2: "linear", layout.ln1: "layer_norm", layout.ln2: "layer_norm",
+             layout.act: "activation"}
+    for path, child in tree.items():
+        was = parts.types.get(path)
+        if path not in slots and was is not type(child) and not {was, type(child)} <= _INERT:
+            return MODULES, f"{path}: {type(child).__name__}, patched as {getattr(was, '__name__', 'absent')}"
+    for path in slots:
+        kind, child = slots[path], tree.get(path)
+        plain = {"linear": torch.nn.Linear, "layer_norm": torch.nn.LayerNorm}.get(kind)
+        if plain is not None and not (isinstance(child, plain) and type(child).forward is plain.forward):
+            return MODULES, f"{path}: {type(child).__name__}, not a plain {plain.__name__}"
+    get = lambda path: operator.attrgetter(path)(block)  # noqa: E731
+    parts.attention = get(layout.attention)
+    parts.n_heads = getattr(parts.attention, layout.n_heads)
+    parts.head_dim = parts.attention.attention_head_size
+    parts.scaling = parts.attention.scaling
+    parts.q, parts.k, parts.v, parts.out, parts.ln1, parts.lin1, parts.lin2, parts.ln2 = (
+        get(p) for p in (layout.q, layout.k, layout.v, layout.out, layout.ln1, layout.lin1, layout.lin2, layout.ln2))
+    parts.act = activation_name(get(layout.act))
+    dim = parts.n_heads * parts.head_dim
+    hidden = parts.lin1.out_features
+    shapes = {layout.q: (dim, dim), layout.k: (dim, dim), layout.v: (dim, dim), layout.out: (dim, dim),
+              layout.lin1: (hidden, dim), layout.lin2: (dim, hidden)}
+    params = []
+    for path, shape in shapes.items():
+        weight, bias = _param(tree[path], "weight"), _param(tree[path], "bias")
+        if bias is None or tuple(weight.shape) != shape or tuple(bias.shape) != shape[:1]:
+            got = None if bias is None else tuple(bias.shape)
+            return MODULES, f"{path}: weight {tuple(weight.shape)}, bias {got}; the block's: {shape}, with a bias"
+        params += (weight, bias)
+    for path in (layout.ln1, layout.ln2):
+        ln = tree[path]
+        if ln.weight is None or ln.bias is None or tuple(ln.normalized_shape) != (dim,):
+            return MODULES, (f"{path}: normalized_shape {tuple(ln.normalized_shape)}, weight and bias "
+                             f"{ln.weight is not None and ln.bias is not None}; the block's: ({dim},), both")
+        params += (ln.weight, ln.bias)
+    kinds = {(t.dtype, t.device) for t in params}
+    if len(kinds) > 1:
+        return MODULES, f"parameters of several dtypes / devices: {sorted(map(str, kinds))}"
+    return ("" if parts.act is not None else ACTIVATION), ""
+
+
+# Modules of a block's tree the fused path may see swapped for one another (dropout off for inference): nothing
+# the fused path skips is lost, and where dropout is active (training) HF's forward runs anyway.
+_INERT = {torch.nn.Dropout, torch.nn.Identity}
+
+
+class _NoGemms:
+    """A block's GEMMs where the fused path cannot run its modules (_Parts.problem is MODULES): none are made;
+    `recipe` is the kind made again once it can (an int8 block stays int8)."""
+
+    def __init__(self, recipe: tuple):
+        self.recipe = recipe
+
+    def forget(self) -> None:
+        pass
+
+
+def _recipe(gemms) -> tuple:
+    """(class, constructor options) that rebuild `gemms` for new parts: `class(parts, **options)`."""
+    if isinstance(gemms, _NoGemms):
+        return gemms.recipe
     params = list(inspect.signature(type(gemms).__init__).parameters)[2:]  # after self, parts
-    return {name: getattr(gemms, name) for name in params if hasattr(gemms, name)}
+    return type(gemms), {name: getattr(gemms, name) for name in params if hasattr(gemms, name)}
 
 
 class FusedBlock:
@@ -216,28 +293,37 @@ class FusedBlock:
     @classmethod
     def from_module(cls, block):
         fused = clone_as(block, cls)
-        fused._parts = _Parts(block, cls.LAYOUT)
+        fused._parts = _Parts(fused, cls.LAYOUT)  # (the links of fused's own _modules, which callers change)
         return fused
+
+    def _current_parts(self) -> _Parts:
+        """The block's parts, resolved again (with new GEMMs of the same kind: packings and bindings of the old
+        modules dropped) where any module of its tree was replaced since they were resolved: an adapter
+        injected or an activation swapped after patch(). Every call of the block checks this: one identity
+        comparison per link of the tree (13 in DistilBERT's block, 17 in BERT's): 0.7-0.8 us on 2 cores, ~2% of
+        the ~40 us a fused block call of a tiny model costs in Python."""
+        p = self._parts
+        if tuple(map(dict.get, p.dicts, p.names)) != p.children:
+            p = self.__dict__["_parts"] = _Parts(self, self.LAYOUT, _recipe(p.gemms), p.types)
+        return p
 
     # Pickling (torch.save, copy.deepcopy, multiprocessing): `_parts` is derived state (references into the
     # block and caches of weights derived from its parameters), so it is not pickled; the kind of GEMMs it
-    # used (class and options, e.g. int8 with per-token scales) is, and `_parts` is rebuilt on first use.
+    # used (class and options, e.g. int8 with per-token scales) and the classes of its modules when the block
+    # was patched are, and `_parts` is rebuilt on first use.
     def __getstate__(self):
         state = super().__getstate__()  # a copy of __dict__
         parts = state.pop("_parts", None)
-        gemms = parts.gemms if parts is not None else state.get("_gemms_recipe")
-        if not isinstance(gemms, tuple):
-            gemms = (type(gemms), _constructor_options(gemms))
-        state["_gemms_recipe"] = gemms
+        if parts is not None:  # (None: unpickled and not used since; its recipe and types are still in state)
+            state["_gemms_recipe"] = _recipe(parts.gemms)
+            state["_module_types"] = parts.types
         return state
 
     def __getattr__(self, name):
         if name == "_parts" and "_gemms_recipe" in self.__dict__:
-            gemms_class, options = self.__dict__.pop("_gemms_recipe")
-            parts = _Parts(self, self.LAYOUT)
-            if gemms_class is not type(parts.gemms):
-                parts.gemms = gemms_class(parts, **options)
-            self.__dict__["_parts"] = parts
+            recipe = self.__dict__.pop("_gemms_recipe")
+            types = self.__dict__.pop("_module_types", None)
+            parts = self.__dict__["_parts"] = _Parts(self, self.LAYOUT, recipe, types)
             return parts
         return super().__getattr__(name)
 
@@ -246,14 +332,19 @@ class FusedBlock:
         if decision.path == "stock":
             return super().forward(hidden_states, attention_mask, *args, **kwargs)
         batch, seqlen, dim = hidden_states.shape
-        out = self.forward_tokens(hidden_states.reshape(batch * seqlen, dim), batch=batch, seqlen=seqlen,
-                                  key_padding_mask=decision.mask)
+        out = run_blocks((self,), hidden_states.reshape(batch * seqlen, dim), batch=batch, seqlen=seqlen,
+                         key_padding_mask=decision.mask)  # (decide brought the parts up to date)
         return out.view(batch, seqlen, dim)
 
     def forward_tokens(self, x, *, batch=None, seqlen=None, key_padding_mask=None, cu_seqlens=None,
                        max_seqlen=None):
         """x: (tokens, dim). Padded layout: tokens = batch * seqlen with an optional key_padding_mask
-        (batch, seqlen). Packed layout: cu_seqlens (batch + 1,) int32 and max_seqlen. Returns (tokens, dim)."""
+        (batch, seqlen). Packed layout: cu_seqlens (batch + 1,) int32 and max_seqlen. Returns (tokens, dim).
+        Raises where the fused path cannot run the block's modules (see _Parts.problem; forward() runs HF's)."""
+        parts = self._current_parts()
+        if parts.problem:
+            raise RuntimeError(f"{type(self).__name__}.forward_tokens: {parts.problem}"
+                               + (f" ({parts.why})" if parts.why else "") + "; call the block itself for HF's forward")
         return run_blocks((self,), x, batch=batch, seqlen=seqlen, key_padding_mask=key_padding_mask,
                           cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 

@@ -175,14 +175,18 @@ def patch(model: torch.nn.Module, *, unpad: bool = True, dtype=None) -> PatchHan
     weights requested), it runs the implementation the model names, so output_attentions works with "eager".
     Returns a PatchHandle; `handle.restore()` puts back the original modules.
     A sentence-transformers SentenceTransformer or CrossEncoder is accepted too: the HF encoder(s) inside it
-    are patched and one handle restores them all (see distilkernels/sentence_transformers.py).
+    are patched and one handle restores them all (see distilkernels/sentence_transformers.py); a float `dtype`
+    converts the whole wrapper (Pooling, Dense and the like read the encoder's output in its dtype), and, as
+    for a model, restore() keeps that conversion.
     """
     from . import sentence_transformers as st_wrappers
 
+    float_dtype, int8 = _resolve_dtype(dtype)
     if st_wrappers.is_wrapper(model):
+        if float_dtype is not None:  # the whole wrapper: its modules after the encoder read the encoder's output
+            model.to(float_dtype)
         return st_wrappers.patch_wrapper(model, lambda encoder: patch(encoder, unpad=unpad, dtype=dtype))
     check_supported(model)
-    float_dtype, int8 = _resolve_dtype(dtype)
     if float_dtype is not None:
         model.to(float_dtype)
     handle = getattr(model, "_distilkernels_patch", None)
@@ -203,12 +207,15 @@ def refresh(model: torch.nn.Module) -> torch.nn.Module:
     parameter replaced or loaded (load_state_dict), or changed in place where torch bumps its version counter
     (under no_grad too). Two kinds of change torch does not count need it: writes through `.data`, and in-place
     writes inside torch.inference_mode() to parameters created there (inference tensors have no version
-    counter). Returns the model; a model without fused blocks is left as it is."""
+    counter). A submodule replaced (a new nn.Linear, an adapter, another activation) is seen without it too: each
+    block call checks its modules are the ones it resolved (FusedBlock._current_parts). Returns the model; a model
+    without fused blocks is left as it is."""
     from .quant import fused_blocks
 
     for block in fused_blocks(model):
-        block._parts.gemms.forget()
-        block._parts.cpp_blocks.clear()
+        parts = block._current_parts()
+        parts.gemms.forget()
+        parts.cpp_blocks.clear()
     return model
 
 

@@ -29,7 +29,7 @@ import torch
 
 from . import dispatch, ops
 from .gemms import BoundCalls, BoundOp, DerivedWeights, GemmCalls, bound_calls, use_matrix_unit
-from .modules import FusedBlock
+from .modules import FusedBlock, _NoGemms
 
 # One scale per token: quantizing each row costs one fused pass, so a coarser per-tensor mode gains nothing.
 ACTIVATION_MODES = ("per_token",)
@@ -123,9 +123,12 @@ def use_int8(model: torch.nn.Module, activations: str = "per_token") -> None:
     distilkernels.quantize, the public entry point, in patching.py)."""
     check_activations(activations)
     for block in fused_blocks(model):
-        current = block._parts.gemms
-        if not (isinstance(current, Int8Gemms) and current.activations == activations):
-            block._parts.gemms = Int8Gemms(block._parts, activations)
+        parts = block._current_parts()  # (where a module was replaced: parts of the modules there now)
+        current = parts.gemms
+        if isinstance(current, _NoGemms):  # modules the fused path cannot run: int8 once it can
+            current.recipe = (Int8Gemms, {"activations": activations})
+        elif not (isinstance(current, Int8Gemms) and current.activations == activations):
+            parts.gemms = Int8Gemms(parts, activations)
 
 
 def check_activations(activations: str) -> None:

@@ -58,7 +58,9 @@ def encoders(wrapper) -> list[torch.nn.Module]:
 @dataclass
 class WrapperPatchHandle:
     """What patch() did to a sentence-transformers model: one PatchHandle per HF encoder inside it.
-    `.restore()` undoes all of them; usable as a context manager like PatchHandle."""
+    `.restore()` undoes all of them; usable as a context manager like PatchHandle. A dtype conversion done by
+    `patch(wrapper, dtype=...)` (of the whole wrapper) is not undone, as PatchHandle leaves a model's
+    (convert back with wrapper.to())."""
 
     model: torch.nn.Module
     handles: list = field(default_factory=list)
@@ -72,6 +74,13 @@ class WrapperPatchHandle:
         self.restored = True
         if getattr(self.model, "_distilkernels_patch", None) is self:
             del self.model._distilkernels_patch
+
+    def stats(self, reset: bool = False) -> dict[str, int]:
+        """Which path ran how often in the wrapper's encoders, and why, summed over them (see
+        distilkernels.modules.path_stats)."""
+        from .modules import path_stats
+
+        return path_stats(self.model, reset=reset)
 
     def __enter__(self):
         return self

@@ -2,6 +2,7 @@
 for every family and head is in test_parity.py."""
 from __future__ import annotations
 
+import copy
 import threading
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 import transformers
 
 import distilkernels
+from distilkernels import modules
 from distilkernels.modules import FusedBlock, FusedEncoder
 
 from conftest import by_name, tiny_config
@@ -380,3 +382,142 @@ def test_patch_bad_dtype(dtype):
         distilkernels.patch(model, dtype=dtype)
     assert not any(isinstance(m, FusedBlock) for m in model.modules())  # nothing was changed
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+class _Adapter(torch.nn.Module):
+    """A low-rank adapter around a Linear (LoRA-like): what the fused path cannot run as one GEMM."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int = 2):
+        super().__init__()
+        self.base = base
+        self.down = torch.nn.Linear(base.in_features, rank, bias=False)
+        self.up = torch.nn.Linear(rank, base.out_features, bias=False)
+        torch.nn.init.normal_(self.up.weight, std=0.5)
+
+    def forward(self, x):
+        return self.base(x) + self.up(self.down(x))
+
+
+def _replace(block, path: str, make):
+    """block.<path> = make(the module there now); returns the new module."""
+    parent_path, _, name = path.rpartition(".")
+    parent = block.get_submodule(parent_path) if parent_path else block
+    new = make(getattr(parent, name))
+    setattr(parent, name, new)
+    return new
+
+
+def _replacements(layout, dim: int, seed: int):
+    """what -> (path in the block, factory of the new module from the old one, whether the fused path runs it)."""
+    def linear(old):
+        torch.manual_seed(seed)
+        return torch.nn.Linear(old.in_features, old.out_features).to(old.weight.dtype)
+
+    def layer_norm(old):
+        torch.manual_seed(seed)
+        new = torch.nn.LayerNorm(dim, eps=1e-3)
+        with torch.no_grad():
+            new.weight.uniform_(0.5, 2.0)
+            new.bias.normal_()
+        return new.to(old.weight.dtype)  # (drawn in fp32: the same values whatever the model's dtype)
+
+    def adapter(old):
+        torch.manual_seed(seed)
+        return _Adapter(old).to(old.weight.dtype)
+
+    return {"linear": (layout.v, linear, True), "layer_norm": (layout.ln2, layer_norm, True),
+            "activation": (layout.act, lambda old: torch.nn.ReLU(), True),
+            "unsupported_activation": (layout.act, lambda old: torch.nn.SiLU(), False),
+            "adapter": (layout.lin1, adapter, False)}
+
+
+def _blocks(model, family):
+    return [m for m in model.modules() if isinstance(m, (family.block, family.fused_block))]
+
+
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
+@pytest.mark.parametrize("what", ["linear", "layer_norm", "activation", "unsupported_activation", "adapter"])
+def test_submodule_replaced_after_patch(family, what):
+    """A module of a block replaced after patch() (a new Linear, LayerNorm or activation, an adapter around a
+    Linear) is what the patched model computes with, as HF's does: the fused path where it can run the new
+    module, HF's block otherwise (counted with the reason). Checked after a forward, which packed the old
+    weights."""
+    config = family.test.tiny()
+    cls = family.heads[0].hf_class
+    mask = holey_mask(3, 9, seed=21)
+    mask[:, 0] = 1
+    inputs = model_inputs(cls, config, 3, 9, mask, with_labels=False)
+    stock = make_model(cls, config)
+    model = make_model(cls, config)
+    handle = distilkernels.patch(model)
+    dim = _blocks(model, family)[0]._parts.n_heads * _blocks(model, family)[0]._parts.head_dim
+    path, make, fused = _replacements(family.layout, dim, seed=3)[what]
+    with torch.inference_mode():
+        model(**inputs)
+        for m in (stock, model):
+            _replace(_blocks(m, family)[1], path, make)
+        handle.stats(reset=True)
+        ref, got = stock(**inputs).last_hidden_state, model(**inputs).last_hidden_state
+    assert (got - ref)[mask.bool()].abs().max() <= ATOL
+    stats = handle.stats()
+    if fused:
+        assert stats.get("encoder.unpadded") == 1, stats
+    else:
+        reason = modules.ACTIVATION if what == "unsupported_activation" else modules.MODULES
+        assert stats.get(f"encoder.padded: {reason}") == 1 and stats.get(f"block.stock: {reason}"), stats
+    handle.restore()  # the replacement stays in the restored model
+    assert _blocks(model, family)[1].get_submodule(path) is not _blocks(stock, family)[1].get_submodule(path)
+    assert type(_blocks(model, family)[1].get_submodule(path)) is type(_blocks(stock, family)[1].get_submodule(path))
+
+
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
+def test_hook_on_replaced_submodule_runs(family):
+    """A forward hook on a module put into a block after patch() runs, and sees what it sees in HF's model."""
+    config = family.test.tiny()
+    cls = family.heads[0].hf_class
+    mask = holey_mask(2, 7, seed=22)
+    mask[:, 0] = 1
+    inputs = model_inputs(cls, config, 2, 7, mask, with_labels=False)
+    stock, model = make_model(cls, config), make_model(cls, config)
+    distilkernels.patch(model)
+    seen = {"hf": [], "patched": []}
+    torch.manual_seed(5)
+    v = _blocks(stock, family)[0].get_submodule(family.layout.v)
+    fresh = torch.nn.Linear(v.in_features, v.out_features)
+    with torch.inference_mode():
+        model(**inputs)
+        for name, m in (("hf", stock), ("patched", model)):
+            new = _replace(_blocks(m, family)[0], family.layout.v, lambda old: copy.deepcopy(fresh))
+            new.register_forward_hook(lambda mod, args, out, name=name: seen[name].append(out.clone()))
+        ref, got = stock(**inputs).last_hidden_state, model(**inputs).last_hidden_state
+    assert len(seen["patched"]) == len(seen["hf"]) == 1
+    assert (seen["patched"][0] - seen["hf"][0]).abs().max() <= ATOL
+    assert (got - ref)[mask.bool()].abs().max() <= ATOL
+
+
+@pytest.mark.parametrize("dtype", [torch.qint8, torch.bfloat16])
+@pytest.mark.parametrize("what", ["linear", "layer_norm", "activation", "adapter"])
+def test_submodule_replaced_after_patch_int8_and_bf16(dtype, what):
+    """On a quantized or a bf16-patched model a module replaced after patch() gives what patching the model
+    with that module in place gives: new int8 / bf16 packings of the new weights (an int8 block stays int8)."""
+    family = by_name("bert")
+    config = family.test.tiny()
+    cls = family.heads[0].hf_class
+    mask = holey_mask(3, 9, seed=23)
+    mask[:, 0] = 1
+    inputs = model_inputs(cls, config, 3, 9, mask, with_labels=False)
+    before, after = make_model(cls, config), make_model(cls, config)
+    path, make, _ = _replacements(family.layout, config.hidden_size, seed=4)[what]
+    _replace(_blocks(before, family)[1], path, make)
+    distilkernels.patch(before, dtype=dtype)  # patched with the new module in place
+    distilkernels.patch(after, dtype=dtype)
+    with torch.inference_mode():
+        after(**inputs)
+        _replace(_blocks(after, family)[1], path, make)
+        want, got = before(**inputs).last_hidden_state, after(**inputs).last_hidden_state
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    if dtype == torch.qint8:
+        from distilkernels.quant import Int8Gemms
+
+        assert all(isinstance(b._parts.gemms, Int8Gemms) for b in _blocks(after, family)
+                   if not b._parts.problem)

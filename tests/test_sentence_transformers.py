@@ -2,6 +2,7 @@
 SentenceTransformer and CrossEncoder on all-MiniLM-L6-v2, parity with stock, restore, errors."""
 from __future__ import annotations
 
+import copy
 import shutil
 
 import pytest
@@ -107,3 +108,40 @@ def test_unsupported_encoder_inside_is_a_clear_error(tmp_path):
 def test_is_wrapper_only_for_sentence_transformers_models():
     assert not is_wrapper(torch.nn.Sequential(torch.nn.Linear(2, 2)))
     assert not is_wrapper(transformers.BertModel(tiny_bert()))
+
+
+@requires_minilm
+def test_patch_dtype_converts_the_whole_wrapper(sentences):
+    """patch(wrapper, dtype=bf16) converts the modules after the encoder too (a Dense reads the pooled bf16
+    output); restore() keeps the conversion, as it does for a model. handle.stats() sums the encoders' counts."""
+    try:
+        from sentence_transformers.sentence_transformer import modules as models
+    except ImportError:  # older sentence-transformers: the same classes here
+        from sentence_transformers import models
+
+    torch.manual_seed(0)  # the Dense layer is new (random)
+    model = st.SentenceTransformer(modules=[models.Transformer(str(MINILM_DIR)), models.Pooling(384),
+                                            models.Dense(384, 64)], device="cpu")
+    stock = _encode(model, sentences)
+    stock_bf16 = _encode(copy.deepcopy(model).to(torch.bfloat16), sentences)
+
+    handle = distilkernels.patch(model, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert handle.stats(reset=True) == {}
+    patched = _encode(model, sentences)
+    assert patched.dtype == torch.bfloat16
+    cosine = torch.nn.functional.cosine_similarity(patched.double(), stock.double(), dim=1)
+    assert cosine.min().item() >= 0.999
+    stats = handle.stats()
+    batches = -(-len(sentences) // 32)
+    assert sum(n for key, n in stats.items() if key.startswith("encoder.")) == batches, stats
+    assert not any(key.startswith(("encoder.padded", "block.stock")) for key in stats), stats
+    assert stats == distilkernels.modules.path_stats(model)
+
+    handle.restore()
+    assert _fused_blocks(model) == 0
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}  # documented: restore() keeps the conversion
+    torch.testing.assert_close(_encode(model, sentences), stock_bf16, rtol=0, atol=0)  # HF's bf16 computation
+    model.to(torch.float32)
+    again = _encode(model, sentences)  # back in fp32 (from the bf16-rounded weights): stock's computation again
+    assert torch.nn.functional.cosine_similarity(again.double(), stock.double(), dim=1).min().item() >= 0.999
