@@ -488,7 +488,7 @@ def _return_freed_memory() -> None:
     distilbert-base ~0.6 GB larger after its first fp32 forward. A no-op where malloc_trim is not there."""
     try:
         trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # no such C library (TypeError: CDLL(None) on Windows)
         return
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     trim(0)
