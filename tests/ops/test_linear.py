@@ -590,29 +590,43 @@ def test_linear_mkl_matches_fp64(tokens, in_features, out_features, bias, activa
     assert max_err(again, ref[:5]) <= fp32_gemm_bound(ref, in_features)
 
 
+_DIRTY_PACK = """
+import sys, torch, torch.nn.functional as F, distilkernels
+from distilkernels._C import mkl_packed_floats
+torch.manual_seed(0)
+n, k = int(sys.argv[1]), int(sys.argv[2])
+x, weight, bias = torch.randn(200, k), torch.randn(n, k), torch.randn(n)
+packed = torch.ops.distilkernels.pack_linear_mkl(weight)
+# glibc filled the new block with 0x5a bytes, and they are still there where MKL did not write
+assert mkl_packed_floats(n, k) == packed.numel()
+assert bool((packed.view(torch.int32) == 0x5A5A5A5A).any()), (n, k, "the packing's block was not filled")
+got = torch.ops.distilkernels.linear_mkl(x, packed, n, bias, "none", 0).double()
+ref = F.linear(x.double(), weight.double(), bias.double())
+bound = 8 * 2.0 ** -24 * k ** 0.5 * (x.double().abs() @ weight.double().abs().T).max().item()
+assert (got - ref).abs().max().item() <= bound, (n, k, (got - ref).abs().max().item(), bound)
+print("ok")
+"""
+
+
 @pytest.mark.parametrize("out_features, in_features", [(3072, 768), (768, 768), (67, 33)])
 def test_linear_mkl_packs_into_dirty_memory(out_features, in_features):
     """pack_linear_mkl does not zero its buffer (MKL writes ~1.1x the weight of the 2.2-4.9x it asks for, and the
-    rest of a fresh allocation never becomes resident): a packing made in a reused block full of NaN must give
-    the same numbers. The block is a freed NaN tensor of the packing's size, which glibc hands back."""
-    _mkl_or_skip()
-    from distilkernels._C import mkl_packed_floats
+    rest of a fresh allocation never becomes resident): a packing made in a dirty block must give the same
+    numbers. In a fresh process where glibc fills every block it hands out with 0x5a bytes (MALLOC_PERTURB_) and
+    serves these sizes from its heap, where that fill applies (MALLOC_MMAP_THRESHOLD_). Bound: ~sqrt(K) fp32
+    roundings of sum |x w|, with a margin of 8."""
+    import os
+    import platform
+    import subprocess
+    import sys
 
-    torch.manual_seed(0)
-    x, weight, bias = torch.randn(200, in_features), torch.randn(out_features, in_features), torch.randn(out_features)
-    size = mkl_packed_floats(out_features, in_features)
-    for _ in range(4):
-        dirty = torch.full((size,), float("nan"))
-        address = dirty.data_ptr()
-        del dirty
-        packed = torch.ops.distilkernels.pack_linear_mkl(weight)
-        if packed.data_ptr() == address:
-            break
-    else:
-        pytest.skip("the allocator did not hand the freed block back")
-    got = torch.ops.distilkernels.linear_mkl(x, packed, out_features, bias, "none", 0)
-    ref = F.linear(x.double(), weight.double(), bias.double())
-    assert max_err(got, ref) <= fp32_gemm_bound(ref, in_features)
+    _mkl_or_skip()
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("the allocator setting is glibc's")
+    env = dict(os.environ, MALLOC_PERTURB_="165", MALLOC_MMAP_THRESHOLD_=str(1 << 30))
+    run = subprocess.run([sys.executable, "-c", _DIRTY_PACK, str(out_features), str(in_features)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.split()[-1] == "ok", run.stderr[-2000:]
 
 
 def test_linear_mkl_fake_and_empty():
