@@ -505,11 +505,17 @@ class FusedEncoder:
         return self.OUTPUT(last_hidden_state=pad(x, info))
 
 
+# The embedding layer's pieces the fused pass reads (token types: BERT and RoBERTa only)
+_EMBEDDING_PIECES = (("word_embeddings", torch.nn.Embedding), ("position_embeddings", torch.nn.Embedding),
+                     ("token_type_embeddings", torch.nn.Embedding), ("LayerNorm", torch.nn.LayerNorm))
+
+
 class FusedEmbeddings:
     """Mixin for a BERT-family embedding layer (word, optional token type and position embeddings summed, then
     LayerNorm and dropout): one `embed_layer_norm` pass per token where a kernel of ours runs it and the call asks
     nothing else of the layer. HF's forward runs instead for inputs_embeds, position ids that are not (batch or
-    1, seqlen), gradients, active dropout, forward hooks on its submodules (the fused pass calls none of them), an
+    1, seqlen), gradients, active dropout, forward hooks on its submodules (the fused pass calls none of them), a
+    table or LayerNorm replaced by a module with a forward of its own (the fused pass reads parameters only), an
     embedding with max_norm (which renormalizes its table), compiling or exporting, or no kernel of ours for the
     table's device and dtype; each choice is counted (path_stats: "embeddings.fused" / "embeddings.stock: why").
 
@@ -534,7 +540,15 @@ class FusedEmbeddings:
             return DROPOUT
         if hf.forward_hooks(self._modules.values()):
             return HOOKS
-        tables = [m for m in self._modules.values() if isinstance(m, torch.nn.Embedding)]
+        modules = self._modules
+        # A table or the LayerNorm replaced by a module with a forward of its own (an adapter, say): the fused pass
+        # reads their parameters only, so it would skip that forward
+        for name, plain in _EMBEDDING_PIECES:
+            m = modules.get(name)
+            if (m is not None or name != "token_type_embeddings") and not (
+                    isinstance(m, plain) and type(m).forward is plain.forward):
+                return f"{name} is a {type(m).__name__}, not a plain {plain.__name__}"
+        tables = [m for m in modules.values() if isinstance(m, torch.nn.Embedding)]
         ln = self.LayerNorm
         if any(t.max_norm is not None for t in tables) or ln.weight is None or ln.bias is None:
             return "embedding options (max_norm, a LayerNorm without affine parameters)"

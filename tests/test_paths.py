@@ -253,3 +253,40 @@ def test_embeddings_paths(kind):
     assert handle.stats()[why.get(kind, "embeddings.fused")] == 1
     if kind == "hook":
         torch.testing.assert_close(seen["patched"], seen["hf"], atol=0, rtol=0)
+
+
+class _ScaledEmbedding(torch.nn.Embedding):
+    """A table with a forward of its own (what an adapter on the embeddings looks like to the fused pass)."""
+
+    def forward(self, ids):
+        return super().forward(ids) * 1.5
+
+
+class _ShiftedLayerNorm(torch.nn.LayerNorm):
+    def forward(self, x):
+        return super().forward(x) + 0.25
+
+
+@pytest.mark.parametrize("piece", ["word_embeddings", "position_embeddings", "LayerNorm"])
+def test_embeddings_piece_with_its_own_forward(piece):
+    """A table or the LayerNorm replaced (after patch()) by a module whose forward is its own runs HF's forward,
+    which calls it: the fused pass reads parameters only and would skip it. A plain replacement stays fused."""
+    model = distilbert()
+    reference = copy.deepcopy(model)
+    handle = distilkernels.patch(model)
+    for m in (model, reference):
+        emb = m.distilbert.embeddings
+        old = getattr(emb, piece)
+        if piece == "LayerNorm":
+            new = _ShiftedLayerNorm(old.normalized_shape, eps=old.eps)
+        else:
+            new = _ScaledEmbedding(old.num_embeddings, old.embedding_dim)
+        new.load_state_dict(old.state_dict())
+        setattr(emb, piece, new)
+    args = inputs("none")
+    with torch.no_grad():
+        got, want = model(**args).logits, reference(**args).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    plain = "Embedding" if piece != "LayerNorm" else "LayerNorm"
+    reason = f"embeddings.stock: {piece} is a {type(getattr(model.distilbert.embeddings, piece)).__name__}, not a plain {plain}"
+    assert handle.stats().get(reason) == 1, handle.stats()
