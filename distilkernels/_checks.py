@@ -142,7 +142,7 @@ def check_key_padding_mask(mask, q: torch.Tensor) -> None:
 def _host_check_wanted(device: torch.device) -> bool:
     if torch.compiler.is_compiling():  # a data-dependent check would break the graph; the C++ op checks
         return False
-    return device.type == "cpu" or _env.switch("DISTILKERNELS_CHECK_CU_SEQLENS", False)
+    return device.type == "cpu" or _env.read("DISTILKERNELS_CHECK_CU_SEQLENS")
 
 
 def check_cu_seqlens(cu_seqlens, max_seqlen, total: int, q: torch.Tensor) -> int:

@@ -12,23 +12,36 @@ from __future__ import annotations
 import os
 import warnings
 
+from typing import NamedTuple
+
 _ON = ("1", "on", "true", "yes")
 _OFF = ("0", "off", "false", "no")
-SWITCH = "1/on/true/yes or 0/off/false/no"
 CACHE_MB_LIMIT = 2 ** 43  # MiB: the byte count must fit in int64 (csrc/cpu_cache.cpp)
 
-# name -> (what it takes, for the warnings; which of the readers below checks it; who reads it)
-VARIABLES = {
-    "DISTILKERNELS_BACKEND": ("one of cpp|triton|torch", "choice", "dispatch: forces every op's backend"),
-    "DISTILKERNELS_ISA": ("one of avx512|avx2|scalar", "choice", "C++: caps the vector instruction set, read once"),
-    "DISTILKERNELS_AMX": (f"one of {SWITCH}", "switch", "C++: our AMX tile loops, read on every call"),
-    "DISTILKERNELS_MATRIX_UNITS": (f"one of {SWITCH}", "switch", "gemms: bf16/int8 weights packed for AMX"),
-    "DISTILKERNELS_CPU_CACHE_MB": ("a non-negative integer (MiB) below 2**43", "mib",
-                                   "C++: the CPU ops' output cache, read once"),
-    "DISTILKERNELS_CHECK_CU_SEQLENS": (f"one of {SWITCH}", "switch",
-                                       "checks: cu_seqlens' values on a GPU (a device-to-host copy)"),
+
+class Setting(NamedTuple):
+    kind: str  # "switch" (default: bool), "choice" (options; default None: unset) or "mib" (default None)
+    default: object = None
+    options: tuple = ()
+    cpp: bool = False  # read by the C++ side (csrc/env.h), which is told what was reported here
+
+    def takes(self) -> str:
+        """What the setting takes, for the warnings."""
+        if self.kind == "switch":
+            return f"one of {'/'.join(_ON)} or {'/'.join(_OFF)}"
+        if self.kind == "choice":
+            return "one of " + "|".join(self.options)
+        return "a non-negative integer (MiB) below 2**43"
+
+
+SETTINGS = {
+    "DISTILKERNELS_BACKEND": Setting("choice", options=("cpp", "triton", "torch")),  # dispatch: every op's backend
+    "DISTILKERNELS_ISA": Setting("choice", options=("avx512", "avx2", "scalar"), cpp=True),  # the vector ISA's cap
+    "DISTILKERNELS_AMX": Setting("switch", True, cpp=True),  # our AMX tile loops, read on every call
+    "DISTILKERNELS_MATRIX_UNITS": Setting("switch", True),  # gemms: bf16/int8 weights packed for AMX
+    "DISTILKERNELS_CPU_CACHE_MB": Setting("mib", cpp=True),  # the CPU ops' output cache, read once
+    "DISTILKERNELS_CHECK_CU_SEQLENS": Setting("switch", False),  # checks: cu_seqlens' values on a GPU
 }
-CPP_READ = ("DISTILKERNELS_ISA", "DISTILKERNELS_AMX", "DISTILKERNELS_CPU_CACHE_MB")
 BENCH_PREFIX = "DISTILKERNELS_BENCH_"  # read by the repository's bench/ suite, not by the package
 
 _warned: set[str] = set()
@@ -42,43 +55,27 @@ def _warn_once(key: str, message: str) -> bool:
     return True
 
 
-def _bad_value(name: str, raw: str, kept: str) -> None:
-    if _warn_once(f"{name}={raw}", f"{name} must be {VARIABLES[name][0]}, got {raw!r}; using {kept}"):
-        if name in CPP_READ:  # the C++ reader would say it again, on stderr, at first use
-            from ._ext import load_extension
+def read(name: str):
+    """The setting `name` (one of SETTINGS): a switch's bool, a choice lower-cased, a MiB count as given; its
+    default where unset, empty or none of what it takes (the last with a warning)."""
+    setting = SETTINGS[name]
+    raw = os.environ.get(name, "")
+    value = raw.lower()
+    if setting.kind == "switch" and value in _ON + _OFF:
+        return value in _ON
+    if setting.kind == "choice" and value in setting.options:
+        return value
+    if setting.kind == "mib" and raw.isascii() and raw.isdigit() and int(raw) < CACHE_MB_LIMIT:
+        return int(raw)
+    if raw:
+        kept = ("on" if setting.default else "off") if setting.kind == "switch" else "the default"
+        if _warn_once(f"{name}={raw}", f"{name} must be {setting.takes()}, got {raw!r}; using {kept}") and setting.cpp:
+            from ._ext import load_extension  # the C++ reader would say it again, on stderr, at first use
 
             ext = load_extension()
             if ext is not None:
                 ext.env_reported(name, raw)
-
-
-def switch(name: str, default: bool) -> bool:
-    """The switch `name` (one of VARIABLES): `default` when unset, empty or misspelt (the last with a warning)."""
-    raw = os.environ.get(name, "")
-    value = raw.lower()
-    if value in _ON:
-        return True
-    if value in _OFF:
-        return False
-    if value:
-        _bad_value(name, raw, "on" if default else "off")
-    return default
-
-
-def choice(name: str, options: tuple[str, ...]) -> str | None:
-    """The choice `name` lower-cased, one of `options`; None when unset, empty or none of them (with a warning)."""
-    raw = os.environ.get(name, "")
-    if raw.lower() in options:
-        return raw.lower()
-    if raw:
-        _bad_value(name, raw, "the default")
-    return None
-
-
-def _mib(name: str) -> None:
-    raw = os.environ.get(name, "")
-    if raw and not (raw.isascii() and raw.isdigit() and int(raw) < CACHE_MB_LIMIT):
-        _bad_value(name, raw, "the default")
+    return setting.default
 
 
 def check_environment() -> None:
@@ -87,14 +84,8 @@ def check_environment() -> None:
     for name in sorted(os.environ):
         if not name.startswith("DISTILKERNELS_") or name.startswith(BENCH_PREFIX):
             continue
-        if name not in VARIABLES:
-            _warn_once(name, f"{name} is not a distilkernels setting (it has no effect); the settings are "
-                       + ", ".join(VARIABLES))
-            continue
-        kind = VARIABLES[name][1]
-        if kind == "switch":
-            switch(name, name != "DISTILKERNELS_CHECK_CU_SEQLENS")
-        elif kind == "mib":
-            _mib(name)
+        if name in SETTINGS:
+            read(name)
         else:
-            choice(name, tuple(VARIABLES[name][0].removeprefix("one of ").split("|")))
+            _warn_once(name, f"{name} is not a distilkernels setting (it has no effect); the settings are "
+                       + ", ".join(SETTINGS))

@@ -36,12 +36,20 @@ def int8_weight_max(vnni: bool) -> int:
     return 63 if not vnni and _int_mm_weight_max() == 63 else 127
 
 
-@functools.lru_cache(maxsize=None)
-def _int_mm_weight_max_once() -> int:
+def cpu_fact(fn):
+    """`fn` (of hashable arguments) computed once per process: a fact of this CPU and build. torch.compile takes
+    its result as a constant (assume_constant_result) instead of tracing into the extension, a graph break."""
+    once = functools.lru_cache(maxsize=None)(fn)
+
+    @torch.compiler.assume_constant_result
+    def fact(*args):
+        return once(*args)
+
+    fact.__name__, fact.__doc__ = fn.__name__, fn.__doc__
+    return fact
+
+
+@cpu_fact
+def _int_mm_weight_max() -> int:
     C = load_extension()
     return 127 if C is None else C.int_mm_weight_max()
-
-
-@torch.compiler.assume_constant_result  # a fact of the CPU: torch.compile takes it as a constant, not a graph break
-def _int_mm_weight_max() -> int:
-    return _int_mm_weight_max_once()

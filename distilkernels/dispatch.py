@@ -24,10 +24,10 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from . import reference
+from . import _env, reference
 from ._ext import extension_error, load_extension
 
-BACKENDS = ("cpp", "triton", "torch")
+BACKENDS = _env.SETTINGS["DISTILKERNELS_BACKEND"].options  # ("cpp", "triton", "torch")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _FP32 = (torch.float32,)
 
@@ -130,9 +130,7 @@ def is_reference(op: str, backend: str) -> bool:
 
 def _env_backend() -> str | None:
     """DISTILKERNELS_BACKEND, any case; a value that is no backend warns and leaves dispatch automatic."""
-    from . import _env
-
-    return _env.choice("DISTILKERNELS_BACKEND", BACKENDS)
+    return _env.read("DISTILKERNELS_BACKEND")
 
 
 _forced: str | None = _env_backend()

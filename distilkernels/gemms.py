@@ -23,27 +23,21 @@ from typing import Callable, NamedTuple
 import torch
 
 from . import _env, dispatch, ops
+from ._ext import cpu_fact, load_extension
 
 MATRIX_UNITS_ENV = "DISTILKERNELS_MATRIX_UNITS"
 
 
-@functools.lru_cache(maxsize=None)
-def _unit_packs_once(dtype: str) -> bool:
-    from ._ext import load_extension
-
+@cpu_fact
+def _unit_packs(dtype: str) -> bool:
     ext = load_extension()
     return ext is not None and ext.matrix_unit_packs(dtype)
-
-
-@torch.compiler.assume_constant_result  # a fact of the CPU: torch.compile takes it as a constant, not a graph break
-def _unit_packs(dtype: str) -> bool:
-    return _unit_packs_once(dtype)
 
 
 def use_matrix_unit(dtype: str) -> bool:
     """Whether the `dtype` ("bf16" or "int8") GEMMs pack their weights for this CPU's matrix unit (brgemm on
     AMX): the unit is present and the switch DISTILKERNELS_MATRIX_UNITS (distilkernels._env) is not off."""
-    if not _env.switch(MATRIX_UNITS_ENV, True):
+    if not _env.read(MATRIX_UNITS_ENV):
         return False
     return _unit_packs(dtype)
 
@@ -59,8 +53,6 @@ def cpu_flags() -> set[str]:
 
 def precision_paths() -> dict[str, str]:
     """Which matrix units this CPU has and which kernel path each precision's GEMMs take on CPU tensors."""
-    from ._ext import load_extension
-
     flags = cpu_flags()
     units = [name for name in ("amx_bf16", "amx_int8") if name in flags]
     paths = {"matrix_units": ", ".join(units) or "none",
@@ -318,8 +310,6 @@ def _onednn_call(x, weight, bias, activation):  # oneDNN's linear with bias + ac
 
 
 def _mkl_available(dtype: torch.dtype) -> bool:
-    from ._ext import load_extension
-
     ext = load_extension()
     return dtype == torch.float32 and ext is not None and ext.mkl_packs()
 
