@@ -72,8 +72,6 @@ int64_t int_mm_weight_max() {
   return limit;
 }
 
-bool int_mm_exact() { return int_mm_weight_max() == 127; }
-
 namespace {
 
 using brgemm::kBlockM;

@@ -96,7 +96,6 @@ TORCH_LIBRARY(distilkernels, m) {
 namespace distilkernels {
 void init_blocks(pybind11::module& m);  // blocks.cpp
 bool mkl_packs();  // linear_mkl.cpp
-bool int_mm_exact();  // linear_int8.cpp
 int64_t int_mm_weight_max();  // linear_int8.cpp
 bool amx_tiles_enabled();  // linear_bf16.cpp
 int64_t mkl_packed_floats(int64_t n, int64_t k);
@@ -142,8 +141,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return distilkernels::brgemm::packs(dtype == "bf16" ? at::kBFloat16 : at::kChar);
   }, pybind11::arg("dtype"), "Whether brgemm runs packed (VNNI) weights of this dtype on this CPU's matrix unit");
   m.def("mkl_packs", &distilkernels::mkl_packs, "Whether this torch build exports MKL's packed fp32 GEMM");
-  m.def("int_mm_exact", &distilkernels::int_mm_exact,
-        "Whether torch's int8 GEMM (at::_int_mm) is exact on this CPU (no VNNI: oneDNN's 16-bit pair sums saturate)");
   m.def("int_mm_weight_max", &distilkernels::int_mm_weight_max,
         "The widest symmetric int8 weight range on which torch's int8 GEMM is exact here: 127, 63 (no VNNI: "
         "16-bit pair sums), or 0 (neither: an fp32 GEMM of the int8 values runs)");
