@@ -227,7 +227,7 @@ def _check_parts(parts: _Parts, block, layout: BlockLayout, tree: dict) -> tuple
     for path in slots:
         kind, child = slots[path], tree.get(path)
         plain = {"linear": torch.nn.Linear, "layer_norm": torch.nn.LayerNorm}.get(kind)
-        if plain is not None and not (isinstance(child, plain) and type(child).forward is plain.forward):
+        if plain is not None and not _is_plain(child, plain):
             return MODULES, f"{path}: {type(child).__name__}, not a plain {plain.__name__}"
     get = lambda path: operator.attrgetter(path)(block)  # noqa: E731
     parts.attention = get(layout.attention)
@@ -258,6 +258,12 @@ def _check_parts(parts: _Parts, block, layout: BlockLayout, tree: dict) -> tuple
     if len(kinds) > 1:
         return MODULES, f"parameters of several dtypes / devices: {sorted(map(str, kinds))}"
     return ("" if parts.act is not None else ACTIVATION), ""
+
+
+def _is_plain(module, cls) -> bool:
+    """Whether `module` is a `cls` whose forward is cls's own: the fused path reads its parameters and never calls
+    its forward, so a subclass with a forward of its own (an adapter, say) is not one."""
+    return isinstance(module, cls) and type(module).forward is cls.forward
 
 
 # Modules of a block's tree the fused path may see swapped for one another (dropout off for inference): nothing
@@ -545,8 +551,7 @@ class FusedEmbeddings:
         # reads their parameters only, so it would skip that forward
         for name, plain in _EMBEDDING_PIECES:
             m = modules.get(name)
-            if (m is not None or name != "token_type_embeddings") and not (
-                    isinstance(m, plain) and type(m).forward is plain.forward):
+            if (m is not None or name != "token_type_embeddings") and not _is_plain(m, plain):
                 return f"{name} is a {type(m).__name__}, not a plain {plain.__name__}"
         tables = [m for m in modules.values() if isinstance(m, torch.nn.Embedding)]
         ln = self.LayerNorm

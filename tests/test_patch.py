@@ -431,6 +431,16 @@ def _replacements(layout, dim: int, seed: int):
             "adapter": (layout.lin1, adapter, False)}
 
 
+def _base_model_case(family, batch: int, seqlen: int, seed: int):
+    """(config, class, mask, inputs) for the family's base model: its tiny config, a holey mask whose first
+    position is real in every row (so padding removal runs), and inputs without labels."""
+    config = family.test.tiny()
+    cls = family.heads[0].hf_class
+    mask = holey_mask(batch, seqlen, seed=seed)
+    mask[:, 0] = 1
+    return config, cls, mask, model_inputs(cls, config, batch, seqlen, mask, with_labels=False)
+
+
 def _blocks(model, family):
     return [m for m in model.modules() if isinstance(m, (family.block, family.fused_block))]
 
@@ -442,11 +452,7 @@ def test_submodule_replaced_after_patch(family, what):
     Linear) is what the patched model computes with, as HF's does: the fused path where it can run the new
     module, HF's block otherwise (counted with the reason). Checked after a forward, which packed the old
     weights."""
-    config = family.test.tiny()
-    cls = family.heads[0].hf_class
-    mask = holey_mask(3, 9, seed=21)
-    mask[:, 0] = 1
-    inputs = model_inputs(cls, config, 3, 9, mask, with_labels=False)
+    config, cls, mask, inputs = _base_model_case(family, 3, 9, seed=21)
     stock = make_model(cls, config)
     model = make_model(cls, config)
     handle = distilkernels.patch(model)
@@ -473,11 +479,7 @@ def test_submodule_replaced_after_patch(family, what):
 @pytest.mark.parametrize("family", FAMILY_PARAMS)
 def test_hook_on_replaced_submodule_runs(family):
     """A forward hook on a module put into a block after patch() runs, and sees what it sees in HF's model."""
-    config = family.test.tiny()
-    cls = family.heads[0].hf_class
-    mask = holey_mask(2, 7, seed=22)
-    mask[:, 0] = 1
-    inputs = model_inputs(cls, config, 2, 7, mask, with_labels=False)
+    config, cls, mask, inputs = _base_model_case(family, 2, 7, seed=22)
     stock, model = make_model(cls, config), make_model(cls, config)
     distilkernels.patch(model)
     seen = {"hf": [], "patched": []}
@@ -501,11 +503,7 @@ def test_submodule_replaced_after_patch_int8_and_bf16(dtype, what):
     """On a quantized or a bf16-patched model a module replaced after patch() gives what patching the model
     with that module in place gives: new int8 / bf16 packings of the new weights (an int8 block stays int8)."""
     family = by_name("bert")
-    config = family.test.tiny()
-    cls = family.heads[0].hf_class
-    mask = holey_mask(3, 9, seed=23)
-    mask[:, 0] = 1
-    inputs = model_inputs(cls, config, 3, 9, mask, with_labels=False)
+    config, cls, mask, inputs = _base_model_case(family, 3, 9, seed=23)
     before, after = make_model(cls, config), make_model(cls, config)
     path, make, _ = _replacements(family.layout, config.hidden_size, seed=4)[what]
     _replace(_blocks(before, family)[1], path, make)
