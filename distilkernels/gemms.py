@@ -538,6 +538,12 @@ def pack_dense(weight, bias, kernel: str = "packed", dtype: torch.dtype | None =
     return kernel, _KERNELS[kernel].pack(weight), bias
 
 
+def gemm_groups(parts) -> dict:
+    """The block's four GEMMs, name -> the Linear modules whose weights one call multiplies (q|k|v as one GEMM),
+    in the order a block runs them; every implementation of them (DenseGemms, quant.Int8Gemms) keys on these."""
+    return {"qkv": (parts.q, parts.k, parts.v), "out": (parts.out,), "lin1": (parts.lin1,), "lin2": (parts.lin2,)}
+
+
 class DenseGemms:
     """The block's four GEMMs on its own (fp32/fp16/bf16) weights. Another implementation (int8, say)
     provides the same four methods and replaces `parts.gemms`.
@@ -550,15 +556,14 @@ class DenseGemms:
     def __init__(self, parts):
         self.parts = parts
         self.fused_qkv = DerivedWeights((parts.q, parts.k, parts.v))
-        groups = (("qkv", (parts.q, parts.k, parts.v), "none"), ("out", (parts.out,), "none"),
-                  ("lin1", (parts.lin1,), parts.act or "none"), ("lin2", (parts.lin2,), "none"))
         # Packed for the weights' own dtype (fp32 or bf16: a dtype change repacks); the contest times each GEMM
         # with the activation its epilogue applies (lin1's only). A GEMM is packed for each kernel its calls have
         # taken (dense_kernel: per row count), on first use: two packings only where one sequence and a batch
         # have different winners and both kinds of call have run.
         # name -> (linears, activation, in_features, out_features): the contest's key
-        self.groups = {name: (linears, act, linears[0].weight.shape[1], sum(lin.weight.shape[0] for lin in linears))
-                       for name, linears, act in groups}
+        self.groups = {name: (linears, (parts.act or "none") if name == "lin1" else "none", linears[0].weight.shape[1],
+                              sum(lin.weight.shape[0] for lin in linears))
+                       for name, linears in gemm_groups(parts).items()}
         self.packed = {name: {} for name in self.groups}  # name -> {kernel: DerivedWeights}
         # Calls in another dtype than the weights' (bf16 under CPU autocast: FusedBlock casts x) run on packings
         # of the weights cast to it: (dtype, name) -> {kernel: DerivedWeights}.

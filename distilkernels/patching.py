@@ -143,8 +143,7 @@ class PatchHandle:
         for hook in self.hooks:
             hook.remove()
         self.restored = True
-        if getattr(self.model, "_distilkernels_patch", None) is self:
-            del self.model._distilkernels_patch
+        _mark_owner(self.model, None)
 
     def stats(self, reset: bool = False) -> dict[str, int]:
         """Which path ran how often in the patched model, and why (see distilkernels.modules.path_stats)."""
@@ -157,6 +156,33 @@ class PatchHandle:
         self.restore()
 
 
+def _owner(model: torch.nn.Module):
+    """The live handle that patched `model` or a model around it, or None."""
+    handle = getattr(model, "_distilkernels_patch", None)
+    return None if handle is None or handle.restored else handle
+
+
+def _owners_inside(model: torch.nn.Module) -> list:
+    """The live handles of models inside `model`, each once, outermost first."""
+    found = []
+    for m in model.modules():
+        handle = _owner(m)
+        if handle is not None and all(handle is not h for h in found):
+            found.append(handle)
+    return found
+
+
+def _mark_owner(model: torch.nn.Module, handle) -> None:
+    """Record `handle` as the owner of `model` and of every supported model inside it (None: forget the owner
+    where it was `handle`'s predecessor there, i.e. any handle now restored)."""
+    for m in model.modules():
+        if m is model or isinstance(m, BASE_MODELS):
+            if handle is not None:
+                m._distilkernels_patch = handle
+            elif "_distilkernels_patch" in m.__dict__ and m.__dict__["_distilkernels_patch"].restored:
+                del m._distilkernels_patch
+
+
 def patch(model: torch.nn.Module, *, unpad: bool = True, dtype=None) -> PatchHandle:
     """Run `model` (an HF DistilBERT, BERT or RoBERTa model or head, CPU or CUDA) on distilkernels' fused kernels.
 
@@ -164,7 +190,8 @@ def patch(model: torch.nn.Module, *, unpad: bool = True, dtype=None) -> PatchHan
     on real tokens). With `unpad=True` padded batches are computed on their real tokens only and padded
     positions of the last hidden state hold zeros; `unpad=False` keeps HF's padded layout everywhere.
     The fused path is for inference (torch.inference_mode()/no_grad()); when gradients are needed or
-    dropout is active the stock HF computation runs. Patching twice returns the first handle.
+    dropout is active the stock HF computation runs. Patching twice returns the first handle, and so does
+    patching a model inside (or around) one already patched: one handle owns the whole tree and restores it.
 
     dtype: None (default) keeps the model's dtype; torch.bfloat16 / torch.float16 / torch.float32 convert
     the model first (`model.to(dtype)`) and patch it; torch.qint8 (or "int8") patches an fp32 CPU model and
@@ -189,13 +216,24 @@ def patch(model: torch.nn.Module, *, unpad: bool = True, dtype=None) -> PatchHan
     check_supported(model)
     if float_dtype is not None:
         model.to(float_dtype)
-    handle = getattr(model, "_distilkernels_patch", None)
-    if handle is None or handle.restored:
+    handle = _owner(model)
+    if handle is None:
         hf_attention.register()
-        handle = PatchHandle(model)
-        handle.swaps = replace_modules(model, unpad=unpad)
+        inner = _owners_inside(model)
+        # A model inside this one patched on its own: its handle takes over the whole tree (its swaps stay, its
+        # input checks are installed again for every base model here), so one handle restores everything and
+        # the inner patch() call's handle is the one this call returns.
+        handle = inner[0] if inner else PatchHandle(model)
+        for absorbed in inner:
+            for hook in absorbed.hooks:
+                hook.remove()
+            if absorbed is not handle:
+                handle.swaps += absorbed.swaps
+                absorbed.swaps, absorbed.restored = [], True
+        handle.model = model
+        handle.swaps += replace_modules(model, unpad=unpad)
         handle.hooks = install_input_checks(model)
-        model._distilkernels_patch = handle
+        _mark_owner(model, handle)
     if int8:
         quantize(model)
     return handle

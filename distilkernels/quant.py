@@ -28,7 +28,7 @@ import functools
 import torch
 
 from . import dispatch, ops
-from .gemms import BoundCalls, BoundOp, DerivedWeights, GemmCalls, bound_calls, use_matrix_unit
+from .gemms import BoundCalls, BoundOp, DerivedWeights, GemmCalls, bound_calls, gemm_groups, use_matrix_unit
 from .modules import FusedBlock, _NoGemms
 
 # One scale per token: quantizing each row costs one fused pass, so a coarser per-tensor mode gains nothing.
@@ -64,8 +64,7 @@ class Int8Gemms:
             raise ValueError(f"activations must be one of {ACTIVATION_MODES}, got {activations!r}")
         self.parts = parts
         self.activations = activations
-        self.groups = {"qkv": (parts.q, parts.k, parts.v), "out": (parts.out,), "lin1": (parts.lin1,),
-                       "lin2": (parts.lin2,)}
+        self.groups = gemm_groups(parts)
         # name -> {vnni: DerivedWeights}: the C++ backend on AMX packs in the VNNI layout, any other backend (the
         # torch reference, under force_backend) in the plain one, so each layout is kept apart
         self.packed = {name: {} for name in self.groups}

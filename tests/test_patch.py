@@ -37,6 +37,30 @@ def test_handle_restore_and_structure():
     assert distilkernels.patch(model) is not handle  # a restored model can be patched again
 
 
+@pytest.mark.parametrize("inner_first", [False, True])
+def test_one_handle_owns_nested_models(inner_first):
+    """patch() on a head and on the base model inside it, in either order, gives one handle that restores the
+    whole tree; the base model's input check is installed once."""
+    model = make_model(transformers.DistilBertForSequenceClassification, tiny_config())
+    originals = {name: m for name, m in model.named_modules()}
+    hooks_before = len(model.distilbert._forward_pre_hooks)
+    first, second = (model.distilbert, model) if inner_first else (model, model.distilbert)
+    handle = distilkernels.patch(first)
+    assert distilkernels.patch(second) is handle
+    assert handle.model is model
+    assert len(model.distilbert._forward_pre_hooks) == hooks_before + 1
+    assert sum(isinstance(m, FusedBlock) for m in model.modules()) == model.config.n_layers
+    with pytest.raises(ValueError, match="attention_mask must be"):  # the check is live
+        model(input_ids=torch.ones(2, 5, dtype=torch.long), attention_mask=torch.ones(2, 4, dtype=torch.long))
+    handle.restore()
+    assert all(m is originals[name] for name, m in model.named_modules())
+    assert len(model.distilbert._forward_pre_hooks) == hooks_before
+    assert not hasattr(model, "_distilkernels_patch") and not hasattr(model.distilbert, "_distilkernels_patch")
+    assert distilkernels.patch(model.distilbert) is not handle  # patched afresh after a restore
+    model.distilbert._distilkernels_patch.restore()
+    assert all(m is originals[name] for name, m in model.named_modules())
+
+
 @pytest.mark.parametrize("built_with", ["eager", "sdpa", "distilkernels"])
 def test_set_attn_implementation_round_trip_on_patched_model(built_with, op_spy):
     """Switching implementations on a patched model works both ways, every one matches stock HF (fused blocks
