@@ -75,6 +75,9 @@ def validate_inputs(base_model, args, kwargs) -> None:
         hint = f": add the batch dimension, {name}[None]" if shaped.dim() == dims - 1 else ""
         raise ValueError(f"{name} must be {expected}, got shape {tuple(shaped.shape)}{hint}")
     batch, seqlen = shaped.shape[0], shaped.shape[1]
+    if batch == 0 or seqlen == 0:  # HF's attention fails reshaping the empty q/k/v (every family, every implementation)
+        raise ValueError(f"{name} has shape {tuple(shaped.shape)}: an empty batch or sequence, which HF's forward "
+                         f"fails on too")
     limit = base_model.config.max_position_embeddings
     if seqlen > limit and kwargs.get("position_ids") is None:
         raise ValueError(f"{name} has seqlen {seqlen} > config.max_position_embeddings={limit}: "

@@ -241,11 +241,18 @@ def test_too_long_sequence():
      r"inputs_embeds must be \(batch, seqlen, dim\), got shape \(6, \d+\): add the batch dimension"),
     (lambda ids, dim: {"inputs_embeds": torch.randn(1, 200, dim)}, ValueError,
      "inputs_embeds has seqlen 200 > config.max_position_embeddings"),
-], ids=["1-D ids", "3-D ids", "list ids", "2-D embeds", "embeds too long"])
+    (lambda ids, dim: {"input_ids": ids[:0]}, ValueError, r"input_ids has shape \(0, 6\): an empty batch"),
+    (lambda ids, dim: {"input_ids": ids[:0], "attention_mask": torch.ones(0, 6)}, ValueError,
+     r"input_ids has shape \(0, 6\): an empty batch"),
+    (lambda ids, dim: {"input_ids": ids[:, :0]}, ValueError, r"input_ids has shape \(2, 0\): an empty batch or seq"),
+    (lambda ids, dim: {"inputs_embeds": torch.randn(0, 6, dim)}, ValueError, r"inputs_embeds has shape \(0, 6, \d+\)"),
+], ids=["1-D ids", "3-D ids", "list ids", "2-D embeds", "embeds too long", "batch 0", "batch 0 with mask",
+        "seqlen 0", "embeds batch 0"])
 @pytest.mark.parametrize("family", FAMILY_PARAMS)
 def test_bad_input_shape_names_the_argument(family, bad, error, match):
     """Input that stock HF fails on too (each family with its own IndexError, ValueError or RuntimeError from
-    deep inside) is rejected before the forward, naming the argument given."""
+    deep inside; an empty batch or sequence where its attention reshapes q/k/v) is rejected before the forward,
+    naming the argument given. (The patched model ran an empty batch before, returning an empty output.)"""
     config = family.test.tiny()
     cls = family.base_model
     model = make_model(cls, config)
