@@ -163,6 +163,52 @@ def test_int32_ids(family, op_spy):
     assert (got - ref)[mask.bool()].abs().max() <= ATOL
 
 
+_POSITION_IDS = {"(seqlen,)": lambda b, s: torch.arange(s), "(1, seqlen)": lambda b, s: torch.arange(s)[None],
+                 "(batch, seqlen)": lambda b, s: torch.arange(2, s + 2)[None].expand(b, s),
+                 "(batch, 1)": lambda b, s: torch.ones(b, 1, dtype=torch.long), "0-D": lambda b, s: torch.tensor(3),
+                 "(seqlen - 1,)": lambda b, s: torch.arange(s - 1), "(2, seqlen), batch 3": lambda b, s: torch.zeros(
+                     2, s, dtype=torch.long)}
+
+
+@pytest.mark.parametrize("token_types", [False, True], ids=["default token types", "token_type_ids given"])
+@pytest.mark.parametrize("shape", list(_POSITION_IDS))
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
+def test_position_ids_as_hf_takes_them(family, shape, token_types):
+    """position_ids of every shape: where HF computes, HF's numbers (1e-4, real tokens); where HF fails, the patched
+    model fails too. BERT's and RoBERTa's HF forwards fail on (seqlen,) or 0-D position ids without token_type_ids
+    (they gather the default token types at the position ids, 2-D only); BERT's fused embedding pass took (seqlen,)
+    ones before (HF's forward runs there now). DistilBERT takes no token types; RoBERTa's embeddings are HF's."""
+    cls, config = family.base_model, family.test.tiny()
+    mask = holey_mask(3, 8, seed=12)
+    mask[:, 0] = 1
+    model = make_model(cls, config)
+    inputs = model_inputs(cls, config, 3, 8, mask, with_labels=False)
+    inputs["position_ids"] = _POSITION_IDS[shape](3, 8)
+    if token_types:
+        inputs.setdefault("token_type_ids", torch.zeros(3, 8, dtype=torch.long))
+    else:
+        inputs.pop("token_type_ids", None)
+
+    def run():
+        try:
+            with torch.inference_mode():
+                return model(**inputs).last_hidden_state
+        except Exception as error:  # noqa: BLE001  (HF's own error, whatever its type)
+            return error
+
+    want = run()
+    with distilkernels.patch(model):
+        got = run()
+    hf_fails = isinstance(want, Exception)
+    assert hf_fails == (shape in ("(seqlen - 1,)", "(2, seqlen), batch 3") or (
+        family.name != "distilbert" and not token_types and shape in ("(seqlen,)", "0-D"))), want
+    if hf_fails:
+        assert isinstance(got, Exception), "HF fails, the patched model computes"
+    else:
+        assert not isinstance(got, Exception), got
+        assert (got - want)[mask.bool()].abs().max() <= ATOL
+
+
 @pytest.mark.parametrize("mode", ["fp32", "bf16", "int8"])
 @pytest.mark.parametrize("write", ["inference", "data"])
 def test_refresh_after_unversioned_weight_writes(mode, write):
