@@ -167,6 +167,9 @@ def key_padding_mask_of(attention_mask, batch: int, kv_len: int):
     if attention_mask.dim() != 4 or attention_mask.shape[1] != 1 or attention_mask.shape[-1] != kv_len \
             or attention_mask.shape[0] not in (1, batch):
         return NotImplemented, f"mask of shape {tuple(attention_mask.shape)}"
+    if attention_mask.dtype != torch.bool and not attention_mask.dtype.is_floating_point:
+        # a caller's own 4-D integer mask: HF's sdpa refuses it, its eager attention adds it to the scores
+        return NotImplemented, f"4-D mask of dtype {attention_mask.dtype}"
     row = attention_mask[:, :, :1, :]  # (b, 1, 1, kv_len)
     by_construction = attention_mask.shape[2] == 1 or attention_mask.stride(2) == 0  # HF's expand()ed mask
     if not by_construction and torch.compiler.is_compiling():

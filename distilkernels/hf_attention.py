@@ -45,6 +45,12 @@ def mask_function(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask
                             **kwargs)
     if attention_mask is None:
         return None
+    if attention_mask.dim() != 2 or attention_mask.shape[0] != batch_size:
+        # not one row per batch row (a single row, extra rows, a 1-D or 3-D mask): the mask sdpa builds from it,
+        # or sdpa's error. The attention then runs HF's sdpa code wherever that is no (batch, kv_len) key-padding mask
+        return mu.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                            kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                            **kwargs)
     attention_mask = attention_mask[:, -kv_length:].bool()
     # (a compiled or exported graph keeps the mask: the kernels take an all-True mask; no data-dependent branch)
     if (attention_mask.shape[1] == kv_length and not torch.compiler.is_compiling() and not exporting()

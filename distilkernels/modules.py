@@ -519,11 +519,12 @@ _EMBEDDING_PIECES = (("word_embeddings", torch.nn.Embedding), ("position_embeddi
 class FusedEmbeddings:
     """Mixin for a BERT-family embedding layer (word, optional token type and position embeddings summed, then
     LayerNorm and dropout): one `embed_layer_norm` pass per token where a kernel of ours runs it and the call asks
-    nothing else of the layer. HF's forward runs instead for inputs_embeds, position ids that are not (batch or
-    1, seqlen), gradients, active dropout, forward hooks on its submodules (the fused pass calls none of them), a
-    table or LayerNorm replaced by a module with a forward of its own (the fused pass reads parameters only), an
-    embedding with max_norm (which renormalizes its table), compiling or exporting, or no kernel of ours for the
-    table's device and dtype; each choice is counted (path_stats: "embeddings.fused" / "embeddings.stock: why").
+    nothing else of the layer. HF's forward runs instead for inputs_embeds, position ids that are neither (batch or
+    1, seqlen) nor (seqlen,) (BERT: (seqlen,) only with token_type_ids given; HF's forward fails on them without),
+    gradients, active dropout, forward hooks on its submodules (the fused pass calls none of them), a table or
+    LayerNorm replaced by a module with a forward of its own (the fused pass reads parameters only), an embedding
+    with max_norm (which renormalizes its table), compiling or exporting, or no kernel of ours for the table's
+    device and dtype; each choice is counted (path_stats: "embeddings.fused" / "embeddings.stock: why").
 
     HF in bf16 (distilbert-base, 2 cores, AMX Xeon, in the model): 0.26 ms at 1 x 128 and 0.94 ms at 8 x 128,
     torch's bf16 gather, broadcast add and LayerNorm each a pass over the tokens."""
@@ -578,7 +579,10 @@ class FusedEmbeddings:
                 position_ids = (self.position_ids[:, first_position:first_position + seqlen]
                                 if hasattr(self, "position_ids") else
                                 torch.arange(first_position, first_position + seqlen, device=input_ids.device)[None])
-            elif position_ids.dim() == 1:
+            elif position_ids.dim() == 1 and not (token_types and token_type_ids is None
+                                                  and hasattr(self, "token_type_ids")):
+                # (seqlen,) as HF broadcasts it; not where BERT's forward gathers its default token types at the
+                # position ids, which fails on 1-D ones: HF's forward runs there, and fails as HF's does
                 position_ids = position_ids[None]
             if position_ids.dim() != 2 or position_ids.shape[1] != seqlen or position_ids.shape[0] not in (1, batch):
                 reason = "position ids not (batch or 1, seqlen)"

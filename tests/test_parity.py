@@ -179,6 +179,88 @@ def test_fully_padded_row_matches_the_models_attention(family, attn, unpad):
     assert (eager - sdpa).abs().max() > 100 * ATOL
 
 
+# Attention masks off the (batch, seqlen) 0/1 path, as HF 5.x takes them (every family, "sdpa" and "eager" alike):
+# it reads a 2-D mask as mask.to(bool) (nonzero attends, NaN too; an additive 0 / -inf mask comes out inverted),
+# drops a mask with no zero in it whatever its shape, broadcasts a (batch, 1) column over the keys and reads the
+# first `batch` rows of a longer one; it fails on the rest. Each case: (id, the mask made from the 0/1 mask m
+# (batch, seqlen), the positions HF reads as real tokens (None: every position; HF's own code runs there or
+# nothing is padded), the input's batch). Where HF fails the patched model fails too (HF's own error: its mask
+# preparation runs in the patched model, and HF's code runs a block whose mask is no key-padding mask).
+_MASK_CASES = [
+    ("2 and -1", lambda m: (m * 2).masked_fill(torch.arange(m.shape[1]) == 3, -1), lambda m: m != 0, 3),
+    ("0.5", lambda m: m.float() * 0.5, lambda m: m != 0, 3),
+    ("NaN", lambda m: m.float().masked_fill(torch.arange(m.shape[1]) == 2, float("nan")),
+     lambda m: (m != 0) | (torch.arange(m.shape[1]) == 2), 3),
+    ("additive 0/-inf", lambda m: torch.where(m.bool(), 0.0, float("-inf")), lambda m: m == 0, 3),
+    ("complex", lambda m: m.to(torch.complex64), lambda m: m != 0, 3),
+    ("one row of ones", lambda m: torch.ones(1, m.shape[1], dtype=torch.long), None, 3),
+    ("one row with zeros", lambda m: m[:1], "raises", 3),
+    ("one row with zeros, batch 1", lambda m: m[:1], lambda m: m[:1] != 0, 1),
+    ("(batch, 1) ones", lambda m: torch.ones(m.shape[0], 1), None, 3),
+    ("(batch, 1) with a zero", lambda m: torch.tensor([[1], [0], [1]]), None, 3),
+    ("(1, 1) zero, batch 1", lambda m: torch.zeros(1, 1, dtype=torch.long), None, 1),
+    ("(1, 1) zero", lambda m: torch.zeros(1, 1, dtype=torch.long), "raises", 3),
+    ("an extra row", lambda m: torch.cat([m, 1 - m[:1]]), lambda m: m != 0, 3),
+    ("shorter, ones", lambda m: torch.ones(m.shape[0], m.shape[1] - 2), None, 3),
+    ("shorter, with zeros", lambda m: m[:, :-2], "raises", 3),
+    ("longer, ones", lambda m: torch.ones(m.shape[0], m.shape[1] + 2, dtype=torch.bool), None, 3),
+    ("longer, with zeros", lambda m: torch.cat([m, m[:, :2]], 1), "raises", 3),
+    ("3-D, ones", lambda m: torch.ones(m.shape[0], m.shape[1], m.shape[1]), None, 3),
+    ("3-D key padding", lambda m: m[:, None, :].expand(-1, m.shape[1], -1), "raises", 3),
+    ("1-D, ones", lambda m: torch.ones(m.shape[1], dtype=torch.long), None, 3),
+    ("1-D with zeros", lambda m: m[0], "raises", 3),
+    ("0-D", lambda m: torch.tensor(1), "raises", 3),
+    # a prepared 4-D int64 mask: HF's sdpa refuses its dtype, HF's eager adds it to the scores
+    ("4-D int64", lambda m: m[:, None, None, :].expand(-1, 1, m.shape[1], -1), None, 3),
+]
+
+
+def _forward(model, args):
+    try:
+        with torch.inference_mode():
+            return model(**args).last_hidden_state
+    except Exception as error:  # noqa: BLE001  (HF's own error, whatever its type)
+        return error
+
+
+def _outcome(result) -> str:
+    return f"raises {result!r:.120}" if isinstance(result, Exception) else "computes"
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "distilkernels"])
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
+def test_attention_masks_as_hf_takes_them(family, attn):
+    """Every mask HF runs gives HF's numbers (at the tokens HF reads as real, 1e-4), every mask HF fails on
+    fails; the patched model refuses none HF runs (it did: a one-row mask, values other than 0/1, other lengths,
+    3-D masks). "distilkernels" (ours, HF has no such implementation) is held to what stock "sdpa" does. Values
+    other than 0/1 keep the fused path."""
+    cls, config = family.base_model, family.test.tiny()
+    m = holey_mask(3, 8, seed=6)
+    m[:, 0] = 1
+    m[0, 5:] = 0  # (the first row has zeros: "one row with zeros" has some)
+    stock = make_model(cls, config, attn_implementation="sdpa" if attn == "distilkernels" else attn)
+    model = copy.deepcopy(stock)
+    handle = distilkernels.patch(model)
+    if attn == "distilkernels":
+        model.set_attn_implementation(attn)
+    wrong = []
+    for name, make, real, batch in _MASK_CASES:
+        args = dict(model_inputs(cls, config, batch, 8, m[:batch], with_labels=False), attention_mask=make(m))
+        want, got = _forward(stock, args), _forward(model, args)
+        if isinstance(want, Exception) or isinstance(got, Exception) or real == "raises":
+            if not (isinstance(want, Exception) and isinstance(got, Exception)):
+                wrong.append(f"{name}: HF {_outcome(want)}, patched {_outcome(got)}")
+            continue
+        keep = torch.ones(batch, 8, dtype=torch.bool) if real is None else real(m[:batch])
+        err = (got - want)[keep].abs().max().item()
+        if not err <= ATOL:  # (NaN fails too)
+            wrong.append(f"{name}: max-abs {err:.3g} > {ATOL}")
+    assert not wrong, "\n".join(wrong)
+    stats = handle.stats()
+    assert stats.get("embeddings.fused", 0) > 0 or family.embeddings is None, stats
+    assert stats.get("encoder.unpadded", 0) >= 4, stats  # values other than 0/1 too: the fused, unpadded path
+
+
 @pytest.mark.parametrize("batch,seqlen,kind", [
     (1, 1, "right"), (1, 512, "right"), (2, 512, "holey"), (7, 300, "left"), (64, 9, "holey"), (64, 128, "right"),
 ])

@@ -187,6 +187,52 @@ def test_int32_ids(family, op_spy):
     assert (got - ref)[mask.bool()].abs().max() <= ATOL
 
 
+_POSITION_IDS = {"(seqlen,)": lambda b, s: torch.arange(s), "(1, seqlen)": lambda b, s: torch.arange(s)[None],
+                 "(batch, seqlen)": lambda b, s: torch.arange(2, s + 2)[None].expand(b, s),
+                 "(batch, 1)": lambda b, s: torch.ones(b, 1, dtype=torch.long), "0-D": lambda b, s: torch.tensor(3),
+                 "(seqlen - 1,)": lambda b, s: torch.arange(s - 1), "(2, seqlen), batch 3": lambda b, s: torch.zeros(
+                     2, s, dtype=torch.long)}
+
+
+@pytest.mark.parametrize("token_types", [False, True], ids=["default token types", "token_type_ids given"])
+@pytest.mark.parametrize("shape", list(_POSITION_IDS))
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
+def test_position_ids_as_hf_takes_them(family, shape, token_types):
+    """position_ids of every shape: where HF computes, HF's numbers (1e-4, real tokens); where HF fails, the patched
+    model fails too. BERT's and RoBERTa's HF forwards fail on (seqlen,) or 0-D position ids without token_type_ids
+    (they gather the default token types at the position ids, 2-D only); BERT's fused embedding pass took (seqlen,)
+    ones before (HF's forward runs there now). DistilBERT takes no token types; RoBERTa's embeddings are HF's."""
+    cls, config = family.base_model, family.test.tiny()
+    mask = holey_mask(3, 8, seed=12)
+    mask[:, 0] = 1
+    model = make_model(cls, config)
+    inputs = model_inputs(cls, config, 3, 8, mask, with_labels=False)
+    inputs["position_ids"] = _POSITION_IDS[shape](3, 8)
+    if token_types:
+        inputs.setdefault("token_type_ids", torch.zeros(3, 8, dtype=torch.long))
+    else:
+        inputs.pop("token_type_ids", None)
+
+    def run():
+        try:
+            with torch.inference_mode():
+                return model(**inputs).last_hidden_state
+        except Exception as error:  # noqa: BLE001  (HF's own error, whatever its type)
+            return error
+
+    want = run()
+    with distilkernels.patch(model):
+        got = run()
+    hf_fails = isinstance(want, Exception)
+    assert hf_fails == (shape in ("(seqlen - 1,)", "(2, seqlen), batch 3") or (
+        family.name != "distilbert" and not token_types and shape in ("(seqlen,)", "0-D"))), want
+    if hf_fails:
+        assert isinstance(got, Exception), "HF fails, the patched model computes"
+    else:
+        assert not isinstance(got, Exception), got
+        assert (got - want)[mask.bool()].abs().max() <= ATOL
+
+
 @pytest.mark.parametrize("mode", ["fp32", "bf16", "int8"])
 @pytest.mark.parametrize("write", ["inference", "data"])
 def test_refresh_after_unversioned_weight_writes(mode, write):
@@ -235,20 +281,18 @@ def test_unsupported_model_is_type_error():
         distilkernels.patch(torch.nn.Linear(3, 3))
 
 
-@pytest.mark.parametrize("bad, error, match", [
-    (lambda m: m[:, :-1], ValueError, r"attention_mask must be \(batch, seqlen\)"),
-    (lambda m: m[None], ValueError, r"attention_mask must be \(batch, seqlen\)"),
-    (lambda m: m.float() * 2.0, ValueError, "only 0"),
-    (lambda m: torch.where(m.bool(), 0.0, float("-inf")), ValueError, "only 0"),
-    (lambda m: m.to(torch.complex64), TypeError, "attention_mask must be bool"),
-])
-def test_bad_mask(bad, error, match):
+def test_mask_not_a_tensor():
+    """A mask that is no tensor: HF fails on it (AttributeError, deep inside); the patched model names it. Every
+    tensor mask gets what HF gives it (test_parity.py::test_attention_masks_as_hf_takes_them)."""
     config = tiny_config()
     model = make_model(transformers.DistilBertModel, config)
     inputs = model_inputs(transformers.DistilBertModel, config, 2, 6, holey_mask(2, 6), with_labels=False)
-    inputs["attention_mask"] = bad(inputs["attention_mask"])
-    with distilkernels.patch(model), torch.inference_mode(), pytest.raises(error, match=match):
-        model(**inputs)
+    inputs["attention_mask"] = inputs["attention_mask"].tolist()
+    with torch.inference_mode():
+        with pytest.raises(AttributeError):
+            model(**inputs)
+        with distilkernels.patch(model), pytest.raises(TypeError, match="attention_mask must be a torch.Tensor"):
+            model(**inputs)
 
 
 def test_too_long_sequence():
@@ -267,11 +311,18 @@ def test_too_long_sequence():
      r"inputs_embeds must be \(batch, seqlen, dim\), got shape \(6, \d+\): add the batch dimension"),
     (lambda ids, dim: {"inputs_embeds": torch.randn(1, 200, dim)}, ValueError,
      "inputs_embeds has seqlen 200 > config.max_position_embeddings"),
-], ids=["1-D ids", "3-D ids", "list ids", "2-D embeds", "embeds too long"])
+    (lambda ids, dim: {"input_ids": ids[:0]}, ValueError, r"input_ids has shape \(0, 6\): an empty batch"),
+    (lambda ids, dim: {"input_ids": ids[:0], "attention_mask": torch.ones(0, 6)}, ValueError,
+     r"input_ids has shape \(0, 6\): an empty batch"),
+    (lambda ids, dim: {"input_ids": ids[:, :0]}, ValueError, r"input_ids has shape \(2, 0\): an empty batch or seq"),
+    (lambda ids, dim: {"inputs_embeds": torch.randn(0, 6, dim)}, ValueError, r"inputs_embeds has shape \(0, 6, \d+\)"),
+], ids=["1-D ids", "3-D ids", "list ids", "2-D embeds", "embeds too long", "batch 0", "batch 0 with mask",
+        "seqlen 0", "embeds batch 0"])
 @pytest.mark.parametrize("family", FAMILY_PARAMS)
 def test_bad_input_shape_names_the_argument(family, bad, error, match):
     """Input that stock HF fails on too (each family with its own IndexError, ValueError or RuntimeError from
-    deep inside) is rejected before the forward, naming the argument given."""
+    deep inside; an empty batch or sequence where its attention reshapes q/k/v) is rejected before the forward,
+    naming the argument given. (The patched model ran an empty batch before, returning an empty output.)"""
     config = family.test.tiny()
     cls = family.base_model
     model = make_model(cls, config)
