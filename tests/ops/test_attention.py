@@ -1,13 +1,12 @@
 """attention and varlen_attention on every backend (cpp, triton, torch) against an fp64 reference."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from distilkernels import ops, reference
+from distilkernels._ext import load_extension
 from helpers import (DTYPES, LOW_PRECISION, assert_lowp, cu_seqlens_of, fused_qkv, kernel_of, magnitude,
                      lowp_bound, make_mask, matrix_unit_attention, max_err, triton_kernel_runs, ulps)
 
@@ -586,7 +585,7 @@ def test_cpp_attention_fp32_under_high_matmul_precision(fp32_matmul_precision, b
     fp32_matmul_precision("highest")
     strict, _ = OPS.attention(q, k, v, mask, scale)
     fp32_matmul_precision("high")
-    amx_on = matrix_unit_attention() and os.environ.get("DISTILKERNELS_AMX") != "0"
+    amx_on = matrix_unit_attention() and load_extension().amx_tiles_enabled()  # DISTILKERNELS_AMX as C++ reads it
     if amx_on and seqlen >= 8 and (mask is None or mask.sum(1).max() >= 8):
         assert not torch.equal(out, strict)
 
