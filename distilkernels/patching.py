@@ -60,6 +60,39 @@ def _past_length(kwargs) -> int:
     return int(cache[0][0].shape[-2])  # legacy tuple of (key, value) per layer: (batch, heads, past, head_dim)
 
 
+def _check_positions(base_model, name: str, shaped: torch.Tensor, seqlen: int) -> None:
+    """The default position ids of `shaped` (input_ids or inputs_embeds) stay inside the position table.
+
+    BERT and DistilBERT number the tokens 0 .. seqlen - 1. RoBERTa's embeddings start at padding_idx + 1 and,
+    from input_ids, count only the tokens that are not padding_idx (create_position_ids_from_input_ids): a row
+    fits when it holds at most max_position_embeddings - padding_idx - 1 such tokens, however long it is.
+    Past the table HF fails inside its forward (RoBERTa: "index 66 is out of bounds for dimension 1 with
+    size 66", from the token type buffer)."""
+    limit = base_model.config.max_position_embeddings
+    embeddings = getattr(base_model, "embeddings", None)
+    padding_idx = getattr(embeddings, "padding_idx", None)
+    if padding_idx is None or not hasattr(embeddings, "create_position_ids_from_input_ids"):
+        if seqlen > limit:
+            raise ValueError(f"{name} has seqlen {seqlen} > config.max_position_embeddings={limit}: "
+                             f"the model has no position embedding beyond {limit}; truncate the input")
+        return
+    room = limit - padding_idx - 1  # RoBERTa's positions padding_idx + 1 .. limit - 1
+    if seqlen <= room:
+        return
+    if name == "input_ids":
+        if torch.compiler.is_compiling() or hf.exporting():
+            return  # (a data-dependent count: HF's own indexing reports it there)
+        longest = int((shaped != padding_idx).sum(dim=1).max()) if shaped.numel() else 0
+        if longest <= room:
+            return
+        raise ValueError(f"input_ids has a row of {longest} tokens other than padding (pad_token_id={padding_idx}) > "
+                         f"config.max_position_embeddings={limit} - pad_token_id - 1 = {room}: the model's positions "
+                         f"start after the padding index and have no embedding beyond; truncate the input")
+    raise ValueError(f"{name} has seqlen {seqlen} > config.max_position_embeddings={limit} - pad_token_id - 1 = "
+                     f"{room}: the model's positions start after the padding index and have no embedding beyond; "
+                     f"truncate the input")
+
+
 def validate_inputs(base_model, args, kwargs) -> None:
     """Forward pre-hook of the patched base model: reject input HF would mishandle or fail on obscurely.
     The 2-D attention_mask covers the cached tokens too: (batch, past + seqlen) in a cached decoding step."""
@@ -77,10 +110,8 @@ def validate_inputs(base_model, args, kwargs) -> None:
         hint = f": add the batch dimension, {name}[None]" if shaped.dim() == dims - 1 else ""
         raise ValueError(f"{name} must be {expected}, got shape {tuple(shaped.shape)}{hint}")
     batch, seqlen = shaped.shape[0], shaped.shape[1]
-    limit = base_model.config.max_position_embeddings
-    if seqlen > limit and kwargs.get("position_ids") is None:
-        raise ValueError(f"{name} has seqlen {seqlen} > config.max_position_embeddings={limit}: "
-                         f"the model has no position embedding beyond {limit}; truncate the input")
+    if kwargs.get("position_ids") is None:
+        _check_positions(base_model, name, shaped, seqlen)
     if mask is None:
         return
     if not isinstance(mask, torch.Tensor):

@@ -235,6 +235,37 @@ def test_too_long_sequence():
         model(input_ids=ids)
 
 
+def test_roberta_positions_limit():
+    """RoBERTa's positions start at pad_token_id + 1 and count only the tokens that are not padding, so its limit
+    is max_position_embeddings - pad_token_id - 1 real tokens a row, whatever the row's length. One token past it,
+    stock HF fails with "index 66 is out of bounds for dimension 1 with size 66" (the check let it through: seqlen
+    65 <= 66); a longer row mostly padding runs in HF (the check refused it: seqlen 70 > 66)."""
+    config = by_name("roberta").test.tiny()
+    room = config.max_position_embeddings - config.pad_token_id - 1
+    model = make_model(transformers.RobertaForSequenceClassification, config)
+    dim = config.hidden_size
+    too_long = torch.randint(config.pad_token_id + 1, config.vocab_size, (2, room + 1))
+    padded = torch.randint(config.pad_token_id + 1, config.vocab_size, (2, room + 6))
+    padded[0, room - 3:] = config.pad_token_id
+    padded[1, room:] = config.pad_token_id
+    mask = (padded != config.pad_token_id).long()
+    with torch.inference_mode():
+        for inputs in ({"input_ids": too_long}, {"inputs_embeds": torch.randn(1, room + 1, dim)}):
+            with pytest.raises(Exception):
+                model(**inputs)  # stock HF fails too
+        want = model(input_ids=padded, attention_mask=mask).logits
+        model(input_ids=too_long[:, :room])  # at the limit: fine
+        with distilkernels.patch(model):
+            with pytest.raises(ValueError, match=rf"input_ids has a row of {room + 1} tokens other than padding"):
+                model(input_ids=too_long)
+            with pytest.raises(ValueError, match=rf"inputs_embeds has seqlen {room + 1} > "
+                                                 rf"config.max_position_embeddings={room + 2} - pad_token_id - 1"):
+                model(inputs_embeds=torch.randn(1, room + 1, dim))
+            model(input_ids=too_long[:, :room])
+            got = model(input_ids=padded, attention_mask=mask).logits
+    assert (got - want).abs().max() <= ATOL
+
+
 @pytest.mark.parametrize("bad, error, match", [
     (lambda ids, dim: {"input_ids": ids[0]}, ValueError, r"input_ids must be \(batch, seqlen\), got shape \(6,\)"),
     (lambda ids, dim: {"input_ids": ids[None]}, ValueError, r"input_ids must be \(batch, seqlen\), got shape \(1, 2"),
@@ -242,7 +273,7 @@ def test_too_long_sequence():
     (lambda ids, dim: {"inputs_embeds": torch.randn(6, dim)}, ValueError,
      r"inputs_embeds must be \(batch, seqlen, dim\), got shape \(6, \d+\): add the batch dimension"),
     (lambda ids, dim: {"inputs_embeds": torch.randn(1, 200, dim)}, ValueError,
-     "inputs_embeds has seqlen 200 > config.max_position_embeddings"),
+     "inputs_embeds has seqlen 200 > config.max_position_embeddings"),  # (RoBERTa: "=66 - pad_token_id - 1")
 ], ids=["1-D ids", "3-D ids", "list ids", "2-D embeds", "embeds too long"])
 @pytest.mark.parametrize("family", FAMILY_PARAMS)
 def test_bad_input_shape_names_the_argument(family, bad, error, match):
