@@ -160,6 +160,8 @@ def key_padding_mask_of(attention_mask, batch: int, kv_len: int):
     says what was found."""
     if attention_mask is None:
         return None, ""
+    if not isinstance(attention_mask, torch.Tensor):  # flex_attention's BlockMask, say: HF's code applies it
+        return NotImplemented, f"a {type(attention_mask).__name__}, not a tensor"
     if attention_mask.dim() == 2:
         if attention_mask.dtype == torch.bool and tuple(attention_mask.shape) == (batch, kv_len):
             return attention_mask, ""
