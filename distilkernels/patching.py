@@ -12,6 +12,7 @@ the model names.
 """
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 import torch
@@ -150,7 +151,7 @@ def _resolve_dtype(dtype):
     key = dtype.lower() if isinstance(dtype, str) else dtype
     if key in _INT8_DTYPES:
         return None, True
-    if key in _FLOAT_DTYPES:
+    if isinstance(key, Hashable) and key in _FLOAT_DTYPES:  # (a list or a dict would raise "unhashable type")
         return _FLOAT_DTYPES[key], False
     raise ValueError(f"distilkernels.patch: dtype must be None (keep the model's), torch.float32, torch.bfloat16, "
                      f"torch.float16 or torch.qint8 (also \"fp32\", \"bf16\", \"fp16\", \"int8\"), got {dtype!r}")

@@ -406,7 +406,7 @@ def test_patch_dtype_none_keeps_the_model():
                    if isinstance(b, FusedBlock))
 
 
-@pytest.mark.parametrize("dtype", [torch.int32, torch.float64, "fp8", 8])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.float64, "fp8", 8, ["bf16"], {"dtype": "bf16"}])  # (unhashable: "unhashable type: list" before)
 def test_patch_bad_dtype(dtype):
     model = make_model(transformers.DistilBertModel, tiny_config())
     with pytest.raises(ValueError, match="dtype must be None"):
