@@ -12,6 +12,7 @@ the model names.
 """
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 import torch
@@ -49,6 +50,39 @@ def replace_modules(model: torch.nn.Module, *, unpad: bool = True) -> list[tuple
     return swaps
 
 
+def _check_positions(base_model, name: str, shaped: torch.Tensor, seqlen: int) -> None:
+    """The default position ids of `shaped` (input_ids or inputs_embeds) stay inside the position table.
+
+    BERT and DistilBERT number the tokens 0 .. seqlen - 1. RoBERTa's embeddings start at padding_idx + 1 and,
+    from input_ids, count only the tokens that are not padding_idx (create_position_ids_from_input_ids): a row
+    fits when it holds at most max_position_embeddings - padding_idx - 1 such tokens, however long it is.
+    Past the table HF fails inside its forward (RoBERTa: "index 66 is out of bounds for dimension 1 with
+    size 66", from the token type buffer)."""
+    limit = base_model.config.max_position_embeddings
+    embeddings = getattr(base_model, "embeddings", None)
+    padding_idx = getattr(embeddings, "padding_idx", None)
+    if padding_idx is None or not hasattr(embeddings, "create_position_ids_from_input_ids"):
+        if seqlen > limit:
+            raise ValueError(f"{name} has seqlen {seqlen} > config.max_position_embeddings={limit}: "
+                             f"the model has no position embedding beyond {limit}; truncate the input")
+        return
+    room = limit - padding_idx - 1  # RoBERTa's positions padding_idx + 1 .. limit - 1
+    if seqlen <= room:
+        return
+    if name == "input_ids":
+        if torch.compiler.is_compiling() or hf.exporting():
+            return  # (a data-dependent count: HF's own indexing reports it there)
+        longest = int((shaped != padding_idx).sum(dim=1).max()) if shaped.numel() else 0
+        if longest <= room:
+            return
+        raise ValueError(f"input_ids has a row of {longest} tokens other than padding (pad_token_id={padding_idx}) > "
+                         f"config.max_position_embeddings={limit} - pad_token_id - 1 = {room}: the model's positions "
+                         f"start after the padding index and have no embedding beyond; truncate the input")
+    raise ValueError(f"{name} has seqlen {seqlen} > config.max_position_embeddings={limit} - pad_token_id - 1 = "
+                     f"{room}: the model's positions start after the padding index and have no embedding beyond; "
+                     f"truncate the input")
+
+
 def validate_inputs(base_model, args, kwargs) -> None:
     """Forward pre-hook of the patched base model: reject input HF fails on too, with an error naming the argument
     (HF's own errors come from deep inside its forward, each family's differently). Nothing HF runs is refused.
@@ -78,10 +112,8 @@ def validate_inputs(base_model, args, kwargs) -> None:
     if batch == 0 or seqlen == 0:  # HF's attention fails reshaping the empty q/k/v (every family, every implementation)
         raise ValueError(f"{name} has shape {tuple(shaped.shape)}: an empty batch or sequence, which HF's forward "
                          f"fails on too")
-    limit = base_model.config.max_position_embeddings
-    if seqlen > limit and kwargs.get("position_ids") is None:
-        raise ValueError(f"{name} has seqlen {seqlen} > config.max_position_embeddings={limit}: "
-                         f"the model has no position embedding beyond {limit}; truncate the input")
+    if kwargs.get("position_ids") is None:
+        _check_positions(base_model, name, shaped, seqlen)
     if mask is not None and not isinstance(mask, torch.Tensor):  # (HF: AttributeError on mask.ndim)
         raise TypeError(f"attention_mask must be a torch.Tensor, got {type(mask).__name__}")
 
@@ -105,7 +137,7 @@ def _resolve_dtype(dtype):
     key = dtype.lower() if isinstance(dtype, str) else dtype
     if key in _INT8_DTYPES:
         return None, True
-    if key in _FLOAT_DTYPES:
+    if isinstance(key, Hashable) and key in _FLOAT_DTYPES:  # (a list or a dict would raise "unhashable type")
         return _FLOAT_DTYPES[key], False
     raise ValueError(f"distilkernels.patch: dtype must be None (keep the model's), torch.float32, torch.bfloat16, "
                      f"torch.float16 or torch.qint8 (also \"fp32\", \"bf16\", \"fp16\", \"int8\"), got {dtype!r}")

@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-_WRAPPER_CLASSES = ("SentenceTransformer", "CrossEncoder", "SparseEncoder")
+# MultiVectorEncoder (sentence-transformers 6: per-token embeddings, ColBERT-style) holds its encoder the same way
+_WRAPPER_CLASSES = ("SentenceTransformer", "CrossEncoder", "SparseEncoder", "MultiVectorEncoder")
 
 
 def is_wrapper(model) -> bool:
-    """True for a sentence-transformers model (SentenceTransformer, CrossEncoder, SparseEncoder)."""
+    """True for a sentence-transformers model (SentenceTransformer, CrossEncoder, SparseEncoder, MultiVectorEncoder)."""
     package = sys.modules.get("sentence_transformers")
     if package is None:
         return False

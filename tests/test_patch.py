@@ -50,8 +50,8 @@ def test_one_handle_owns_nested_models(inner_first):
     assert handle.model is model
     assert len(model.distilbert._forward_pre_hooks) == hooks_before + 1
     assert sum(isinstance(m, FusedBlock) for m in model.modules()) == model.config.n_layers
-    with pytest.raises(ValueError, match="attention_mask must be"):  # the check is live
-        model(input_ids=torch.ones(2, 5, dtype=torch.long), attention_mask=torch.ones(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="an empty batch"):  # the input check is live
+        model(input_ids=torch.ones(0, 5, dtype=torch.long))
     handle.restore()
     assert all(m is originals[name] for name, m in model.named_modules())
     assert len(model.distilbert._forward_pre_hooks) == hooks_before
@@ -303,6 +303,37 @@ def test_too_long_sequence():
         model(input_ids=ids)
 
 
+def test_roberta_positions_limit():
+    """RoBERTa's positions start at pad_token_id + 1 and count only the tokens that are not padding, so its limit
+    is max_position_embeddings - pad_token_id - 1 real tokens a row, whatever the row's length. One token past it,
+    stock HF fails with "index 66 is out of bounds for dimension 1 with size 66" (the check let it through: seqlen
+    65 <= 66); a longer row mostly padding runs in HF (the check refused it: seqlen 70 > 66)."""
+    config = by_name("roberta").test.tiny()
+    room = config.max_position_embeddings - config.pad_token_id - 1
+    model = make_model(transformers.RobertaForSequenceClassification, config)
+    dim = config.hidden_size
+    too_long = torch.randint(config.pad_token_id + 1, config.vocab_size, (2, room + 1))
+    padded = torch.randint(config.pad_token_id + 1, config.vocab_size, (2, room + 6))
+    padded[0, room - 3:] = config.pad_token_id
+    padded[1, room:] = config.pad_token_id
+    mask = (padded != config.pad_token_id).long()
+    with torch.inference_mode():
+        for inputs in ({"input_ids": too_long}, {"inputs_embeds": torch.randn(1, room + 1, dim)}):
+            with pytest.raises(Exception):
+                model(**inputs)  # stock HF fails too
+        want = model(input_ids=padded, attention_mask=mask).logits
+        model(input_ids=too_long[:, :room])  # at the limit: fine
+        with distilkernels.patch(model):
+            with pytest.raises(ValueError, match=rf"input_ids has a row of {room + 1} tokens other than padding"):
+                model(input_ids=too_long)
+            with pytest.raises(ValueError, match=rf"inputs_embeds has seqlen {room + 1} > "
+                                                 rf"config.max_position_embeddings={room + 2} - pad_token_id - 1"):
+                model(inputs_embeds=torch.randn(1, room + 1, dim))
+            model(input_ids=too_long[:, :room])
+            got = model(input_ids=padded, attention_mask=mask).logits
+    assert (got - want).abs().max() <= ATOL
+
+
 @pytest.mark.parametrize("bad, error, match", [
     (lambda ids, dim: {"input_ids": ids[0]}, ValueError, r"input_ids must be \(batch, seqlen\), got shape \(6,\)"),
     (lambda ids, dim: {"input_ids": ids[None]}, ValueError, r"input_ids must be \(batch, seqlen\), got shape \(1, 2"),
@@ -310,7 +341,7 @@ def test_too_long_sequence():
     (lambda ids, dim: {"inputs_embeds": torch.randn(6, dim)}, ValueError,
      r"inputs_embeds must be \(batch, seqlen, dim\), got shape \(6, \d+\): add the batch dimension"),
     (lambda ids, dim: {"inputs_embeds": torch.randn(1, 200, dim)}, ValueError,
-     "inputs_embeds has seqlen 200 > config.max_position_embeddings"),
+     "inputs_embeds has seqlen 200 > config.max_position_embeddings"),  # (RoBERTa: "=66 - pad_token_id - 1")
     (lambda ids, dim: {"input_ids": ids[:0]}, ValueError, r"input_ids has shape \(0, 6\): an empty batch"),
     (lambda ids, dim: {"input_ids": ids[:0], "attention_mask": torch.ones(0, 6)}, ValueError,
      r"input_ids has shape \(0, 6\): an empty batch"),
@@ -333,6 +364,7 @@ def test_bad_input_shape_names_the_argument(family, bad, error, match):
             model(**inputs)  # stock HF fails too: nothing it runs is refused
         with distilkernels.patch(model), pytest.raises(error, match=match):
             model(**inputs)
+
 
 def test_model_built_in_inference_mode():
     """Parameters created under inference_mode have no version counter; the fused weights still work."""
@@ -450,7 +482,7 @@ def test_patch_dtype_none_keeps_the_model():
                    if isinstance(b, FusedBlock))
 
 
-@pytest.mark.parametrize("dtype", [torch.int32, torch.float64, "fp8", 8])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.float64, "fp8", 8, ["bf16"], {"dtype": "bf16"}])  # (unhashable: "unhashable type: list" before)
 def test_patch_bad_dtype(dtype):
     model = make_model(transformers.DistilBertModel, tiny_config())
     with pytest.raises(ValueError, match="dtype must be None"):

@@ -157,6 +157,58 @@ def test_mask_format_reason():
                      "block.stock: " + bias: 1, "attention.stock: " + bias: 1}, stats
 
 
+@pytest.mark.parametrize("cls, config", [
+    (transformers.DistilBertModel, transformers.DistilBertConfig(
+        vocab_size=99, dim=32, n_layers=LAYERS, n_heads=4, hidden_dim=37, max_position_embeddings=64)),
+    (transformers.BertModel, transformers.BertConfig(
+        vocab_size=99, hidden_size=36, num_hidden_layers=LAYERS, num_attention_heads=4, intermediate_size=37)),
+])
+def test_flex_attention_block_mask(cls, config):
+    """attn_implementation="flex_attention" hands the blocks a BlockMask, not a tensor: the decision read its
+    .dim() (AttributeError on every padded batch); it is a mask format the fused path does not read, so HF's
+    code runs it, with that reason, and matches the stock model."""
+    torch.manual_seed(0)
+    stock = cls._from_config(config, attn_implementation="flex_attention").eval()
+    model = copy.deepcopy(stock)
+    batch = inputs()
+    with torch.inference_mode():
+        want = stock(**batch).last_hidden_state
+    handle = distilkernels.patch(model)
+    with torch.inference_mode():
+        got = model(**batch).last_hidden_state
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(got[real], want[real], atol=1e-4, rtol=0)  # the project's fp32 bound
+    reason = "mask format: a BlockMask, not a tensor"
+    assert handle.stats() == {"embeddings.fused": 1, "encoder.padded: " + reason: 1,
+                              "block.stock: " + reason: LAYERS}, handle.stats()
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_4d_bool_mask_on_eager_model(attn):
+    """HF passes a prepared 4-D mask through as it is; its eager attention adds a bool one to the scores (1.0 where
+    True, 0.0 where False: nothing is masked), sdpa applies it as a mask. The fused path read it as a key-padding
+    mask under both (eager, tiny BERT: real tokens 4.4e-3 off, pooler_output 3.1e-3); on an eager model HF's code
+    now runs it."""
+    config = transformers.BertConfig(vocab_size=99, hidden_size=36, num_hidden_layers=LAYERS, num_attention_heads=4,
+                                     intermediate_size=37)
+    torch.manual_seed(0)
+    stock = transformers.BertModel._from_config(config, attn_implementation=attn).eval()
+    model = copy.deepcopy(stock)
+    batch = inputs("left")
+    real = batch["attention_mask"].bool()
+    batch["attention_mask"] = real[:, None, None, :]
+    with torch.inference_mode():
+        want = stock(**batch)
+    handle = distilkernels.patch(model)
+    with torch.inference_mode():
+        got = model(**batch)
+    torch.testing.assert_close(got.last_hidden_state[real], want.last_hidden_state[real], atol=1e-4, rtol=0)
+    torch.testing.assert_close(got.pooler_output, want.pooler_output, atol=1e-4, rtol=0)  # the project's fp32 bound
+    stats = handle.stats()
+    reason = "mask format: " + distilkernels.hf.BOOL_ON_EAGER
+    assert (stats.get("block.stock: " + reason) == LAYERS) == (attn == "eager"), stats
+
+
 def test_compiling_and_exporting_reasons(monkeypatch):
     """Inside graphs counters are not bumped (a traced counter would be a constant), so the reason is checked
     on decide() itself."""

@@ -90,6 +90,24 @@ def test_cross_encoder_parity_and_restore(op_spy):
 
 
 @requires_minilm
+def test_multi_vector_encoder_parity_and_restore(sentences):
+    """sentence-transformers 6's MultiVectorEncoder (per-token embeddings) holds its HF encoder as the other
+    wrappers do; patch() refused it ("supports DistilBertPreTrainedModel ... got MultiVectorEncoder")."""
+    if not hasattr(st, "MultiVectorEncoder"):
+        pytest.skip("sentence-transformers without MultiVectorEncoder")
+    model = st.MultiVectorEncoder(str(MINILM_DIR), device="cpu")
+    stock = model.encode(sentences[:40], batch_size=16)  # a list of (tokens, dim) tensors, real tokens only
+    handle = distilkernels.patch(model)
+    assert _fused_blocks(model) == 6
+    patched = model.encode(sentences[:40], batch_size=16)
+    assert [t.shape for t in patched] == [t.shape for t in stock]
+    assert max((a - b).abs().max().item() for a, b in zip(patched, stock)) <= ATOL
+    assert not any(key.startswith("block.stock") for key in handle.stats()), handle.stats()
+    handle.restore()
+    assert _fused_blocks(model) == 0
+
+
+@requires_minilm
 def test_unsupported_encoder_inside_is_a_clear_error(tmp_path):
     """A SentenceTransformer around an encoder distilkernels does not patch (here a tiny ELECTRA)."""
     config = transformers.ElectraConfig(hidden_size=36, embedding_size=36, num_attention_heads=4, intermediate_size=37,
