@@ -2,11 +2,13 @@
 
 The extension picks its inner loops once per process (csrc/vec.h): AVX-512, AVX2+FMA or baseline x86-64, capped
 by DISTILKERNELS_ISA=avx2|scalar. The in-process op tests run on the best one (their ids say which: cpp-avx512);
-test_cpp_op_tests_under_isa reruns every cpp case of the op files in a fresh process per lower instruction set,
-so an AVX-512 machine also tests what an AVX2-only CPU (AMD EPYC in CI) and a baseline x86-64 CPU run. The avx2
+test_cpp_op_tests_under_isa reruns every cpp case of the op files in a fresh process per lower tier, so an AMX
+machine also tests what an AVX-512 CPU without AMX (AMD Zen 4, Intel Ice Lake), an AVX2-only CPU (AMD Zen 3) and a
+baseline x86-64 CPU run; test_model_tests_under_tier reruns the model-level files under the first two. The avx2
 rerun caps the libraries too (AVX2_CAPS: torch's own kernels, MKL, oneDNN, no matrix units), because the tests
 compare against torch, whose numbers depend on the instruction set as well: with only our kernels capped, a
-bf16 GELU test passed here that failed against torch under MKL's AVX2 code.
+bf16 GELU test passed here that failed against torch under MKL's AVX2 code. The AVX-512-without-AMX rerun caps
+oneDNN and MKL to the CPU's AVX-512 extensions below AMX and turns our tile loops off.
 """
 from __future__ import annotations
 
@@ -31,6 +33,55 @@ OP_TEST_FILES = ("test_attention.py", "test_layer_norm.py", "test_bias_act.py", 
 # What an AVX2-only CPU runs, for every library a test compares against (each reads its cap at start-up).
 AVX2_CAPS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
              "DISTILKERNELS_MATRIX_UNITS": "off", "DISTILKERNELS_AMX": "off"}
+# The model-level files rerun under each lower tier: the whole path a CPU of that tier takes (the GEMM kernels the
+# contest picks there, the int8 grid, the bf16 GEMMs without tiles), not only the ops. ~75 s a tier on 2 cores.
+MODEL_TEST_FILES = ("test_parity.py", "test_quant.py", "test_blocks.py", "test_gemms.py")
+
+
+def no_amx_caps() -> dict[str, str] | None:
+    """What an AVX-512 CPU without AMX tiles runs (AMD Zen 4 and Intel Ice Lake / Cooper Lake kinds: AVX-512 with
+    VNNI, and bf16 dot products where the CPU has them), on a CPU with AMX; None elsewhere (the in-process tests
+    already run that tier, or the CPU has no AVX-512). oneDNN and MKL are capped to the same instructions."""
+    flags = cpu_flags()
+    if "amx_tile" not in flags or best_isa() != "avx512":
+        return None
+    onednn, mkl = (("AVX512_CORE_BF16", "AVX512_E3") if "avx512_bf16" in flags else
+                   ("AVX512_CORE_VNNI", "AVX512_E1") if "avx512_vnni" in flags else ("AVX512_CORE", "AVX512"))
+    return {"ONEDNN_MAX_CPU_ISA": onednn, "MKL_ENABLE_INSTRUCTIONS": mkl, "DISTILKERNELS_MATRIX_UNITS": "off",
+            "DISTILKERNELS_AMX": "off"}
+
+
+def tier_env(tier: str, tmp_path) -> dict[str, str]:
+    """The environment of a rerun under `tier` ("avx2", "scalar": DISTILKERNELS_ISA, the libraries capped for
+    avx2; "avx512-no-amx": no_amx_caps()), or a skip where this CPU has no such lower tier."""
+    if "DISTILKERNELS_ISA" in os.environ or "DISTILKERNELS_AMX" in os.environ:
+        pytest.skip("already running under a cap (this is the rerun)")
+    if tier == "avx512-no-amx":
+        caps = no_amx_caps()
+        if caps is None:
+            pytest.skip("no AMX tiles here: the in-process tests ran this CPU's own tier")
+    else:
+        if ISAS.index(tier) <= ISAS.index(best_isa()):
+            pytest.skip(f"{tier} is this CPU's best instruction set: the in-process tests ran on it")
+        caps = dict(DISTILKERNELS_ISA=tier, **(AVX2_CAPS if tier == "avx2" else {}))
+    # Its own inductor cache: torch's on-disk cache does not key on ATEN_CPU_CAPABILITY, and code compiled under
+    # one capability and loaded under another gave NaN or corrupted the heap (even for a stock HF model).
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"), **caps)
+    env.pop("DISTILKERNELS_BACKEND", None)
+    return env
+
+
+def run_pytest(env: dict[str, str], files, *args: str) -> str:
+    """pytest on `files` (paths under tests/) in a fresh process with `env`; returns its stdout, asserting that it
+    passed."""
+    tests = pathlib.Path(__file__).parent.parent
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", *args,
+           *(str(tests / name) for name in files)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200, cwd=tests.parent)
+    tail = result.stdout[-4000:] + result.stderr[-2000:]
+    assert result.returncode == 0, tail
+    assert " passed" in result.stdout.splitlines()[-1], tail
+    return result.stdout
 
 
 def cpu_flags() -> set[str]:
@@ -53,27 +104,28 @@ def test_vector_isa_is_the_best_available():
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="needs /proc/cpuinfo")
-@pytest.mark.parametrize("isa", ISAS[1:])
-def test_cpp_op_tests_under_isa(isa, tmp_path):
-    """Every cpp case of the op files (tests whose id says cpp), under DISTILKERNELS_ISA=isa."""
-    if "DISTILKERNELS_ISA" in os.environ:
-        pytest.skip("already running under DISTILKERNELS_ISA (this is the rerun)")
-    if ISAS.index(isa) <= ISAS.index(best_isa()):
-        pytest.skip(f"{isa} is this CPU's best instruction set: the in-process tests ran on it")
-    here = pathlib.Path(__file__).parent
-    # Its own inductor cache: torch's on-disk cache does not key on ATEN_CPU_CAPABILITY, and code compiled under
-    # one capability and loaded under another gave NaN or corrupted the heap (even for a stock HF model).
-    env = dict(os.environ, DISTILKERNELS_ISA=isa, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"),
-               **(AVX2_CAPS if isa == "avx2" else {}))
-    env.pop("DISTILKERNELS_BACKEND", None)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "-k", "cpp",
-           *(str(here / name) for name in OP_TEST_FILES)]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200,
-                            cwd=here.parent.parent)
-    tail = result.stdout[-4000:] + result.stderr[-2000:]
-    assert result.returncode == 0, tail
-    assert f"[cpp-{isa}" in result.stdout, "the rerun did not run on " + isa + ":\n" + tail
-    assert " passed" in result.stdout.splitlines()[-1], tail
+@pytest.mark.parametrize("tier", ["avx512-no-amx", *ISAS[1:]])
+def test_cpp_op_tests_under_isa(tier, tmp_path):
+    """Every cpp case of the op files (tests whose id says cpp), under each tier below this CPU's."""
+    out = run_pytest(tier_env(tier, tmp_path), [f"ops/{name}" for name in OP_TEST_FILES], "-k", "cpp")
+    isa = "avx512" if tier == "avx512-no-amx" else tier
+    assert f"[cpp-{isa}" in out, "the rerun did not run on " + isa + ":\n" + out[-4000:]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="needs /proc/cpuinfo")
+@pytest.mark.parametrize("tier", ["avx512-no-amx", "avx2"])
+def test_model_tests_under_tier(tier, tmp_path):
+    """The model-level files (parity with HF in fp32, bf16 and int8, the blocks, the GEMM choice) under each tier
+    below this CPU's, as a CPU of that tier runs them."""
+    env = tier_env(tier, tmp_path)
+    probe = subprocess.run([sys.executable, "-c", "from distilkernels._ext import load_extension as l; e = l(); "
+                            "print(e.vector_isa(), e.amx_tiles_enabled(), e.int_mm_weight_max())"],
+                           env=env, capture_output=True, text=True, timeout=300)
+    isa, tiles, weight_max = probe.stdout.split()
+    assert (isa, tiles) == ("avx512" if tier == "avx512-no-amx" else tier, "False"), probe.stdout + probe.stderr
+    if tier == "avx2":  # oneDNN's int8 GEMM without VNNI: the 7-bit weight grid runs
+        assert weight_max == "63", probe.stdout
+    run_pytest(env, MODEL_TEST_FILES)
 
 
 def test_scalar_fallback_matches():
