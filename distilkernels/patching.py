@@ -226,6 +226,8 @@ def patch(model: torch.nn.Module, *, unpad: bool = True, dtype=None) -> PatchHan
     """
     from . import sentence_transformers as st_wrappers
 
+    if not isinstance(unpad, bool):  # ("no" or "False" would read as True)
+        raise TypeError(f"distilkernels.patch: unpad must be True or False, got {unpad!r}")
     float_dtype, int8 = _resolve_dtype(dtype)
     if st_wrappers.is_wrapper(model):
         if float_dtype is not None:  # the whole wrapper: its modules after the encoder read the encoder's output

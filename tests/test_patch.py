@@ -366,6 +366,14 @@ def test_bad_input_shape_names_the_argument(family, bad, error, match):
             model(**inputs)
 
 
+@pytest.mark.parametrize("unpad", ["no", 0, None])
+def test_patch_bad_unpad(unpad):
+    model = make_model(transformers.DistilBertModel, tiny_config())
+    with pytest.raises(TypeError, match="unpad must be True or False"):
+        distilkernels.patch(model, unpad=unpad)
+    assert not any(isinstance(m, FusedBlock) for m in model.modules())
+
+
 def test_model_built_in_inference_mode():
     """Parameters created under inference_mode have no version counter; the fused weights still work."""
     config = tiny_config()
