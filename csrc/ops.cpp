@@ -37,10 +37,11 @@ TORCH_LIBRARY(distilkernels, m) {
   m.def("pack_linear_weight(Tensor weight) -> Tensor");
   m.def("linear_packed(Tensor x, Tensor packed_weight, int out_features, Tensor? bias, str activation) -> Tensor");
   // The same on MKL's packed-weight GEMM (csrc/linear_mkl.cpp; torch builds that link MKL): pack_linear_mkl(weight
-  // (out_features, in_features) fp32) -> MKL's opaque packing as a 1-D fp32 tensor, used where it was made.
+  // (out_features, in_features) fp32, rows: the row count MKL lays it out for; any row count can use it) -> MKL's
+  // opaque packing as a 1-D fp32 tensor, used where it was made.
   // row_chunk 0: MKL threads the whole GEMM; > 0: each thread its own rows, in chunks of row_chunk rows, where
   // every thread has at least that many.
-  m.def("pack_linear_mkl(Tensor weight) -> Tensor");
+  m.def("pack_linear_mkl(Tensor weight, int rows=128) -> Tensor");
   m.def("linear_mkl(Tensor x, Tensor packed_weight, int out_features, Tensor? bias, str activation, int row_chunk=0) "
         "-> Tensor");
   // In place: x = activation(x + bias), activation in {"gelu" (exact erf), "relu"}.
@@ -98,7 +99,7 @@ void init_blocks(pybind11::module& m);  // blocks.cpp
 bool mkl_packs();  // linear_mkl.cpp
 int64_t int_mm_weight_max();  // linear_int8.cpp
 bool amx_tiles_enabled();  // linear_bf16.cpp
-int64_t mkl_packed_floats(int64_t n, int64_t k);
+int64_t mkl_packed_floats(int64_t n, int64_t k, int64_t rows);
 }  // namespace distilkernels
 
 namespace {
@@ -151,7 +152,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amx_tiles_enabled", &distilkernels::amx_tiles_enabled,
         "Whether our AMX tile loops run now: the CPU has the tiles and DISTILKERNELS_AMX is not off (read per call)");
   m.def("mkl_packed_floats", &distilkernels::mkl_packed_floats, pybind11::arg("out_features"),
-        pybind11::arg("in_features"), "Length of pack_linear_mkl's output for a weight of this shape");
+        pybind11::arg("in_features"), pybind11::arg("rows") = 128,
+        "Length of pack_linear_mkl's output for a weight of this shape packed for this many rows");
   m.def("openmp_enabled", []() {
 #ifdef _OPENMP
     return true;

@@ -23,10 +23,10 @@ def _linear_packed_fake(x, packed_weight, out_features, bias, activation):
 
 
 @torch.library.register_fake("distilkernels::pack_linear_mkl")
-def _pack_linear_mkl_fake(weight):
+def _pack_linear_mkl_fake(weight, rows=128):
     from distilkernels._C import mkl_packed_floats
 
-    return weight.new_empty((mkl_packed_floats(weight.shape[0], weight.shape[1]),))
+    return weight.new_empty((mkl_packed_floats(weight.shape[0], weight.shape[1], rows),))
 
 
 @torch.library.register_fake("distilkernels::linear_mkl")

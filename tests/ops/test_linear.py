@@ -576,14 +576,15 @@ def _mkl_or_skip():
 ])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("row_chunk", [0, 128, 100])  # MKL's threading; ours over rows (even, ragged chunks)
-def test_linear_mkl_matches_fp64(tokens, in_features, out_features, bias, activation, threads, row_chunk):
-    """The weight is packed once (for 128 rows, MKL's hint) and used for every row count."""
+@pytest.mark.parametrize("pack_rows", [128, 512, 1024])
+def test_linear_mkl_matches_fp64(tokens, in_features, out_features, bias, activation, threads, row_chunk, pack_rows):
+    """The weight is packed once (for pack_rows rows) and used for every row count."""
     _mkl_or_skip()
     torch.manual_seed(0)
     x, weight = torch.randn(tokens, in_features), torch.randn(out_features, in_features)
     b = torch.randn(out_features) if bias else None
     with num_threads(threads):
-        packed = torch.ops.distilkernels.pack_linear_mkl(weight)
+        packed = torch.ops.distilkernels.pack_linear_mkl(weight, pack_rows)
         got = torch.ops.distilkernels.linear_mkl(x, packed, out_features, b, activation, row_chunk)
         again = torch.ops.distilkernels.linear_mkl(x[:5], packed, out_features, b, activation, row_chunk)
     ref = reference.activate(F.linear(x.double(), weight.double(), None if b is None else b.double()), activation)
@@ -637,7 +638,9 @@ def test_linear_mkl_fake_and_empty():
     _mkl_or_skip()
     x, weight, bias = torch.randn(5, 12), torch.randn(37, 12), torch.randn(37)
     packed = torch.ops.distilkernels.pack_linear_mkl(weight)
-    torch.library.opcheck(torch.ops.distilkernels.pack_linear_mkl.default, (weight,), test_utils=("test_faketensor",))
+    for rows in (128, 512):
+        torch.library.opcheck(torch.ops.distilkernels.pack_linear_mkl.default, (weight, rows),
+                              test_utils=("test_faketensor",))
     meta = torch.ops.distilkernels.linear_mkl(x.to("meta"), packed.to("meta"), 37, bias.to("meta"), "gelu")
     assert meta.shape == torch.ops.distilkernels.linear_mkl(x, packed, 37, bias, "gelu").shape == (5, 37)
     assert torch.ops.distilkernels.linear_mkl(torch.randn(0, 12), packed, 37, bias, "gelu").shape == (0, 37)
@@ -667,6 +670,9 @@ def test_linear_mkl_bad_input():
         torch.ops.distilkernels.pack_linear_mkl(weight.double())
     with pytest.raises(RuntimeError, match="both > 0"):
         torch.ops.distilkernels.pack_linear_mkl(torch.randn(5, 0))
+    for rows in (0, -3, (1 << 20) + 1):
+        with pytest.raises(RuntimeError, match=r"rows \(the row count to pack for\) must be in 1\.\.1048576"):
+            torch.ops.distilkernels.pack_linear_mkl(weight, rows)
 
 
 @pytest.mark.skipif(not (_units("bf16") and _units("int8")), reason="needs AMX (bf16 and int8)")
