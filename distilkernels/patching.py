@@ -12,6 +12,8 @@ the model names.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
@@ -83,6 +85,13 @@ def _check_positions(base_model, name: str, shaped: torch.Tensor, seqlen: int) -
                      f"truncate the input")
 
 
+@functools.cache
+def _forward_parameters(cls: type) -> tuple[str, ...]:
+    """The names of cls.forward's parameters that can be given by position, after self, in order."""
+    params = list(inspect.signature(cls.forward).parameters.values())[1:]
+    return tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+
+
 def validate_inputs(base_model, args, kwargs) -> None:
     """Forward pre-hook of the patched base model: reject input HF fails on too, with an error naming the argument
     (HF's own errors come from deep inside its forward, each family's differently). Nothing HF runs is refused.
@@ -95,9 +104,9 @@ def validate_inputs(base_model, args, kwargs) -> None:
     3-D masks fail inside HF). The fused blocks then take HF's prepared mask only where it is a pure key-padding
     mask of the input's shape and run HF's code otherwise (see hf.key_padding_mask_of): no check, and no host
     sync, of the mask's values here."""
-    input_ids = kwargs.get("input_ids", args[0] if args else None)
-    embeds = kwargs.get("inputs_embeds")
-    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+    if args:  # arguments given by position, named as the model's forward names them (each family its own order)
+        kwargs = {**dict(zip(_forward_parameters(type(base_model)), args)), **kwargs}
+    input_ids, embeds, mask = kwargs.get("input_ids"), kwargs.get("inputs_embeds"), kwargs.get("attention_mask")
     name, shaped = ("input_ids", input_ids) if input_ids is not None else ("inputs_embeds", embeds)
     if shaped is None:
         return

@@ -3,6 +3,7 @@ for every family and head is in test_parity.py."""
 from __future__ import annotations
 
 import copy
+import inspect
 import threading
 
 import pytest
@@ -301,6 +302,32 @@ def test_too_long_sequence():
     ids = torch.randint(1, 99, (1, config.max_position_embeddings + 1))
     with distilkernels.patch(model), torch.inference_mode(), pytest.raises(ValueError, match="max_position_embeddings"):
         model(input_ids=ids)
+
+
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
+def test_arguments_by_position(family):
+    """The input check reads arguments given by position as the family's forward names them: inputs longer than
+    the position table with position_ids of their own run as in stock HF (the check used to read position_ids
+    from the keywords only, and refused them), and inputs_embeds given by position are checked like input_ids."""
+    config = family.test.tiny()
+    cls = family.base_model
+    model = make_model(cls, config)
+    params = list(inspect.signature(cls.forward).parameters)[1:]  # (self)
+    names = params[:params.index("position_ids") + 1]  # DistilBERT: inputs_embeds comes before position_ids
+    seqlen = config.max_position_embeddings + 3
+    first = getattr(config, "pad_token_id", 0) + 1 if family.name == "roberta" else 0
+    values = {"input_ids": torch.randint(first + 1, config.vocab_size, (2, seqlen)),
+              "attention_mask": torch.ones(2, seqlen, dtype=torch.long),
+              "token_type_ids": torch.zeros(2, seqlen, dtype=torch.long),
+              "position_ids": first + torch.arange(seqlen)[None] % (config.max_position_embeddings - first)}
+    args = [values.get(n) for n in names]
+    with torch.inference_mode():
+        want = model(*args).last_hidden_state
+        with distilkernels.patch(model):
+            got = model(*args).last_hidden_state
+            with pytest.raises(ValueError, match=r"inputs_embeds must be \(batch, seqlen, dim\)"):
+                model(*[None] * params.index("inputs_embeds"), torch.randn(5, config.hidden_size))
+    assert (got - want).abs().max() <= ATOL
 
 
 def test_roberta_positions_limit():
