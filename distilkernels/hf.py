@@ -160,15 +160,10 @@ FULLY_MASKED = "additive 4-D mask with a fully masked row (HF attends to every k
 BOOL_ON_EAGER = "4-D bool mask on an eager model (HF adds it to the scores as 1.0 / 0.0)"
 
 
-def adds_bool_mask(attention_mask, config) -> bool:
-    """Whether HF's attention under `config` adds `attention_mask`, a 4-D bool tensor, to the scores (eager)."""
-    return (isinstance(attention_mask, torch.Tensor) and attention_mask.dtype == torch.bool
-            and attention_mask.dim() == 4 and getattr(config, "_attn_implementation", None) == "eager")
-
-
-def key_padding_mask_of(attention_mask, batch: int, kv_len: int):
+def key_padding_mask_of(attention_mask, batch: int, kv_len: int, implementation: str | None = None):
     """(mask, why): mask is None (no padding), the (batch, kv_len) bool key-padding mask (True = attend), or
-    NotImplemented when `attention_mask` is not a pure key-padding mask in a format we know; `why` then
+    NotImplemented when `attention_mask` is not a pure key-padding mask in a format we know, or not one to the
+    attention `implementation` HF runs it with (config._attn_implementation; None: as sdpa takes it); `why` then
     says what was found."""
     if attention_mask is None:
         return None, ""
@@ -181,6 +176,8 @@ def key_padding_mask_of(attention_mask, batch: int, kv_len: int):
     if attention_mask.dim() != 4 or attention_mask.shape[1] != 1 or attention_mask.shape[-1] != kv_len \
             or attention_mask.shape[0] not in (1, batch):
         return NotImplemented, f"mask of shape {tuple(attention_mask.shape)}"
+    if attention_mask.dtype == torch.bool and implementation == "eager":
+        return NotImplemented, BOOL_ON_EAGER
     if attention_mask.dtype != torch.bool and not attention_mask.dtype.is_floating_point:
         # a caller's own 4-D integer mask: HF's sdpa refuses it, its eager attention adds it to the scores
         return NotImplemented, f"4-D mask of dtype {attention_mask.dtype}"

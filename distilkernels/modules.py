@@ -153,9 +153,10 @@ def _decide(level, module, x, attention_mask, kv_len, cross, attn_dropout) -> De
         return Decision(fallback, DROPOUT)
     if hf.capturing("attentions"):
         return Decision(fallback, hf.ATTENTION_WEIGHTS)
-    if level != "attention" and hf.adds_bool_mask(attention_mask, getattr(blocks[0]._parts.attention, "config", None)):
-        return Decision(fallback, f"{MASK_FORMAT}: {hf.BOOL_ON_EAGER}")
-    mask, why = hf.key_padding_mask_of(attention_mask, batch, kv_len)
+    # (the attention level is our own implementation: it takes the mask as sdpa does)
+    implementation = None if level == "attention" else getattr(
+        getattr(blocks[0]._parts.attention, "config", None), "_attn_implementation", None)
+    mask, why = hf.key_padding_mask_of(attention_mask, batch, kv_len, implementation)
     if mask is NotImplemented:
         return Decision(fallback, f"{MASK_FORMAT}: {why}")
     if level != "encoder":
