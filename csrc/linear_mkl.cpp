@@ -44,9 +44,8 @@ bool mkl_packs() {
 namespace {
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151, kMatrixB = 162;
 // The row count a weight is packed for (pack_linear_mkl's `rows`): MKL's packing serves any row count, but it
-// is laid out, and its compute threaded, for the count it was made for. On the 2-core AMX Xeon, 2 threads, the
-// DistilBERT shapes at 1024 rows ran 3-5% faster on a packing for 1024 rows than on one for 128; at 128 rows a
-// packing for 1024 ran the 768-column shapes at half speed (one thread), and one for 4096 rows every shape.
+// is laid out, and its compute threaded, for the count it was made for (gemms._MKL_PACK_ROWS has the measurements
+// behind the count the library packs for).
 constexpr int64_t kMaxPackRows = 1 << 20;
 // With row_chunk > 0 and at least row_chunk rows per thread, the threads split the rows instead of MKL
 // splitting the work: each thread streams every weight (twice the weight traffic of MKL's own split), but its
@@ -73,7 +72,8 @@ static_assert(sizeof(Header) <= kHeader * sizeof(float), "the header fits before
 
 int64_t mkl_packed_floats(int64_t n, int64_t k, int64_t rows) {
   TORCH_CHECK(mkl_packs(), "MKL's packed GEMM is not in this torch build");
-  TORCH_CHECK(rows >= 1 && rows <= kMaxPackRows, "rows must be in 1..", kMaxPackRows, ", got ", rows);
+  TORCH_CHECK(rows >= 1 && rows <= kMaxPackRows, "rows (the row count to pack for) must be in 1..", kMaxPackRows,
+              ", got ", rows);
   return kHeader + static_cast<int64_t>((cblas_sgemm_pack_get_size(kMatrixB, rows, n, k) + sizeof(float) - 1) /
                                         sizeof(float));
 }
@@ -87,15 +87,13 @@ at::Tensor pack_linear_mkl_cpu(const at::Tensor& weight, int64_t rows) {
   TORCH_CHECK(weight.dim() == 2 && weight.size(0) > 0 && weight.size(1) > 0 && weight.size(0) <= INT32_MAX &&
                   weight.size(1) <= INT32_MAX,
               "weight must be (out_features, in_features), both > 0, got shape ", weight.sizes());
-  TORCH_CHECK(rows >= 1 && rows <= kMaxPackRows, "rows (the row count to pack for) must be in 1..", kMaxPackRows,
-              ", got ", rows);
   const int64_t n = weight.size(0), k = weight.size(1);
   const auto wc = weight.contiguous();
   // MKL's packed data must not move once packed: the tensor is used where it is allocated (64-byte aligned).
   // Not zeroed: MKL sizes its packing for the largest layout it may write (2.2-4.9x the weight at DistilBERT's
   // shapes) and writes ~1.1x, so the untouched pages of a fresh allocation never become resident (at::zeros made
   // the fp32 packings of distilbert-base take 414 MB of memory for 162 MB of weights).
-  auto packed = at::empty({mkl_packed_floats(n, k, rows)}, weight.options());
+  auto packed = at::empty({mkl_packed_floats(n, k, rows)}, weight.options());  // (checks rows)
   float* p = packed.mutable_data_ptr<float>();
   const Header header{static_cast<int32_t>(n), static_cast<int32_t>(k), reinterpret_cast<uintptr_t>(p), rows};
   std::memcpy(p, &header, sizeof(header));
@@ -118,11 +116,14 @@ at::Tensor linear_mkl_cpu(const at::Tensor& x, const at::Tensor& packed_weight, 
   Header header{-1, -1, 0, 0};
   if (packed_weight.dim() == 1 && packed_weight.is_contiguous() && packed_weight.size(0) >= kHeader)
     std::memcpy(&header, packed_weight.const_data_ptr<float>(), sizeof(header));
-  const int64_t rows = header.rows >= 1 && header.rows <= kMaxPackRows ? header.rows : 128;
-  TORCH_CHECK(header.out_features == out_features && header.in_features == k &&
-                  packed_weight.size(0) == mkl_packed_floats(out_features, k, rows),
+  // The size MKL's packing of this shape takes, for the row count the header names; -1 where no header of ours is
+  // there to name one
+  const int64_t floats = header.rows >= 1 && header.rows <= kMaxPackRows
+                             ? mkl_packed_floats(out_features, k, header.rows) : -1;
+  TORCH_CHECK(header.out_features == out_features && header.in_features == k && packed_weight.size(0) == floats,
               "packed_weight must be pack_linear_mkl(weight) of a (", out_features, ", ", k,
-              ") weight (1-D, contiguous, ", mkl_packed_floats(out_features, k, rows), " floats); got shape ",
+              ") weight (1-D, contiguous, ", floats >= 0 ? std::to_string(floats) : std::string("MKL's"),
+              " floats); got shape ",
               packed_weight.sizes(), header.out_features >= 0 ? " packed from a (" + std::to_string(header.out_features) +
               ", " + std::to_string(header.in_features) + ") weight" : std::string());
   TORCH_CHECK(header.address == reinterpret_cast<uintptr_t>(packed_weight.const_data_ptr()),
