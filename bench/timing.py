@@ -13,6 +13,7 @@ import torch
 
 from bench.flops import forward_flops
 from bench.workload import Shape
+from distilkernels import gemms, ops
 from distilkernels.timing import summarize, time_call, time_interleaved
 
 __all__ = ["bench_shape", "best_peaks", "check", "describe", "measure_peaks", "median_per_call", "summarize", "time_call",
@@ -151,7 +152,17 @@ def _gemm_candidates(precision: str, n: int) -> dict:
         return candidates
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
     a, b = (torch.randn(n, n, generator=gen).to(dtype) for _ in range(2))
-    return {f"torch.mm {precision}, {n}^3": lambda: torch.mm(a, b)}
+    candidates = {f"torch.mm {precision}, {n}^3": lambda: torch.mm(a, b)}
+    # torch.mm is MKL's GEMM for fp32, which on a CPU MKL does not tune for (seen on an AMD EPYC: half the rate
+    # of oneDNN's or ours) is no peak at all; the best of every GEMM we can call is the lower bound that counts.
+    if gemms._onednn_available(dtype):
+        packed_onednn = gemms._onednn_pack(b)
+        candidates[f"oneDNN linear {precision}, prepacked, {n}^3"] = \
+            lambda: torch.ops.mkldnn._linear_pointwise(a, packed_onednn, None, "none", [], "")
+    packed_ours = gemms._ours_pack(b)
+    op = ops.linear_bf16 if dtype == torch.bfloat16 else ops.linear_packed
+    candidates[f"distilkernels {op.__name__} {precision}, {n}^3"] = lambda: op(a, packed_ours, n)
+    return candidates
 
 
 def _best_rate(fn, n: int, seconds: float) -> tuple[float, int]:
@@ -165,7 +176,7 @@ def _best_rate(fn, n: int, seconds: float) -> tuple[float, int]:
 
 def measure_peaks(precisions=("fp32", "bf16", "bf16x3", "int8"), n: int = 2048, seconds: float = 1.0) -> dict:
     """Per precision: {"tflops", "method", "calls", "candidates"}, the best of repeated large square GEMMs on
-    this machine with the current torch threads, through the fastest of the ways torch offers. The best call,
+    this machine with the current torch threads, through the fastest of the GEMMs torch and we offer. The best call,
     not the median: a peak is what the unit can do, and noise only ever slows a call down. A precision torch
     cannot run here gets {"tflops": None, "method": why}."""
     peaks = {}
