@@ -39,15 +39,26 @@ struct Scratch {
   std::vector<float> scores;   // (kQueryBlock, kKeyBlock)
   std::vector<float> acc;      // (kQueryBlock, dpad)
   std::vector<float> row_max, row_sum;  // (kQueryBlock,)
-  std::vector<const float*> rows;       // (max_keys,): the current head's key rows (fp32 inputs)
+  std::vector<const float*> rows;       // (max_keys,): the current head's key rows (fp32 inputs, or kw's rows)
+  std::vector<float> kw;                // (max_keys, head_dim): bf16 key rows widened, before the transpose
   int64_t seg = -1, head = -1;
 
-  Scratch(int64_t width, int64_t head_dim, int64_t max_keys)
+  Scratch(int64_t width, int64_t head_dim, int64_t max_keys, bool widen_keys)
       : width(width), head_dim(head_dim), dpad(round_up(head_dim, width)), ldkt(round_up(std::max<int64_t>(max_keys, 1), width)),
         kt(head_dim * ldkt), vp(std::max<int64_t>(max_keys, 1) * dpad, 0.0f), qp(kQueryBlock * head_dim),
         scores(kQueryBlock * kKeyBlock), acc(kQueryBlock * dpad), row_max(kQueryBlock), row_sum(kQueryBlock),
-        rows(std::max<int64_t>(max_keys, 1)) {}
+        rows(std::max<int64_t>(max_keys, 1)), kw(widen_keys ? std::max<int64_t>(max_keys, 1) * head_dim : 0) {}
 };
+
+// bf16 rows go through the vector kernels (widen_bf16, scale_to_bf16: exact widening, the same rounding as
+// c10::BFloat16); fp16 rows are converted element by element.
+template <typename T>
+constexpr bool kBf16 = std::is_same_v<T, at::BFloat16>;
+
+template <typename T>
+const uint16_t* bits(const T* x) {
+  return reinterpret_cast<const uint16_t*>(x);
+}
 
 template <typename T>
 void pack_keys(const Problem& p, const T* k, const T* v, int64_t s, int64_t h, Scratch& sc) {
@@ -59,11 +70,19 @@ void pack_keys(const Problem& p, const T* k, const T* v, int64_t s, int64_t h, S
   auto row_of = [&](int64_t j) { return seg.key_row(j); };
   // V is packed too, even when it could be read in place: its rows sit 3 * dim apart in the fused q|k|v
   // output (9 KiB for distilbert-base), a stride that maps a block's rows onto a few L1 sets.
+  const auto& kern = cpu::kernels();
   if constexpr (std::is_same_v<T, float>) {  // the vector kernels: K^T by register-block transposes, V by rows
-    const auto& kern = cpu::kernels();
     for (int64_t j = 0; j < n; ++j) sc.rows[j] = kbase + row_of(j) * L.k_row;
     kern.transpose_rows(sc.rows.data(), n, d_n, sc.kt.data(), sc.ldkt);
     for (int64_t j = 0; j < n; ++j) std::memcpy(sc.vp.data() + j * sc.dpad, vbase + row_of(j) * L.v_row, d_n * sizeof(float));
+  } else if constexpr (kBf16<T>) {  // the same, on rows widened first
+    for (int64_t j = 0; j < n; ++j) {
+      float* row = sc.kw.data() + j * d_n;
+      kern.widen_bf16(bits(kbase + row_of(j) * L.k_row), d_n, row);
+      sc.rows[j] = row;
+    }
+    kern.transpose_rows(sc.rows.data(), n, d_n, sc.kt.data(), sc.ldkt);
+    for (int64_t j = 0; j < n; ++j) kern.widen_bf16(bits(vbase + row_of(j) * L.v_row), d_n, sc.vp.data() + j * sc.dpad);
   } else {
     // Transpose K in tiles of 8 keys so the strided writes land in a few cache lines at a time.
     for (int64_t j0 = 0; j0 < n; j0 += 8) {
@@ -98,6 +117,10 @@ void attend_block(const Problem& p, const T* q, T* out, float* lse, int64_t s, i
   for (int64_t i = 0; i < rows; ++i) {
     if constexpr (std::is_same_v<T, float>) {
       kern.scale(q_rows + i * L.q_row, q_scale, d_n, sc.qp.data() + i * d_n);
+    } else if constexpr (kBf16<T>) {
+      float* row = sc.qp.data() + i * d_n;
+      kern.widen_bf16(bits(q_rows + i * L.q_row), d_n, row);
+      kern.scale(row, q_scale, d_n, row);
     } else {
       for (int64_t d = 0; d < d_n; ++d) sc.qp[i * d_n + d] = static_cast<float>(q_rows[i * L.q_row + d]) * q_scale;
     }
@@ -122,6 +145,8 @@ void attend_block(const Problem& p, const T* q, T* out, float* lse, int64_t s, i
     T* o = out_rows + i * L.out_row;
     if constexpr (std::is_same_v<T, float>) {
       kern.scale(a, inv, d_n, o);
+    } else if constexpr (kBf16<T>) {
+      kern.scale_to_bf16(a, inv, d_n, reinterpret_cast<uint16_t*>(o));
     } else {
       for (int64_t d = 0; d < d_n; ++d) o[d] = static_cast<T>(a[d] * inv);
     }
@@ -136,7 +161,7 @@ void attention_core(const Problem& p, const T* q, const T* k, const T* v, T* out
   if (plan.tasks.empty()) return;
   const int64_t width = cpu::kernels().width;
   at::parallel_for(0, static_cast<int64_t>(plan.part_begin.size()) - 1, 1, [&](int64_t begin, int64_t end) {
-    Scratch sc(width, p.head_dim, plan.max_keys);
+    Scratch sc(width, p.head_dim, plan.max_keys, kBf16<T>);
     for (int64_t i = plan.part_begin[begin]; i < plan.part_begin[end]; ++i) {
       const attn::Task& t = plan.tasks[i];
       attn::prefetch_next(p, plan, i, plan.part_begin[end], kQueryBlock, q, k, v);
