@@ -16,7 +16,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <chrono>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "amx_tiles.h"
@@ -56,6 +58,32 @@ bool int_mm_exact_for(int weight_max) {
   return true;
 }
 
+// Whether at::_int_mm runs faster than the fp32 product int_product falls back to (both operands widened to fp32,
+// then at::mm), on a (64, 512) x (512, 512) product, best of 3 calls each. Where the CPU has no VNNI, torch's
+// int8 GEMM is a plain loop, not oneDNN's: on an AMD EPYC (Zen 5) with CPUID masked to AVX2 + FMA it ran
+// 128 x 768 x 3072 in 145 ms against 4 ms for the fp32 GEMM (and 0.9 ms with VNNI), so a model quantized there
+// ran 40x slower than in fp32. ONEDNN_MAX_CPU_ISA does not show this: torch still sees VNNI and calls oneDNN.
+bool int_mm_faster_than_fp32() {
+  const auto a = at::randint(-127, 128, {64, 512}, at::kChar), b = at::randint(-127, 128, {512, 512}, at::kChar);
+  const auto best_of_3 = [](const auto& fn) {
+    fn();
+    double best = std::numeric_limits<double>::infinity();
+    for (int i = 0; i < 3; ++i) {
+      const auto start = std::chrono::steady_clock::now();
+      fn();
+      best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    }
+    return best;
+  };
+  try {
+    const double t_int = best_of_3([&] { at::_int_mm(a, b); });
+    const double t_fp32 = best_of_3([&] { at::mm(a.to(at::kFloat), b.to(at::kFloat)).to(at::kInt); });
+    return t_int < t_fp32;
+  } catch (const std::exception&) {  // a torch build without it
+    return false;
+  }
+}
+
 }  // namespace
 
 // The widest symmetric weight range on which at::_int_mm is exact here, checked once per process:
@@ -66,9 +94,10 @@ bool int_mm_exact_for(int weight_max) {
 //   products; our per-token int8 linear 2.7-7.7 off on outputs of ~10), while 2 * 255 * 63 = 32130 < 2^15 cannot
 //   saturate. There it still ran 1.6x the fp32 GEMM's rate (0.38-0.40 TOPS against 0.24 TFLOP/s at 1024 x 768 x
 //   3072 and 1024 x 3072 x 768, 2 threads);
-// - 0 where neither is exact: the product runs as an fp32 GEMM of the int8 values (int_product).
+// - 0 where neither is exact, or where at::_int_mm is slower than the fp32 GEMM (int_mm_faster_than_fp32): the
+//   product runs as an fp32 GEMM of the int8 values (int_product).
 int64_t int_mm_weight_max() {
-  static const int64_t limit = int_mm_exact_for(127) ? 127 : int_mm_exact_for(63) ? 63 : 0;
+  static const int64_t limit = !int_mm_faster_than_fp32() ? 0 : int_mm_exact_for(127) ? 127 : int_mm_exact_for(63) ? 63 : 0;
   return limit;
 }
 

@@ -32,7 +32,8 @@ def int8_weight_max(vnni: bool) -> int:
     """The int8 weight grid's largest level for pack_linear_int8 on this CPU: 127, except for the plain layout
     (vnni=False) where torch's int8 GEMM is exact only on weights within [-63, 63] (no VNNI: oneDNN sums pairs of
     u8 x s8 products in 16 bits; csrc/linear_int8.cpp int_mm_weight_max). There the 7-bit grid keeps that GEMM,
-    ~1.6x the fp32 GEMM's rate, where the full grid would need an fp32 GEMM of the int8 values."""
+    ~1.6x the fp32 GEMM's rate, where the full grid would need an fp32 GEMM of the int8 values. Where torch's
+    int8 GEMM is slower than fp32 (a plain loop on a CPU without VNNI) the product is an fp32 GEMM anyway: 127."""
     return 63 if not vnni and _int_mm_weight_max() == 63 else 127
 
 

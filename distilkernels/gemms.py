@@ -101,7 +101,8 @@ def precision_paths() -> dict[str, str]:
                       63: "torch _int_mm on weights quantized to [-63, 63] (without VNNI oneDNN sums pairs of "
                           "products in 16 bits, exact only on weights that narrow; full-range weights take an "
                           "fp32 GEMM of their int8 values)",
-                      0: "an fp32 GEMM of the int8 values (torch's int8 GEMM is not exact here)",
+                      0: "an fp32 GEMM of the int8 values (torch's int8 GEMM is not exact here, or slower than "
+                         "fp32: without VNNI it is a plain loop)",
                       }[ext.int_mm_weight_max()] + ", per-token scales, fused epilogue")
     # quant.bf16_attention()'s condition (quant imports this module, not the other way round)
     paths["int8"] += ("; q|k|v written in bf16 and attention on the bf16 tiles" if use_matrix_unit("bf16") else
