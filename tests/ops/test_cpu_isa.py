@@ -8,12 +8,16 @@ baseline x86-64 CPU run; test_model_tests_under_tier reruns the model-level file
 rerun caps the libraries too (AVX2_CAPS: torch's own kernels, MKL, oneDNN, no matrix units), because the tests
 compare against torch, whose numbers depend on the instruction set as well: with only our kernels capped, a
 bf16 GELU test passed here that failed against torch under MKL's AVX2 code. The AVX-512-without-AMX rerun caps
-oneDNN and MKL to the CPU's AVX-512 extensions below AMX and turns our tile loops off.
+oneDNN and MKL to the CPU's AVX-512 extensions below AMX and turns our tile loops off. Caps do not reach every
+library (torch still reads VNNI from CPUID and picks its int8 GEMM by it), so where the CPU can make CPUID fault,
+test_model_tests_as_avx2_cpu reruns the model-level files with CPUID itself answering as an AVX2-only CPU
+(tests/cpuid_avx2.c).
 """
 from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -67,6 +71,26 @@ def tier_env(tier: str, tmp_path) -> dict[str, str]:
     # Its own inductor cache: torch's on-disk cache does not key on ATEN_CPU_CAPABILITY, and code compiled under
     # one capability and loaded under another gave NaN or corrupted the heap (even for a stock HF model).
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"), **caps)
+    env.pop("DISTILKERNELS_BACKEND", None)
+    return env
+
+
+def cpuid_avx2_env(tmp_path) -> dict[str, str]:
+    """The environment of a rerun as on an AVX2-only CPU for every library in the process (tests/cpuid_avx2.c
+    preloaded: CPUID answers without AVX-512, VNNI, AVX512-BF16 or AMX), or a skip where that cannot run here."""
+    if "DISTILKERNELS_ISA" in os.environ or "DISTILKERNELS_AMX" in os.environ or "LD_PRELOAD" in os.environ:
+        pytest.skip("already running under a cap (this is the rerun)")
+    if best_isa() != "avx512":
+        pytest.skip("no AVX-512 here: the in-process tests ran this CPU's own tier")
+    raw = pathlib.Path("/proc/cpuinfo").read_text()
+    if "cpuid_fault" not in raw.split():
+        pytest.skip("this CPU cannot make CPUID fault (no cpuid_fault flag); the ONEDNN_MAX_CPU_ISA tier ran")
+    if shutil.which("gcc") is None:
+        pytest.skip("needs gcc to build tests/cpuid_avx2.c")
+    lib = tmp_path / "cpuid_avx2.so"
+    subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", str(lib), str(pathlib.Path(__file__).parent.parent /
+                    "cpuid_avx2.c")], check=True, capture_output=True, timeout=120)
+    env = dict(os.environ, LD_PRELOAD=str(lib), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
     env.pop("DISTILKERNELS_BACKEND", None)
     return env
 
@@ -126,6 +150,19 @@ def test_model_tests_under_tier(tier, tmp_path):
     if tier == "avx2":  # oneDNN's int8 GEMM without VNNI: the 7-bit weight grid runs
         assert weight_max == "63", probe.stdout
     run_pytest(env, MODEL_TEST_FILES)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="needs /proc/cpuinfo")
+def test_model_tests_as_avx2_cpu(tmp_path):
+    """The model-level files as an AVX2-only CPU runs them, where every library sees such a CPU (CPUID masked):
+    unlike the capped tier above, torch too picks its kernels for AVX2 (its int8 GEMM, for one, is then a plain
+    loop, not oneDNN's)."""
+    env = cpuid_avx2_env(tmp_path)
+    probe = subprocess.run([sys.executable, "-c", "import torch; from distilkernels._ext import load_extension as l; "
+                            "e = l(); print(e.vector_isa(), e.amx_tiles_enabled(), torch.backends.cpu.get_cpu_capability())"],
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert probe.stdout.split() == ["avx2", "False", "AVX2"], probe.stdout + probe.stderr
+    run_pytest(env, MODEL_TEST_FILES, "-p", "no:faulthandler")
 
 
 def test_scalar_fallback_matches():
