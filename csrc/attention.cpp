@@ -1,6 +1,6 @@
 // attention and varlen_attention on CPU: argument checks, the segments of a call, and the blocked
-// (flash-style) kernel core that serves every dtype on every CPU (bf16 on a CPU with AMX tiles goes to
-// attention_amx.cpp instead, and so does fp32 under torch's "high" float32 matmul precision, as bf16x3
+// (flash-style) kernel core that serves every dtype on every CPU (bf16 on a CPU with AMX tiles or AVX512-BF16
+// goes to attention_amx.cpp instead, and so does fp32 under torch's "high" float32 matmul precision, as bf16x3
 // products; see attention.h for the segments and the task split).
 //
 // A key padding mask becomes each segment's key list once per call (masked keys are dropped, not masked in

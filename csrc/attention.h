@@ -138,8 +138,10 @@ void write_unattended(T* out_rows, int64_t out_row, float* lse_rows, int64_t row
 }
 
 // Whether attention in `dtype` runs on the matrix unit: bf16 on a CPU with AMX bf16 tiles this process may use
-// (amx::enabled: DISTILKERNELS_AMX not "0", read on every call, so a test can compare both paths in one
-// process), and AVX-512 kernels not capped by DISTILKERNELS_ISA (the packing and softmax steps use them).
+// (amx::enabled: DISTILKERNELS_AMX not "0", read on every call, so a test can compare the paths in one
+// process) or, without them, with AVX512-BF16 dot products (DISTILKERNELS_BF16_DOTS not "0", read likewise):
+// the same core, its two products on vdpbf16ps; and AVX-512 kernels not capped by DISTILKERNELS_ISA (the
+// packing and softmax steps use them).
 bool use_matrix_unit(at::ScalarType dtype);
 
 // The bf16 core on the matrix unit; same contract as the blocked core (out, lse as documented in ops.cpp).

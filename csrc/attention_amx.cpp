@@ -1,5 +1,5 @@
-// bf16 attention on the matrix unit (AMX tiles), with fp32 online-softmax statistics and the logsumexp kept for a
-// backward pass.
+// bf16 attention on the matrix unit (AMX tiles; on a CPU without them, AVX512-BF16 dot products in their place:
+// gemm_bf16_dots), with fp32 online-softmax statistics and the logsumexp kept for a backward pass.
 //
 // Same segments and task split as the blocked core (attention.h). Per (segment, head), a thread gathers the
 // attended keys once and packs them in the VNNI layout of a tile's B operand (pairs along K in one 32-bit
@@ -39,6 +39,7 @@
 #include "attention.h"
 #include "checks.h"
 #include "cpu_kernels.h"
+#include "env.h"
 #include "vec.h"
 
 namespace distilkernels {
@@ -86,11 +87,15 @@ struct ScratchBase {
         row_sum(kQueryBlock) {}
 };
 
+// The bf16 core's two products: AMX tiles (amx::gemm_bf16_tiles), or AVX512-BF16 dot products (gemm_bf16_dots).
+using Bf16Gemm = void (*)(const char*, int64_t, int64_t, const char*, int64_t, int64_t, int64_t, char*, int64_t, bool);
+
 struct AmxScratch : ScratchBase {
   std::vector<bf16> kt_packed;      // keys [j0, j0 + kChunk) packed at j0 * dk: (dk, chunk width) VNNI
   std::vector<bf16> v_packed;       // key block at kb * dv, its column chunk e at + e * kw
   std::vector<bf16> qb;             // (kQueryBlock, dk): a query block of odd head_dim, zero past it
   std::vector<bf16> pb;             // (kQueryBlock, kw): P in bf16, zero past the last key
+  Bf16Gemm gemm = nullptr;          // the products: tiles or dot products (run_tasks sets it)
 
   AmxScratch(int64_t head_dim, int64_t max_keys)
       : ScratchBase(head_dim, max_keys),
@@ -165,7 +170,61 @@ __attribute__((target("avx512f,avx512bw"))) void pack_v_pair(const bf16* r0, con
   }
 }
 
+// gemm_bf16_tiles' product on AVX512-BF16's dot products (vdpbf16ps) instead of the tiles, for CPUs with those
+// and no AMX (AMD Zen 4 and 5, Intel Cooper Lake): the same operands (a: groups x 16 rows of k_steps x 32 bf16,
+// row stride lda bytes; b: the VNNI layout, k_steps x 16 rows of `tiles` x 16 words, row stride ldb bytes; c:
+// fp32, row stride ldc bytes) and the same result up to the order of the fp32 sums. Four rows by up to four
+// 16-column tiles in registers; per pair of K, each row's pair is broadcast against the tiles' words.
+template <int kTiles>
+__attribute__((target("avx512f,avx512bf16"))) void dot_rows4(const char* a, int64_t lda, const char* b, int64_t ldb,
+                                                             int64_t pairs, char* c, int64_t ldc, bool accumulate) {
+  __m512 acc[4][kTiles];
+  for (int r = 0; r < 4; ++r)
+    for (int j = 0; j < kTiles; ++j)
+      acc[r][j] = accumulate ? _mm512_loadu_ps(c + r * ldc + 64 * j) : _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    __m512bh bv[kTiles];
+    for (int j = 0; j < kTiles; ++j) bv[j] = (__m512bh)_mm512_loadu_si512(b + p * ldb + 64 * j);
+    for (int r = 0; r < 4; ++r) {
+      int32_t word;
+      std::memcpy(&word, a + r * lda + 4 * p, sizeof word);
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(word);
+      for (int j = 0; j < kTiles; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], av, bv[j]);
+    }
+  }
+  for (int r = 0; r < 4; ++r)
+    for (int j = 0; j < kTiles; ++j) _mm512_storeu_ps(c + r * ldc + 64 * j, acc[r][j]);
+}
+
+void gemm_bf16_dots(const char* a, int64_t lda, int64_t groups, const char* b, int64_t ldb, int64_t tiles,
+                    int64_t k_steps, char* c, int64_t ldc, bool accumulate) {
+  const int64_t pairs = k_steps * 16;
+  for (int64_t j = 0; j < tiles; j += 4) {
+    const int64_t n = std::min<int64_t>(4, tiles - j);
+    for (int64_t r = 0; r < groups * 16; r += 4) {
+      const char* ar = a + r * lda;
+      const char* bj = b + 64 * j;
+      char* cr = c + r * ldc + 64 * j;
+      switch (n) {
+        case 4: dot_rows4<4>(ar, lda, bj, ldb, pairs, cr, ldc, accumulate); break;
+        case 3: dot_rows4<3>(ar, lda, bj, ldb, pairs, cr, ldc, accumulate); break;
+        case 2: dot_rows4<2>(ar, lda, bj, ldb, pairs, cr, ldc, accumulate); break;
+        default: dot_rows4<1>(ar, lda, bj, ldb, pairs, cr, ldc, accumulate); break;
+      }
+    }
+  }
+}
+
 #pragma GCC diagnostic pop
+
+// AMX tiles where they run, else AVX512-BF16 dot products (use_matrix_unit).
+bool amx_runs() { return amx::enabled(); }
+
+// The CPU has AVX512-BF16 and DISTILKERNELS_BF16_DOTS is not off (read on every call, as DISTILKERNELS_AMX).
+bool dots_run() {
+  static const bool has = __builtin_cpu_supports("avx512bf16");
+  return has && env::switch_on("DISTILKERNELS_BF16_DOTS", true);
+}
 
 // Packs n keys' rows (krow(j), vrow(j): bf16 rows of head_dim values) into kt_packed and v_packed as
 // AmxScratch lays them out: K^T by chunks of keys, V by key block (of kw keys) and column chunk.
@@ -244,23 +303,23 @@ void attend_block(const Problem& p, const bf16* q, bf16* out, float* lse, int64_
   const auto* a_bytes = reinterpret_cast<const char*>(a);
   auto* scores = reinterpret_cast<char*>(sc.scores.data());
   auto* acc = reinterpret_cast<char*>(sc.acc.data());
+  const Bf16Gemm gemm = sc.gemm;
 
   for (int64_t kb = 0; kb < seg.n_keys; kb += sc.kw) {
     const int64_t nk = std::min(sc.kw, seg.n_keys - kb), nkp = round_up(nk, kKeyPad);
     for (int64_t c = 0; c < nkp; c += kChunk) {  // scores of zero pad keys are 0 and never read
       const int64_t w = std::min(kChunk, nkp - c);
       const auto* kt = reinterpret_cast<const char*>(sc.kt_packed.data() + (kb + c) * sc.dk);
-      amx::gemm_bf16_tiles(a_bytes, lda * 2, groups, kt, w * 4, w / 16, sc.dk / 32, scores + c * 4, sc.kw * 4,
-                           /*accumulate=*/false);
+      gemm(a_bytes, lda * 2, groups, kt, w * 4, w / 16, sc.dk / 32, scores + c * 4, sc.kw * 4, /*accumulate=*/false);
     }
     kern.softmax_update_bf16(sc.scores.data(), sc.kw, rows, nk, nkp, q_scale, sc.row_max.data(),
                              sc.row_sum.data(), sc.acc.data(), sc.dv, sc.dv,
                              reinterpret_cast<uint16_t*>(sc.pb.data()), sc.kw);
     for (int64_t e = 0; e < sc.dv; e += kChunk) {
       const int64_t w = std::min(kChunk, sc.dv - e);
-      amx::gemm_bf16_tiles(reinterpret_cast<const char*>(sc.pb.data()), sc.kw * 2, groups,
-                           reinterpret_cast<const char*>(sc.v_packed.data() + kb * sc.dv + e * sc.kw), w * 4, w / 16,
-                           nkp / 32, acc + e * 4, sc.dv * 4, /*accumulate=*/kb > 0);
+      gemm(reinterpret_cast<const char*>(sc.pb.data()), sc.kw * 2, groups,
+           reinterpret_cast<const char*>(sc.v_packed.data() + kb * sc.dv + e * sc.kw), w * 4, w / 16, nkp / 32,
+           acc + e * 4, sc.dv * 4, /*accumulate=*/kb > 0);
     }
   }
 
@@ -386,7 +445,7 @@ void attend_block(const Problem& p, const float* q, float* out, float* lse, int6
 }  // namespace
 
 bool use_matrix_unit(at::ScalarType dtype) {
-  return dtype == at::kBFloat16 && vec::isa() == vec::Isa::kAvx512 && amx::enabled();
+  return dtype == at::kBFloat16 && vec::isa() == vec::Isa::kAvx512 && (amx_runs() || dots_run());
 }
 
 bool use_bf16x3(at::ScalarType dtype) {
@@ -402,17 +461,24 @@ template <class Scratch, class T>
 void run_tasks(const Problem& p, const T* q, const T* k, const T* v, T* out, float* lse) {
   const Plan plan = plan_tasks(p, kQueryBlock);
   if (plan.tasks.empty()) return;
+  // Decided once per call, for every thread: the tile configuration is loaded only where tiles run (the bf16x3
+  // core runs on them only).
+  constexpr bool kBf16 = std::is_same_v<Scratch, AmxScratch>;
+  const bool tiles = !kBf16 || amx_runs();
   at::parallel_for(0, static_cast<int64_t>(plan.part_begin.size()) - 1, 1, [&](int64_t begin, int64_t end) {
     Scratch sc(p.head_dim, plan.max_keys);
-    amx::configure();
+    if constexpr (kBf16) sc.gemm = tiles ? Bf16Gemm{amx::gemm_bf16_tiles} : Bf16Gemm{gemm_bf16_dots};
+    if (tiles) amx::configure();
     for (int64_t i = plan.part_begin[begin]; i < plan.part_begin[end]; ++i) {
       const Task& t = plan.tasks[i];
       attn::prefetch_next(p, plan, i, plan.part_begin[end], kQueryBlock, q, k, v);
       if ((t.seg != sc.seg || t.head != sc.head) && p.segments[t.seg].n_keys > 0) pack_keys(p, k, v, t.seg, t.head, sc);
       attend_block(p, q, out, lse, t.seg, t.head, t.q0, sc);
     }
-    amx::release();
-    cpublas::brgemm_release();  // ATen's brgemm reloads its own tile configuration next time
+    if (tiles) {
+      amx::release();
+      cpublas::brgemm_release();  // ATen's brgemm reloads its own tile configuration next time
+    }
   });
 }
 

@@ -45,6 +45,14 @@ def matrix_unit_attention() -> bool:
     return {"amx_tile", "amx_bf16"} <= set(isa_flags()) and ext is not None and ext.vector_isa() == "avx512"
 
 
+def bf16_dots_attention() -> bool:
+    """Whether bf16 attention can run its products on AVX512-BF16 dot products here (with AMX tiles off)."""
+    from distilkernels.machine import isa_flags
+
+    ext = load_extension()
+    return "avx512_bf16" in set(isa_flags()) and ext is not None and ext.vector_isa() == "avx512"
+
+
 def cpu_isa() -> str:
     """The instruction set the C++ kernels dispatch to in this process ("none" without the extension)."""
     ext = load_extension()

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from distilkernels import ops, reference
 from distilkernels._ext import load_extension
 from helpers import (DTYPES, LOW_PRECISION, assert_lowp, cu_seqlens_of, fused_qkv, kernel_of, magnitude,
-                     lowp_bound, make_mask, matrix_unit_attention, max_err, triton_kernel_runs, ulps)
+                     lowp_bound, make_mask, matrix_unit_attention, bf16_dots_attention, max_err, triton_kernel_runs, ulps)
 
 OPS = torch.ops.distilkernels
 requires_ext = pytest.mark.requires_ext
@@ -238,9 +238,10 @@ def test_cpp_varlen_matches_padded():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# cpp in bf16: the matrix unit (AMX tiles) and the blocked fallback an AVX2-only CPU takes. Both paths run in
-# one process: DISTILKERNELS_AMX=0 (read on every call) forces the fallback. Calls with fewer than 8 keys in
-# their longest segment take the fallback on both (test_cpp_matrix_unit_min_keys).
+# cpp in bf16: the matrix unit (AMX tiles), the same core on AVX512-BF16 dot products (a CPU without AMX: AMD
+# Zen 4 and 5) and the blocked fallback an AVX2-only CPU takes. All run in one process: DISTILKERNELS_AMX=0 and
+# DISTILKERNELS_BF16_DOTS=0 (read on every call) turn the first two off. Calls with fewer than 8 keys in their
+# longest segment take the fallback on all (test_cpp_matrix_unit_min_keys).
 
 # The bf16 bound is assert_lowp's 2x PyTorch's own bf16 error, with an absolute floor of 1e-6 instead of one
 # bf16 rounding: both paths round an fp32 result once, so where torch is exact ours is too (seqlen 1: out = v,
@@ -253,16 +254,23 @@ BF16_FLOOR = 1e-6
 # products themselves round.
 BF16_LSE_ULPS = 67
 NO_MATRIX_UNIT = "no AMX bf16 tiles or AVX-512 kernels here (DISTILKERNELS_ISA may cap the last)"
+NO_DOTS = "no AVX512-BF16 or AVX-512 kernels here (DISTILKERNELS_ISA may cap the last)"
 
 
-@pytest.fixture(params=["matrix_unit", "fallback"])
+def use_bf16_path(monkeypatch, path: str) -> None:
+    """Sets the switches so bf16 attention takes `path`: "matrix_unit" (AMX tiles), "dots" (AVX512-BF16 dot
+    products) or "fallback" (the blocked core), skipping where this CPU has no such path."""
+    if path == "matrix_unit" and not matrix_unit_attention():
+        pytest.skip(NO_MATRIX_UNIT)
+    if path == "dots" and not bf16_dots_attention():
+        pytest.skip(NO_DOTS)
+    for name, on in (("DISTILKERNELS_AMX", path == "matrix_unit"), ("DISTILKERNELS_BF16_DOTS", path == "dots")):
+        monkeypatch.setenv(name, "1" if on else "0")
+
+
+@pytest.fixture(params=["matrix_unit", "dots", "fallback"])
 def bf16_path(request, monkeypatch):
-    if request.param == "matrix_unit":
-        if not matrix_unit_attention():
-            pytest.skip(NO_MATRIX_UNIT + ": bf16 attention takes the fallback only")
-        monkeypatch.delenv("DISTILKERNELS_AMX", raising=False)
-    else:
-        monkeypatch.setenv("DISTILKERNELS_AMX", "0")
+    use_bf16_path(monkeypatch, request.param)
     return request.param
 
 
@@ -401,43 +409,47 @@ def test_cpp_varlen_matches_padded_bf16(bf16_path):
 
 
 @requires_ext
-def test_cpp_matrix_unit_path_is_taken(monkeypatch):
-    """The two paths round differently (P in bf16 on the matrix unit): different bits show the switch works.
-    0.05 (a few bf16 roundings of outputs of magnitude ~1) and 1e-4 on the lse (fp32 sums of the same
-    products, in another order) say the two paths still compute the same thing."""
-    if not matrix_unit_attention():
-        pytest.skip(NO_MATRIX_UNIT)
+@pytest.mark.parametrize("path", ["matrix_unit", "dots"])
+def test_cpp_matrix_unit_path_is_taken(monkeypatch, path):
+    """The matrix-unit core rounds differently from the blocked one (P in bf16): different bits show the switch
+    works. 0.05 (a few bf16 roundings of outputs of magnitude ~1) and 1e-4 on the lse (fp32 sums of the same
+    products, in another order) say the two still compute the same thing. Tiles and dot products differ only in
+    the order of their fp32 sums: within one bf16 rounding of each other."""
     q, k, v = fused_qkv(2, 128, 4, 64, torch.bfloat16)
-    monkeypatch.delenv("DISTILKERNELS_AMX", raising=False)
-    amx_out, amx_lse = (t.clone() for t in OPS.attention(q, k, v, None, 0.125))
-    monkeypatch.setenv("DISTILKERNELS_AMX", "0")
+    use_bf16_path(monkeypatch, path)
+    out, lse = (t.clone() for t in OPS.attention(q, k, v, None, 0.125))
+    use_bf16_path(monkeypatch, "fallback")
     ref_out, ref_lse = OPS.attention(q, k, v, None, 0.125)
-    assert not torch.equal(amx_out, ref_out)
-    assert max_err(amx_out, ref_out) < 0.05 and max_err(amx_lse, ref_lse) < 1e-4
+    assert not torch.equal(out, ref_out)
+    assert max_err(out, ref_out) < 0.05 and max_err(lse, ref_lse) < 1e-4
+    if path == "dots" and matrix_unit_attention():
+        use_bf16_path(monkeypatch, "matrix_unit")
+        tiles_out, tiles_lse = OPS.attention(q, k, v, None, 0.125)
+        assert max_err(out, tiles_out) <= 2 ** -8 * out.abs().max().item() and max_err(lse, tiles_lse) < 1e-5
 
 
 @requires_ext
+@pytest.mark.parametrize("path", ["matrix_unit", "dots"])
 @pytest.mark.parametrize("seqlen,matrix_unit", [(7, False), (8, True)])
-def test_cpp_matrix_unit_min_keys(monkeypatch, seqlen, matrix_unit):
+def test_cpp_matrix_unit_min_keys(monkeypatch, path, seqlen, matrix_unit):
     """Calls whose longest segment has fewer than 8 keys take the blocked core (same bits with the switch on
     or off); from 8 keys on the matrix unit (different rounding of P)."""
-    if not matrix_unit_attention():
-        pytest.skip(NO_MATRIX_UNIT)
     q, k, v = fused_qkv(2, seqlen, 3, 64, torch.bfloat16)
-    monkeypatch.delenv("DISTILKERNELS_AMX", raising=False)
+    use_bf16_path(monkeypatch, path)
     default = OPS.attention(q, k, v, None, 0.125)[0].clone()
-    monkeypatch.setenv("DISTILKERNELS_AMX", "0")
+    use_bf16_path(monkeypatch, "fallback")
     blocked = OPS.attention(q, k, v, None, 0.125)[0]
     assert torch.equal(default, blocked) != matrix_unit
 
 
 @requires_ext
 def test_cpp_attention_fp16_unchanged_by_switch(monkeypatch):
-    """fp16 never takes the matrix-unit path: the switch does not change a bit."""
+    """fp16 never takes the matrix-unit path: the switches do not change a bit."""
     q, k, v = fused_qkv(2, 65, 2, 64, torch.float16)
     monkeypatch.delenv("DISTILKERNELS_AMX", raising=False)
+    monkeypatch.delenv("DISTILKERNELS_BF16_DOTS", raising=False)
     a = [t.clone() for t in OPS.attention(q, k, v, None, 0.125)]
-    monkeypatch.setenv("DISTILKERNELS_AMX", "0")
+    use_bf16_path(monkeypatch, "fallback")
     b = OPS.attention(q, k, v, None, 0.125)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
