@@ -148,6 +148,10 @@ bool use_matrix_unit(at::ScalarType dtype);
 void attention_amx(const Problem& p, const at::BFloat16* q, const at::BFloat16* k, const at::BFloat16* v,
                    at::BFloat16* out, float* lse);
 
+// Where a bf16 call of 8 keys or more runs its two products now: "tiles" (AMX), "dots" (AVX512-BF16 dot
+// products) or "" (the blocked core, in fp32).
+const char* bf16_products();
+
 // fp32 attention with its two products as bf16x3 on the AMX tiles (attention_amx.cpp): where torch's float32
 // matmul precision is not "highest" and the bf16 tiles run (use_matrix_unit's conditions).
 bool use_bf16x3(at::ScalarType dtype);

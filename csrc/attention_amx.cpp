@@ -448,6 +448,11 @@ bool use_matrix_unit(at::ScalarType dtype) {
   return dtype == at::kBFloat16 && vec::isa() == vec::Isa::kAvx512 && (amx_runs() || dots_run());
 }
 
+const char* bf16_products() {
+  if (vec::isa() != vec::Isa::kAvx512) return "";
+  return amx_runs() ? "tiles" : dots_run() ? "dots" : "";
+}
+
 bool use_bf16x3(at::ScalarType dtype) {
   return dtype == at::kFloat && at::globalContext().float32MatmulPrecision() != at::Float32MatmulPrecision::HIGHEST &&
          vec::isa() == vec::Isa::kAvx512 && amx::enabled();

@@ -9,6 +9,7 @@
 #include <set>
 #include <thread>
 
+#include "attention.h"
 #include "cpu_cache.h"
 #include "cpu_kernels.h"
 #include "brgemm_utils.h"
@@ -149,6 +150,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     distilkernels::env::first_report(name, value);
   }, pybind11::arg("name"), pybind11::arg("value"),
         "Marks a setting's bad value as reported (by distilkernels._env): the C++ reader does not warn again");
+  m.def("bf16_attention_products", []() { return std::string(distilkernels::attn::bf16_products()); },
+        "Where bf16 attention runs its two products now: \"tiles\" (AMX), \"dots\" (AVX512-BF16 dot products) or "
+        "\"\" (the blocked fp32 core); DISTILKERNELS_AMX and DISTILKERNELS_BF16_DOTS are read per call");
   m.def("amx_tiles_enabled", &distilkernels::amx_tiles_enabled,
         "Whether our AMX tile loops run now: the CPU has the tiles and DISTILKERNELS_AMX is not off (read per call)");
   m.def("mkl_packed_floats", &distilkernels::mkl_packed_floats, pybind11::arg("out_features"),

@@ -42,6 +42,14 @@ def use_matrix_unit(dtype: str) -> bool:
     return _unit_packs(dtype)
 
 
+@torch.compiler.assume_constant_result  # a graph traced now keeps what it read then (as for the env switches)
+def bf16_attention_products() -> str:
+    """Where bf16 attention runs its two products now: "tiles" (AMX), "dots" (AVX512-BF16 dot products, a CPU
+    without AMX) or "" (the blocked fp32 core), as the C++ side decides on each call."""
+    ext = load_extension()
+    return "" if ext is None else ext.bf16_attention_products()
+
+
 def cpu_flags() -> set[str]:
     """The CPU's matrix/vector flags that decide the GEMM paths (distilkernels.machine reads them; empty where
     /proc/cpuinfo cannot be read)."""
@@ -106,6 +114,8 @@ def precision_paths() -> dict[str, str]:
                       }[ext.int_mm_weight_max()] + ", per-token scales, fused epilogue")
     # quant.bf16_attention()'s condition (quant imports this module, not the other way round)
     paths["int8"] += ("; q|k|v written in bf16 and attention on the bf16 tiles" if use_matrix_unit("bf16") else
+                      "; q|k|v written in bf16 and attention on AVX512-BF16 dot products"
+                      if _env.read(MATRIX_UNITS_ENV) and bf16_attention_products() == "dots" else
                       "; attention in fp32")
     return paths
 
