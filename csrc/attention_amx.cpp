@@ -217,9 +217,6 @@ void gemm_bf16_dots(const char* a, int64_t lda, int64_t groups, const char* b, i
 
 #pragma GCC diagnostic pop
 
-// AMX tiles where they run, else AVX512-BF16 dot products (use_matrix_unit).
-bool amx_runs() { return amx::enabled(); }
-
 // The CPU has AVX512-BF16 and DISTILKERNELS_BF16_DOTS is not off (read on every call, as DISTILKERNELS_AMX).
 bool dots_run() {
   static const bool has = __builtin_cpu_supports("avx512bf16");
@@ -444,14 +441,12 @@ void attend_block(const Problem& p, const float* q, float* out, float* lse, int6
 
 }  // namespace
 
-bool use_matrix_unit(at::ScalarType dtype) {
-  return dtype == at::kBFloat16 && vec::isa() == vec::Isa::kAvx512 && (amx_runs() || dots_run());
-}
-
 const char* bf16_products() {
   if (vec::isa() != vec::Isa::kAvx512) return "";
-  return amx_runs() ? "tiles" : dots_run() ? "dots" : "";
+  return amx::enabled() ? "tiles" : dots_run() ? "dots" : "";
 }
+
+bool use_matrix_unit(at::ScalarType dtype) { return dtype == at::kBFloat16 && *bf16_products() != '\0'; }
 
 bool use_bf16x3(at::ScalarType dtype) {
   return dtype == at::kFloat && at::globalContext().float32MatmulPrecision() != at::Float32MatmulPrecision::HIGHEST &&
@@ -469,7 +464,7 @@ void run_tasks(const Problem& p, const T* q, const T* k, const T* v, T* out, flo
   // Decided once per call, for every thread: the tile configuration is loaded only where tiles run (the bf16x3
   // core runs on them only).
   constexpr bool kBf16 = std::is_same_v<Scratch, AmxScratch>;
-  const bool tiles = !kBf16 || amx_runs();
+  const bool tiles = !kBf16 || amx::enabled();
   at::parallel_for(0, static_cast<int64_t>(plan.part_begin.size()) - 1, 1, [&](int64_t begin, int64_t end) {
     Scratch sc(p.head_dim, plan.max_keys);
     if constexpr (kBf16) sc.gemm = tiles ? Bf16Gemm{amx::gemm_bf16_tiles} : Bf16Gemm{gemm_bf16_dots};

@@ -58,13 +58,19 @@ bool int_mm_exact_for(int weight_max) {
   return true;
 }
 
-// Whether at::_int_mm runs faster than the fp32 product int_product falls back to (both operands widened to fp32,
-// then at::mm), on a (128, 768) x (768, 768) product (distilbert-base's attention output at 128 tokens), best of
-// 3 calls each. Where the CPU has no VNNI, torch's int8 GEMM is a plain loop, not oneDNN's: on an AMD EPYC (Zen 5)
-// with CPUID masked to AVX2 + FMA it ran 128 x 768 x 3072 in 145 ms against 4 ms for the fp32 GEMM (and 0.9 ms
-// with VNNI), so a model quantized there ran 40x slower than in fp32. ONEDNN_MAX_CPU_ISA does not show this:
-// torch still sees VNNI and calls oneDNN, whose AVX2 int8 GEMM then measured 0.60 ms at this shape against the
-// fp32 path's 0.91 (0.24 against 0.25 at 64 x 512 x 512, too close a call to take).
+// The product int_product falls back to: both int8 operands widened to fp32, at::mm, rounded back to int32 (exact
+// while partial sums stay below 2^24; see int_product).
+at::Tensor fp32_product(const at::Tensor& xq, const at::Tensor& w) {
+  return at::mm(xq.to(at::kFloat), w.to(at::kFloat)).to(at::kInt);
+}
+
+// Whether at::_int_mm runs faster than fp32_product on a (128, 768) x (768, 768) product (distilbert-base's
+// attention output at 128 tokens), best of 3 calls each. Where the CPU has no VNNI, torch's int8 GEMM is a plain
+// loop, not oneDNN's: on an AMD EPYC (Zen 5) with CPUID masked to AVX2 + FMA it ran 128 x 768 x 3072 in 145 ms
+// against 4 ms for the fp32 GEMM (and 0.9 ms with VNNI), so a model quantized there ran 40x slower than in fp32.
+// ONEDNN_MAX_CPU_ISA does not show this: torch still sees VNNI and calls oneDNN, whose AVX2 int8 GEMM then
+// measured 0.60 ms at this shape against the fp32 path's 0.91 (0.24 against 0.25 at 64 x 512 x 512, too close a
+// call to take).
 bool int_mm_faster_than_fp32() {
   const auto a = at::randint(-127, 128, {128, 768}, at::kChar), b = at::randint(-127, 128, {768, 768}, at::kChar);
   const auto best_of_3 = [](const auto& fn) {
@@ -79,7 +85,7 @@ bool int_mm_faster_than_fp32() {
   };
   try {
     const double t_int = best_of_3([&] { at::_int_mm(a, b); });
-    const double t_fp32 = best_of_3([&] { at::mm(a.to(at::kFloat), b.to(at::kFloat)).to(at::kInt); });
+    const double t_fp32 = best_of_3([&] { fp32_product(a, b); });
     return t_int < t_fp32;
   } catch (const std::exception&) {  // a torch build without it
     return false;
@@ -181,7 +187,7 @@ at::Tensor int_product(const at::Tensor& xq, const at::Tensor& w) {
     const auto rows = [](const at::Tensor& t) { return t.as_strided(t.sizes(), {t.size(1), 1}); };
     return at::_int_mm(rows(xq), rows(w));
   }
-  return at::mm(xq.to(at::kFloat), w.to(at::kFloat)).to(at::kInt);
+  return fp32_product(xq, w);
 }
 
 void gemm_vnni(const int8_t* a, const float* x_scale, int64_t tokens, int64_t kp, const int8_t* wp,

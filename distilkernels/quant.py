@@ -28,9 +28,9 @@ import functools
 
 import torch
 
-from . import _env, dispatch, ops
-from .gemms import (MATRIX_UNITS_ENV, BoundCalls, BoundOp, DerivedWeights, GemmCalls, bf16_attention_products,
-                    bound_calls, gemm_groups, use_matrix_unit)
+from . import dispatch, ops
+from .gemms import (BoundCalls, BoundOp, DerivedWeights, GemmCalls, bound_calls, gemm_groups, int8_attention_in_bf16,
+                    use_matrix_unit)
 from .modules import FusedBlock, _NoGemms
 
 # One scale per token: quantizing each row costs one fused pass, so a coarser per-tensor mode gains nothing.
@@ -110,11 +110,9 @@ class Int8Gemms:
 
 
 def bf16_attention() -> bool:
-    """Whether the int8 blocks run attention in bf16: where the CPU's matrix unit takes bf16 (AMX) or, without
-    it, bf16 attention runs on AVX512-BF16 dot products (gemms.bf16_attention_products), and
-    DISTILKERNELS_MATRIX_UNITS does not turn it off; elsewhere attention stays fp32. On the Zen 5 EPYC (2 threads,
-    8 x 128 tokens) the attention op took 0.63-0.64 ms a call on the dot products against 1.15-1.18 ms in fp32."""
-    return use_matrix_unit("bf16") or (_env.read(MATRIX_UNITS_ENV) and bf16_attention_products() == "dots")
+    """Whether the int8 blocks run attention in bf16 (gemms.int8_attention_in_bf16, which precision_paths reports;
+    looked up here on each binding, so a test can replace it)."""
+    return int8_attention_in_bf16()
 
 
 def fused_blocks(model: torch.nn.Module) -> list[FusedBlock]:
