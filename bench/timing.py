@@ -149,6 +149,12 @@ def _gemm_candidates(precision: str, n: int) -> dict:
         candidates = {f"torch._int_mm int8 x int8 -> int32, {n}^3": lambda: torch._int_mm(a, b)}
         if "onednn" in torch.backends.quantized.supported_engines:
             candidates[f"oneDNN quantized.linear u8 x s8, prepacked, {n}^3"] = _int8_onednn(n, gen)
+        # Ours on VNNI blocks (AMX tiles, else int16 multiply-adds), fp32 in and out: where the CPU has no VNNI,
+        # torch._int_mm is a plain loop and oneDNN's int8 GEMM saturates, so ours may be the fastest exact one.
+        x = torch.randn(n, n, generator=gen)
+        packed, scale = ops.pack_linear_int8(torch.randn(n, n, generator=gen), vnni=True)
+        candidates[f"distilkernels linear_int8 (VNNI blocks), fp32 in and out, {n}^3"] = \
+            lambda: ops.linear_int8(x, packed, scale, n)
         return candidates
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
     a, b = (torch.randn(n, n, generator=gen).to(dtype) for _ in range(2))

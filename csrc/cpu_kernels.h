@@ -88,6 +88,12 @@ struct Kernels {
   // `accumulate` (acc and out as bias_act_to_bf16's, out fp32).
   void (*bias_act_to_f32)(const float* acc, int64_t ld_acc, int64_t rows, int64_t cols, const float* bias,
                           Activation act, float* out, int64_t ld_out, bool accumulate);
+  // An int8 GEMM's product on CPUs without int8 dot products (VNNI), exact in int32:
+  //   acc[r, j] = sum_kk a[r, kk] * w[kk, j] for r < rows, j < 64.
+  //   a: (rows, kp) int16 holding int8 values, row stride lda; wb: one 64-column block of the int8 VNNI layout,
+  //   w[kk, j] at wb[(kk / 4 * 64 + j) * 4 + kk % 4]; kp a multiple of 4; acc: (rows, 64) int32 row stride ld_acc.
+  void (*gemm_s8_block)(int64_t rows, int64_t kp, const int16_t* a, int64_t lda, const int8_t* wb, int32_t* acc,
+                        int64_t ld_acc);
 };
 
 const Kernels& kernels();

@@ -1,17 +1,21 @@
 // int8 linear with per-token activation scales: out = activation(dequant(q(x) @ q(W)^T) + bias); x fp32 or bf16,
 // out fp32 or bf16 (out_dtype, by default x's).
 //
-// The weight is quantized once per output channel (symmetric int8, scale = max|w[n]| / weight_max: 127, or 63
-// where torch's int8 GEMM is exact only on weights that narrow, int_mm_weight_max). Each call
-// quantizes every row of x with its own scale (symmetric int8, max|x[r]| / 127) in one pass, multiplies in
-// int8 with int32 accumulation, and dequantizes (x scale * weight scale) + bias + activation in the epilogue.
+// The weight is quantized once per output channel (symmetric int8, scale = max|w[n]| / weight_max, 127 by
+// default). Each call quantizes every row of x with its own scale (symmetric int8, max|x[r]| / 127) in one pass,
+// multiplies in int8 with int32 accumulation, and dequantizes (x scale * weight scale) + bias + activation in the
+// epilogue.
 //
-// On a CPU whose matrix unit takes int8 (AMX; could_pack(kChar)) the weight is packed into brgemm's VNNI blocks
-// (brgemm_utils.h) and each 64 x 64 output tile is computed by our AMX loop (amx_tiles.h) where in_features is a
-// multiple of 64, else by one s8 x s8 -> s32 brgemm call. Elsewhere the weight is
-// kept as plain W^T (in_features, out_features) int8 and the product is one at::_int_mm (oneDNN's int8 GEMM:
-// VNNI where the CPU has it), followed by the same epilogue, where that GEMM is exact for the weight's range
-// (int_product).
+// Two weight layouts, and the product each one runs:
+// - VNNI blocks (vnni=true): (n_blocks, in_features rounded up to 4, 64), groups of 4 rows of W^T per column. On a
+//   CPU whose matrix unit takes int8 (AMX; could_pack(kChar)) brgemm packs them and each 64 x 64 output tile is
+//   computed by our AMX loop (amx_tiles.h) where in_features is a multiple of 64, else by one s8 x s8 -> s32
+//   brgemm call. Elsewhere we pack the same layout (pack_blocks_int8) and each tile is cpu::Kernels'
+//   gemm_s8_block: int16 multiply-adds (vpmaddwd), exact on the full grid.
+// - plain W^T (in_features, out_features): one at::_int_mm (oneDNN's int8 GEMM), where it is exact on the full
+//   grid (VNNI), else an fp32 GEMM of the int8 values (int_product).
+// The VNNI blocks go to the matrix unit unless DISTILKERNELS_MATRIX_UNITS is off (read on every call, as quant.py
+// reads it on every packing); int8_vector_gemm() says which layout runs faster without it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -19,6 +23,7 @@
 #include <chrono>
 #include <cmath>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "amx_tiles.h"
@@ -26,6 +31,7 @@
 #include "checks.h"
 #include "cpu_cache.h"
 #include "cpu_kernels.h"
+#include "env.h"
 
 namespace distilkernels {
 
@@ -33,19 +39,21 @@ cpu::Activation parse_activation(c10::string_view activation);  // linear.cpp
 
 namespace {
 
-// Whether at::_int_mm (oneDNN's s8 x s8 -> s32 GEMM) gives the exact integer product of activations spanning
-// [-127, 127] and weights spanning [-weight_max, weight_max], checked against int64 sums.
-bool int_mm_exact_for(int weight_max) {
+// Whether at::_int_mm (oneDNN's s8 x s8 -> s32 GEMM) gives the exact integer product of int8 values spanning
+// [-127, 127], checked against int64 sums. Without VNNI (AVX2, AVX-512 without VNNI, or oneDNN capped below it by
+// ONEDNN_MAX_CPU_ISA) oneDNN shifts the activations to u8 and sums pairs of u8 x s8 products in saturating 16-bit
+// lanes: on the AMX Xeon under ONEDNN_MAX_CPU_ISA=AVX2, 128 x 768 x 768 products came out up to 1.4e5 off.
+bool int_mm_exact() {
   constexpr int64_t m = 16, k = 64, n = 16;
   auto a = at::empty({m, k}, at::kChar), b = at::empty({k, n}, at::kChar);
   int8_t* pa = a.mutable_data_ptr<int8_t>();
   int8_t* pb = b.mutable_data_ptr<int8_t>();
   for (int64_t i = 0; i < m * k; ++i) pa[i] = static_cast<int8_t>((i * 37) % 255 - 127);
-  for (int64_t i = 0; i < k * n; ++i) pb[i] = static_cast<int8_t>((i * 53) % (2 * weight_max + 1) - weight_max);
+  for (int64_t i = 0; i < k * n; ++i) pb[i] = static_cast<int8_t>((i * 53) % 255 - 127);
   at::Tensor c;
   try {
     c = at::_int_mm(a, b).contiguous();
-  } catch (const std::exception&) {  // a torch build without it: the fp32 path
+  } catch (const std::exception&) {  // a torch build without it
     return false;
   }
   const int32_t* pc = c.const_data_ptr<int32_t>();
@@ -58,21 +66,51 @@ bool int_mm_exact_for(int weight_max) {
   return true;
 }
 
-// The product int_product falls back to: both int8 operands widened to fp32, at::mm, rounded back to int32 (exact
+bool int_mm_exact_here() {
+  static const bool exact = int_mm_exact();
+  return exact;
+}
+
+// The plain layout's fallback product: both int8 operands widened to fp32, at::mm, rounded back to int32 (exact
 // while partial sums stay below 2^24; see int_product).
 at::Tensor fp32_product(const at::Tensor& xq, const at::Tensor& w) {
   return at::mm(xq.to(at::kFloat), w.to(at::kFloat)).to(at::kInt);
 }
 
-// Whether at::_int_mm runs faster than fp32_product on a (128, 768) x (768, 768) product (distilbert-base's
-// attention output at 128 tokens), best of 3 calls each. Where the CPU has no VNNI, torch's int8 GEMM is a plain
-// loop, not oneDNN's: on an AMD EPYC (Zen 5) with CPUID masked to AVX2 + FMA it ran 128 x 768 x 3072 in 145 ms
-// against 4 ms for the fp32 GEMM (and 0.9 ms with VNNI), so a model quantized there ran 40x slower than in fp32.
-// ONEDNN_MAX_CPU_ISA does not show this: torch still sees VNNI and calls oneDNN, whose AVX2 int8 GEMM then
-// measured 0.60 ms at this shape against the fp32 path's 0.91 (0.24 against 0.25 at 64 x 512 x 512, too close a
-// call to take).
-bool int_mm_faster_than_fp32() {
+using brgemm::kBlockM;
+using brgemm::kBlockN;
+
+// wt (in_features, out_features) int8 -> the VNNI-block layout (n_blocks, kp, kBlockN), kp = in_features rounded
+// up to 4, zero padded: block b holds w[kk, j] = wt[kk, b * kBlockN + j] at (kk / 4 * kBlockN + j) * 4 + kk % 4,
+// the layout ATen's brgemm packing gives on AMX (at::native::cpublas::pack packs only there).
+at::Tensor pack_blocks_int8(const at::Tensor& wt) {
+  const int64_t k = wt.size(0), n = wt.size(1);
+  const int64_t kp = round_up(k, 4), n_blocks = (n + kBlockN - 1) / kBlockN;
+  auto padded = at::zeros({kp, n_blocks * kBlockN}, wt.options());
+  padded.narrow(0, 0, k).narrow(1, 0, n).copy_(wt);
+  // (kp / 4, 4, n_blocks, kBlockN) -> (n_blocks, kp / 4, kBlockN, 4)
+  return padded.view({kp / 4, 4, n_blocks, kBlockN}).permute({2, 0, 3, 1}).contiguous().view({n_blocks, kp, kBlockN});
+}
+
+// The VNNI-block product without the matrix unit: for each 64 x 64 output tile, acc = gemm_s8_block of the
+// activations widened to int16 (a16: (tokens, kp)), then tile(nb, m0, rows, acc) (acc row stride kBlockN).
+template <class Tile>
+void madd_tiles(const int16_t* a16, int64_t tokens, int64_t kp, const int8_t* wp, int64_t n_blocks, const Tile& tile) {
+  const auto& kern = cpu::kernels();
+  brgemm::for_each_tile(tokens, n_blocks, [&](int64_t nb, int64_t m0, int64_t rows) {
+    alignas(64) int32_t acc[kBlockM * kBlockN];
+    kern.gemm_s8_block(rows, kp, a16 + m0 * kp, kp, wp + nb * kp * kBlockN, acc, kBlockN);
+    tile(nb, m0, rows, acc);
+  });
+}
+
+// Whether at::_int_mm on the plain layout runs faster than madd_tiles (with the activations' widening) on a
+// (128, 768) x (768, 768) product (distilbert-base's attention output at 128 tokens), best of 3 calls each. Where
+// the CPU has no VNNI, torch's int8 GEMM is a plain loop, not oneDNN's: on an AMD EPYC (Zen 5) with CPUID
+// masked to AVX2 + FMA it ran 128 x 768 x 3072 in 145 ms against 4 ms for the fp32 GEMM.
+bool int_mm_faster_than_madd() {
   const auto a = at::randint(-127, 128, {128, 768}, at::kChar), b = at::randint(-127, 128, {768, 768}, at::kChar);
+  const auto blocks = pack_blocks_int8(b);
   const auto best_of_3 = [](const auto& fn) {
     fn();
     double best = std::numeric_limits<double>::infinity();
@@ -83,36 +121,26 @@ bool int_mm_faster_than_fp32() {
     }
     return best;
   };
-  try {
-    const double t_int = best_of_3([&] { at::_int_mm(a, b); });
-    const double t_fp32 = best_of_3([&] { fp32_product(a, b); });
-    return t_int < t_fp32;
-  } catch (const std::exception&) {  // a torch build without it
-    return false;
-  }
+  const double t_int_mm = best_of_3([&] { at::_int_mm(a, b); });
+  const double t_madd = best_of_3([&] {
+    const auto a16 = a.to(at::kShort);
+    madd_tiles(a16.const_data_ptr<int16_t>(), 128, 768, blocks.const_data_ptr<int8_t>(), 768 / kBlockN,
+               [](int64_t, int64_t, int64_t, const int32_t*) {});
+  });
+  return t_int_mm < t_madd;
 }
 
 }  // namespace
 
-// The widest symmetric weight range on which at::_int_mm is exact here, checked once per process:
-// - 127 (full int8) where oneDNN's int8 GEMM has VNNI (or AMX);
-// - 63 without VNNI (AVX2, AVX-512 without VNNI, or oneDNN capped below it by ONEDNN_MAX_CPU_ISA). oneDNN then
-//   shifts the activations to u8 and sums pairs of u8 x s8 products in saturating 16-bit lanes: full-range
-//   weights come out wrong (on the AMX Xeon under ONEDNN_MAX_CPU_ISA=AVX2, errors up to 1.4e5 on 128 x 768 x 768
-//   products; our per-token int8 linear 2.7-7.7 off on outputs of ~10), while 2 * 255 * 63 = 32130 < 2^15 cannot
-//   saturate. There it still ran 1.6x the fp32 GEMM's rate (0.38-0.40 TOPS against 0.24 TFLOP/s at 1024 x 768 x
-//   3072 and 1024 x 3072 x 768, 2 threads);
-// - 0 where neither is exact, or where at::_int_mm is slower than the fp32 GEMM (int_mm_faster_than_fp32): the
-//   product runs as an fp32 GEMM of the int8 values (int_product).
-int64_t int_mm_weight_max() {
-  static const int64_t limit = !int_mm_faster_than_fp32() ? 0 : int_mm_exact_for(127) ? 127 : int_mm_exact_for(63) ? 63 : 0;
-  return limit;
+// How the int8 product runs without the matrix unit, decided once per process: "int_mm" where at::_int_mm is exact
+// on the full grid and measures faster than our int16 multiply-adds (quant.py then packs the plain layout), else
+// "madd" (VNNI blocks on gemm_s8_block).
+std::string int8_vector_gemm() {
+  static const std::string chosen = int_mm_exact_here() && int_mm_faster_than_madd() ? "int_mm" : "madd";
+  return chosen;
 }
 
 namespace {
-
-using brgemm::kBlockM;
-using brgemm::kBlockN;
 
 // A row whose max-abs is below this (all zeros, say) is quantized with this scale: its values round to 0.
 constexpr float kMinScale = 1e-12f;
@@ -140,14 +168,14 @@ std::tuple<at::Tensor, at::Tensor> pack_linear_int8_cpu(const at::Tensor& weight
   TORCH_CHECK(weight_max >= 1 && weight_max <= 127, "weight_max must be an integer in [1, 127], got ", weight_max);
   check_float(weight, "weight");
   TORCH_CHECK(weight.dim() == 2, "weight must be (out_features, in_features), got shape ", weight.sizes());
-  TORCH_CHECK(!vnni || brgemm::packs(at::kChar),
-              "vnni=True needs a CPU whose matrix unit takes int8 (AMX); pack with vnni=False on this CPU");
   const auto w = weight.to(at::kFloat).contiguous();
   const int64_t n = w.size(0), k = w.size(1);
   const auto scale = k > 0 ? (w.abs().amax({1}) / static_cast<double>(weight_max)).clamp_min(kMinScale).contiguous()
                            : at::full({n}, kMinScale, w.options());  // (n,)
   const auto q = at::round(w / scale.unsqueeze(1)).to(at::kChar);  // |q| <= weight_max
-  return std::make_tuple(vnni ? brgemm::pack_blocks(q.t()) : q.t().contiguous(), scale);
+  const auto wt = q.t();
+  return std::make_tuple(!vnni ? wt.contiguous() : brgemm::packs(at::kChar) ? brgemm::pack_blocks(wt)
+                                                                           : pack_blocks_int8(wt), scale);
 }
 
 // The output of a call: fp32 or bf16 rows of out_features values.
@@ -169,18 +197,12 @@ void epilogue(const int32_t* acc, int64_t ld_acc, int64_t rows, int64_t cols, co
     kern.dequant_bias_act(acc, ld_acc, rows, cols, x_scale, w_scale, bias, act, out.f32 + m0 * out.ld + n0, out.ld);
 }
 
-// The plain layout's product q(x) @ W^T as int32: at::_int_mm where it is exact for this weight's range
-// (int_mm_weight_max: a pass over the int8 weight where that is below 127); elsewhere an fp32 GEMM of the int8
-// values, exact while partial sums stay below 2^24 (in_features <= 1040 always: 1040 * 127^2 < 2^24), and
-// otherwise off by fp32 rounding of sums that large (relative 6e-8, far below the quantization's own error).
+// The plain layout's product q(x) @ W^T as int32: at::_int_mm where it is exact (int_mm_exact); elsewhere an
+// fp32 GEMM of the int8 values, exact while partial sums stay below 2^24 (in_features <= 1040 always:
+// 1040 * 127^2 < 2^24), and otherwise off by fp32 rounding of sums that large (relative 6e-8, far below the
+// quantization's own error). quant.py packs this layout where int8_vector_gemm() is "int_mm" and the matrix unit is not used.
 at::Tensor int_product(const at::Tensor& xq, const at::Tensor& w) {
-  const int64_t limit = int_mm_weight_max();
-  bool exact = limit == 127;
-  if (!exact && limit > 0) {
-    const auto range = at::aminmax(w);
-    exact = std::get<0>(range).item<int8_t>() >= -limit && std::get<1>(range).item<int8_t>() <= limit;
-  }
-  if (exact) {
+  if (int_mm_exact_here()) {
     // Row-major strides spelt out: a (rows, 1) or (1, cols) matrix is contiguous with either stride on its size-1
     // dimension (pack_linear_int8 of an (n, 1) weight gives (1, n) with strides (1, 1)), and at::_int_mm misread
     // that one: in_features 1 came out 2.4e5 off. Both are contiguous, so these are views of the same memory.
@@ -207,8 +229,6 @@ void check_args(const at::Tensor& x, const at::Tensor& packed_weight, const at::
                 int64_t out_features, int64_t kp, bool vnni) {
   const int64_t k = x.size(1);
   if (vnni) {
-    TORCH_CHECK(brgemm::packs(at::kChar), "packed_weight is in the matrix unit's VNNI layout, which this CPU "
-                "cannot run: pack it with pack_linear_int8(weight, vnni=False)");
     const int64_t n_blocks = (out_features + kBlockN - 1) / kBlockN;
     TORCH_CHECK(packed_weight.size(0) == n_blocks && packed_weight.size(1) == kp && packed_weight.size(2) == kBlockN,
                 "packed_weight must be (", n_blocks, ", ", kp, ", ", kBlockN, ") for out_features=", out_features,
@@ -274,7 +294,8 @@ at::Tensor linear_int8_cpu(const at::Tensor& x, const at::Tensor& packed_weight,
   const Out c = out_type == at::kFloat
                     ? Out{out.mutable_data_ptr<float>(), nullptr, out_features}
                     : Out{nullptr, reinterpret_cast<uint16_t*>(out.mutable_data_ptr<at::BFloat16>()), out_features};
-  if (vnni && k > 0 && kp % 64 == 0 && amx::enabled()) {
+  const bool tiles = vnni && k > 0 && brgemm::packs(at::kChar) && env::switch_on("DISTILKERNELS_MATRIX_UNITS", true);
+  if (tiles && kp % 64 == 0 && amx::enabled()) {
     const int8_t* wq = packed_weight.const_data_ptr<int8_t>();
     amx::gemm<amx::Kind::kInt8>(q, tokens, kp, wq, (out_features + kBlockN - 1) / kBlockN,
                                 [&](int64_t nb, int64_t m0, int64_t rows, const void* acc) {
@@ -283,8 +304,17 @@ at::Tensor linear_int8_cpu(const at::Tensor& x, const at::Tensor& packed_weight,
     }, /*heavy_epilogue=*/act == cpu::Activation::kGelu);
     return out;
   }
-  if (vnni && k > 0) {
+  if (tiles) {
     gemm_vnni(q, xs, tokens, kp, packed_weight.const_data_ptr<int8_t>(), ws, out_features, b, act, c);
+    return out;
+  }
+  if (vnni && k > 0) {
+    const auto a16 = xq.to(at::kShort);
+    madd_tiles(a16.const_data_ptr<int16_t>(), tokens, kp, packed_weight.const_data_ptr<int8_t>(),
+               (out_features + kBlockN - 1) / kBlockN, [&](int64_t nb, int64_t m0, int64_t rows, const int32_t* acc) {
+      const int64_t n0 = nb * kBlockN, cols = std::min(kBlockN, out_features - n0);
+      epilogue(acc, kBlockN, rows, cols, xs + m0, ws + n0, b + n0, act, c, m0, n0);
+    });
     return out;
   }
   const auto acc = k > 0 ? int_product(xq, packed_weight) : at::zeros({tokens, out_features}, xq.options().dtype(at::kInt));

@@ -87,9 +87,8 @@ TORCH_LIBRARY(distilkernels, m) {
   // pack_linear_int8(weight (out_features, in_features), vnni) -> (packed int8: VNNI blocks (ceil(out_features
   // / 64), in_features rounded up to 4, 64) or weight^T (in_features, out_features); weight_scale
   // (out_features,) fp32). linear_int8: x (tokens, in_features) fp32 or bf16; bias: (out_features,) fp32 or None;
-  // out_dtype: fp32 or bf16, None = x's.
-  // weight_max: the int8 grid's largest level (scale = max|w[n]| / weight_max); 127, or 63 where torch's int8
-  // GEMM is exact only for weights that narrow (int_mm_weight_max).
+  // out_dtype: fp32 or bf16, None = x's. Both layouts run on every CPU; int8_vector_gemm() says which one is faster without AMX.
+  // weight_max: the int8 grid's largest level (scale = max|w[n]| / weight_max).
   m.def("pack_linear_int8(Tensor weight, bool vnni, int weight_max=127) -> (Tensor packed_weight, Tensor weight_scale)");
   m.def("linear_int8(Tensor x, Tensor packed_weight, Tensor weight_scale, int out_features, Tensor? bias,"
         " str activation, ScalarType? out_dtype=None) -> Tensor");
@@ -98,7 +97,7 @@ TORCH_LIBRARY(distilkernels, m) {
 namespace distilkernels {
 void init_blocks(pybind11::module& m);  // blocks.cpp
 bool mkl_packs();  // linear_mkl.cpp
-int64_t int_mm_weight_max();  // linear_int8.cpp
+std::string int8_vector_gemm();  // linear_int8.cpp
 bool amx_tiles_enabled();  // linear_bf16.cpp
 int64_t mkl_packed_floats(int64_t n, int64_t k, int64_t rows);
 }  // namespace distilkernels
@@ -143,9 +142,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return distilkernels::brgemm::packs(dtype == "bf16" ? at::kBFloat16 : at::kChar);
   }, pybind11::arg("dtype"), "Whether brgemm runs packed (VNNI) weights of this dtype on this CPU's matrix unit");
   m.def("mkl_packs", &distilkernels::mkl_packs, "Whether this torch build exports MKL's packed fp32 GEMM");
-  m.def("int_mm_weight_max", &distilkernels::int_mm_weight_max,
-        "The widest symmetric int8 weight range on which torch's int8 GEMM is exact here: 127, 63 (no VNNI: "
-        "16-bit pair sums), or 0 (neither: an fp32 GEMM of the int8 values runs)");
+  m.def("int8_vector_gemm", &distilkernels::int8_vector_gemm,
+        "How the int8 product runs without the matrix unit, measured once per process: \"int_mm\" (torch's int8 "
+        "GEMM on W^T: exact here and faster than ours) or \"madd\" (VNNI blocks on our int16 multiply-adds)");
   m.def("env_reported", [](const std::string& name, const std::string& value) {
     distilkernels::env::first_report(name, value);
   }, pybind11::arg("name"), pybind11::arg("value"),

@@ -39,7 +39,8 @@ SETTINGS = {
     "DISTILKERNELS_ISA": Setting("choice", options=("avx512", "avx2", "scalar"), cpp=True),  # the vector ISA's cap
     "DISTILKERNELS_AMX": Setting("switch", True, cpp=True),  # our AMX tile loops, read on every call
     "DISTILKERNELS_BF16_DOTS": Setting("switch", True, cpp=True),  # bf16 attention on AVX512-BF16, every call
-    "DISTILKERNELS_MATRIX_UNITS": Setting("switch", True),  # gemms: bf16/int8 weights packed for AMX
+    # gemms: bf16/int8 weights packed for AMX; linear_int8's VNNI blocks on the tiles (C++, every call)
+    "DISTILKERNELS_MATRIX_UNITS": Setting("switch", True, cpp=True),
     "DISTILKERNELS_CPU_CACHE_MB": Setting("mib", cpp=True),  # the CPU ops' output cache, read once
     "DISTILKERNELS_CHECK_CU_SEQLENS": Setting("switch", False),  # checks: cu_seqlens' values on a GPU
 }

@@ -28,15 +28,6 @@ def extension_error() -> str | None:
     return _C_ERROR
 
 
-def int8_weight_max(vnni: bool) -> int:
-    """The int8 weight grid's largest level for pack_linear_int8 on this CPU: 127, except for the plain layout
-    (vnni=False) where torch's int8 GEMM is exact only on weights within [-63, 63] (no VNNI: oneDNN sums pairs of
-    u8 x s8 products in 16 bits; csrc/linear_int8.cpp int_mm_weight_max). There the 7-bit grid keeps that GEMM,
-    ~1.6x the fp32 GEMM's rate, where the full grid would need an fp32 GEMM of the int8 values. Where torch's
-    int8 GEMM is slower than fp32 (a plain loop on a CPU without VNNI) the product is an fp32 GEMM anyway: 127."""
-    return 63 if not vnni and _int_mm_weight_max() == 63 else 127
-
-
 def cpu_fact(fn):
     """`fn` (of hashable arguments) computed once per process: a fact of this CPU and build. torch.compile takes
     its result as a constant (assume_constant_result) instead of tracing into the extension, a graph break."""
@@ -51,6 +42,9 @@ def cpu_fact(fn):
 
 
 @cpu_fact
-def _int_mm_weight_max() -> int:
+def int8_vector_gemm() -> str:
+    """How distilkernels.quantize's int8 product runs without the matrix unit (csrc/linear_int8.cpp), measured once
+    per process: "int_mm" (torch's int8 GEMM on W^T, exact here and faster than ours) or "madd" (VNNI blocks on our
+    int16 multiply-adds); "" without the extension."""
     C = load_extension()
-    return 127 if C is None else C.int_mm_weight_max()
+    return "" if C is None else C.int8_vector_gemm()

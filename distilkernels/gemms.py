@@ -7,10 +7,11 @@ methods in int8. Which kernel each one uses for a given tensor is decided here, 
 
 Matrix units: where the CPU's matrix unit takes bf16 / int8 (AMX), the bf16 and int8 GEMMs run our AMX tile
 loop (csrc/amx_tiles.h; ATen's brgemm, oneDNN's micro-kernels, at in_features it does not take) on weights
-packed once into VNNI blocks, with no contest against oneDNN's linear where the loop runs (amx_loop_runs);
-elsewhere they run torch's bf16 GEMM /
-int8 GEMM (oneDNN) on weights transposed once, with the same epilogue. `DISTILKERNELS_MATRIX_UNITS=off`
-(read at each packing) forces the second path, to test it on a CPU that has AMX.
+packed once into VNNI blocks, with no contest against oneDNN's linear where the loop runs (amx_loop_runs).
+Elsewhere bf16 runs torch's bf16 GEMM on weights transposed once, with the same epilogue, and int8 the faster
+exact product measured once per process (int8_blocks): torch's int8 GEMM (oneDNN, VNNI) on weights transposed
+once, or our int16 multiply-adds on the VNNI blocks. `DISTILKERNELS_MATRIX_UNITS=off` (read at each packing,
+and by the int8 op on each call) keeps the GEMMs off the tiles, to test the other paths on a CPU that has AMX.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from . import _env, dispatch, ops
-from ._ext import cpu_fact, load_extension
+from ._ext import cpu_fact, int8_vector_gemm, load_extension
 
 MATRIX_UNITS_ENV = "DISTILKERNELS_MATRIX_UNITS"
 
@@ -40,6 +41,14 @@ def use_matrix_unit(dtype: str) -> bool:
     if not _env.read(MATRIX_UNITS_ENV):
         return False
     return _unit_packs(dtype)
+
+
+def int8_blocks() -> bool:
+    """Whether distilkernels.quantize packs the int8 weights in VNNI blocks (ops.pack_linear_int8(vnni=True)):
+    on the AMX tiles (use_matrix_unit("int8")), or where this CPU's int8 product is our int16 multiply-adds
+    (distilkernels._ext.int8_vector_gemm() "madd": torch's int8 GEMM is inexact or slower here). Otherwise W^T
+    for torch's int8 GEMM."""
+    return use_matrix_unit("int8") or int8_vector_gemm() == "madd"
 
 
 @torch.compiler.assume_constant_result  # a graph traced now keeps what it read then (as for the env switches)
@@ -113,13 +122,11 @@ def precision_paths() -> dict[str, str]:
     paths["int8"] = ("s8 x s8 -> s32 on AMX tiles (our tile loop; brgemm where in_features % 64 != 0), weights "
                      "packed once (VNNI), per-token scales, fused epilogue"
                      if use_matrix_unit("int8") else
-                     {127: "torch _int_mm (oneDNN's int8 GEMM, exact on this CPU: VNNI)",
-                      63: "torch _int_mm on weights quantized to [-63, 63] (without VNNI oneDNN sums pairs of "
-                          "products in 16 bits, exact only on weights that narrow; full-range weights take an "
-                          "fp32 GEMM of their int8 values)",
-                      0: "an fp32 GEMM of the int8 values (torch's int8 GEMM is not exact here, or slower than "
-                         "fp32: without VNNI it is a plain loop)",
-                      }[ext.int_mm_weight_max()] + ", per-token scales, fused epilogue")
+                     "s8 x s8 -> s32 as int16 multiply-adds (our gemm_s8_block, " + ext.vector_isa() + "), weights "
+                     "packed once (VNNI blocks), per-token scales, fused epilogue; torch's int8 GEMM measured slower "
+                     "or inexact here" if int8_blocks() else
+                     "torch _int_mm (oneDNN's int8 GEMM: exact here, VNNI, and faster than our int16 multiply-adds) "
+                     "on weights transposed once, per-token scales, fused epilogue")
     paths["int8"] += ("; attention in fp32" if not int8_attention_in_bf16() else
                       "; q|k|v written in bf16 and attention on the bf16 tiles" if use_matrix_unit("bf16") else
                       "; q|k|v written in bf16 and attention on AVX512-BF16 dot products")

@@ -23,7 +23,7 @@ from ._checks import (FLOAT_DTYPES as _FLOAT_DTYPES, check_activation as _check_
                       check_packed as _check_packed,
                       check_qkv as _check_qkv, check_same as _check_same, check_vector as _check_vector,
                       describe as _describe)
-from ._ext import extension_error, int8_weight_max, load_extension
+from ._ext import extension_error, load_extension
 # The dispatch names callers and tests use through this module.
 from .dispatch import (BACKENDS, OPS, _TABLE, backend_for, backend_unavailable_reason, force_backend,  # noqa: F401
                        has_kernel, register_impl, triton_error)
@@ -347,16 +347,15 @@ def linear_bf16x3(x, packed_weight, out_features: int, bias=None, activation: st
     return _bf16_weight_linear("linear_bf16x3", torch.float32, x, packed_weight, out_features, bias, activation)
 
 
-def pack_linear_int8(weight, vnni: bool = False, weight_max: int | None = None):
+def pack_linear_int8(weight, vnni: bool = False, weight_max: int = 127):
     """weight (out_features, in_features) float -> (packed int8 weight, weight_scale (out_features,) fp32):
-    symmetric per output channel (scale = max|w[n]| / weight_max); packed as pack_linear_bf16 lays it out, VNNI
-    groups of 4 along in_features. weight_max (1..127), None: this CPU's (`distilkernels._ext.int8_weight_max`:
-    127, or 63 for the plain layout where torch's int8 GEMM is exact only on weights that narrow; linear_int8
-    is exact on any grid, through an fp32 GEMM of the int8 values where that GEMM is not)."""
-    if weight_max is None:
-        weight_max = int8_weight_max(bool(vnni))
+    symmetric per output channel (scale = max|w[n]| / weight_max, weight_max in 1..127). vnni=True: VNNI blocks
+    (groups of 4 along in_features, as pack_linear_bf16 lays out pairs), which linear_int8 runs on AMX tiles or,
+    on any other CPU, on our int16 multiply-adds; vnni=False: W^T for torch's int8 GEMM. Both are exact on every
+    CPU (`distilkernels.gemms.int8_blocks()` says which one distilkernels.quantize packs here); the VNNI layout
+    needs the C++ backend."""
     if isinstance(weight_max, bool) or not isinstance(weight_max, int) or not 1 <= weight_max <= 127:
-        raise ValueError(f"weight_max must be an integer in [1, 127] or None, got {weight_max!r}")
+        raise ValueError(f"weight_max must be an integer in [1, 127], got {weight_max!r}")
     return _pack_for_matrix_unit("pack_linear_int8", weight, vnni, weight_max)
 
 

@@ -30,7 +30,7 @@ import torch
 
 from . import dispatch, ops
 from .gemms import (BoundCalls, BoundOp, DerivedWeights, GemmCalls, bound_calls, gemm_groups, int8_attention_in_bf16,
-                    use_matrix_unit)
+                    int8_blocks)
 from .modules import FusedBlock, _NoGemms
 
 # One scale per token: quantizing each row costs one fused pass, so a coarser per-tensor mode gains nothing.
@@ -94,7 +94,7 @@ class Int8Gemms:
                             "model.cpu() restores it; for bf16, patch a bf16 copy of the fp32 model instead")
         if name.endswith("+ln"):  # fp32 output: the block adds and normalizes it itself
             return None
-        vnni = backend == "cpp" and use_matrix_unit("int8")
+        vnni = backend == "cpp" and int8_blocks()
         layouts = self.packed[name]
         if vnni not in layouts:
             layouts[vnni] = DerivedWeights(self.groups[name], PackInt8(vnni))

@@ -159,16 +159,11 @@ def linear_bf16x3(x, packed_weight, out_features, bias, activation):
     return activate(y if bias is None else y + bias.float(), activation)
 
 
-def pack_linear_int8(weight, vnni, weight_max=None):
+def pack_linear_int8(weight, vnni, weight_max=127):
     """weight (out_features, in_features) -> (int8 weight^T (in_features, out_features), scale (out_features,)):
-    symmetric per output channel, scale = max(max|w[n]| / weight_max, 1e-12); weight_max None: this CPU's for
-    the plain layout (distilkernels._ext.int8_weight_max), as ops.pack_linear_int8's default."""
+    symmetric per output channel, scale = max(max|w[n]| / weight_max, 1e-12)."""
     if vnni:
-        raise ValueError("vnni=True (the matrix unit's layout) needs the C++ backend; use vnni=False")
-    if weight_max is None:
-        from ._ext import int8_weight_max
-
-        weight_max = int8_weight_max(False)
+        raise ValueError("vnni=True (the VNNI-block layout) needs the C++ backend; use vnni=False")
     weight = weight.float()
     scale = (weight.abs().amax(dim=1) / weight_max).clamp_min(1e-12)
     return torch.round(weight / scale[:, None]).to(torch.int8).t().contiguous(), scale

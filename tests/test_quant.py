@@ -325,7 +325,7 @@ def test_int8_uses_no_deprecated_torch_ao_ops():
 
 @pytest.mark.parametrize("precision", ["int8", "bf16"])
 def test_forced_fallback_path_matches_matrix_unit(precision, monkeypatch, op_spy):
-    """DISTILKERNELS_MATRIX_UNITS=off packs for torch's GEMM (what a CPU without AMX runs), and both paths agree:
+    """DISTILKERNELS_MATRIX_UNITS=off packs for what a CPU without AMX runs, and both paths agree:
     int8 exactly up to fp32 rounding (the same integers) with attention in fp32 on both, and within bf16's
     rounding with q|k|v and attention in bf16 where the matrix unit takes bf16 (quant.bf16_attention); bf16
     within its rounding (2x torch bf16's error)."""
@@ -355,7 +355,9 @@ def test_forced_fallback_path_matches_matrix_unit(precision, monkeypatch, op_spy
         else:
             assert list(block_gemms.packed["qkv"]) == ["packed"]  # tiny weights: no contest (_MIN_CONTEST_WEIGHT)
             kernel, packed, _ = block_gemms.packed["qkv"]["packed"].value
-        assert packed.dim() == (3 if setting.startswith("on") and gemms.use_matrix_unit(precision) else 2)
+        # int8: VNNI blocks on the tiles, or without them where our int16 multiply-adds beat torch's int8 GEMM
+        blocks = gemms.int8_blocks() if precision == "int8" else gemms.use_matrix_unit(precision)
+        assert packed.dim() == (3 if blocks else 2)
     calls = op_count(op_spy, f"linear_{precision}")
     if precision == "bf16":  # out and lin2 run with their add + LayerNorm, in one op
         calls += op_count(op_spy, "linear_bf16_add_layer_norm")
@@ -428,3 +430,5 @@ def test_precision_paths_report_this_cpu():
     assert ("AMX tiles" in paths["bf16"]) == gemms.use_matrix_unit("bf16")
     assert paths["fp32"].startswith("distilkernels linear_packed")
     assert ("AMX tiles" in paths["int8"]) == gemms.use_matrix_unit("int8")
+    assert ("multiply-adds (our gemm_s8_block" in paths["int8"]) == (gemms.int8_blocks()
+                                                                    and not gemms.use_matrix_unit("int8"))

@@ -190,7 +190,8 @@ def _units(dtype):
 
 
 LAYOUTS = [False, pytest.param(True, marks=pytest.mark.skipif(not _units("bf16"), reason="needs AMX (bf16)"))]
-LAYOUTS_INT8 = [False, pytest.param(True, marks=pytest.mark.skipif(not _units("int8"), reason="needs AMX (int8)"))]
+# The VNNI blocks run on every CPU: AMX tiles where the unit takes int8, our int16 multiply-adds elsewhere.
+LAYOUTS_INT8 = [False, True]
 # Odd K, N, tails. On AMX, in_features a multiple of 32 takes our tile loop (csrc/linear_bf16.cpp), the others
 # brgemm: 16-row groups full, partial (17, 33) and odd in number (130 = 64 + 64 + 2), several weight blocks per
 # thread (prefetched ahead), a partial last block (129, 200), superblocks of 256 rows, the last one partial (300).
@@ -478,9 +479,42 @@ def test_linear_int8_zero_rows_and_empty(vnni):
     assert torch.equal(ops.linear_int8(torch.randn(2, 0), packed0, scale0, 9, bias, "relu"), F.relu(bias).expand(2, 9))
 
 
+@pytest.mark.parametrize("vnni", LAYOUTS_INT8)
+@pytest.mark.parametrize("tokens, in_features, out_features",
+                         [(1, 768, 64), (13, 768, 130), (25, 257, 67), (70, 1, 3), (7, 6, 64)])
+def test_linear_int8_product_exact_at_grid_ends(vnni, tokens, in_features, out_features):
+    """Integer-valued x and weights whose rows reach +-127 get scales of exactly 1, so the output is the integer
+    product itself, exact in fp32 while |sum| < 2^24 (768 * 127^2 = 1.24e7). Rows of +-127 throughout are where
+    16-bit pair sums of u8 x s8 products saturate (oneDNN's int8 GEMM without VNNI: 2 * 255 * 127 > 2^15). Shapes:
+    the row tiles' tails (13 = 12 + 1 = 6 + 6 + 1), partial column blocks (67, 130, 3), in_features padded to 4."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(-127, 128, (tokens, in_features), generator=g).float()
+    w = torch.randint(-127, 128, (out_features, in_features), generator=g).float()
+    x[:, 0], w[:, 0] = 127, -127  # every row reaches the grid's end
+    x[0], w[0], w[-1] = 127, 127, -127
+    packed, scale = ops.pack_linear_int8(w, vnni=vnni)
+    assert torch.equal(scale, torch.ones(out_features))
+    got = ops.linear_int8(x, packed, scale, out_features)
+    assert torch.equal(got.double(), x.double() @ w.double().t())
+
+
+def test_linear_int8_vnni_layout():
+    """pack_linear_int8(vnni=True) is W^T in blocks of 64 columns, each (in_features / 4, 64, 4), zero padded: on
+    AMX brgemm's own packing, elsewhere ours; the int16 multiply-adds read this layout (gemm_s8_block), so on AMX
+    this checks that the two agree."""
+    torch.manual_seed(6)
+    w = torch.randn(70, 10)
+    packed, scale = ops.pack_linear_int8(w, vnni=True)
+    q, ref_scale = reference.pack_linear_int8(w, False)  # (10, 70)
+    padded = torch.zeros(12, 128, dtype=torch.int8)
+    padded[:10, :70] = q
+    assert torch.equal(scale, ref_scale)
+    assert torch.equal(packed, padded.view(3, 4, 2, 64).permute(2, 0, 3, 1).reshape(2, 12, 64))
+
+
 def test_linear_int8_opcheck():
     x, weight, bias = torch.randn(5, 12), torch.randn(37, 12), torch.randn(37)
-    for vnni in (False, True) if _units("int8") else (False,):
+    for vnni in (False, True):
         torch.library.opcheck(torch.ops.distilkernels.pack_linear_int8.default, (weight, vnni))
         packed, scale = ops.pack_linear_int8(weight, vnni)
         for args in ((x, packed, scale, 37, bias, "gelu"), (x, packed, scale, 37, None, "none"),
@@ -503,9 +537,9 @@ def test_linear_int8_bad_input():
         torch.ops.distilkernels.linear_int8(x.half(), packed, scale, 5, None, "none")
     with pytest.raises(RuntimeError, match="out_dtype must be float32 or bfloat16, got Half"):
         torch.ops.distilkernels.linear_int8(x, packed, scale, 5, None, "none", torch.float16)
-    if not _units("int8"):
-        with pytest.raises(RuntimeError, match="vnni=True needs a CPU whose matrix unit takes int8"):
-            torch.ops.distilkernels.pack_linear_int8(weight, True)
+    blocks, _ = ops.pack_linear_int8(weight, vnni=True)  # (1, 4, 64)
+    with pytest.raises(RuntimeError, match="packed_weight must be \\(1, 8, 64\\) for out_features=5 and in_features=6"):
+        torch.ops.distilkernels.linear_int8(torch.randn(3, 6), blocks, scale, 5, None, "none")
 
 
 @pytest.mark.parametrize("isa, onednn", [("scalar", None), ("avx2", None), ("avx2", "AVX2")])
@@ -525,6 +559,7 @@ def test_bf16_int8_gemms_on_capped_isa(isa, onednn):
         "    got = ops.linear_bf16(x.bfloat16(), ops.pack_linear_bf16(w, vnni), 67, b, 'gelu').float()\n"
         "    ref = reference.linear_bf16(x.bfloat16(), reference.pack_linear_bf16(w, False), 67, b, 'gelu').float()\n"
         "    assert ((got - ref).abs() <= 2 ** -7 * ref.abs() + 1e-3).all(), (vnni, (got - ref).abs().max())\n"
+        "for vnni in (False, True):\n"
         "    got = ops.linear_int8(x, *ops.pack_linear_int8(w, vnni), 67, b, 'relu')\n"
         "    ref = reference.linear_int8(x, *reference.pack_linear_int8(w, False), 67, b, 'relu')\n"
         "    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max(), (vnni, (got - ref).abs().max())\n"
@@ -538,20 +573,15 @@ def test_bf16_int8_gemms_on_capped_isa(isa, onednn):
     env = dict(os.environ, DISTILKERNELS_ISA=isa)
     if onednn:
         env.update(ONEDNN_MAX_CPU_ISA=onednn, DISTILKERNELS_MATRIX_UNITS="off")
-        script += ("from distilkernels._C import int_mm_weight_max\n"
-                   # not 127: the cap held (oneDNN without VNNI); 63: the 7-bit grid keeps torch's int8 GEMM, and
-                   # a full-range weight takes the fp32 GEMM, still exact
-                   "assert int_mm_weight_max() != 127, 'oneDNN capped to AVX2 gave an exact int8 GEMM: the cap did "
-                   "not hold'\n"
-                   "assert int_mm_weight_max() == 63, int_mm_weight_max()\n"
-                   "packed, scale = ops.pack_linear_int8(w)\n"
-                   "assert packed.abs().max() == 63 and torch.equal(packed, reference.pack_linear_int8(w, False)[0])\n"
+        script += ("from distilkernels._C import int8_vector_gemm\n"
+                   # oneDNN's int8 GEMM without VNNI saturates 16-bit pair sums: inexact on the full grid, so the
+                   # model's GEMMs take the VNNI blocks on our multiply-adds
+                   "assert int8_vector_gemm() == 'madd', 'oneDNN capped to AVX2 gave an exact int8 GEMM?'\n"
                    "x = torch.randn(70, 768) * 3; w = torch.randn(67, 768); w[5, 7] = 50\n"
-                   "for weight_max in (127, 63):\n"
-                   "    pw = ops.pack_linear_int8(w, weight_max=weight_max)\n"
-                   "    got = ops.linear_int8(x, *pw, 67, b, 'relu')\n"
-                   "    ref = reference.linear_int8(x, *reference.pack_linear_int8(w, False, weight_max), 67, b, 'relu')\n"
-                   "    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max(), (weight_max, (got - ref).abs().max())\n"
+                   "for vnni in (False, True):\n"
+                   "    got = ops.linear_int8(x, *ops.pack_linear_int8(w, vnni), 67, b, 'relu')\n"
+                   "    ref = reference.linear_int8(x, *reference.pack_linear_int8(w, False), 67, b, 'relu')\n"
+                   "    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max(), (vnni, (got - ref).abs().max())\n"
                    "print(ops._extension().vector_isa())\n")
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
