@@ -94,6 +94,10 @@ struct Kernels {
   //   w[kk, j] at wb[(kk / 4 * 64 + j) * 4 + kk % 4]; kp a multiple of 4; acc: (rows, 64) int32 row stride ld_acc.
   void (*gemm_s8_block)(int64_t rows, int64_t kp, const int16_t* a, int64_t lda, const int8_t* wb, int32_t* acc,
                         int64_t ld_acc);
+  // The same product on AVX512-VNNI dot products (null where the CPU or the table has none): a given as
+  // au8 = a + 128, uint8 (rows, kp) row stride lda; acc as gemm_s8_block's.
+  void (*gemm_u8s8_block)(int64_t rows, int64_t kp, const uint8_t* au8, int64_t lda, const int8_t* wb,
+                          int32_t* acc, int64_t ld_acc);
 };
 
 const Kernels& kernels();

@@ -1213,6 +1213,64 @@ DK_INLINE void s8_tile_rows(int rows, int64_t groups, const int16_t* a, int64_t 
 }
 #endif
 
+#if DK_ISA_LEVEL == 2
+// gemm_u8s8_block: the same product on AVX512-VNNI, from a + 128 as u8 (au8, (rows, kp)): vpdpbusd sums each
+// lane's 4 u8 x s8 products into int32 (no 16-bit intermediate, nothing saturates), and a lane of the VNNI layout
+// is exactly one column's 4 rows of k, so a group's 64 columns are 4 vectors read as they lie. The +128 shift is
+// taken out once per call: acc = au8 @ w - 128 * colsum(w), the column sums from one more vpdpbusd pass with
+// all-128 activations. Emitted as asm, as the bf16 conversions above, so the region's target needs no VNNI.
+// On the Zen 4 EPYC (128 x 768 x 3072, quantization and epilogue included): 205 GMAC/s on 1 thread (the int16
+// multiply-adds 90); on 2 threads 0.75 ms against 0.81 for torch's _int_mm, which reorders W on every call.
+DK_INLINE __m512i dpbusd(__m512i acc, __m512i a_u8, __m512i w_s8) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a_u8), "v"(w_s8));
+  return acc;
+}
+
+constexpr int kU8Rows = 6;  // 6 x 4 accumulators + 4 weight vectors + 1 broadcast of 32 registers
+
+template <int kRows>
+DK_INLINE void u8_tile(int64_t groups, const uint8_t* a, int64_t lda, const int8_t* w, const __m512i* shift,
+                       int32_t* acc, int64_t ld) {
+  __m512i c[kRows][4];
+  for (int r = 0; r < kRows; ++r)
+    for (int j = 0; j < 4; ++j) c[r][j] = _mm512_setzero_si512();
+  for (int64_t g = 0; g < groups; ++g, w += 4 * kS8Block) {
+    __m512i wv[4];
+    for (int j = 0; j < 4; ++j) wv[j] = _mm512_loadu_si512(w + 64 * j);
+    for (int r = 0; r < kRows; ++r) {
+      int32_t quad;
+      __builtin_memcpy(&quad, a + r * lda + 4 * g, sizeof(quad));
+      const __m512i av = _mm512_set1_epi32(quad);
+      for (int j = 0; j < 4; ++j) c[r][j] = dpbusd(c[r][j], av, wv[j]);
+    }
+  }
+  for (int r = 0; r < kRows; ++r)
+    for (int j = 0; j < 4; ++j) _mm512_storeu_si512(acc + r * ld + 16 * j, _mm512_sub_epi32(c[r][j], shift[j]));
+}
+
+template <int kRows = kU8Rows>
+DK_INLINE void u8_tile_rows(int rows, int64_t groups, const uint8_t* a, int64_t lda, const int8_t* w,
+                            const __m512i* shift, int32_t* acc, int64_t ld) {
+  if constexpr (kRows > 1) {
+    if (rows < kRows) return u8_tile_rows<kRows - 1>(rows, groups, a, lda, w, shift, acc, ld);
+  }
+  u8_tile<kRows>(groups, a, lda, w, shift, acc, ld);
+}
+
+void gemm_u8s8_block(int64_t rows, int64_t kp, const uint8_t* au8, int64_t lda, const int8_t* wb, int32_t* acc,
+                     int64_t ld_acc) {
+  const int64_t groups = kp / 4;
+  __m512i shift[4];  // 128 * the column sums
+  for (int j = 0; j < 4; ++j) shift[j] = _mm512_setzero_si512();
+  const __m512i all_128 = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t g = 0; g < groups; ++g)
+    for (int j = 0; j < 4; ++j) shift[j] = dpbusd(shift[j], all_128, _mm512_loadu_si512(wb + g * 4 * kS8Block + 64 * j));
+  for (int64_t i = 0; i < rows; i += kU8Rows)
+    u8_tile_rows(static_cast<int>(rows - i < kU8Rows ? rows - i : kU8Rows), groups, au8 + i * lda, lda, wb, shift,
+                 acc + i * ld_acc, ld_acc);
+}
+#endif
+
 void gemm_s8_block(int64_t rows, int64_t kp, const int16_t* a, int64_t lda, const int8_t* wb, int32_t* acc,
                    int64_t ld_acc) {
 #if DK_ISA_LEVEL >= 1
@@ -1230,6 +1288,15 @@ void gemm_s8_block(int64_t rows, int64_t kp, const int16_t* a, int64_t lda, cons
     }
 #endif
 }
+
+#if DK_ISA_LEVEL == 2
+// The kernel where the CPU has AVX512-VNNI, else null (the int16 multiply-adds run).
+template <class Fn>
+Fn vnni_variant(Fn kernel) {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512vnni") ? kernel : nullptr;
+}
+#endif
 
 // native where the CPU has AVX512-BF16 (every CPU with AMX tiles), else emulated.
 template <class Fn>
@@ -1263,7 +1330,12 @@ const Kernels table = {kW,
                        bf16_variant(dequant_bias_act_bf16<true>, dequant_bias_act_bf16<false>),
                        bf16_variant(split_bf16x3<true>, split_bf16x3<false>),
                        bias_act_to_f32,
-                       gemm_s8_block};
+                       gemm_s8_block,
+#if DK_ISA_LEVEL == 2
+                       vnni_variant(gemm_u8s8_block)};
+#else
+                       nullptr};
+#endif
 
 #undef DK_INLINE
 

@@ -11,7 +11,7 @@
 //   CPU whose matrix unit takes int8 (AMX; could_pack(kChar)) brgemm packs them and each 64 x 64 output tile is
 //   computed by our AMX loop (amx_tiles.h) where in_features is a multiple of 64, else by one s8 x s8 -> s32
 //   brgemm call. Elsewhere we pack the same layout (pack_blocks_int8) and each tile is cpu::Kernels'
-//   gemm_s8_block: int16 multiply-adds (vpmaddwd), exact on the full grid.
+//   gemm_u8s8_block (AVX512-VNNI dot products) or gemm_s8_block (int16 multiply-adds), both exact on the full grid.
 // - plain W^T (in_features, out_features): one at::_int_mm (oneDNN's int8 GEMM), where it is exact on the full
 //   grid (VNNI), else an fp32 GEMM of the int8 values (int_product).
 // The VNNI blocks go to the matrix unit unless DISTILKERNELS_MATRIX_UNITS is off (read on every call, as quant.py
@@ -36,6 +36,16 @@
 namespace distilkernels {
 
 cpu::Activation parse_activation(c10::string_view activation);  // linear.cpp
+
+namespace {
+
+}  // namespace
+
+// Whether the VNNI-block product runs on AVX512-VNNI dot products (cpu::Kernels' gemm_u8s8_block) now: the CPU
+// has them and DISTILKERNELS_INT8_DOTS is not off (read on every call); else on the int16 multiply-adds.
+bool int8_dots() {
+  return cpu::kernels().gemm_u8s8_block != nullptr && env::switch_on("DISTILKERNELS_INT8_DOTS", true);
+}
 
 namespace {
 
@@ -92,23 +102,33 @@ at::Tensor pack_blocks_int8(const at::Tensor& wt) {
   return padded.view({kp / 4, 4, n_blocks, kBlockN}).permute({2, 0, 3, 1}).contiguous().view({n_blocks, kp, kBlockN});
 }
 
-// The VNNI-block product without the matrix unit: for each 64 x 64 output tile, acc = gemm_s8_block of the
-// activations widened to int16 (a16: (tokens, kp)), then tile(nb, m0, rows, acc) (acc row stride kBlockN).
+// The VNNI-block product without the matrix unit: for each 64 x 64 output tile, acc = the int32 product of the
+// activations xq ((tokens, kp) int8, contiguous) and the weight block, then tile(nb, m0, rows, acc) (acc row
+// stride kBlockN). xq is first shifted to u8 (int8_dots) or widened to int16, once per call.
 template <class Tile>
-void madd_tiles(const int16_t* a16, int64_t tokens, int64_t kp, const int8_t* wp, int64_t n_blocks, const Tile& tile) {
+void vector_tiles(const at::Tensor& xq, int64_t kp, const int8_t* wp, int64_t n_blocks, const Tile& tile) {
   const auto& kern = cpu::kernels();
+  const int64_t tokens = xq.size(0);
+  const bool dots = int8_dots();
+  const auto a = dots ? at::bitwise_xor(xq, -128) : xq.to(at::kShort);  // a + 128 as u8 bits, or int16
+  const auto* au8 = dots ? reinterpret_cast<const uint8_t*>(a.const_data_ptr<int8_t>()) : nullptr;
+  const auto* a16 = dots ? nullptr : a.const_data_ptr<int16_t>();
   brgemm::for_each_tile(tokens, n_blocks, [&](int64_t nb, int64_t m0, int64_t rows) {
     alignas(64) int32_t acc[kBlockM * kBlockN];
-    kern.gemm_s8_block(rows, kp, a16 + m0 * kp, kp, wp + nb * kp * kBlockN, acc, kBlockN);
+    const int8_t* wb = wp + nb * kp * kBlockN;
+    if (dots)
+      kern.gemm_u8s8_block(rows, kp, au8 + m0 * kp, kp, wb, acc, kBlockN);
+    else
+      kern.gemm_s8_block(rows, kp, a16 + m0 * kp, kp, wb, acc, kBlockN);
     tile(nb, m0, rows, acc);
   });
 }
 
-// Whether at::_int_mm on the plain layout runs faster than madd_tiles (with the activations' widening) on a
+// Whether at::_int_mm on the plain layout runs faster than vector_tiles (with the activations' conversion) on a
 // (128, 768) x (768, 768) product (distilbert-base's attention output at 128 tokens), best of 3 calls each. Where
 // the CPU has no VNNI, torch's int8 GEMM is a plain loop, not oneDNN's: on an AMD EPYC (Zen 5) with CPUID
 // masked to AVX2 + FMA it ran 128 x 768 x 3072 in 145 ms against 4 ms for the fp32 GEMM.
-bool int_mm_faster_than_madd() {
+bool int_mm_faster_than_ours() {
   const auto a = at::randint(-127, 128, {128, 768}, at::kChar), b = at::randint(-127, 128, {768, 768}, at::kChar);
   const auto blocks = pack_blocks_int8(b);
   const auto best_of_3 = [](const auto& fn) {
@@ -122,21 +142,21 @@ bool int_mm_faster_than_madd() {
     return best;
   };
   const double t_int_mm = best_of_3([&] { at::_int_mm(a, b); });
-  const double t_madd = best_of_3([&] {
-    const auto a16 = a.to(at::kShort);
-    madd_tiles(a16.const_data_ptr<int16_t>(), 128, 768, blocks.const_data_ptr<int8_t>(), 768 / kBlockN,
-               [](int64_t, int64_t, int64_t, const int32_t*) {});
+  const double t_ours = best_of_3([&] {
+    vector_tiles(a, 768, blocks.const_data_ptr<int8_t>(), 768 / kBlockN, [](int64_t, int64_t, int64_t, const int32_t*) {});
   });
-  return t_int_mm < t_madd;
+  return t_int_mm < t_ours;
 }
 
 }  // namespace
 
 // How the int8 product runs without the matrix unit, decided once per process: "int_mm" where at::_int_mm is exact
-// on the full grid and measures faster than our int16 multiply-adds (quant.py then packs the plain layout), else
-// "madd" (VNNI blocks on gemm_s8_block).
+// on the full grid and measures faster than ours (quant.py then packs the plain layout), else ours on the VNNI
+// blocks: "dots" (AVX512-VNNI, gemm_u8s8_block) or "madd" (int16 multiply-adds, gemm_s8_block).
 std::string int8_vector_gemm() {
-  static const std::string chosen = int_mm_exact_here() && int_mm_faster_than_madd() ? "int_mm" : "madd";
+  static const std::string chosen = int_mm_exact_here() && int_mm_faster_than_ours() ? "int_mm"
+                                    : int8_dots()                                    ? "dots"
+                                                                                     : "madd";
   return chosen;
 }
 
@@ -309,9 +329,8 @@ at::Tensor linear_int8_cpu(const at::Tensor& x, const at::Tensor& packed_weight,
     return out;
   }
   if (vnni && k > 0) {
-    const auto a16 = xq.to(at::kShort);
-    madd_tiles(a16.const_data_ptr<int16_t>(), tokens, kp, packed_weight.const_data_ptr<int8_t>(),
-               (out_features + kBlockN - 1) / kBlockN, [&](int64_t nb, int64_t m0, int64_t rows, const int32_t* acc) {
+    vector_tiles(xq, kp, packed_weight.const_data_ptr<int8_t>(), (out_features + kBlockN - 1) / kBlockN,
+                 [&](int64_t nb, int64_t m0, int64_t rows, const int32_t* acc) {
       const int64_t n0 = nb * kBlockN, cols = std::min(kBlockN, out_features - n0);
       epilogue(acc, kBlockN, rows, cols, xs + m0, ws + n0, b + n0, act, c, m0, n0);
     });

@@ -98,6 +98,7 @@ namespace distilkernels {
 void init_blocks(pybind11::module& m);  // blocks.cpp
 bool mkl_packs();  // linear_mkl.cpp
 std::string int8_vector_gemm();  // linear_int8.cpp
+bool int8_dots();  // linear_int8.cpp
 bool amx_tiles_enabled();  // linear_bf16.cpp
 int64_t mkl_packed_floats(int64_t n, int64_t k, int64_t rows);
 }  // namespace distilkernels
@@ -142,9 +143,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return distilkernels::brgemm::packs(dtype == "bf16" ? at::kBFloat16 : at::kChar);
   }, pybind11::arg("dtype"), "Whether brgemm runs packed (VNNI) weights of this dtype on this CPU's matrix unit");
   m.def("mkl_packs", &distilkernels::mkl_packs, "Whether this torch build exports MKL's packed fp32 GEMM");
+  m.def("int8_dots", &distilkernels::int8_dots,
+        "Whether int8 VNNI blocks run on AVX512-VNNI dot products now, without the matrix unit: the CPU has them "
+        "and DISTILKERNELS_INT8_DOTS is not off (read per call)");
   m.def("int8_vector_gemm", &distilkernels::int8_vector_gemm,
         "How the int8 product runs without the matrix unit, measured once per process: \"int_mm\" (torch's int8 "
-        "GEMM on W^T: exact here and faster than ours) or \"madd\" (VNNI blocks on our int16 multiply-adds)");
+        "GEMM on W^T: exact here and faster than ours), or ours on the VNNI blocks: \"dots\" (AVX512-VNNI; "
+        "DISTILKERNELS_INT8_DOTS=0, read per call, turns it off) or \"madd\" (int16 multiply-adds)");
   m.def("env_reported", [](const std::string& name, const std::string& value) {
     distilkernels::env::first_report(name, value);
   }, pybind11::arg("name"), pybind11::arg("value"),

@@ -39,6 +39,7 @@ SETTINGS = {
     "DISTILKERNELS_ISA": Setting("choice", options=("avx512", "avx2", "scalar"), cpp=True),  # the vector ISA's cap
     "DISTILKERNELS_AMX": Setting("switch", True, cpp=True),  # our AMX tile loops, read on every call
     "DISTILKERNELS_BF16_DOTS": Setting("switch", True, cpp=True),  # bf16 attention on AVX512-BF16, every call
+    "DISTILKERNELS_INT8_DOTS": Setting("switch", True, cpp=True),  # int8 VNNI blocks on AVX512-VNNI, every call
     # gemms: bf16/int8 weights packed for AMX; linear_int8's VNNI blocks on the tiles (C++, every call)
     "DISTILKERNELS_MATRIX_UNITS": Setting("switch", True, cpp=True),
     "DISTILKERNELS_CPU_CACHE_MB": Setting("mib", cpp=True),  # the CPU ops' output cache, read once

@@ -44,7 +44,7 @@ def cpu_fact(fn):
 @cpu_fact
 def int8_vector_gemm() -> str:
     """How distilkernels.quantize's int8 product runs without the matrix unit (csrc/linear_int8.cpp), measured once
-    per process: "int_mm" (torch's int8 GEMM on W^T, exact here and faster than ours) or "madd" (VNNI blocks on our
-    int16 multiply-adds); "" without the extension."""
+    per process: "int_mm" (torch's int8 GEMM on W^T, exact here and faster than ours), or ours on VNNI blocks:
+    "dots" (AVX512-VNNI dot products) or "madd" (int16 multiply-adds); "" without the extension."""
     C = load_extension()
     return "" if C is None else C.int8_vector_gemm()

@@ -46,9 +46,9 @@ def use_matrix_unit(dtype: str) -> bool:
 def int8_blocks() -> bool:
     """Whether distilkernels.quantize packs the int8 weights in VNNI blocks (ops.pack_linear_int8(vnni=True)):
     on the AMX tiles (use_matrix_unit("int8")), or where this CPU's int8 product is our int16 multiply-adds
-    (distilkernels._ext.int8_vector_gemm() "madd": torch's int8 GEMM is inexact or slower here). Otherwise W^T
-    for torch's int8 GEMM."""
-    return use_matrix_unit("int8") or int8_vector_gemm() == "madd"
+    (distilkernels._ext.int8_vector_gemm() "dots" or "madd": torch's int8 GEMM is inexact or slower here than
+    ours). Otherwise W^T for torch's int8 GEMM."""
+    return use_matrix_unit("int8") or int8_vector_gemm() in ("dots", "madd")
 
 
 @torch.compiler.assume_constant_result  # a graph traced now keeps what it read then (as for the env switches)
@@ -122,11 +122,12 @@ def precision_paths() -> dict[str, str]:
     paths["int8"] = ("s8 x s8 -> s32 on AMX tiles (our tile loop; brgemm where in_features % 64 != 0), weights "
                      "packed once (VNNI), per-token scales, fused epilogue"
                      if use_matrix_unit("int8") else
-                     "s8 x s8 -> s32 as int16 multiply-adds (our gemm_s8_block, " + ext.vector_isa() + "), weights "
-                     "packed once (VNNI blocks), per-token scales, fused epilogue; torch's int8 GEMM measured slower "
-                     "or inexact here" if int8_blocks() else
-                     "torch _int_mm (oneDNN's int8 GEMM: exact here, VNNI, and faster than our int16 multiply-adds) "
-                     "on weights transposed once, per-token scales, fused epilogue")
+                     ("u8 x s8 -> s32 on AVX512-VNNI dot products (our gemm_u8s8_block)" if ext.int8_dots() else
+                      "s8 x s8 -> s32 as int16 multiply-adds (our gemm_s8_block, " + ext.vector_isa() + ")")
+                     + ", weights packed once (VNNI blocks), per-token scales, fused epilogue; torch's int8 GEMM "
+                     "measured slower or inexact here" if int8_blocks() else
+                     "torch _int_mm (oneDNN's int8 GEMM: exact here, VNNI, and faster than ours) on weights "
+                     "transposed once, per-token scales, fused epilogue")
     paths["int8"] += ("; attention in fp32" if not int8_attention_in_bf16() else
                       "; q|k|v written in bf16 and attention on the bf16 tiles" if use_matrix_unit("bf16") else
                       "; q|k|v written in bf16 and attention on AVX512-BF16 dot products")

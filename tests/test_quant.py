@@ -430,5 +430,5 @@ def test_precision_paths_report_this_cpu():
     assert ("AMX tiles" in paths["bf16"]) == gemms.use_matrix_unit("bf16")
     assert paths["fp32"].startswith("distilkernels linear_packed")
     assert ("AMX tiles" in paths["int8"]) == gemms.use_matrix_unit("int8")
-    assert ("multiply-adds (our gemm_s8_block" in paths["int8"]) == (gemms.int8_blocks()
-                                                                    and not gemms.use_matrix_unit("int8"))
+    ours = gemms.int8_blocks() and not gemms.use_matrix_unit("int8")
+    assert ("(our gemm_s8_block" in paths["int8"] or "(our gemm_u8s8_block" in paths["int8"]) == ours

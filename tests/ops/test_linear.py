@@ -190,8 +190,22 @@ def _units(dtype):
 
 
 LAYOUTS = [False, pytest.param(True, marks=pytest.mark.skipif(not _units("bf16"), reason="needs AMX (bf16)"))]
-# The VNNI blocks run on every CPU: AMX tiles where the unit takes int8, our int16 multiply-adds elsewhere.
+# The VNNI blocks run on every CPU: AMX tiles where the unit takes int8, elsewhere our AVX512-VNNI dot products
+# where the CPU has them or our int16 multiply-adds (int8_layout sets which).
 LAYOUTS_INT8 = [False, True]
+
+
+@pytest.fixture(params=["plain", "dots", "madd"])
+def int8_layout(request, monkeypatch):
+    """vnni for pack_linear_int8, with the kernel the VNNI blocks take without AMX set: the plain layout (False),
+    or the VNNI blocks (True) on AVX512-VNNI dot products (skipped where the CPU has none) or on the int16
+    multiply-adds (DISTILKERNELS_INT8_DOTS=0, read by the op on every call)."""
+    from distilkernels._ext import load_extension
+
+    monkeypatch.setenv("DISTILKERNELS_INT8_DOTS", "0" if request.param == "madd" else "1")
+    if request.param == "dots" and not load_extension().int8_dots():
+        pytest.skip("no AVX512-VNNI here: the multiply-adds ran as 'madd'")
+    return request.param != "plain"
 # Odd K, N, tails. On AMX, in_features a multiple of 32 takes our tile loop (csrc/linear_bf16.cpp), the others
 # brgemm: 16-row groups full, partial (17, 33) and odd in number (130 = 64 + 64 + 2), several weight blocks per
 # thread (prefetched ahead), a partial last block (129, 200), superblocks of 256 rows, the last one partial (300).
@@ -384,11 +398,11 @@ def _int8_peer(x, weight, bias):
 @pytest.mark.parametrize("activation", ["none", "gelu", "relu"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("tokens, in_features, out_features", SHAPES)
-@pytest.mark.parametrize("vnni", LAYOUTS_INT8)
-def test_linear_int8_matches_reference(tokens, in_features, out_features, bias, activation, vnni):
+def test_linear_int8_matches_reference(tokens, in_features, out_features, bias, activation, int8_layout):
     """Against the torch reference of the same quantization (integer product exact in fp64): equal up to fp32
     rounding of the dequantization and the GELU approximation (~1e-6 relative); against fp64 of the unquantized
     inputs no worse than 2x torch's dynamic int8 linear."""
+    vnni = int8_layout
     torch.manual_seed(0)
     x = torch.randn(tokens, in_features) * torch.rand(tokens, 1) * 4  # tokens of different magnitudes
     weight, b = torch.randn(out_features, in_features) * 0.1, (torch.randn(out_features) if bias else None)
@@ -479,14 +493,14 @@ def test_linear_int8_zero_rows_and_empty(vnni):
     assert torch.equal(ops.linear_int8(torch.randn(2, 0), packed0, scale0, 9, bias, "relu"), F.relu(bias).expand(2, 9))
 
 
-@pytest.mark.parametrize("vnni", LAYOUTS_INT8)
 @pytest.mark.parametrize("tokens, in_features, out_features",
                          [(1, 768, 64), (13, 768, 130), (25, 257, 67), (70, 1, 3), (7, 6, 64)])
-def test_linear_int8_product_exact_at_grid_ends(vnni, tokens, in_features, out_features):
+def test_linear_int8_product_exact_at_grid_ends(tokens, in_features, out_features, int8_layout):
     """Integer-valued x and weights whose rows reach +-127 get scales of exactly 1, so the output is the integer
     product itself, exact in fp32 while |sum| < 2^24 (768 * 127^2 = 1.24e7). Rows of +-127 throughout are where
     16-bit pair sums of u8 x s8 products saturate (oneDNN's int8 GEMM without VNNI: 2 * 255 * 127 > 2^15). Shapes:
     the row tiles' tails (13 = 12 + 1 = 6 + 6 + 1), partial column blocks (67, 130, 3), in_features padded to 4."""
+    vnni = int8_layout
     g = torch.Generator().manual_seed(5)
     x = torch.randint(-127, 128, (tokens, in_features), generator=g).float()
     w = torch.randint(-127, 128, (out_features, in_features), generator=g).float()
@@ -566,6 +580,12 @@ def test_bf16_int8_gemms_on_capped_isa(isa, onednn):
         "    got = ops.linear_int8(x.bfloat16(), *ops.pack_linear_int8(w, vnni), 67, b, 'relu').float()\n"
         "    ref = reference.linear_int8(x.bfloat16().float(), *reference.pack_linear_int8(w, False), 67, b, 'relu')\n"
         "    assert ((got - ref).abs() <= 2 ** -8 * ref.abs() + 1e-5 * ref.abs().max()).all(), vnni\n"
+        # the product exact at the grid's ends (scales of 1: the output is the integer product), odd tails
+        "xi = torch.randint(-127, 128, (13, 257)).float(); wi = torch.randint(-127, 128, (67, 257)).float()\n"
+        "xi[:, 0], wi[:, 0] = 127, -127; xi[0], wi[0] = 127, 127\n"
+        "for vnni in (False, True):\n"
+        "    got = ops.linear_int8(xi, *ops.pack_linear_int8(wi, vnni), 67)\n"
+        "    assert torch.equal(got.double(), xi.double() @ wi.double().t()), vnni\n"
         "print(ops._extension().vector_isa())\n"
     )
     import os
