@@ -1134,12 +1134,12 @@ void softmax_update_bf16(const float* s, int64_t lds, int64_t m, int64_t n, int6
 // any int8 GEMM that accumulates in int32. Unlike the u8 x s8 pair sums of vpmaddubsw (oneDNN's int8 GEMM without
 // VNNI), nothing saturates, so weights keep the full [-127, 127] grid.
 //
-// Its bound: each multiply-add (16 products at AVX2) costs one vpmaddwd and one vpaddd, and every 4 x 2 register
-// tile (AVX2) adds 2 widening loads and 4 broadcasts, ~22 vector ops per 128 products on the four FP pipes of a
-// Zen core, against the FMA's 16 products per op (two pipes). On the Zen 4 EPYC (1 thread, 128 x 768 x 3072) AVX2
-// ran 71-73 GMAC/s against 54 for our fp32 kernel at its FMA peak; AVX-512 (8 x 2 tiles) 90. Without the empty
-// asm in s8_tile, GCC 12 summed into the product's register and copied the sum back, 8 extra moves per 8
-// multiply-adds: no slower on this 6-wide Zen 4 (the pipes bind), but issue slots on a narrower core (unmeasured).
+// Its bound: each multiply-add (16 products at AVX2) costs one vpmaddwd and one vpaddd, and every 6 x 2 register
+// tile (AVX2) adds 2 widening loads and 6 broadcasts per group: ~32 vector ops per 192 products on the four FP
+// pipes of a Zen core, against the FMA's 16 products per op (two pipes). On the Zen 4 EPYC (1 thread, 128 x 768 x
+// 3072) AVX2 ran 79-80 GMAC/s with 6-row tiles (4 rows: 71-74, 5: 75) against 54 for our fp32 kernel at its FMA
+// peak; AVX-512 (8 x 2 tiles) 93-94. The empty asm in s8_tile keeps each accumulator in place: without it GCC 12
+// summed into the product's register and copied the sum back, 8 moves per 8 multiply-adds (and spilled at 6 rows).
 
 constexpr int64_t kS8Block = 64;
 
@@ -1147,7 +1147,8 @@ constexpr int64_t kS8Block = 64;
 #if DK_ISA_LEVEL == 2
 using VI = __m512i;
 constexpr int kS8Cols = 8;  // columns per vector
-constexpr int kS8Rows = 8;  // 8 x 2 accumulators + 2 weight vectors + broadcasts and products of 32 registers
+constexpr int kS8Rows = 8;  // 8 x 2 accumulators + 2 weight vectors + broadcasts and products of 32 registers (12
+                            // rows measured no faster)
 DK_INLINE VI s8_weights(const int8_t* w) {
   return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
 }
@@ -1168,7 +1169,7 @@ DK_INLINE void s8_store(int32_t* out, VI lo, VI hi) {
 #else
 using VI = __m256i;
 constexpr int kS8Cols = 4;
-constexpr int kS8Rows = 4;  // 4 x 2 accumulators + 2 weight vectors + broadcasts and products of 16 registers
+constexpr int kS8Rows = 6;  // 6 x 2 accumulators + 2 weight vectors + 1 broadcast + 1 product of 16 registers
 DK_INLINE VI s8_weights(const int8_t* w) {
   return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
 }
@@ -1218,7 +1219,8 @@ DK_INLINE void s8_tile_rows(int rows, int64_t groups, const int16_t* a, int64_t 
 // lane's 4 u8 x s8 products into int32 (no 16-bit intermediate, nothing saturates), and a lane of the VNNI layout
 // is exactly one column's 4 rows of k, so a group's 64 columns are 4 vectors read as they lie. The +128 shift is
 // taken out once per call: acc = au8 @ w - 128 * colsum(w), the column sums from one more vpdpbusd pass with
-// all-128 activations. Emitted as asm, as the bf16 conversions above, so the region's target needs no VNNI.
+// all-128 activations. Both terms wrap modulo 2^32 alike, so the difference is exact wherever the true product fits
+// in int32, even past kp = 66000 where au8 @ w alone would not. Emitted as asm, as the bf16 conversions above, so the region's target needs no VNNI.
 // On the Zen 4 EPYC (128 x 768 x 3072, quantization and epilogue included): 205 GMAC/s on 1 thread (the int16
 // multiply-adds 90); on 2 threads 0.75 ms against 0.81 for torch's _int_mm, which reorders W on every call.
 DK_INLINE __m512i dpbusd(__m512i acc, __m512i a_u8, __m512i w_s8) {
