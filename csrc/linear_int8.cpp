@@ -37,10 +37,6 @@ namespace distilkernels {
 
 cpu::Activation parse_activation(c10::string_view activation);  // linear.cpp
 
-namespace {
-
-}  // namespace
-
 // Whether the VNNI-block product runs on AVX512-VNNI dot products (cpu::Kernels' gemm_u8s8_block) now: the CPU
 // has them and DISTILKERNELS_INT8_DOTS is not off (read on every call); else on the int16 multiply-adds.
 bool int8_dots() {
