@@ -7,7 +7,13 @@
 
 #include <mutex>
 #include <set>
+#include <string>
 #include <thread>
+#include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
 
 #include "attention.h"
 #include "cpu_cache.h"
@@ -119,6 +125,40 @@ int64_t parallel_threads_used() {
   return static_cast<int64_t>(ids.size());
 }
 
+// The x86 features among distilkernels.machine's ISA_FLAGS (named as /proc/cpuinfo names them) that CPUID reports
+// to this process: the kernel's /proc/cpuinfo lists the hardware's, which a CPUID shim (tests/cpuid_avx2.c) or a
+// hypervisor's masking can hide from a process without changing that file. Empty off x86.
+std::vector<std::string> cpuid_flags() {
+  std::vector<std::string> out;
+#if defined(__x86_64__) || defined(__i386__)
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  const auto add = [&](unsigned reg, int bit, const char* name) {
+    if (reg & (1u << bit)) out.emplace_back(name);
+  };
+  if (__get_cpuid(1, &a, &b, &c, &d)) {
+    add(c, 28, "avx");
+    add(c, 12, "fma");
+    add(c, 29, "f16c");
+  }
+  if (__get_cpuid_count(7, 0, &a, &b, &c, &d)) {
+    add(b, 5, "avx2");
+    add(b, 16, "avx512f");
+    add(b, 17, "avx512dq");
+    add(b, 30, "avx512bw");
+    add(b, 31, "avx512vl");
+    add(c, 11, "avx512_vnni");
+    add(d, 22, "amx_bf16");
+    add(d, 24, "amx_tile");
+    add(d, 25, "amx_int8");
+  }
+  if (__get_cpuid_count(7, 1, &a, &b, &c, &d)) {
+    add(a, 4, "avx_vnni");
+    add(a, 5, "avx512_bf16");
+  }
+#endif
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -127,6 +167,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("parallel_threads_used", &parallel_threads_used,
         "Distinct threads that at::parallel_for used for a large loop");
   m.def("vector_isa", &distilkernels::vec::isa_name, "Instruction set the CPU kernels dispatch to");
+  m.def("cpuid_flags", &cpuid_flags, "The x86 ISA features CPUID reports to this process, named as /proc/cpuinfo "
+        "names them (those distilkernels.machine tracks)");
   m.def("cpu_cache_stats", []() {
     const auto s = distilkernels::cpu_cache_stats();
     return pybind11::dict(pybind11::arg("limit_bytes") = s.limit_bytes, pybind11::arg("cached_bytes") = s.cached_bytes,

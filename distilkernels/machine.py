@@ -38,10 +38,28 @@ def cpu_model() -> str:
     return _cpuinfo()[0] or platform.processor() or platform.machine()
 
 
+# The x86 flags the C++ extension also asks CPUID for (csrc/ops.cpp cpuid_flags).
+CPUID_FLAGS = frozenset(ISA_FLAGS) - {"neon", "asimd", "sve"}
+
+
+@functools.lru_cache(maxsize=None)
+def _cpuid_flags() -> frozenset[str] | None:
+    """The CPUID_FLAGS that CPUID reports to this process (the C++ extension asks), or None where that cannot be
+    asked (no extension, not x86)."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return None
+    from ._ext import load_extension
+
+    ext = load_extension()
+    return None if ext is None else frozenset(ext.cpuid_flags())
+
+
 def isa_flags() -> list[str]:
-    """The subset of ISA_FLAGS this CPU reports, in ISA_FLAGS order."""
-    flags = _cpuinfo()[1]
-    return [f for f in ISA_FLAGS if f in flags]
+    """The subset of ISA_FLAGS this CPU reports, in ISA_FLAGS order: the flags of /proc/cpuinfo (the hardware's),
+    less any x86 one that CPUID does not report to this process (hidden by a CPUID shim such as
+    tests/cpuid_avx2.c, which libraries like ours, torch and oneDNN then do not use either)."""
+    flags, cpuid = _cpuinfo()[1], _cpuid_flags()
+    return [f for f in ISA_FLAGS if f in flags and (cpuid is None or f not in CPUID_FLAGS or f in cpuid)]
 
 
 def matrix_units() -> dict[str, str]:

@@ -318,6 +318,7 @@ def test_machine_matrix_units(monkeypatch, flags, units):
     from distilkernels import machine
 
     monkeypatch.setattr(machine, "_cpuinfo", lambda: ("Test CPU", frozenset(flags | {"sse2", "not_a_flag"})))
+    monkeypatch.setattr(machine, "_cpuid_flags", lambda: None)  # this process's CPUID: not asked
     assert machine.cpu_model() == "Test CPU"
     assert set(machine.isa_flags()) == flags  # only the flags the kernels care about, in ISA_FLAGS order
     assert machine.matrix_units() == units

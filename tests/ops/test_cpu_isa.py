@@ -156,15 +156,18 @@ def test_model_tests_under_tier(tier, tmp_path):
         pytest.skip("the avx2-cpuid tier runs these files here, as an AVX2-only CPU for every library")
     env = tier_env(tier, tmp_path)
     probe = subprocess.run([sys.executable, "-c", "import torch; from distilkernels._ext import load_extension as l; "
+                            "from distilkernels.machine import isa_flags; "
                             "e = l(); print(e.vector_isa(), e.amx_tiles_enabled(), e.int8_vector_gemm(), "
-                            "torch.backends.cpu.get_cpu_capability())"],
+                            "torch.backends.cpu.get_cpu_capability(), ','.join(isa_flags()))"],
                            env=env, capture_output=True, text=True, timeout=300)
-    isa, tiles, int8_vector_gemm, capability = probe.stdout.split()
+    isa, tiles, int8_vector_gemm, capability, flags = probe.stdout.split()
     assert (isa, tiles) == ("avx512" if tier == "avx512-no-amx" else "avx2", "False"), probe.stdout + probe.stderr
     if tier.startswith("avx2"):  # torch's int8 GEMM without VNNI: inexact (oneDNN capped) or a plain loop (CPUID)
         assert int8_vector_gemm == "madd", probe.stdout
-    if tier == "avx2-cpuid":  # torch sees the same CPU
+    if tier == "avx2-cpuid":  # torch sees the same CPU, and so do the flags that info and the benchmarks report
         assert capability == "AVX2", probe.stdout
+        assert {"avx2", "fma"} <= set(flags.split(",")), probe.stdout
+        assert not {f for f in flags.split(",") if "avx512" in f or "amx" in f or "vnni" in f}, probe.stdout
     # The CPUID shim answers from a SIGSEGV handler, which pytest's faulthandler would replace
     run_pytest(env, MODEL_TEST_FILES, *(("-p", "no:faulthandler") if tier == "avx2-cpuid" else ()))
 
