@@ -131,29 +131,23 @@ int64_t parallel_threads_used() {
 std::vector<std::string> cpuid_flags() {
   std::vector<std::string> out;
 #if defined(__x86_64__) || defined(__i386__)
-  unsigned a = 0, b = 0, c = 0, d = 0;
-  const auto add = [&](unsigned reg, int bit, const char* name) {
-    if (reg & (1u << bit)) out.emplace_back(name);
+  struct Feature {
+    unsigned leaf, subleaf;
+    int reg;  // 0 eax, 1 ebx, 2 ecx, 3 edx
+    int bit;
+    const char* name;
   };
-  if (__get_cpuid(1, &a, &b, &c, &d)) {
-    add(c, 28, "avx");
-    add(c, 12, "fma");
-    add(c, 29, "f16c");
-  }
-  if (__get_cpuid_count(7, 0, &a, &b, &c, &d)) {
-    add(b, 5, "avx2");
-    add(b, 16, "avx512f");
-    add(b, 17, "avx512dq");
-    add(b, 30, "avx512bw");
-    add(b, 31, "avx512vl");
-    add(c, 11, "avx512_vnni");
-    add(d, 22, "amx_bf16");
-    add(d, 24, "amx_tile");
-    add(d, 25, "amx_int8");
-  }
-  if (__get_cpuid_count(7, 1, &a, &b, &c, &d)) {
-    add(a, 4, "avx_vnni");
-    add(a, 5, "avx512_bf16");
+  static const Feature features[] = {
+      {1, 0, 2, 28, "avx"},          {1, 0, 2, 12, "fma"},          {1, 0, 2, 29, "f16c"},
+      {7, 0, 1, 5, "avx2"},          {7, 0, 1, 16, "avx512f"},      {7, 0, 1, 17, "avx512dq"},
+      {7, 0, 1, 30, "avx512bw"},     {7, 0, 1, 31, "avx512vl"},     {7, 0, 2, 11, "avx512_vnni"},
+      {7, 0, 3, 22, "amx_bf16"},     {7, 0, 3, 24, "amx_tile"},     {7, 0, 3, 25, "amx_int8"},
+      {7, 1, 0, 4, "avx_vnni"},      {7, 1, 0, 5, "avx512_bf16"},
+  };
+  for (const auto& f : features) {
+    unsigned regs[4] = {0, 0, 0, 0};
+    if (__get_cpuid_count(f.leaf, f.subleaf, &regs[0], &regs[1], &regs[2], &regs[3]) && (regs[f.reg] >> f.bit & 1u))
+      out.emplace_back(f.name);
   }
 #endif
   return out;
