@@ -182,9 +182,10 @@ def check_cu_seqlens(cu_seqlens, max_seqlen, total: int, q: torch.Tensor) -> int
 
 def check_packed(x, packed_weight, dtype, out_features, bias, bias_dtypes, activations: tuple, activation,
                  rows_per_feature: int = 1) -> None:
-    """The arguments of the matrix-unit GEMMs (linear_bf16, linear_bf16x3, linear_int8) besides x. The plain
+    """The arguments of the packed-weight GEMMs (linear_bf16, linear_bf16x3, linear_int8) besides x. The plain
     layout (2-D) is weight^T, (rows_per_feature * in_features, out_features), checked here on every backend; the
-    matrix unit's VNNI blocks (3-D, the C++ backend only) are checked by the C++ op, which knows their blocking."""
+    VNNI blocks (3-D, the C++ backend only: the matrix unit's, and int8's on any CPU) are checked by the C++ op,
+    which knows their blocking."""
     if not isinstance(packed_weight, torch.Tensor) or packed_weight.dtype != dtype or packed_weight.dim() not in (2, 3):
         raise ValueError(f"packed_weight must be a 2-D or 3-D {dtype} tensor from its pack op, got {describe(packed_weight)}")
     if isinstance(out_features, bool) or not isinstance(out_features, int) or out_features < 0:

@@ -5,10 +5,10 @@ dynamic int8 quantization of the fused blocks' four GEMMs (CPU).
     with torch.inference_mode():
         out = model(**batch)
 
-Weights are quantized once per output channel (symmetric int8, scale = max|w| / 127; / 63 where the CPU's int8
-GEMM is exact only on weights that narrow: no VNNI, see `ops.pack_linear_int8`) and packed for the
-int8 GEMM (`ops.pack_linear_int8`: brgemm's VNNI blocks on CPUs whose matrix unit takes int8, AMX; W^T for
-torch's int8 GEMM elsewhere). Activations get one scale per token (symmetric int8, max|x[r]| / 127), quantized
+Weights are quantized once per output channel (symmetric int8, scale = max|w| / 127) and packed once
+(`ops.pack_linear_int8`) for the product this CPU runs fastest (gemms.int8_blocks): VNNI blocks for the AMX tiles,
+or, without them, for our AVX512-VNNI dot products or int16 multiply-adds; W^T where torch's int8 GEMM (oneDNN,
+VNNI) measured faster than ours. Every product is exact on the full grid. Activations get one scale per token (symmetric int8, max|x[r]| / 127), quantized
 in one pass inside `ops.linear_int8`, whose epilogue dequantizes and adds the bias (and lin1's activation).
 Where the CPU's matrix unit takes bf16 (AMX), or bf16 attention runs on AVX512-BF16 dot products (bf16_attention),
 the q|k|v GEMM's epilogue rounds its output to bf16 and attention runs on the tiles or the dot products (fp32
@@ -46,8 +46,8 @@ def check_dtype(dtype) -> None:
 
 
 class PackInt8:
-    """derive for DerivedWeights: (packed int8 weight, weight scales, fp32 bias), in the matrix unit's VNNI layout
-    or the plain one."""
+    """derive for DerivedWeights: (packed int8 weight, weight scales, fp32 bias), in VNNI blocks or the plain
+    layout."""
 
     def __init__(self, vnni: bool):
         self.vnni = vnni
@@ -67,8 +67,8 @@ class Int8Gemms:
         self.parts = parts
         self.activations = activations
         self.groups = gemm_groups(parts)
-        # name -> {vnni: DerivedWeights}: the C++ backend on AMX packs in the VNNI layout, any other backend (the
-        # torch reference, under force_backend) in the plain one, so each layout is kept apart
+        # name -> {vnni: DerivedWeights}: the C++ backend packs the layout gemms.int8_blocks() picks, any other
+        # backend (the torch reference, under force_backend) the plain one, so each layout is kept apart
         self.packed = {name: {} for name in self.groups}
         self.linears = tuple(lin for linears in self.groups.values() for lin in linears)
         self.bound = BoundCalls()  # (activation, backend) -> (params_key of the linears, GemmCalls): gemms.bound_calls
