@@ -149,7 +149,7 @@ def _gemm_candidates(precision: str, n: int) -> dict:
         candidates = {f"torch._int_mm int8 x int8 -> int32, {n}^3": lambda: torch._int_mm(a, b)}
         if "onednn" in torch.backends.quantized.supported_engines:
             candidates[f"oneDNN quantized.linear u8 x s8, prepacked, {n}^3"] = _int8_onednn(n, gen)
-        # Ours on VNNI blocks (AMX tiles, else int16 multiply-adds), fp32 in and out: where the CPU has no VNNI,
+        # Ours on VNNI blocks (AMX tiles, VNNI dot products or int16 multiply-adds), fp32 in and out: without VNNI,
         # torch._int_mm is a plain loop and oneDNN's int8 GEMM saturates, so ours may be the fastest exact one.
         x = torch.randn(n, n, generator=gen)
         packed, scale = ops.pack_linear_int8(torch.randn(n, n, generator=gen), vnni=True)

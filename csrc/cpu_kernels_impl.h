@@ -1220,7 +1220,8 @@ DK_INLINE void s8_tile_rows(int rows, int64_t groups, const int16_t* a, int64_t 
 // is exactly one column's 4 rows of k, so a group's 64 columns are 4 vectors read as they lie. The +128 shift is
 // taken out once per call: acc = au8 @ w - 128 * colsum(w), the column sums from one more vpdpbusd pass with
 // all-128 activations. Both terms wrap modulo 2^32 alike, so the difference is exact wherever the true product fits
-// in int32, even past kp = 66000 where au8 @ w alone would not. Emitted as asm, as the bf16 conversions above, so the region's target needs no VNNI.
+// in int32, even past kp = 66000 where au8 @ w alone would not. vpdpbusd is emitted as asm, as the bf16
+// conversions above, so the region's target needs no VNNI.
 // On the Zen 4 EPYC (128 x 768 x 3072, quantization and epilogue included): 205 GMAC/s on 1 thread (the int16
 // multiply-adds 90); on 2 threads 0.75 ms against 0.81 for torch's _int_mm, which reorders W on every call.
 DK_INLINE __m512i dpbusd(__m512i acc, __m512i a_u8, __m512i w_s8) {
@@ -1266,7 +1267,8 @@ void gemm_u8s8_block(int64_t rows, int64_t kp, const uint8_t* au8, int64_t lda, 
   for (int j = 0; j < 4; ++j) shift[j] = _mm512_setzero_si512();
   const __m512i all_128 = _mm512_set1_epi8(static_cast<char>(0x80));
   for (int64_t g = 0; g < groups; ++g)
-    for (int j = 0; j < 4; ++j) shift[j] = dpbusd(shift[j], all_128, _mm512_loadu_si512(wb + g * 4 * kS8Block + 64 * j));
+    for (int j = 0; j < 4; ++j)
+      shift[j] = dpbusd(shift[j], all_128, _mm512_loadu_si512(wb + g * 4 * kS8Block + 64 * j));
   for (int64_t i = 0; i < rows; i += kU8Rows)
     u8_tile_rows(static_cast<int>(rows - i < kU8Rows ? rows - i : kU8Rows), groups, au8 + i * lda, lda, wb, shift,
                  acc + i * ld_acc, ld_acc);

@@ -45,35 +45,41 @@ bool int8_dots() {
 
 namespace {
 
-// Whether at::_int_mm (oneDNN's s8 x s8 -> s32 GEMM) gives the exact integer product of int8 values spanning
-// [-127, 127], checked against int64 sums. Without VNNI (AVX2, AVX-512 without VNNI, or oneDNN capped below it by
-// ONEDNN_MAX_CPU_ISA) oneDNN shifts the activations to u8 and sums pairs of u8 x s8 products in saturating 16-bit
-// lanes: on the AMX Xeon under ONEDNN_MAX_CPU_ISA=AVX2, 128 x 768 x 768 products came out up to 1.4e5 off.
-bool int_mm_exact() {
-  constexpr int64_t m = 16, k = 64, n = 16;
-  auto a = at::empty({m, k}, at::kChar), b = at::empty({k, n}, at::kChar);
-  int8_t* pa = a.mutable_data_ptr<int8_t>();
-  int8_t* pb = b.mutable_data_ptr<int8_t>();
-  for (int64_t i = 0; i < m * k; ++i) pa[i] = static_cast<int8_t>((i * 37) % 255 - 127);
-  for (int64_t i = 0; i < k * n; ++i) pb[i] = static_cast<int8_t>((i * 53) % 255 - 127);
-  at::Tensor c;
-  try {
-    c = at::_int_mm(a, b).contiguous();
-  } catch (const std::exception&) {  // a torch build without it
-    return false;
-  }
-  const int32_t* pc = c.const_data_ptr<int32_t>();
-  for (int64_t i = 0; i < m; ++i)
-    for (int64_t j = 0; j < n; ++j) {
-      int64_t sum = 0;
-      for (int64_t p = 0; p < k; ++p) sum += int64_t{pa[i * k + p]} * pb[p * n + j];
-      if (pc[i * n + j] != sum) return false;
-    }
-  return true;
+// A (rows, cols) int8 matrix spanning [-127, 127]: element i is (i * step) % 255 - 127. Deterministic, so the
+// checks below neither depend on nor advance torch's random generator.
+at::Tensor int8_pattern(int64_t rows, int64_t cols, int64_t step) {
+  auto t = at::empty({rows, cols}, at::kChar);
+  int8_t* p = t.mutable_data_ptr<int8_t>();
+  for (int64_t i = 0; i < rows * cols; ++i) p[i] = static_cast<int8_t>((i * step) % 255 - 127);
+  return t;
 }
 
+// Whether at::_int_mm (oneDNN's s8 x s8 -> s32 GEMM) gives the exact integer product of int8 values spanning
+// [-127, 127], checked once per process against int64 sums. Without VNNI (AVX2, AVX-512 without VNNI, or oneDNN
+// capped below it by ONEDNN_MAX_CPU_ISA) oneDNN shifts the activations to u8 and sums pairs of u8 x s8 products
+// in saturating 16-bit lanes: on the AMX Xeon under ONEDNN_MAX_CPU_ISA=AVX2, 128 x 768 x 768 products came out
+// up to 1.4e5 off.
 bool int_mm_exact_here() {
-  static const bool exact = int_mm_exact();
+  static const bool exact = [] {
+    constexpr int64_t m = 16, k = 64, n = 16;
+    const auto a = int8_pattern(m, k, 37), b = int8_pattern(k, n, 53);
+    at::Tensor c;
+    try {
+      c = at::_int_mm(a, b).contiguous();
+    } catch (const std::exception&) {  // a torch build without it
+      return false;
+    }
+    const int8_t* pa = a.const_data_ptr<int8_t>();
+    const int8_t* pb = b.const_data_ptr<int8_t>();
+    const int32_t* pc = c.const_data_ptr<int32_t>();
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) {
+        int64_t sum = 0;
+        for (int64_t p = 0; p < k; ++p) sum += int64_t{pa[i * k + p]} * pb[p * n + j];
+        if (pc[i * n + j] != sum) return false;
+      }
+    return true;
+  }();
   return exact;
 }
 
@@ -125,7 +131,7 @@ void vector_tiles(const at::Tensor& xq, int64_t kp, const int8_t* wp, int64_t n_
 // the CPU has no VNNI, torch's int8 GEMM is a plain loop, not oneDNN's: on an AMD EPYC (Zen 5) with CPUID
 // masked to AVX2 + FMA it ran 128 x 768 x 3072 in 145 ms against 4 ms for the fp32 GEMM.
 bool int_mm_faster_than_ours() {
-  const auto a = at::randint(-127, 128, {128, 768}, at::kChar), b = at::randint(-127, 128, {768, 768}, at::kChar);
+  const auto a = int8_pattern(128, 768, 37), b = int8_pattern(768, 768, 53);
   const auto blocks = pack_blocks_int8(b);
   const auto best_of_3 = [](const auto& fn) {
     fn();
@@ -139,7 +145,8 @@ bool int_mm_faster_than_ours() {
   };
   const double t_int_mm = best_of_3([&] { at::_int_mm(a, b); });
   const double t_ours = best_of_3([&] {
-    vector_tiles(a, 768, blocks.const_data_ptr<int8_t>(), 768 / kBlockN, [](int64_t, int64_t, int64_t, const int32_t*) {});
+    vector_tiles(a, 768, blocks.const_data_ptr<int8_t>(), 768 / kBlockN,
+                 [](int64_t, int64_t, int64_t, const int32_t*) {});
   });
   return t_int_mm < t_ours;
 }
@@ -213,10 +220,11 @@ void epilogue(const int32_t* acc, int64_t ld_acc, int64_t rows, int64_t cols, co
     kern.dequant_bias_act(acc, ld_acc, rows, cols, x_scale, w_scale, bias, act, out.f32 + m0 * out.ld + n0, out.ld);
 }
 
-// The plain layout's product q(x) @ W^T as int32: at::_int_mm where it is exact (int_mm_exact); elsewhere an
+// The plain layout's product q(x) @ W^T as int32: at::_int_mm where it is exact (int_mm_exact_here); elsewhere an
 // fp32 GEMM of the int8 values, exact while partial sums stay below 2^24 (in_features <= 1040 always:
 // 1040 * 127^2 < 2^24), and otherwise off by fp32 rounding of sums that large (relative 6e-8, far below the
-// quantization's own error). quant.py packs this layout where int8_vector_gemm() is "int_mm" and the matrix unit is not used.
+// quantization's own error). quant.py packs this layout where int8_vector_gemm() is "int_mm" and the matrix
+// unit is not used.
 at::Tensor int_product(const at::Tensor& xq, const at::Tensor& w) {
   if (int_mm_exact_here()) {
     // Row-major strides spelt out: a (rows, 1) or (1, cols) matrix is contiguous with either stride on its size-1
@@ -228,16 +236,15 @@ at::Tensor int_product(const at::Tensor& xq, const at::Tensor& w) {
   return fp32_product(xq, w);
 }
 
-void gemm_vnni(const int8_t* a, const float* x_scale, int64_t tokens, int64_t kp, const int8_t* wp,
-               const float* w_scale, int64_t out_features, const float* bias, cpu::Activation act, const Out& c) {
-  const int64_t n_blocks = (out_features + kBlockN - 1) / kBlockN;
-  const int64_t block = kp * kBlockN;
+// The VNNI-block product on the matrix unit through one s8 x s8 -> s32 brgemm call per 64 x 64 output tile, then
+// tile(nb, m0, rows, acc) as vector_tiles calls it. a: (tokens, kp) int8.
+template <class Tile>
+void brgemm_tiles(const int8_t* a, int64_t tokens, int64_t kp, const int8_t* wp, int64_t n_blocks, const Tile& tile) {
   brgemm::for_each_tile(tokens, n_blocks, [&](int64_t nb, int64_t m0, int64_t rows) {
     alignas(64) int32_t acc[kBlockM * kBlockN];
-    const int64_t n0 = nb * kBlockN, cols = std::min(kBlockN, out_features - n0);
     at::native::cpublas::brgemm(rows, kBlockN, kp, /*ld_a=*/kp, /*ld_b=*/kBlockN, /*ld_c=*/kBlockN,
-                                /*add_C=*/false, a + m0 * kp, wp + nb * block, acc, /*is_vnni=*/true);
-    epilogue(acc, kBlockN, rows, cols, x_scale + m0, w_scale + n0, bias + n0, act, c, m0, n0);
+                                /*add_C=*/false, a + m0 * kp, wp + nb * kp * kBlockN, acc, /*is_vnni=*/true);
+    tile(nb, m0, rows, acc);
   });
 }
 
@@ -310,26 +317,25 @@ at::Tensor linear_int8_cpu(const at::Tensor& x, const at::Tensor& packed_weight,
   const Out c = out_type == at::kFloat
                     ? Out{out.mutable_data_ptr<float>(), nullptr, out_features}
                     : Out{nullptr, reinterpret_cast<uint16_t*>(out.mutable_data_ptr<at::BFloat16>()), out_features};
-  const bool tiles = vnni && k > 0 && brgemm::packs(at::kChar) && env::switch_on("DISTILKERNELS_MATRIX_UNITS", true);
-  if (tiles && kp % 64 == 0 && amx::enabled()) {
-    const int8_t* wq = packed_weight.const_data_ptr<int8_t>();
-    amx::gemm<amx::Kind::kInt8>(q, tokens, kp, wq, (out_features + kBlockN - 1) / kBlockN,
-                                [&](int64_t nb, int64_t m0, int64_t rows, const void* acc) {
-      const int64_t n0 = nb * kBlockN, cols = std::min(kBlockN, out_features - n0);
-      epilogue(static_cast<const int32_t*>(acc), kBlockN, rows, cols, xs + m0, ws + n0, b + n0, act, c, m0, n0);
-    }, /*heavy_epilogue=*/act == cpu::Activation::kGelu);
-    return out;
-  }
-  if (tiles) {
-    gemm_vnni(q, xs, tokens, kp, packed_weight.const_data_ptr<int8_t>(), ws, out_features, b, act, c);
-    return out;
-  }
   if (vnni && k > 0) {
-    vector_tiles(xq, kp, packed_weight.const_data_ptr<int8_t>(), (out_features + kBlockN - 1) / kBlockN,
-                 [&](int64_t nb, int64_t m0, int64_t rows, const int32_t* acc) {
+    const int8_t* wp = packed_weight.const_data_ptr<int8_t>();
+    const int64_t n_blocks = (out_features + kBlockN - 1) / kBlockN;
+    // One 64 x 64 int32 tile of the product (row stride kBlockN) -> its rows of out, whichever kernel made it.
+    const auto store_tile = [&](int64_t nb, int64_t m0, int64_t rows, const int32_t* acc) {
       const int64_t n0 = nb * kBlockN, cols = std::min(kBlockN, out_features - n0);
       epilogue(acc, kBlockN, rows, cols, xs + m0, ws + n0, b + n0, act, c, m0, n0);
-    });
+    };
+    if (!brgemm::packs(at::kChar) || !env::switch_on("DISTILKERNELS_MATRIX_UNITS", true))
+      vector_tiles(xq, kp, wp, n_blocks, store_tile);
+    else if (kp % 64 == 0 && amx::enabled())
+      amx::gemm<amx::Kind::kInt8>(
+          q, tokens, kp, wp, n_blocks,
+          [&](int64_t nb, int64_t m0, int64_t rows, const void* acc) {
+            store_tile(nb, m0, rows, static_cast<const int32_t*>(acc));
+          },
+          /*heavy_epilogue=*/act == cpu::Activation::kGelu);
+    else
+      brgemm_tiles(q, tokens, kp, wp, n_blocks, store_tile);
     return out;
   }
   const auto acc = k > 0 ? int_product(xq, packed_weight) : at::zeros({tokens, out_features}, xq.options().dtype(at::kInt));

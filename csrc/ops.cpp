@@ -93,7 +93,8 @@ TORCH_LIBRARY(distilkernels, m) {
   // pack_linear_int8(weight (out_features, in_features), vnni) -> (packed int8: VNNI blocks (ceil(out_features
   // / 64), in_features rounded up to 4, 64) or weight^T (in_features, out_features); weight_scale
   // (out_features,) fp32). linear_int8: x (tokens, in_features) fp32 or bf16; bias: (out_features,) fp32 or None;
-  // out_dtype: fp32 or bf16, None = x's. Both layouts run on every CPU; int8_vector_gemm() says which one is faster without AMX.
+  // out_dtype: fp32 or bf16, None = x's. Both layouts run on every CPU; int8_vector_gemm() says which one is
+  // faster without AMX.
   // weight_max: the int8 grid's largest level (scale = max|w[n]| / weight_max).
   m.def("pack_linear_int8(Tensor weight, bool vnni, int weight_max=127) -> (Tensor packed_weight, Tensor weight_scale)");
   m.def("linear_int8(Tensor x, Tensor packed_weight, Tensor weight_scale, int out_features, Tensor? bias,"

@@ -5,12 +5,12 @@ weights derived from the block's parameters (a fused q|k|v concatenation, packed
 methods in int8. Which kernel each one uses for a given tensor is decided here, in one place, and
 `precision_paths()` says which one this CPU takes per precision.
 
-Matrix units: where the CPU's matrix unit takes bf16 / int8 (AMX), the bf16 and int8 GEMMs run our AMX tile
-loop (csrc/amx_tiles.h; ATen's brgemm, oneDNN's micro-kernels, at in_features it does not take) on weights
-packed once into VNNI blocks, with no contest against oneDNN's linear where the loop runs (amx_loop_runs).
-Elsewhere bf16 runs torch's bf16 GEMM on weights transposed once, with the same epilogue, and int8 the faster
-exact product measured once per process (int8_blocks): torch's int8 GEMM (oneDNN, VNNI) on weights transposed
-once, or our int16 multiply-adds on the VNNI blocks. `DISTILKERNELS_MATRIX_UNITS=off` (read at each packing,
+Matrix units: where the CPU's matrix unit takes bf16 / int8 (AMX), the bf16 and int8 GEMMs run our AMX tile loop
+(csrc/amx_tiles.h; ATen's brgemm, oneDNN's micro-kernels, at in_features it does not take) on weights packed once
+into VNNI blocks, with no contest against oneDNN's linear where the loop runs (amx_loop_runs). Elsewhere bf16 runs
+torch's bf16 GEMM on weights transposed once, with the same epilogue, and int8 the faster exact product measured
+once per process (int8_blocks): torch's int8 GEMM (oneDNN, VNNI) on weights transposed once, or ours on the VNNI
+blocks (AVX512-VNNI dot products, else int16 multiply-adds). `DISTILKERNELS_MATRIX_UNITS=off` (read at each packing,
 and by the int8 op on each call) keeps the GEMMs off the tiles, to test the other paths on a CPU that has AMX.
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ def use_matrix_unit(dtype: str) -> bool:
 
 def int8_blocks() -> bool:
     """Whether distilkernels.quantize packs the int8 weights in VNNI blocks (ops.pack_linear_int8(vnni=True)):
-    on the AMX tiles (use_matrix_unit("int8")), or where this CPU's int8 product is our int16 multiply-adds
+    on the AMX tiles (use_matrix_unit("int8")), or where this CPU's int8 product without them is ours
     (distilkernels._ext.int8_vector_gemm() "dots" or "madd": torch's int8 GEMM is inexact or slower here than
     ours). Otherwise W^T for torch's int8 GEMM."""
     return use_matrix_unit("int8") or int8_vector_gemm() in ("dots", "madd")

@@ -44,10 +44,8 @@ CPUID_FLAGS = frozenset(ISA_FLAGS) - {"neon", "asimd", "sve"}
 
 @functools.lru_cache(maxsize=None)
 def _cpuid_flags() -> frozenset[str] | None:
-    """The CPUID_FLAGS that CPUID reports to this process (the C++ extension asks), or None where that cannot be
-    asked (no extension, not x86)."""
-    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
-        return None
+    """The CPUID_FLAGS that CPUID reports to this process (the C++ extension asks; none off x86), or None where
+    the extension is not loaded."""
     from ._ext import load_extension
 
     ext = load_extension()

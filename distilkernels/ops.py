@@ -351,7 +351,7 @@ def pack_linear_int8(weight, vnni: bool = False, weight_max: int = 127):
     """weight (out_features, in_features) float -> (packed int8 weight, weight_scale (out_features,) fp32):
     symmetric per output channel (scale = max|w[n]| / weight_max, weight_max in 1..127). vnni=True: VNNI blocks
     (groups of 4 along in_features, as pack_linear_bf16 lays out pairs), which linear_int8 runs on AMX tiles or,
-    on any other CPU, on our int16 multiply-adds; vnni=False: W^T for torch's int8 GEMM. Both are exact on every
+    on any other CPU, on our AVX512-VNNI dot products or int16 multiply-adds; vnni=False: W^T for torch's int8 GEMM. Both are exact on every
     CPU (`distilkernels.gemms.int8_blocks()` says which one distilkernels.quantize packs here); the VNNI layout
     needs the C++ backend."""
     if isinstance(weight_max, bool) or not isinstance(weight_max, int) or not 1 <= weight_max <= 127:

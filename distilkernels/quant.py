@@ -8,8 +8,9 @@ dynamic int8 quantization of the fused blocks' four GEMMs (CPU).
 Weights are quantized once per output channel (symmetric int8, scale = max|w| / 127) and packed once
 (`ops.pack_linear_int8`) for the product this CPU runs fastest (gemms.int8_blocks): VNNI blocks for the AMX tiles,
 or, without them, for our AVX512-VNNI dot products or int16 multiply-adds; W^T where torch's int8 GEMM (oneDNN,
-VNNI) measured faster than ours. Every product is exact on the full grid. Activations get one scale per token (symmetric int8, max|x[r]| / 127), quantized
-in one pass inside `ops.linear_int8`, whose epilogue dequantizes and adds the bias (and lin1's activation).
+VNNI) measured faster than ours. Every product is exact on the full grid. Activations get one scale per token
+(symmetric int8, max|x[r]| / 127), quantized in one pass inside `ops.linear_int8`, whose epilogue dequantizes and
+adds the bias (and lin1's activation).
 Where the CPU's matrix unit takes bf16 (AMX), or bf16 attention runs on AVX512-BF16 dot products (bf16_attention),
 the q|k|v GEMM's epilogue rounds its output to bf16 and attention runs on the tiles or the dot products (fp32
 softmax statistics), as it does for a bf16 model; its bf16 output is quantized for
